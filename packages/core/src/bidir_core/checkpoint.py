@@ -1,0 +1,226 @@
+"""The checkpoint artifact (DESIGN section 3): a Hugging Face Llama folder plus bidir.json and
+sentence-transformers metadata, so the folder loads in bidir, in transformers (`AutoModel`, a bidirectional
+LlamaModel) and in sentence-transformers without bidir.
+
+    config.json                 stock Llama fields, is_causal: false
+    model.safetensors           LlamaModel keys (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+    tokenizer files
+    bidir.json                  EncoderConfig + format_version
+    modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/, [2_Normalize/]
+
+A folder is written under a temporary name and renamed when complete, so a folder with this name is never
+half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bidir_core.errors import BidirError
+from bidir_core.pooling import POOLING_STRATEGIES
+
+FORMAT_VERSION = 1
+BIDIR_JSON = "bidir.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How a BiEncoder turns token states into embeddings; stored in a checkpoint's bidir.json."""
+
+    pooling: str = "avg"
+    """One of avg, cls, last, weighted_avg (bidir_core.pooling)."""
+    normalize: bool = True
+    """L2-normalize embeddings (after Matryoshka truncation), so dot product is cosine similarity."""
+    query_prefix: str = "query: "
+    """Prepended by encode_queries; an instruction ("Instruct: ...\\nQuery: ") is a prefix too."""
+    passage_prefix: str = "passage: "
+    """Prepended by encode_documents."""
+    matryoshka_dims: tuple[int, ...] = ()
+    """Dimensions the model was trained to be truncated to (informational; encode(dim=...) takes any <= hidden)."""
+    max_length: int = 512
+    """Texts longer than this many tokens are truncated (and counted)."""
+
+    def __post_init__(self):
+        if self.pooling not in POOLING_STRATEGIES:
+            raise BidirError(
+                f"unknown pooling {self.pooling!r}: choose one of {', '.join(POOLING_STRATEGIES)}"
+            )
+        if not isinstance(self.max_length, int) or self.max_length < 1:
+            raise BidirError(f"max_length must be a positive integer, got {self.max_length!r}")
+        dims = tuple(self.matryoshka_dims)
+        if any(not isinstance(d, int) or d < 1 for d in dims):
+            raise BidirError(f"matryoshka_dims must be positive integers, got {list(dims)}")
+        object.__setattr__(self, "matryoshka_dims", dims)
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            **dataclasses.asdict(self),
+            "matryoshka_dims": list(self.matryoshka_dims),
+        }
+
+
+def read_encoder_config(folder: Path) -> EncoderConfig | None:
+    """The one reader of bidir.json: None when the folder has none (a plain Llama folder)."""
+    path = folder / BIDIR_JSON
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BidirError(f"{path}: not valid JSON ({e})") from None
+    version = raw.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise BidirError(
+            f"{path}: format_version {version!r} is not one this bidir-core reads ({FORMAT_VERSION})"
+        )
+    known = {f.name for f in dataclasses.fields(EncoderConfig)}
+    for key in raw:
+        if key not in known:
+            raise BidirError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    return EncoderConfig(**raw)
+
+
+def _config_json(model) -> dict:
+    config = model.config.to_dict()
+    config.update(model_type="llama", architectures=["LlamaModel"], is_causal=False)
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    # transformers >= 5 reads rope_parameters; older readers (and other tools) read rope_theta / rope_scaling and
+    # would silently fall back to theta=10000 without them.
+    rope = dict(config.get("rope_parameters") or {})
+    config["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    for key in ("_name_or_path", "transformers_version"):
+        config.pop(key, None)
+    return config
+
+
+def _write_weights(folder: Path, state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_sentence_transformers(folder: Path, hidden_size: int, cfg: EncoderConfig) -> None:
+    # Module type names use sentence_transformers.models.*, which every release from 2.x on resolves.
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if cfg.normalize:
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    _write_json(folder / "modules.json", modules)
+    _write_json(
+        folder / "sentence_bert_config.json", {"max_seq_length": cfg.max_length, "do_lower_case": False}
+    )
+    _write_json(
+        folder / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": hidden_size,
+            "pooling_mode_cls_token": cfg.pooling == "cls",
+            "pooling_mode_mean_tokens": cfg.pooling == "avg",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": cfg.pooling == "weighted_avg",
+            "pooling_mode_lasttoken": cfg.pooling == "last",
+            "include_prompt": True,  # bidir pools over the prefix tokens too
+        },
+    )
+    _write_json(
+        folder / "config_sentence_transformers.json",
+        {
+            "model_type": "SentenceTransformer",
+            "prompts": {"query": cfg.query_prefix, "document": cfg.passage_prefix},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    )
+
+
+def write_checkpoint(
+    target: str | Path,
+    model,
+    tokenizer,
+    encoder_config: EncoderConfig,
+    *,
+    overwrite: bool = False,
+    exist_ok: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write the checkpoint artifact of `model` (a LlamaBidirectionalModel) to target, atomically.
+
+    An existing non-empty target is an error, unless overwrite=True and it is a model folder (it has a
+    config.json), which is then replaced; exist_ok=True keeps an existing complete checkpoint instead.
+    """
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise BidirError(f"{target}: exists and is not a folder")
+    occupied = target.is_dir() and any(target.iterdir())
+    if occupied and exist_ok and (target / BIDIR_JSON).is_file():
+        return target
+    if occupied and not overwrite:
+        raise BidirError(f"{target}: exists and is not empty (pass overwrite to replace it)")
+    if occupied and not (target / "config.json").is_file():
+        raise BidirError(f"{target}: exists and is not a model folder; refusing to replace it")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_json(tmp / "config.json", _config_json(model))
+        _write_weights(tmp, model.state_dict(), max_shard_bytes)
+        tokenizer.save_pretrained(tmp)
+        _write_sentence_transformers(tmp, model.config.hidden_size, encoder_config)
+        _write_json(tmp / BIDIR_JSON, encoder_config.to_json())
+        if target.is_dir():
+            if exist_ok and (target / BIDIR_JSON).is_file():  # another process finished first
+                shutil.rmtree(tmp)
+                return target
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (exist_ok and (target / BIDIR_JSON).is_file()):  # lost a race to a complete import: fine
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,65 @@
+"""bidir-convert: turn any supported source into a bidir checkpoint (a thin CLI over BiEncoder)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from bidir_core.encoder import BiEncoder
+from bidir_core.errors import BidirError
+from bidir_core.pooling import POOLING_STRATEGIES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+EXAMPLES = """examples:
+  bidir-convert ./Llama-3.2-1B ./llama-1b-bidir --pooling avg --dtype bfloat16
+  bidir-convert ./model.Q4_1.gguf ./bidir-ckpt
+  bidir-convert smollm2-135m ./smollm2-bidir --pooling weighted_avg"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bidir-convert",
+        description="Convert a Hugging Face Llama folder, an NVIDIA llama_bidirec folder, a .gguf file or the "
+        "embedded default 'smollm2-135m' into a bidir checkpoint (loads in bidir, transformers and "
+        "sentence-transformers).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="source folder, .gguf file or 'smollm2-135m'")
+    p.add_argument("out", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument(
+        "--pooling", choices=POOLING_STRATEGIES, help="pooling strategy (default: the source's, or avg)"
+    )
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)"
+    )
+    p.add_argument("--no-normalize", action="store_true", help="store normalize=false")
+    p.add_argument("--max-length", type=int, help="max tokens per text (default: the source's, or 512)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at OUT")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        encoder = BiEncoder.from_pretrained(
+            args.src,
+            pooling=args.pooling,
+            normalize=False if args.no_normalize else None,
+            max_length=args.max_length,
+            dtype=DTYPES[args.dtype],
+        )
+        out = encoder.save_pretrained(args.out, overwrite=args.overwrite)
+    except BidirError as e:
+        print(f"bidir-convert: error: {e}", file=sys.stderr)
+        return 2
+    n_params = sum(p.numel() for p in encoder.model.parameters())
+    print(f"wrote {out} ({n_params / 1e6:.1f}M parameters, {args.dtype}, pooling={encoder.config.pooling})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""BiEncoder: model + pooling + optional L2 normalization + Matryoshka truncation + query/passage prefixes.
+
+The public API mirrors sentence-transformers where that fits: `encode(texts, batch_size=..., normalize=..., dim=...)`,
+`encode_queries`, `encode_documents`, `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from bidir_core.batching import length_sorted_batches, pad_batch
+from bidir_core.checkpoint import EncoderConfig, read_encoder_config, write_checkpoint
+from bidir_core.errors import BidirError
+from bidir_core.model import LlamaBidirectionalModel
+from bidir_core.pooling import pool
+from bidir_core.sources import read_config_dict, resolve_source
+from bidir_core.tokenization import load_tokenizer, tokenize
+
+
+class BiEncoder(nn.Module):
+    """Texts -> embeddings. forward() is the tensor path (what export and training use); encode() is the text API."""
+
+    def __init__(self, model: LlamaBidirectionalModel, tokenizer, config: EncoderConfig | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EncoderConfig()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | Path,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        query_prefix: str | None = None,
+        passage_prefix: str | None = None,
+        max_length: int | None = None,
+        matryoshka_dims: Sequence[int] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+    ) -> BiEncoder:
+        """Load any source LlamaBidirectionalModel.from_pretrained accepts. Settings come from the checkpoint's
+        bidir.json (an NVIDIA llama_bidirec config's `pooling` otherwise, else the defaults); arguments that are
+        not None override them."""
+        source = resolve_source(path_or_name)
+        model = LlamaBidirectionalModel.from_pretrained(source, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(source)
+        config = _stored_config(source)
+        overrides = {
+            "pooling": pooling,
+            "normalize": normalize,
+            "query_prefix": query_prefix,
+            "passage_prefix": passage_prefix,
+            "max_length": max_length,
+            "matryoshka_dims": tuple(matryoshka_dims) if matryoshka_dims is not None else None,
+        }
+        config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+        return cls(model, tokenizer, config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        dim: int | None = None,
+        normalize: bool | None = None,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask (B, T) -> embeddings (B, dim or H), fp32."""
+        hidden = self.model(input_ids, attention_mask)  # (B, T, H)
+        emb = pool(hidden.float(), attention_mask, self.config.pooling)  # pool in fp32 even for a bf16 model
+        if dim is not None:
+            emb = emb[
+                :, : self._check_dim(dim)
+            ]  # Matryoshka: a prefix of the dimensions, re-normalized below
+        if self.config.normalize if normalize is None else normalize:
+            emb = F.normalize(emb, p=2, dim=-1)
+        return emb
+
+    def _check_dim(self, dim: int) -> int:
+        if not isinstance(dim, int) or dim < 1:
+            raise BidirError(f"dim must be a positive integer, got {dim!r}")
+        if dim > self.hidden_size:
+            raise BidirError(f"dim={dim} is larger than the model's hidden size {self.hidden_size}")
+        return dim
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 32,
+        normalize: bool | None = None,
+        dim: int | None = None,
+        show_progress_bar: bool = False,
+    ) -> np.ndarray:
+        """Embed texts as they are (no prefix): float32 (N, D), or (D,) for a single str.
+
+        Texts are sorted by token length and batched so each batch pads little, then returned in input order.
+        Texts longer than max_length tokens are truncated, with a warning that counts them.
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if dim is not None:
+            self._check_dim(dim)
+        ids, n_truncated = tokenize(self.tokenizer, texts, self.config.max_length)
+        if n_truncated:
+            warnings.warn(
+                f"{n_truncated} of {len(texts)} texts were longer than max_length={self.config.max_length} tokens "
+                "and were truncated",
+                stacklevel=2,
+            )
+        n_empty = sum(1 for row in ids if not row)
+        if n_empty:
+            warnings.warn(f"{n_empty} texts have no tokens; their embeddings are zero vectors", stacklevel=2)
+
+        device = next(self.model.parameters()).device
+        out = np.zeros((len(texts), dim or self.hidden_size), dtype=np.float32)
+        batches = length_sorted_batches([len(row) for row in ids], batch_size)
+        for batch in tqdm(batches, disable=not show_progress_bar, desc="encode", unit="batch"):
+            input_ids, attention_mask = pad_batch([ids[i] for i in batch], self.tokenizer.pad_token_id)
+            emb = self(input_ids.to(device), attention_mask.to(device), dim=dim, normalize=normalize)
+            out[batch] = emb.cpu().numpy()
+        return out[0] if single else out
+
+    def encode_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+        """encode() with the query prefix prepended once to each text."""
+        return self.encode([self.config.query_prefix + t for t in _as_list(texts)], **kwargs)
+
+    def encode_documents(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+        """encode() with the passage prefix prepended once to each text."""
+        return self.encode([self.config.passage_prefix + t for t in _as_list(texts)], **kwargs)
+
+    def save_pretrained(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write the checkpoint artifact (loads in bidir, transformers and sentence-transformers)."""
+        return write_checkpoint(out_dir, self.model, self.tokenizer, self.config, overwrite=overwrite)
+
+
+def _as_list(texts: str | Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise BidirError("encode_queries / encode_documents take a list of texts, not a single str")
+    return list(texts)
+
+
+def _stored_config(source: Path) -> EncoderConfig:
+    if source.is_dir():
+        stored = read_encoder_config(source)
+        if stored is not None:
+            return stored
+        pooling = read_config_dict(source).get("pooling")  # NVIDIA llama_bidirec configs name their pooling
+        if pooling is not None:
+            return EncoderConfig(pooling=pooling)
+    return EncoderConfig()

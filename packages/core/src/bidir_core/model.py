@@ -1,0 +1,228 @@
+"""The Llama decoder stack with bidirectional attention.
+
+A compact re-implementation of transformers' `LlamaModel` whose attention sees every real token of the sequence
+(a padding mask, never a causal mask). Parameter names are the Hugging Face `LlamaModel` keys, so any Llama
+checkpoint loads into it. The forward pass has no `.item()`, no branch on tensor values and nothing distributed,
+so it exports (torch.export / ONNX) and shards (FSDP2 per layer) cleanly.
+
+Shapes: B batch, T sequence, H hidden, N query heads, K key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from bidir_core.errors import BidirError
+
+# rope_types a Llama config can carry. longrope/proportional belong to other architectures.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 and cast back before the weight, exactly as Llama does (matters in bf16).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _head_dim(config: LlamaConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE. Frequencies come from transformers' own init functions, so every rope_type
+    (default, linear, dynamic NTK, yarn, llama3) is computed the way the checkpoint was trained."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise BidirError(
+                f"unsupported rope_type {self.rope_type!r}: a Llama config uses one of {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        self.register_buffer("inv_freq", torch.empty(_head_dim(config) // 2), persistent=False)
+        self.attention_scaling = 1.0
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)compute inv_freq on CPU; also called after loading weights into a model built on the meta device."""
+        with torch.device("cpu"):
+            if self.rope_type == "default":
+                base = self.config.rope_parameters["rope_theta"]
+                dim = _head_dim(self.config)
+                inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+                scaling = 1.0
+            else:
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, torch.device("cpu"))
+        self.inv_freq = inv_freq.to(self.inv_freq.device if self.inv_freq.device.type != "meta" else "cpu")
+        self.attention_scaling = float(scaling)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) int64 -> cos, sin (B, T, D) fp32."""
+        inv_freq = self.inv_freq
+        if self.rope_type == "dynamic":
+            # Dynamic NTK stretches the base once the sequence outgrows max_position_embeddings. The sequence
+            # length is a tensor here (no .item()), and the result depends only on this batch (transformers
+            # caches the largest length seen so far, so its output depends on call history).
+            seq_len = position_ids.max() + 1
+            inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](self.config, position_ids.device, seq_len=seq_len)
+        freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, D); cos/sin (B, 1, T, D) already in x's dtype."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.head_dim = _head_dim(config)
+        bias = bool(getattr(config, "attention_bias", False))
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """x (B, T, H); mask (B, 1, 1, T) bool, True where the key is a real token."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, N, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            # Grouped-query attention: each K/V head serves N/K query heads. An explicit expand keeps the graph
+            # portable (ONNX, TensorRT) where SDPA's enable_gqa is not.
+            rep = self.n_heads // self.n_kv_heads
+            k = (
+                k[:, :, None]
+                .expand(B, self.n_kv_heads, rep, T, self.head_dim)
+                .reshape(B, self.n_heads, T, -1)
+            )
+            v = (
+                v[:, :, None]
+                .expand(B, self.n_kv_heads, rep, T, self.head_dim)
+                .reshape(B, self.n_heads, T, -1)
+            )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # no is_causal: every token sees all
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise BidirError(f"unsupported hidden_act {config.hidden_act!r}: Llama uses 'silu' (SwiGLU)")
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBidirectionalModel(nn.Module):
+    """Llama decoder stack with bidirectional attention: (input_ids, attention_mask) -> hidden states (B, T, H)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) int64; attention_mask (B, T), 1 for real tokens, 0 for padding (left or right)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        real = attention_mask.bool()  # (B, T)
+        # Positions count real tokens only, so a text gets the same positions alone, right- or left-padded.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        # A row of only padding would leave softmax with nothing to attend to (NaN); let such a row attend to
+        # everything instead. Its output is never read, but NaNs must not reach the pooled batch.
+        key_mask = real | ~real.any(dim=-1, keepdim=True)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
+
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = self.rotary_emb(position_ids)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+    ) -> LlamaBidirectionalModel:
+        """Load any supported source: a Hugging Face Llama folder, an NVIDIA llama_bidirec folder, a bidir
+        checkpoint, a .gguf file, or the name of the embedded default model ("smollm2-135m")."""
+        from bidir_core.sources import load_model_weights  # sources imports this module
+
+        config, state_dict = load_model_weights(path_or_name, dtype=dtype)
+        return cls.from_state_dict(config, state_dict, device=device)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: LlamaConfig,
+        state_dict: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+    ) -> LlamaBidirectionalModel:
+        """Build the model without a random init (meta device) and adopt the given tensors."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.rotary_emb.reset_parameters()
+        model.eval()
+        return model.to(device) if device is not None else model

@@ -1,0 +1,55 @@
+"""Pooling token states into one vector per text. Every strategy reads real tokens only and is correct for left and
+right padding alike (it looks at the mask, never at an assumed padding side).
+
+Shapes: hidden (B, T, H), attention_mask (B, T) with 1 for real tokens -> (B, H).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bidir_core.errors import BidirError
+
+POOLING_STRATEGIES = ("avg", "cls", "last", "weighted_avg")
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, strategy: str = "avg") -> torch.Tensor:
+    """Pool (B, T, H) hidden states to (B, H) with one of POOLING_STRATEGIES.
+
+    avg: mean of real tokens. cls: the first real token. last: the last real token of each row.
+    weighted_avg: mean weighted by position among the real tokens, 1..n (SGPT), so later tokens, which have seen
+    more of the text in a causal model, weigh more; weights sum to 1.
+    A row with no real token pools to zeros.
+    """
+    mask = attention_mask.to(hidden.dtype)  # (B, T)
+    if strategy == "avg":
+        return _weighted_mean(hidden, mask)
+    if strategy == "weighted_avg":
+        positions = attention_mask.long().cumsum(-1).to(hidden.dtype)  # 1..n over real tokens
+        return _weighted_mean(hidden, positions * mask)
+    if strategy == "cls":
+        return _gather(hidden, _first_real(attention_mask)) * mask.amax(-1, keepdim=True)
+    if strategy == "last":
+        return _gather(hidden, _last_real(attention_mask)) * mask.amax(-1, keepdim=True)
+    raise BidirError(f"unknown pooling {strategy!r}: choose one of {', '.join(POOLING_STRATEGIES)}")
+
+
+def _weighted_mean(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    total = weights.sum(-1, keepdim=True).clamp(min=1e-9)  # (B, 1); an all-pad row gives 0 / eps = 0
+    return torch.einsum("bth,bt->bh", hidden, weights) / total
+
+
+def _first_real(attention_mask: torch.Tensor) -> torch.Tensor:
+    # argmax returns the first maximal index: the first 1 in the row (0 for an all-pad row). Float, because
+    # exporters do not all take an integer argmax.
+    return attention_mask.float().argmax(-1)  # (B,)
+
+
+def _last_real(attention_mask: torch.Tensor) -> torch.Tensor:
+    T = attention_mask.shape[-1]
+    # Flip, find the first 1, map back: the last 1 whatever the padding side.
+    return (T - 1 - attention_mask.float().flip(-1).argmax(-1)).clamp(min=0)  # (B,)
+
+
+def _gather(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]

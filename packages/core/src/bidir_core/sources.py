@@ -1,0 +1,166 @@
+"""Reading model weights from every source bidir accepts, into Hugging Face `LlamaModel` keys.
+
+Sources: a Hugging Face Llama folder (LlamaForCausalLM or LlamaModel; one or sharded safetensors, or
+pytorch_model.bin), an NVIDIA `llama_bidirec` folder, a bidir checkpoint (which is a Llama folder too), a .gguf file,
+or the name of the embedded default model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import LlamaConfig
+
+from bidir_core.errors import BidirError
+
+LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
+# config.json keys that describe an architecture or a training recipe, not the Llama stack itself.
+_NON_LLAMA_CONFIG_KEYS = (
+    "model_type",
+    "auto_map",
+    "architectures",
+    "pooling",
+    "temperature",
+    "_name_or_path",
+)
+
+
+def resolve_source(path_or_name: str | Path) -> Path:
+    """A folder or .gguf path; the embedded default name resolves to its cached checkpoint (imported once)."""
+    from bidir_core.embedded import EMBEDDED_DEFAULT, embedded_checkpoint
+
+    if str(path_or_name) == EMBEDDED_DEFAULT:
+        return embedded_checkpoint()
+    path = Path(path_or_name).expanduser()
+    if not path.exists():
+        raise BidirError(
+            f"{path}: no such file or folder (expected a Llama checkpoint folder, a .gguf file or {EMBEDDED_DEFAULT!r})"
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise BidirError(f"{path}: not a checkpoint folder or a .gguf file")
+    return path
+
+
+def read_config_dict(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise BidirError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BidirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise BidirError(f"{path}: expected a JSON object")
+    model_type = config.get("model_type")
+    if model_type not in LLAMA_MODEL_TYPES:
+        raise BidirError(
+            f"{path}: model_type {model_type!r} is not a Llama model (bidir loads model_type 'llama' or 'llama_bidirec')"
+        )
+    return config
+
+
+def load_llama_config(folder: Path) -> LlamaConfig:
+    """config.json of a Llama or llama_bidirec folder as a bidirectional LlamaConfig."""
+    raw = read_config_dict(folder)
+    fields = {k: v for k, v in raw.items() if k not in _NON_LLAMA_CONFIG_KEYS}
+    config = LlamaConfig(**fields)  # also upgrades legacy rope_theta / rope_scaling into rope_parameters
+    config.is_causal = False
+    return config
+
+
+def _hf_key(key: str) -> str | None:
+    """Checkpoint key -> LlamaModel key, or None for tensors an embedder does not use."""
+    if key.startswith("lm_head.") or key.endswith("rotary_emb.inv_freq"):
+        return None
+    return key.removeprefix("model.")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise BidirError(f"{index}: not a valid shard index ({e})") from None
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.is_file():
+                    raise BidirError(f"{index}: names shard {f.name}, which is missing")
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise BidirError(f"{folder}: no weights (model.safetensors, its .index.json, or pytorch_model.bin)")
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".bin":
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for a bad pickle/zip
+            raise BidirError(f"{path}: unreadable PyTorch weights file ({e})") from None
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise BidirError(f"{path}: not a valid safetensors file, corrupt or truncated ({e})") from None
+
+
+def read_state_dict(folder: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All LlamaModel tensors of a folder, cast to dtype as they are read; also which file held each key."""
+    state_dict: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for path in _weight_files(folder):
+        for key, tensor in _read_file(path).items():
+            hf_key = _hf_key(key)
+            if hf_key is None:
+                continue
+            state_dict[hf_key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            origin[hf_key] = path
+    return state_dict, origin
+
+
+def check_state_dict(
+    config: LlamaConfig, state_dict: dict[str, torch.Tensor], where: dict[str, Path] | Path
+) -> None:
+    """Every expected key present with the shape config.json implies, and nothing else."""
+    from bidir_core.model import LlamaBidirectionalModel
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LlamaBidirectionalModel(config).state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        folder = where if isinstance(where, Path) else next(iter(where.values()), Path("?")).parent
+        raise BidirError(f"{folder}: {len(missing)} weights missing, e.g. {', '.join(missing[:3])}")
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected:
+        folder = where if isinstance(where, Path) else where[unexpected[0]]
+        raise BidirError(f"{folder}: unexpected weights for a Llama model, e.g. {', '.join(unexpected[:3])}")
+    for key, shape in expected.items():
+        got = tuple(state_dict[key].shape)
+        if got != shape:
+            file = where if isinstance(where, Path) else where[key]
+            raise BidirError(
+                f"{file}: weight {key} has shape {list(got)}, but config.json implies {list(shape)}"
+            )
+
+
+def load_model_weights(
+    path_or_name: str | Path, dtype: torch.dtype
+) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """(bidirectional LlamaConfig, LlamaModel state dict in dtype) from any supported source, validated."""
+    path = resolve_source(path_or_name)
+    if path.suffix == ".gguf":
+        from bidir_core.gguf_import import read_gguf
+
+        config, state_dict = read_gguf(path, dtype)
+        check_state_dict(config, state_dict, path)
+        return config, state_dict
+    config = load_llama_config(path)
+    state_dict, origin = read_state_dict(path, dtype)
+    check_state_dict(config, state_dict, origin if origin else path)
+    return config, state_dict

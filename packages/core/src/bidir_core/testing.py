@@ -1,0 +1,104 @@
+"""Tiny random Llama models and a tiny tokenizer, built locally (no download), for every package's tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+from bidir_core.checkpoint import EncoderConfig
+from bidir_core.encoder import BiEncoder
+from bidir_core.model import LlamaBidirectionalModel
+
+# A fixed corpus for the tiny tokenizer's BPE merges: any text still tokenizes (byte-level fallback).
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "query: how do i sort a list in python",
+    "passage: return a new sorted list from the items in iterable",
+    "bidirectional attention lets every token see the past and the future",
+    "embeddings for semantic search and dense retrieval",
+    "a llama checkpoint turned into an embedding model",
+]
+TINY_VOCAB_SIZE = 320
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (vocab 320) with <pad>=0, <s>=1 (prepended, as Llama does), </s>=2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="right"
+    )
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """A 2-layer Llama with grouped-query attention (4 query heads, 2 KV heads), hidden 64."""
+    fields = dict(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,  # larger than Llama's 0.02 so attention patterns (and bugs) show in the outputs
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    config = LlamaConfig(**fields)
+    config.is_causal = False
+    return config
+
+
+def tiny_model(config: LlamaConfig | None = None, seed: int = 0) -> LlamaBidirectionalModel:
+    torch.manual_seed(seed)
+    model = LlamaBidirectionalModel(config or tiny_config())
+    for name, p in model.named_parameters():  # random norms too, so a wrong norm placement is visible
+        torch.nn.init.normal_(p, mean=1.0 if "norm" in name else 0.0, std=0.1)
+    return model.eval()
+
+
+def tiny_encoder(config: EncoderConfig | None = None, seed: int = 0, **model_overrides) -> BiEncoder:
+    return BiEncoder(tiny_model(tiny_config(**model_overrides), seed=seed), tiny_tokenizer(), config)
+
+
+def write_hf_llama(
+    folder: str | Path,
+    *,
+    causal_lm: bool = True,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+    **config_overrides,
+) -> Path:
+    """A random transformers LlamaForCausalLM (or LlamaModel) saved with its tokenizer, as a user's folder would
+    be: the source side of every loading test. Returns the folder."""
+    from transformers import LlamaForCausalLM, LlamaModel
+
+    folder = Path(folder)
+    config = tiny_config(**config_overrides)
+    config.is_causal = True  # as a stock causal checkpoint says
+    torch.manual_seed(seed)
+    model = (LlamaForCausalLM if causal_lm else LlamaModel)(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

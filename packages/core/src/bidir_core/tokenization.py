@@ -1,0 +1,59 @@
+"""Loading tokenizers and turning texts into token id lists, with truncation that is counted, never silent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from bidir_core.errors import BidirError
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token (Llama tokenizers often have none) and right padding, which is what
+    sentence-transformers' position-dependent poolings assume when the checkpoint is loaded there."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise BidirError("the tokenizer has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint folder or a .gguf file."""
+    if source.suffix == ".gguf":
+        from bidir_core.gguf_import import gguf_tokenizer
+
+        return prepare_tokenizer(gguf_tokenizer(source))
+    if not any(
+        (source / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        raise BidirError(
+            f"{source}: no tokenizer files (tokenizer.json / tokenizer.model / tokenizer_config.json)"
+        )
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> tuple[list[list[int]], int]:
+    """Token ids per text (special tokens included, no padding) and how many texts were cut to max_length.
+
+    Texts are tokenized in full first so truncation can be counted; the few over-long ones are tokenized again
+    with the tokenizer's own truncation, which keeps its special tokens in place.
+    """
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise BidirError(f"text {i} is a {type(text).__name__}, not a str")
+    ids = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    over = [i for i, row in enumerate(ids) if len(row) > max_length]
+    if over:
+        cut = tokenizer(
+            [texts[i] for i in over], add_special_tokens=True, truncation=True, max_length=max_length
+        )
+        for i, row in zip(over, cut["input_ids"], strict=True):
+            ids[i] = row
+    return ids, len(over)

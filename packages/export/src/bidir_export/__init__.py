@@ -1,0 +1,6 @@
+"""bidir_export: oNNX export and TensorRT engine building for bidir models.
+
+Not implemented yet; see the package README.
+"""
+
+__version__ = "0.1.0"
