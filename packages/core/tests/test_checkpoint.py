@@ -1,0 +1,124 @@
+"""The checkpoint artifact loads back into bidir bit-exactly, into transformers with the same hidden states and into
+sentence-transformers with the same embeddings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from bidir_core import BiEncoder, EncoderConfig, LlamaBidirectionalModel
+from bidir_core.batching import pad_batch
+from bidir_core.checkpoint import read_encoder_config, write_checkpoint
+from bidir_core.testing import tiny_encoder
+
+TEXTS = [
+    "the quick brown fox",
+    "bidirectional attention lets every token see the future, and a much longer sentence follows here",
+    "x",
+    "how do I sort a list in python?",
+]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    encoder = tiny_encoder(EncoderConfig(pooling="avg", matryoshka_dims=(32, 16), max_length=64))
+    return encoder, encoder.save_pretrained(tmp_path / "ckpt")
+
+
+def test_round_trip_is_bit_exact(saved):
+    encoder, folder = saved
+    loaded = BiEncoder.from_pretrained(folder)
+    assert loaded.config == encoder.config
+    want = encoder.model.state_dict()
+    got = loaded.model.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert np.array_equal(loaded.encode(TEXTS), encoder.encode(TEXTS))
+
+
+def test_files_and_config(saved):
+    encoder, folder = saved
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "bidir.json", "modules.json"):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["is_causal"] is False
+    assert config["architectures"] == ["LlamaModel"]
+    assert config["rope_theta"] == encoder.model.config.rope_parameters["rope_theta"]  # for pre-v5 readers
+    bidir = json.loads((folder / "bidir.json").read_text())
+    assert bidir["format_version"] == 1 and bidir["matryoshka_dims"] == [32, 16]
+    assert read_encoder_config(folder) == encoder.config
+    assert not list(folder.parent.glob(".*tmp*")), "temporary folder left behind"
+
+
+def test_sharded_and_bf16(tmp_path):
+    encoder = tiny_encoder()
+    model = LlamaBidirectionalModel.from_state_dict(
+        encoder.model.config, {k: v.to(torch.bfloat16) for k, v in encoder.model.state_dict().items()}
+    )
+    folder = write_checkpoint(
+        tmp_path / "c", model, encoder.tokenizer, encoder.config, max_shard_bytes=40_000
+    )
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    with safe_open(folder / shards[0], framework="pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
+    loaded = LlamaBidirectionalModel.from_pretrained(folder, dtype=torch.bfloat16)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
+def test_loads_in_transformers_with_same_hidden_states(saved):
+    from transformers import AutoModel
+
+    encoder, folder = saved
+    hf = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaModel" and hf.config.is_causal is False
+    ids, mask = pad_batch(
+        [[1, 5, 9, 40, 77, 3, 8], [1, 22, 31]], pad_id=0
+    )  # right padding, as the tokenizer does
+    with torch.no_grad():
+        want = encoder.model(ids, mask)
+        got = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["avg", "cls", "last", "weighted_avg"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_loads_in_sentence_transformers_with_same_embeddings(tmp_path, pooling, normalize):
+    from sentence_transformers import SentenceTransformer
+
+    encoder = tiny_encoder(EncoderConfig(pooling=pooling, normalize=normalize))
+    folder = encoder.save_pretrained(tmp_path / "st")
+    st = SentenceTransformer(str(folder), device="cpu")
+    got = st.encode(TEXTS, convert_to_numpy=True)
+    np.testing.assert_allclose(got, encoder.encode(TEXTS), atol=1e-5)
+    # The query/passage prefixes travel as sentence-transformers prompts, applied once on each side.
+    np.testing.assert_allclose(
+        st.encode(TEXTS, prompt_name="query"), encoder.encode_queries(TEXTS), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        st.encode(TEXTS, prompt_name="document"), encoder.encode_documents(TEXTS), atol=1e-5
+    )
+
+
+def test_embedded_default_imported_once(embedded_gguf):
+    from bidir_core.embedded import embedded_checkpoint
+
+    folder = embedded_checkpoint()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    encoder = BiEncoder.from_pretrained("smollm2-135m")
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # the second use reads the cache
+    assert encoder.hidden_size == 576 and len(encoder.model.layers) == 30
+    texts = ["A man is playing a guitar.", "The stock market fell."]
+    emb = encoder.encode(texts)
+    assert emb.shape == (2, 576)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # The cached checkpoint (weights, tokenizer, settings) encodes exactly like reading the GGUF directly.
+    np.testing.assert_array_equal(BiEncoder.from_pretrained(embedded_gguf).encode(texts), emb)
