@@ -23,3 +23,9 @@ def embedded_gguf():
     from bidir_core.embedded import embedded_gguf
 
     return embedded_gguf()
+
+
+def pytest_collection_modifyitems(config, items):
+    from bidir_core.testing import skip_missing_hardware
+
+    skip_missing_hardware(items)

@@ -43,7 +43,9 @@ def _assert_one_error_line(err: str) -> str:
 def test_convert_writes_a_loadable_bf16_checkpoint(hf_folder, tmp_path, capsys):
     out = tmp_path / "bidir-ckpt"
     capsys.readouterr()
-    rc = main([str(hf_folder), str(out), "--pooling", "weighted_avg", "--dtype", "bfloat16", "--max-length", "64"])
+    rc = main(
+        [str(hf_folder), str(out), "--pooling", "weighted_avg", "--dtype", "bfloat16", "--max-length", "64"]
+    )
     captured = capsys.readouterr()
     assert rc == 0
 
@@ -113,6 +115,25 @@ def test_convert_bad_config_is_a_one_line_error(hf_folder, tmp_path, capsys):
     assert main([str(src), str(tmp_path / "out")]) != 0
     line = _assert_one_error_line(capsys.readouterr().err)
     assert "'bert'" in line
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_convert_bad_max_length_is_a_one_line_error(hf_folder, tmp_path, capsys, value):
+    assert main([str(hf_folder), str(tmp_path / "out"), "--max-length", value]) != 0
+    line = _assert_one_error_line(capsys.readouterr().err)
+    assert "max_length" in line and value in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_invalid_llama_config_is_a_one_line_error(hf_folder, tmp_path, capsys):
+    src = tmp_path / "bad-heads"
+    shutil.copytree(hf_folder, src)
+    config = json.loads((src / "config.json").read_text())
+    config["num_attention_heads"] = 5  # does not divide hidden_size 64
+    (src / "config.json").write_text(json.dumps(config))
+    assert main([str(src), str(tmp_path / "out")]) != 0
+    line = _assert_one_error_line(capsys.readouterr().err)
+    assert "config.json" in line
 
 
 def test_convert_embedded_default_without_package_names_the_pip_command(tmp_path, monkeypatch, capsys):

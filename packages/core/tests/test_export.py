@@ -81,7 +81,9 @@ def test_export_dynamic_rope_model():
 
     # The dynamic rope path is really taken: beyond max_position_embeddings it differs from default rope with
     # the same weights; within it the two agree.
-    plain = LlamaBidirectionalModel.from_state_dict(tiny_config(max_position_embeddings=8), model.state_dict())
+    plain = LlamaBidirectionalModel.from_state_dict(
+        tiny_config(max_position_embeddings=8), model.state_dict()
+    )
     with torch.no_grad():
         long_inputs, short_inputs = _other_inputs(3, 13), _other_inputs(2, 6)
         assert not torch.allclose(model(*long_inputs), plain(*long_inputs), atol=1e-3)

@@ -161,3 +161,12 @@ def test_embedded_default_matches_transformers_gguf_loading(embedded_gguf):
         want = _oracle_hidden(oracle, ids, mask)
         real = mask.bool()
         assert (got[real] - want[real]).abs().max() < 1e-4
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    model = tiny_model()
+    want = model.rotary_emb.inv_freq.clone()
+    model = model.to(torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.rotary_emb.inv_freq, want)

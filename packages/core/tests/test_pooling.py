@@ -224,10 +224,6 @@ def test_pad_batch_all_empty_has_one_column():
     assert mask.tolist() == [[0], [0]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: pad_batch treats any padding_side other than 'right' as 'left' instead of rejecting it",
-)
 def test_pad_batch_rejects_unknown_padding_side():
     with pytest.raises(ValueError, match="padding_side"):
         pad_batch([[1, 2], [3]], pad_id=0, padding_side="middle")

@@ -37,6 +37,8 @@ def pad_batch(
     sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, T) int64, T the longest sequence (at least 1)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     T = max([len(s) for s in sequences] + [1])
     ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), T), dtype=torch.long)

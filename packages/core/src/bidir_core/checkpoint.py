@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bidir_core.errors import BidirError
+from bidir_core.errors import BidirError, one_line
 from bidir_core.pooling import POOLING_STRATEGIES
 
 FORMAT_VERSION = 1
@@ -54,10 +54,17 @@ class EncoderConfig:
             raise BidirError(
                 f"unknown pooling {self.pooling!r}: choose one of {', '.join(POOLING_STRATEGIES)}"
             )
-        if not isinstance(self.max_length, int) or self.max_length < 1:
+        if not isinstance(self.normalize, bool):
+            raise BidirError(f"normalize must be true or false, got {self.normalize!r}")
+        for name in ("query_prefix", "passage_prefix"):
+            if not isinstance(getattr(self, name), str):
+                raise BidirError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
             raise BidirError(f"max_length must be a positive integer, got {self.max_length!r}")
+        if not isinstance(self.matryoshka_dims, (list, tuple)):
+            raise BidirError(f"matryoshka_dims must be a list of integers, got {self.matryoshka_dims!r}")
         dims = tuple(self.matryoshka_dims)
-        if any(not isinstance(d, int) or d < 1 for d in dims):
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
             raise BidirError(f"matryoshka_dims must be positive integers, got {list(dims)}")
         object.__setattr__(self, "matryoshka_dims", dims)
 
@@ -77,7 +84,9 @@ def read_encoder_config(folder: Path) -> EncoderConfig | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BidirError(f"{path}: not valid JSON ({e})") from None
+        raise BidirError(f"{path}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise BidirError(f"{path}: expected a JSON object")
     version = raw.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise BidirError(
@@ -87,7 +96,10 @@ def read_encoder_config(folder: Path) -> EncoderConfig | None:
     for key in raw:
         if key not in known:
             raise BidirError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-    return EncoderConfig(**raw)
+    try:
+        return EncoderConfig(**raw)
+    except BidirError as e:
+        raise BidirError(f"{path}: {e}") from None
 
 
 def _config_json(model) -> dict:

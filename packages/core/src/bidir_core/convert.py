@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.pooling import POOLING_STRATEGIES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 
 EXAMPLES = """examples:
   bidir-convert ./Llama-3.2-1B ./llama-1b-bidir --pooling avg --dtype bfloat16
@@ -33,9 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pooling", choices=POOLING_STRATEGIES, help="pooling strategy (default: the source's, or avg)"
     )
-    p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)"
-    )
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     p.add_argument("--no-normalize", action="store_true", help="store normalize=false")
     p.add_argument("--max-length", type=int, help="max tokens per text (default: the source's, or 512)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at OUT")
@@ -44,13 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch  # imported after parsing, so --help answers at once
+
+    from bidir_core.encoder import BiEncoder
+
     try:
         encoder = BiEncoder.from_pretrained(
             args.src,
             pooling=args.pooling,
             normalize=False if args.no_normalize else None,
             max_length=args.max_length,
-            dtype=DTYPES[args.dtype],
+            dtype=getattr(torch, args.dtype),
         )
         out = encoder.save_pretrained(args.out, overwrite=args.overwrite)
     except BidirError as e:

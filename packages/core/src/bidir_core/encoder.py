@@ -53,8 +53,6 @@ class BiEncoder(nn.Module):
         bidir.json (an NVIDIA llama_bidirec config's `pooling` otherwise, else the defaults); arguments that are
         not None override them."""
         source = resolve_source(path_or_name)
-        model = LlamaBidirectionalModel.from_pretrained(source, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(source)
         config = _stored_config(source)
         overrides = {
             "pooling": pooling,
@@ -64,8 +62,10 @@ class BiEncoder(nn.Module):
             "max_length": max_length,
             "matryoshka_dims": tuple(matryoshka_dims) if matryoshka_dims is not None else None,
         }
+        # Settings are validated before any weights are read.
         config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-        return cls(model, tokenizer, config)
+        model = LlamaBidirectionalModel.from_pretrained(source, dtype=dtype, device=device)
+        return cls(model, load_tokenizer(source), config)
 
     @property
     def hidden_size(self) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig
 
-from bidir_core.errors import BidirError
+from bidir_core.errors import BidirError, one_line
 
 # GGUF tensor name inside block i -> LlamaModel key inside layers.i
 _BLOCK_KEYS = {
@@ -35,7 +35,7 @@ def _reader(path: Path):
     try:
         return GGUFReader(path)
     except Exception as e:  # gguf raises ValueError for a bad magic, others for truncation
-        raise BidirError(f"{path}: not a readable GGUF file ({e})") from None
+        raise BidirError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
 
 
 def _field(reader, key: str, default=None):

@@ -37,6 +37,34 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def check_config(config: LlamaConfig) -> None:
+    """Reject a config this model cannot represent, with a one-line reason (before any weights are read)."""
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ):
+        value = getattr(config, name, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BidirError(f"{name} must be a positive integer, got {value!r}")
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    if n_heads % n_kv:
+        raise BidirError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+    if not getattr(config, "head_dim", None) and config.hidden_size % n_heads:
+        raise BidirError(
+            f"hidden_size={config.hidden_size} is not divisible by num_attention_heads={n_heads}"
+        )
+    if config.hidden_act != "silu":
+        raise BidirError(f"unsupported hidden_act {config.hidden_act!r}: Llama uses 'silu' (SwiGLU)")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise BidirError(
+            f"unsupported rope_type {rope_type!r}: a Llama config uses one of {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+
+
 def _head_dim(config: LlamaConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -49,10 +77,6 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.rope_type = config.rope_parameters.get("rope_type", "default")
-        if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise BidirError(
-                f"unsupported rope_type {self.rope_type!r}: a Llama config uses one of {', '.join(SUPPORTED_ROPE_TYPES)}"
-            )
         self.register_buffer("inv_freq", torch.empty(_head_dim(config) // 2), persistent=False)
         self.attention_scaling = 1.0
         self.reset_parameters()
@@ -70,6 +94,14 @@ class RotaryEmbedding(nn.Module):
                 inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, torch.device("cpu"))
         self.inv_freq = inv_freq.to(self.inv_freq.device if self.inv_freq.device.type != "meta" else "cpu")
         self.attention_scaling = float(scaling)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts floating buffers too, and bf16 frequencies would shift every position by up to
+        # ~0.4%: whatever .to() did, recompute them in fp32 on the buffer's (new) device.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.reset_parameters()
+        return self
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) int64 -> cos, sin (B, T, D) fp32."""
@@ -138,8 +170,6 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        if config.hidden_act != "silu":
-            raise BidirError(f"unsupported hidden_act {config.hidden_act!r}: Llama uses 'silu' (SwiGLU)")
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
@@ -169,6 +199,7 @@ class LlamaBidirectionalModel(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
+        check_config(config)
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))

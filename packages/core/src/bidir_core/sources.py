@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import LlamaConfig
 
-from bidir_core.errors import BidirError
+from bidir_core.errors import BidirError, one_line
 
 LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
 # config.json keys that describe an architecture or a training recipe, not the Llama stack itself.
@@ -51,7 +51,7 @@ def read_config_dict(folder: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BidirError(f"{path}: not valid JSON ({e})") from None
+        raise BidirError(f"{path}: not valid JSON ({one_line(e)})") from None
     if not isinstance(config, dict):
         raise BidirError(f"{path}: expected a JSON object")
     model_type = config.get("model_type")
@@ -66,8 +66,16 @@ def load_llama_config(folder: Path) -> LlamaConfig:
     """config.json of a Llama or llama_bidirec folder as a bidirectional LlamaConfig."""
     raw = read_config_dict(folder)
     fields = {k: v for k, v in raw.items() if k not in _NON_LLAMA_CONFIG_KEYS}
-    config = LlamaConfig(**fields)  # also upgrades legacy rope_theta / rope_scaling into rope_parameters
-    config.is_causal = False
+    try:
+        config = LlamaConfig(**fields)  # also upgrades legacy rope_theta / rope_scaling into rope_parameters
+        config.is_causal = False
+        from bidir_core.model import check_config
+
+        check_config(config)
+    except BidirError as e:
+        raise BidirError(f"{folder / 'config.json'}: {e}") from None
+    except Exception as e:  # transformers' validation raises several types, some multi-line
+        raise BidirError(f"{folder / 'config.json'}: not a valid Llama config ({one_line(e)})") from None
     return config
 
 
@@ -85,7 +93,7 @@ def _weight_files(folder: Path) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise BidirError(f"{index}: not a valid shard index ({e})") from None
+                raise BidirError(f"{index}: not a valid shard index ({one_line(e)})") from None
             files = [folder / name for name in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.is_file():
@@ -102,12 +110,14 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises many types for a bad pickle/zip
-            raise BidirError(f"{path}: unreadable PyTorch weights file ({e})") from None
+            raise BidirError(f"{path}: unreadable PyTorch weights file ({one_line(e)})") from None
     try:
         with safe_open(path, framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise BidirError(f"{path}: not a valid safetensors file, corrupt or truncated ({e})") from None
+        raise BidirError(
+            f"{path}: not a valid safetensors file, corrupt or truncated ({one_line(e)})"
+        ) from None
 
 
 def read_state_dict(folder: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
