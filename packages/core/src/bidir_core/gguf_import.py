@@ -30,7 +30,10 @@ _TOP_KEYS = {"token_embd": "embed_tokens", "output_norm": "norm"}
 
 
 def _reader(path: Path):
-    from gguf import GGUFReader
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise BidirError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
 
     try:
         return GGUFReader(path)
@@ -109,9 +112,9 @@ def _hf_key(name: str) -> str | None:
 
 def read_gguf(path: Path, dtype: torch.dtype) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     """(config, LlamaModel state dict in dtype) from a GGUF file, dequantizing every tensor."""
+    reader = _reader(path)  # first: it says so when the gguf package is missing
     from gguf.quants import dequantize
 
-    reader = _reader(path)
     config = gguf_config(path, reader)
     state_dict = {}
     for tensor in reader.tensors:
