@@ -3,7 +3,7 @@
 Three paths, each timed from texts to L2-normalized, mean-pooled float32 embeddings, tokenizing included:
 
 - transformers loop: AutoModel (a LlamaModel, is_causal false) + AutoTokenizer on the embedded default
-  checkpoint; tokenizer(batch, padding=True, truncation=True, max_length=512) on input-order batches, masked
+  checkpoint; tokenizer(batch, padding=True, truncation=True, max_length=the checkpoint's) on input-order batches, masked
   mean, normalize.
 - bidir unsorted:    bidir's model (BiEncoder.forward) on the same input-order batches: the model alone.
 - bidir encode:      BiEncoder.encode, which batches by token length: adds length-sorted batching.
@@ -35,6 +35,7 @@ import transformers
 from transformers import AutoModel, AutoTokenizer
 
 from bidir_core.batching import length_sorted_batches, pad_batch
+from bidir_core.checkpoint import EncoderConfig, read_encoder_config
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.sources import resolve_source
@@ -42,7 +43,6 @@ from bidir_core.tokenization import tokenize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PATHS = ("transformers loop", "bidir unsorted", "bidir encode")
-MAX_LENGTH = 512
 
 
 def load_sentences(limit: int | None) -> list[str]:
@@ -54,12 +54,14 @@ def load_sentences(limit: int | None) -> list[str]:
     return [s for row in rows for s in (row[1], row[2])][:limit]
 
 
-def transformers_loop(model, tokenizer, texts: list[str], batch_size: int, device: str) -> torch.Tensor:
+def transformers_loop(
+    model, tokenizer, texts: list[str], batch_size: int, max_length: int, device: str
+) -> torch.Tensor:
     """What a transformers user writes: tokenize each input-order batch, run, masked mean, normalize."""
     out = []
     for i in range(0, len(texts), batch_size):
         batch = texts[i : i + batch_size]
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         enc = enc.to(device)
         hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).float()
@@ -98,7 +100,7 @@ def bench_dtype(
     hf = AutoModel.from_pretrained(ckpt, dtype=dtype).to(device).eval()
     encoder = BiEncoder.from_pretrained(ckpt, dtype=dtype, device=device).eval()
     runs = {
-        PATHS[0]: lambda t: transformers_loop(hf, tokenizer, t, bs, device),
+        PATHS[0]: lambda t: transformers_loop(hf, tokenizer, t, bs, encoder.config.max_length, device),
         PATHS[1]: lambda t: bidir_unsorted(encoder, t, bs, device),
         PATHS[2]: lambda t: torch.from_numpy(encoder.encode(t, batch_size=bs)),
     }
@@ -178,7 +180,8 @@ def main() -> None:
 
     bs = args.batch_size
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    lengths = [len(row) for row in tokenize(tokenizer, texts, MAX_LENGTH)[0]]
+    max_length = (read_encoder_config(ckpt) or EncoderConfig()).max_length  # what both paths truncate to
+    lengths = [len(row) for row in tokenize(tokenizer, texts, max_length)[0]]
     in_order = [list(range(i, min(i + bs, len(texts)))) for i in range(0, len(texts), bs)]
 
     def padded(batches: list[list[int]]) -> int:  # tokens the model runs on, padding included
@@ -217,7 +220,7 @@ def main() -> None:
             "hardware": hardware,
             "versions": versions,
             "model": str(args.model),
-            "shapes": {**shapes, "max_length": MAX_LENGTH, "repeats": args.repeats},
+            "shapes": {**shapes, "max_length": max_length, "repeats": args.repeats},
             "results": results,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else
   bench_args=(--repeats 1 --limit 256)  # a quick CPU pass; the full CPU benchmark is `nox -s bench`
 fi
 for bs in 32 128; do
-  python3 benchmarks/bench_encode.py --batch-size "$bs" "${bench_args[@]}" "${model_args[@]}" \
+  python3 benchmarks/bench_encode.py --batch-size "$bs" "${bench_args[@]}" ${model_args[@]+"${model_args[@]}"} \
     --json "${OUT:-runs}/bench_encode.jsonl" || status=1
 done
 exit $status

@@ -31,7 +31,10 @@ def main() -> None:
     model = LlamaBidirectionalModel(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
     encoder_config = read_encoder_config(args.source) or EncoderConfig()
     write_checkpoint(args.out, model, load_tokenizer(args.source), encoder_config, overwrite=True)
     print(f"wrote {args.out}: random weights shaped like {args.source}")

@@ -374,7 +374,7 @@ def test_save_into_non_model_folder_refuses_and_keeps_files(encoder, tmp_path):
     _error(excinfo, str(target), "not empty")
     with pytest.raises(BidirError) as excinfo:
         encoder.save_pretrained(target, overwrite=True)  # overwrite replaces model folders only
-    _error(excinfo, str(target), "not a model folder")
+    _error(excinfo, str(target), "not a bidir checkpoint")
 
     assert _snapshot(target) == before
     assert not list(tmp_path.glob("*.tmp-*"))

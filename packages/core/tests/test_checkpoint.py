@@ -122,3 +122,41 @@ def test_embedded_default_imported_once(embedded_gguf):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     # The cached checkpoint (weights, tokenizer, settings) encodes exactly like reading the GGUF directly.
     np.testing.assert_array_equal(BiEncoder.from_pretrained(embedded_gguf).encode(texts), emb)
+
+
+def test_overwrite_swaps_a_bidir_checkpoint_and_never_a_plain_folder(tmp_path):
+    from bidir_core import BidirError
+    from bidir_core.testing import write_hf_llama
+
+    first = tiny_encoder(EncoderConfig(pooling="avg"))
+    folder = first.save_pretrained(tmp_path / "ckpt")
+    second = tiny_encoder(EncoderConfig(pooling="last"), seed=1)
+    second.save_pretrained(folder, overwrite=True)
+    assert read_encoder_config(folder).pooling == "last"
+    np.testing.assert_array_equal(BiEncoder.from_pretrained(folder).encode(TEXTS), second.encode(TEXTS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "old or temporary folders left behind"
+
+    # A Hugging Face folder (no bidir.json) is never replaced, even with overwrite, even when it is the source.
+    hf = write_hf_llama(tmp_path / "hf")
+    before = sorted(p.name for p in hf.iterdir())
+    with pytest.raises(BidirError, match="not a bidir checkpoint"):
+        BiEncoder.from_pretrained(hf).save_pretrained(hf, overwrite=True)
+    assert sorted(p.name for p in hf.iterdir()) == before
+
+
+def test_pytorch_bin_folder_loads_like_safetensors(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from bidir_core.testing import write_hf_llama
+
+    folder = write_hf_llama(tmp_path / "st")
+    model = LlamaForCausalLM.from_pretrained(folder)
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    torch.save(model.state_dict(), bin_folder / "pytorch_model.bin")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (bin_folder / name).write_bytes((folder / name).read_bytes())
+    want = LlamaBidirectionalModel.from_pretrained(folder).state_dict()
+    got = LlamaBidirectionalModel.from_pretrained(bin_folder).state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -106,3 +106,14 @@ def test_empty_text_gives_zero_vector_with_warning():
         emb = encoder.encode(["", "hello"])
     assert np.all(emb[0] == 0) and np.isfinite(emb).all()
     np.testing.assert_allclose(np.linalg.norm(emb[1]), 1.0, atol=1e-5)
+
+
+def test_empty_list_and_numpy_dim():
+    encoder = tiny_encoder()
+    assert encoder.encode([]).shape == (0, 64)
+    assert encoder.encode([], dim=8).shape == (0, 8)
+    np.testing.assert_array_equal(
+        encoder.encode(TEXTS[:2], dim=np.int64(8)), encoder.encode(TEXTS[:2], dim=8)
+    )
+    with pytest.raises(BidirError, match="positive integer"):
+        encoder.encode(TEXTS[:1], dim=True)

@@ -23,9 +23,9 @@ def _batch(padding_side: str):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_cuda_fp32_matches_cpu(padding_side):
+def test_cuda_fp32_matches_cpu(padding_side, monkeypatch):
     # CUDA matmuls may use TF32 when allowed; 1e-4 covers fp32 kernels with a different reduction order.
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     encoder = tiny_encoder()
     ids, mask = _batch(padding_side)
     with torch.no_grad():

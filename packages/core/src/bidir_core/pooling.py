@@ -21,17 +21,20 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, strategy: str = "av
     more of the text in a causal model, weigh more; weights sum to 1.
     A row with no real token pools to zeros.
     """
+    check_pooling(strategy)
     mask = attention_mask.to(hidden.dtype)  # (B, T)
     if strategy == "avg":
         return _weighted_mean(hidden, mask)
     if strategy == "weighted_avg":
         positions = attention_mask.long().cumsum(-1).to(hidden.dtype)  # 1..n over real tokens
         return _weighted_mean(hidden, positions * mask)
-    if strategy == "cls":
-        return _gather(hidden, _first_real(attention_mask)) * mask.amax(-1, keepdim=True)
-    if strategy == "last":
-        return _gather(hidden, _last_real(attention_mask)) * mask.amax(-1, keepdim=True)
-    raise BidirError(f"unknown pooling {strategy!r}: choose one of {', '.join(POOLING_STRATEGIES)}")
+    index = _first_real(attention_mask) if strategy == "cls" else _last_real(attention_mask)
+    return _gather(hidden, index) * mask.amax(-1, keepdim=True)  # x0 for an all-pad row
+
+
+def check_pooling(strategy: str) -> None:
+    if strategy not in POOLING_STRATEGIES:
+        raise BidirError(f"unknown pooling {strategy!r}: choose one of {', '.join(POOLING_STRATEGIES)}")
 
 
 def _weighted_mean(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from bidir_core.errors import BidirError
+from bidir_core.errors import BidirError, one_line
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -34,7 +34,13 @@ def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:
         raise BidirError(
             f"{source}: no tokenizer files (tokenizer.json / tokenizer.model / tokenizer_config.json)"
         )
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (
+        Exception
+    ) as e:  # corrupt JSON, missing vocab files, unknown tokenizer class: many types, multi-line
+        raise BidirError(f"{source}: cannot load the tokenizer ({one_line(e)})") from None
+    return prepare_tokenizer(tokenizer)
 
 
 def tokenize(

@@ -1,4 +1,4 @@
-"""bidir_export: oNNX export and TensorRT engine building for bidir models.
+"""bidir_export: ONNX export and TensorRT engine building for bidir models.
 
 Not implemented yet; see the package README.
 """
