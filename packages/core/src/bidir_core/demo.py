@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{hits}/{len(QUERIES)} queries rank their own document first; load {t1 - t0:.1f}s, encode {t2 - t1:.2f}s"
     )
+    if model == "smollm2-135m":
+        print(
+            "(the embedded default is a causal LM with its causal mask removed and no embedding training yet)"
+        )
     return 0
 
 
