@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bidir_core.errors import BidirError, one_line
+from bidir_core.errors import BidirError
+from bidir_core.jsonfile import read_json_object
 from bidir_core.pooling import check_pooling
 
 FORMAT_VERSION = 1
@@ -79,12 +80,7 @@ def read_encoder_config(folder: Path) -> EncoderConfig | None:
     path = folder / BIDIR_JSON
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BidirError(f"{path}: not valid JSON ({one_line(e)})") from None
-    if not isinstance(raw, dict):
-        raise BidirError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
     version = raw.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise BidirError(

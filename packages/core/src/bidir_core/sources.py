@@ -7,7 +7,6 @@ or the name of the embedded default model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import LlamaConfig
 
 from bidir_core.errors import BidirError, one_line
+from bidir_core.jsonfile import read_json_object
 
 LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
 # config.json keys that describe an architecture or a training recipe, not the Llama stack itself.
@@ -48,12 +48,7 @@ def read_config_dict(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise BidirError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BidirError(f"{path}: not valid JSON ({one_line(e)})") from None
-    if not isinstance(config, dict):
-        raise BidirError(f"{path}: expected a JSON object")
+    config = read_json_object(path)
     model_type = config.get("model_type")
     if model_type not in LLAMA_MODEL_TYPES:
         raise BidirError(
@@ -90,10 +85,9 @@ def _weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise BidirError(f"{index}: not a valid shard index ({one_line(e)})") from None
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise BidirError(f"{index}: not a valid shard index (no weight_map of tensor name -> file)")
             files = [folder / name for name in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.is_file():
