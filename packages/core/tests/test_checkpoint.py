@@ -79,9 +79,8 @@ def test_loads_in_transformers_with_same_hidden_states(saved):
     encoder, folder = saved
     hf = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     assert type(hf).__name__ == "LlamaModel" and hf.config.is_causal is False
-    ids, mask = pad_batch(
-        [[1, 5, 9, 40, 77, 3, 8], [1, 22, 31]], pad_id=0
-    )  # right padding, as the tokenizer does
+    # right padding, as the tokenizer does
+    ids, mask = pad_batch([[1, 5, 9, 40, 77, 3, 8], [1, 22, 31]], pad_id=0)
     with torch.no_grad():
         want = encoder.model(ids, mask)
         got = hf(input_ids=ids, attention_mask=mask).last_hidden_state

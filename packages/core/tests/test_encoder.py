@@ -48,9 +48,8 @@ def test_encode_restores_input_order_and_ignores_batch_size():
         np.testing.assert_allclose(full[i], encoder.encode([text])[0], atol=1e-5)
     np.testing.assert_allclose(encoder.encode(texts, batch_size=1), full, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
-    assert encoder.encode(texts[0]).shape == (
-        64,
-    )  # a single str gives one vector, as in sentence-transformers
+    # a single str gives one vector, as in sentence-transformers
+    assert encoder.encode(texts[0]).shape == (64,)
 
 
 def test_matryoshka_dim_truncates_then_renormalizes():

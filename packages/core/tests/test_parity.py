@@ -114,9 +114,8 @@ def test_llama_bidirec_folder_loads_with_its_pooling(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     encoder = BiEncoder.from_pretrained(folder)
     assert encoder.config.pooling == "last"
-    assert (
-        BiEncoder.from_pretrained(folder, pooling="cls").config.pooling == "cls"
-    )  # an argument overrides it
+    # an argument overrides it
+    assert BiEncoder.from_pretrained(folder, pooling="cls").config.pooling == "cls"
     config["pooling"] = "mean"  # NeMo's name for avg
     (folder / "config.json").write_text(json.dumps(config))
     assert BiEncoder.from_pretrained(folder).config.pooling == "avg"

@@ -65,9 +65,8 @@ class BiEncoder(nn.Module):
         # Settings and tokenizer are checked before the (possibly large) weights are read.
         config = _stored_config(source, {k: v for k, v in overrides.items() if v is not None})
         if source.is_dir():
-            load_llama_config(
-                source
-            )  # a bad config.json is reported as such, not by the tokenizer that reads it too
+            # A bad config.json is reported as such, not by the tokenizer, which reads it too.
+            load_llama_config(source)
         tokenizer = load_tokenizer(source)
         model = LlamaBidirectionalModel.from_pretrained(source, dtype=dtype, device=device)
         return cls(model, tokenizer, config)
@@ -87,9 +86,8 @@ class BiEncoder(nn.Module):
         hidden = self.model(input_ids, attention_mask)  # (B, T, H)
         emb = pool(hidden.float(), attention_mask, self.config.pooling)  # pool in fp32 even for a bf16 model
         if dim is not None:
-            emb = emb[
-                :, : self._check_dim(dim)
-            ]  # Matryoshka: a prefix of the dimensions, re-normalized below
+            # Matryoshka: a prefix of the dimensions, re-normalized below.
+            emb = emb[:, : self._check_dim(dim)]
         if self.config.normalize if normalize is None else normalize:
             emb = F.normalize(emb, p=2, dim=-1)
         return emb

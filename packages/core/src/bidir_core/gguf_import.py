@@ -131,14 +131,18 @@ def read_gguf(path: Path, dtype: torch.dtype) -> tuple[LlamaConfig, dict[str, to
         key = _hf_key(tensor.name)
         if key is None:
             continue
-        weights = dequantize(tensor.data, tensor.tensor_type)  # float32, torch layout (out, in)
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)  # float32, torch layout (out, in)
+        except NotImplementedError:
+            raise BidirError(
+                f"{path}: {tensor.name} uses {tensor.tensor_type.name}, which gguf cannot dequantize"
+            ) from None
         if key.endswith("q_proj.weight") or key.endswith("q_proj.bias"):
             weights = _unpermute(weights, config.num_attention_heads)
         elif key.endswith("k_proj.weight") or key.endswith("k_proj.bias"):
             weights = _unpermute(weights, config.num_key_value_heads)
-        state_dict[key] = torch.from_numpy(np.array(weights, dtype=np.float32, order="C")).to(
-            dtype
-        )  # copy: F32 data is a read-only mmap
+        # np.array copies: F32 tensors come back as a read-only view of the memory-mapped file.
+        state_dict[key] = torch.from_numpy(np.array(weights, dtype=np.float32, order="C")).to(dtype)
     return config, state_dict
 
 
