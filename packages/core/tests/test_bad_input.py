@@ -91,15 +91,10 @@ def test_text_file_as_model(tmp_path):
     _error(_load(path), str(path), "not a checkpoint folder or a .gguf file")
 
 
-def test_non_gguf_file_named_gguf(tmp_path):
+@pytest.mark.parametrize("content", [b"definitely not a GGUF file " * 8, b""], ids=["not-gguf", "empty"])
+def test_non_gguf_file_named_gguf(tmp_path, content):
     path = tmp_path / "x.gguf"
-    path.write_bytes(b"definitely not a GGUF file " * 8)
-    _error(_load(path), str(path), "GGUF")
-
-
-def test_empty_file_named_gguf(tmp_path):
-    path = tmp_path / "empty.gguf"
-    path.write_bytes(b"")
+    path.write_bytes(content)
     _error(_load(path), str(path), "GGUF")
 
 

@@ -169,13 +169,12 @@ def _stored_config(source: Path, overrides: dict) -> EncoderConfig:
     stored = read_encoder_config(source) if source.is_dir() else None
     if stored is not None:
         return dataclasses.replace(stored, **overrides)
-    fields = dict(overrides)
+    fields, where = dict(overrides), source
     if source.is_dir() and "pooling" not in fields:
         pooling = read_config_dict(source).get("pooling")
         if pooling is not None:
-            fields["pooling"] = _NEMO_POOLING.get(pooling, pooling)
+            fields["pooling"], where = _NEMO_POOLING.get(pooling, pooling), source / "config.json"
     try:
         return EncoderConfig(**fields)
     except BidirError as e:
-        where = source / "config.json" if source.is_dir() and "pooling" not in overrides else source
         raise BidirError(f"{where}: {e}") from None

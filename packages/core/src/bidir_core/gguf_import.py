@@ -78,27 +78,28 @@ def gguf_config(path: Path, reader=None) -> LlamaConfig:
         raise BidirError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
     if vocab is None:
         raise BidirError(f"{path}: GGUF metadata has neither llama.vocab_size nor tokenizer.ggml.tokens")
+    fields = dict(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        head_dim=int(_field(reader, "llama.attention.key_length", hidden // n_heads)),
+        max_position_embeddings=int(need("context_length")),
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_parameters=rope,
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        is_causal=False,
+    )
     try:
-        config = LlamaConfig(
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(need("feed_forward_length")),
-            num_hidden_layers=int(need("block_count")),
-            num_attention_heads=n_heads,
-            num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-            head_dim=int(_field(reader, "llama.attention.key_length", hidden // n_heads)),
-            max_position_embeddings=int(need("context_length")),
-            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-            rope_parameters=rope,
-            tie_word_embeddings="output.weight" not in names,
-            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-            eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-            pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-            is_causal=False,
-        )
+        config = LlamaConfig(**fields)
         check_config(config)
     except BidirError as e:
-        raise BidirError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+        raise BidirError(f"{path}: {e}") from None
     except Exception as e:  # transformers validates the config; several types, some multi-line
         raise BidirError(f"{path}: GGUF metadata is not a valid Llama config ({one_line(e)})") from None
     return config

@@ -15,6 +15,7 @@ from transformers import LlamaConfig
 
 from bidir_core.errors import BidirError, one_line
 from bidir_core.jsonfile import read_json_object
+from bidir_core.model import LlamaBidirectionalModel, check_config
 
 LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
 # config.json keys that describe an architecture or a training recipe, not the Llama stack itself.
@@ -64,8 +65,6 @@ def load_llama_config(folder: Path) -> LlamaConfig:
     try:
         config = LlamaConfig(**fields)  # also upgrades legacy rope_theta / rope_scaling into rope_parameters
         config.is_causal = False
-        from bidir_core.model import check_config
-
         check_config(config)
     except BidirError as e:
         raise BidirError(f"{folder / 'config.json'}: {e}") from None
@@ -132,8 +131,6 @@ def check_state_dict(
     config: LlamaConfig, state_dict: dict[str, torch.Tensor], where: dict[str, Path] | Path
 ) -> None:
     """Every expected key present with the shape config.json implies, and nothing else."""
-    from bidir_core.model import LlamaBidirectionalModel
-
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in LlamaBidirectionalModel(config).state_dict().items()}
     missing = [k for k in expected if k not in state_dict]

@@ -36,9 +36,8 @@ def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (
-        Exception
-    ) as e:  # corrupt JSON, missing vocab files, unknown tokenizer class: many types, multi-line
+    # corrupt JSON, missing vocab files, an unknown tokenizer class: many exception types, some multi-line
+    except Exception as e:
         raise BidirError(f"{source}: cannot load the tokenizer ({one_line(e)})") from None
     return prepare_tokenizer(tokenizer)
 
