@@ -1,0 +1,222 @@
+"""The deployment artifacts of DESIGN section 3: the ONNX export and the TensorRT engine folders.
+
+bidir-export writes them, bidir-serve reads them; this module is the one definition of their manifest.json, so the
+two packages never import each other. (The checkpoint folder is checkpoint.py; the embeddings folder is
+embeddings_artifact.py.)
+
+    <onnx export>/     model.onnx [+ model.onnx.data], tokenizer files, manifest.json (OnnxManifest)
+    <engine>/          model.engine, tokenizer files, manifest.json (EngineManifest: the ONNX manifest + TensorRT)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bidir_core.checkpoint import EncoderConfig
+from bidir_core.errors import BidirError
+from bidir_core.jsonfile import read_json_object
+
+ARTIFACT_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The result of running an exported artifact against PyTorch on a fixed set of shapes."""
+
+    passed: bool
+    """Whether every shape was within tolerance."""
+    max_abs_diff: float
+    """Largest |artifact - torch| over all embedding entries and shapes."""
+    min_cosine: float
+    """Smallest per-row cosine similarity between artifact and torch embeddings."""
+    tolerance: str
+    """The rule that was applied, e.g. "max_abs_diff <= 1e-4" or "min_cosine >= 0.999"."""
+    shapes: tuple[tuple[int, int], ...] = ()
+    """The (batch, seq) shapes that were checked."""
+    runtime: str = ""
+    """What ran the artifact, e.g. "onnxruntime 1.22.0 CPUExecutionProvider"."""
+
+
+@dataclass(frozen=True)
+class OnnxManifest:
+    """manifest.json of an ONNX export."""
+
+    encoder: EncoderConfig
+    """Pooling, normalization, prefixes, Matryoshka dims and max length of the exported model."""
+    hidden_size: int
+    """Width of the `embeddings` output (before any per-row `dimensions` truncation)."""
+    dtype: str
+    """Compute dtype baked into the graph: fp32, bf16 or fp16. Inputs are int64, `embeddings` is float32."""
+    opset: int
+    """ONNX opset of the default domain."""
+    source: str
+    """The checkpoint the export was made from (as given)."""
+    source_fingerprint: str
+    """checkpoint_fingerprint() of the source, so a stale export can be recognized."""
+    model_file: str = "model.onnx"
+    """Graph file inside the folder (weights may sit next to it as external data)."""
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    """Graph inputs, in order; "dimensions" (int64, shape (B,)) is the optional per-row Matryoshka input."""
+    output: str = "embeddings"
+    """The graph output: (B, hidden_size) float32."""
+    node_count: int = 0
+    """Nodes in the graph (after export); a fused attention keeps this small."""
+    op_histogram: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Node count per op type."""
+    verification: Verification | None = None
+    """onnxruntime vs PyTorch at export time; None until verified."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise BidirError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.inputs[:2] != ("input_ids", "attention_mask") or not set(self.inputs[2:]) <= {"dimensions"}:
+            raise BidirError(
+                f"inputs must be input_ids, attention_mask[, dimensions], got {list(self.inputs)}"
+            )
+
+    @property
+    def with_dims(self) -> bool:
+        return "dimensions" in self.inputs
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimization profile: (batch, seq) at its minimum, optimum and maximum."""
+
+    min: tuple[int, int]
+    opt: tuple[int, int]
+    max: tuple[int, int]
+
+    def fits(self, batch: int, seq: int) -> bool:
+        return self.min[0] <= batch <= self.max[0] and self.min[1] <= seq <= self.max[1]
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    """manifest.json of a TensorRT engine folder: the ONNX manifest it was built from plus the build."""
+
+    onnx: OnnxManifest
+    precision: str
+    """bf16, fp16 or fp32."""
+    profiles: tuple[Profile, ...]
+    """Optimization profiles, in engine order."""
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    """e.g. "9.0": an engine only runs on the GPU architecture it was built for."""
+    engine_file: str = "model.engine"
+    verification: Verification | None = None
+    """The engine vs PyTorch at build time."""
+
+
+def checkpoint_fingerprint(folder: str | Path) -> str:
+    """sha256 over a checkpoint's config, bidir.json and weight files (names and bytes): equal fingerprints mean
+    the same model. Reads every weight byte once (about 1 s per GB)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    names = ["config.json", "bidir.json"] + sorted(p.name for p in folder.glob("*.safetensors"))
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        digest.update(name.encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _to_json(manifest) -> dict:
+    return {"format_version": ARTIFACT_FORMAT_VERSION, "kind": _KIND[type(manifest)], **_encode(manifest)}
+
+
+def _encode(value):
+    if isinstance(value, EncoderConfig):
+        return {k: v for k, v in value.to_json().items() if k != "format_version"}
+    if dataclasses.is_dataclass(value):
+        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def write_manifest(folder: str | Path, manifest: OnnxManifest | EngineManifest) -> Path:
+    """Write folder/manifest.json atomically (a temp file renamed into place)."""
+    path = Path(folder) / MANIFEST
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(_to_json(manifest), f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _verification(raw) -> Verification | None:
+    if raw is None:
+        return None
+    return Verification(**{**raw, "shapes": tuple(tuple(s) for s in raw.get("shapes", ()))})
+
+
+def _onnx(raw: dict) -> OnnxManifest:
+    return OnnxManifest(
+        **{
+            **raw,
+            "encoder": EncoderConfig(**raw["encoder"]),
+            "inputs": tuple(raw.get("inputs", ("input_ids", "attention_mask"))),
+            "verification": _verification(raw.get("verification")),
+        }
+    )
+
+
+def _engine(raw: dict) -> EngineManifest:
+    profiles = tuple(Profile(*(tuple(p[k]) for k in ("min", "opt", "max"))) for p in raw["profiles"])
+    return EngineManifest(
+        **{
+            **raw,
+            "onnx": _onnx(raw["onnx"]),
+            "profiles": profiles,
+            "verification": _verification(raw.get("verification")),
+        }
+    )
+
+
+_KIND = {OnnxManifest: "onnx", EngineManifest: "tensorrt"}
+_PARSE = {"onnx": _onnx, "tensorrt": _engine}
+
+
+def read_manifest(folder: str | Path, kind: str | None = None) -> OnnxManifest | EngineManifest:
+    """The one reader of an export's manifest.json. kind ("onnx" or "tensorrt") requires that kind; the file the
+    manifest names must exist."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BidirError(f"{folder}: no {MANIFEST} (not an ONNX export or TensorRT engine folder)")
+    raw = read_json_object(path)
+    version = raw.pop("format_version", None)
+    if version != ARTIFACT_FORMAT_VERSION:
+        raise BidirError(f"{path}: format_version {version!r} is not one this bidir-core reads")
+    found = raw.pop("kind", None)
+    if found not in _PARSE:
+        raise BidirError(f"{path}: kind {found!r} is not onnx or tensorrt")
+    if kind is not None and found != kind:
+        raise BidirError(f"{path}: is a {found} artifact, expected {kind}")
+    try:
+        manifest = _PARSE[found](raw)
+    except KeyError as e:
+        raise BidirError(f"{path}: missing key {e.args[0]!r}") from None
+    except TypeError as e:  # unknown or missing dataclass field
+        raise BidirError(f"{path}: {e}") from None
+    except BidirError as e:
+        raise BidirError(f"{path}: {e}") from None
+    artifact = manifest.model_file if isinstance(manifest, OnnxManifest) else manifest.engine_file
+    if not (folder / artifact).is_file():
+        raise BidirError(f"{folder}: manifest names {artifact}, which is missing")
+    return manifest

@@ -1,0 +1,92 @@
+"""The ONNX / TensorRT manifests round-trip through their one reader, and bad manifests name what is wrong."""
+
+import json
+
+import pytest
+import torch
+
+from bidir_core import BidirError, EncoderConfig
+from bidir_core.artifacts import (
+    EngineManifest,
+    OnnxManifest,
+    Profile,
+    Verification,
+    checkpoint_fingerprint,
+    read_manifest,
+    write_manifest,
+)
+from bidir_core.testing import tiny_encoder
+
+
+def _onnx_manifest(**kw):
+    fields = dict(
+        encoder=EncoderConfig(pooling="last", matryoshka_dims=(32, 16)),
+        hidden_size=64,
+        dtype="bf16",
+        opset=23,
+        source="/ckpt",
+        source_fingerprint="sha256:00",
+        inputs=("input_ids", "attention_mask", "dimensions"),
+        node_count=12,
+        op_histogram={"MatMul": 8, "Attention": 2},
+        verification=Verification(True, 1e-6, 0.99999, "max_abs_diff <= 1e-4", ((1, 1), (3, 7)), "ort"),
+    )
+    return OnnxManifest(**{**fields, **kw})
+
+
+def test_onnx_manifest_round_trips(tmp_path):
+    manifest = _onnx_manifest()
+    (tmp_path / "model.onnx").write_bytes(b"")
+    write_manifest(tmp_path, manifest)
+    assert read_manifest(tmp_path, "onnx") == manifest
+    assert manifest.with_dims
+
+
+def test_engine_manifest_round_trips(tmp_path):
+    manifest = EngineManifest(
+        onnx=_onnx_manifest(verification=None),
+        precision="bf16",
+        profiles=(Profile((1, 1), (32, 128), (64, 512)), Profile((1, 1), (1, 2048), (4, 4096))),
+        tensorrt_version="10.9.0",
+        gpu_name="NVIDIA H100",
+        compute_capability="9.0",
+    )
+    (tmp_path / "model.engine").write_bytes(b"")
+    write_manifest(tmp_path, manifest)
+    assert read_manifest(tmp_path) == manifest
+    assert manifest.profiles[0].fits(64, 512) and not manifest.profiles[0].fits(65, 2)
+
+
+def test_bad_manifests(tmp_path):
+    with pytest.raises(BidirError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    write_manifest(tmp_path, _onnx_manifest())
+    with pytest.raises(BidirError, match="model.onnx, which is missing"):
+        read_manifest(tmp_path)
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(BidirError, match="is a onnx artifact, expected tensorrt"):
+        read_manifest(tmp_path, "tensorrt")
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    for key, value, message in [
+        ("format_version", 99, "format_version 99"),
+        ("dtype", "int4", "dtype must be one of"),
+        ("surprise", 1, "unexpected keyword argument 'surprise'"),
+    ]:
+        (tmp_path / "manifest.json").write_text(json.dumps({**raw, key: value}))
+        with pytest.raises(BidirError, match=message):
+            read_manifest(tmp_path)
+    del raw["hidden_size"]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BidirError, match="hidden_size"):
+        read_manifest(tmp_path)
+
+
+def test_fingerprint_follows_the_weights(tmp_path):
+    encoder = tiny_encoder()
+    encoder.save_pretrained(tmp_path / "a")
+    encoder.save_pretrained(tmp_path / "b")
+    assert checkpoint_fingerprint(tmp_path / "a") == checkpoint_fingerprint(tmp_path / "b")
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)
+    encoder.save_pretrained(tmp_path / "c")
+    assert checkpoint_fingerprint(tmp_path / "a") != checkpoint_fingerprint(tmp_path / "c")
