@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERS = ROOT / "containers"
@@ -102,4 +102,6 @@ def test_entrypoint_exists(image):
         assert module.removeprefix("bidir_") in packages, f"{image}: torchrun -m {module}"
         assert (ROOT / "packages" / module.removeprefix("bidir_") / "src" / module / "__main__.py").is_file()
     elif argv[0] != "bash":
-        assert argv[0] in scripts, f"{image}: entrypoint {argv[0]} is not a console script of {sorted(packages)}"
+        assert argv[0] in scripts, (
+            f"{image}: entrypoint {argv[0]} is not a console script of {sorted(packages)}"
+        )
