@@ -4,12 +4,14 @@ stdlib dataset's determinism and shape."""
 from __future__ import annotations
 
 import json
+import os
 import sysconfig
 from pathlib import Path
 
 import pytest
 
 from bidir_core.datasets import (
+    StsPair,
     TrainingExample,
     load_retrieval,
     read_sts,
@@ -178,7 +180,7 @@ def test_beir_folder(tmp_path):
         ),
         ("corpus", [{"_id": "d1", "title": "t"}], r"corpus.jsonl:1: missing field 'text'"),
         ("corpus", [{"text": "x"}], r"corpus.jsonl:1: missing field '_id'"),
-        ("corpus", [{"_id": "d1", "text": ""}], r"corpus.jsonl:1: field 'text' is empty"),
+        ("corpus", [{"_id": "d1", "text": 5}], r"corpus.jsonl:1: field 'text' must be a string, got int"),
         (
             "queries",
             [{"_id": "q1", "text": ["x"]}],
@@ -190,6 +192,14 @@ def test_beir_bad_rows(tmp_path, part, content, message):
     folder = _beir(tmp_path / "beir", **{part: content})
     with pytest.raises(BidirError, match=message):
         load_retrieval(folder)
+
+
+def test_beir_empty_documents_are_kept_with_a_warning(tmp_path):
+    folder = _beir(
+        tmp_path / "beir", corpus=[{"_id": "d1", "text": "x"}, {"_id": "3", "title": " ", "text": ""}]
+    )
+    with pytest.warns(UserWarning, match=r"corpus.jsonl: 1 documents have no title and no text \(lines 2\)"):
+        assert load_retrieval(folder).corpus == {"d1": "x", "3": ""}
 
 
 def test_beir_missing_split_and_bad_utf8(tmp_path):
@@ -258,3 +268,46 @@ def test_stdlib_docstrings_deterministic_and_sane():
     assert len({e.positives[0] for e in train} | set(dev.corpus.values())) == len(train) + len(dev.corpus)
     with pytest.raises(BidirError, match="'train' and 'dev', not 'test'"):
         stdlib_docstrings("test")
+
+
+SHARED_DATA = Path(
+    os.environ.get("BIDIR_DATA") or Path(__file__).resolve().parents[3].parent / "shared" / "data"
+)
+
+
+def _shared(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared data folder; set BIDIR_DATA to it)")
+    return path
+
+
+def test_real_sts_b():
+    # Row counts from ../shared/data/stsb/README.md.
+    dev, train = read_sts(_shared("stsb/sts-dev.tsv")), read_sts(_shared("stsb/sts-train.tsv"))
+    assert (len(dev), len(train)) == (1500, 5749)
+    assert dev[0] == StsPair("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 5.0)
+    assert all(0.0 <= p.score <= 5.0 for p in dev + train)
+
+
+def test_real_cranfield():
+    # 1,400 docs / 225 queries / 1,612 graded qrels, all 225 queries judged (../shared/data/cranfield/README.md).
+    with pytest.warns(UserWarning, match="2 documents have no title and no text"):  # docs 471 and 995
+        data = load_retrieval(_shared("cranfield"))
+    assert (len(data.corpus), len(data.queries), sum(map(len, data.qrels.values()))) == (1400, 225, 1612)
+    assert data.qrels["1"]["184"] == 3 and {r for j in data.qrels.values() for r in j.values()} <= {
+        1,
+        2,
+        3,
+        4,
+    }
+
+
+def test_real_snli_triplets():
+    path = _shared("snli_pairs/snli_triplets.tsv")
+    with pytest.warns(UserWarning, match="ignoring column.*source_split"):
+        rows = list(read_training_examples(path))
+    assert len(rows) == 6339  # ../shared/data/snli_pairs/README.md
+    assert all(len(r.positives) == 1 and len(r.negatives) == 1 for r in rows)
+    assert rows[0].query == "Two women are embracing while holding to go packages ."
+    assert rows[0].negatives == ("The men are fighting outside a deli .",) and rows[0].origin == f"{path}:2"

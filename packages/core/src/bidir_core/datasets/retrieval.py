@@ -7,6 +7,7 @@ qrels/<split>.tsv   query-id <TAB> corpus-id <TAB> score (integer, graded), with
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,16 +66,25 @@ def load_retrieval(source: str | Path, split: str = "test") -> RetrievalDataset:
 
 def _read_corpus(path: Path) -> dict[str, str]:
     corpus: dict[str, str] = {}
+    empty: list[int] = []  # line numbers of documents without any text
     for number, row in read_jsonl(path):
         where = f"{path}:{number}"
         doc_id = id_field(row, "_id", where)
         title = text_field(row, "title", where, required=False, allow_empty=True).strip()
-        text = text_field(row, "text", where, allow_empty=bool(title)).strip()
+        text = text_field(row, "text", where, allow_empty=True).strip()
         if doc_id in corpus:
             raise BidirError(f"{where}: duplicate document id {doc_id!r}")
-        corpus[doc_id] = f"{title} {text}".strip() if title else text
+        corpus[doc_id] = f"{title} {text}".strip()
+        if not corpus[doc_id]:
+            empty.append(number)
     if not corpus:
         raise BidirError(f"{path}: no documents")
+    if empty:
+        # Real collections have a few (Cranfield: 2); they stay in the corpus, where they can be retrieved.
+        lines = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        warnings.warn(
+            f"{path}: {len(empty)} documents have no title and no text (lines {lines})", stacklevel=3
+        )
     return corpus
 
 
