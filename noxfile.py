@@ -11,7 +11,7 @@ Default set (``nox``), each session in its own fresh virtualenv with non-editabl
 
 Jobs (run explicitly, e.g. ``nox -s demo``):
 
-- ``demo``         embed a few sentences with the embedded default model and print their similarities
+- ``demo``         the main job end to end on the embedded default: train, export, batch-embed, evaluate
 - ``bench``        benchmarks/bench_encode.py
 
 Arguments after ``--`` are passed on: to pytest for test sessions, to the script for jobs.
@@ -107,14 +107,18 @@ def integration(session: nox.Session) -> None:
         "./packages/export[test]",
         "./packages/serve[test]",
     )
-    session.run(*PYTEST, "integration_tests", *session.posargs, env=ENV, success_codes=NO_TESTS_OK)
+    _install_default_model(session)
+    session.run(*PYTEST, "integration_tests", *session.posargs, env=ENV)
+
+
+ALL_PACKAGES = ("./packages/core", "./packages/train", "./packages/export", "./packages/serve")
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    _install(session, "./packages/core")
+    _install(session, *ALL_PACKAGES)
     _install_default_model(session)
-    session.run("python", "-m", "bidir_core.demo", *session.posargs)
+    session.run("python", "tools/demo.py", *session.posargs, env=ENV)
 
 
 @nox.session
