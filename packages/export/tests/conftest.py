@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -72,11 +73,16 @@ def embedded_default():
     return "smollm2-135m"
 
 
-def run_onnx(folder: Path, input_ids, attention_mask, dimensions=None) -> torch.Tensor:
-    """The exported graph on onnxruntime CPU: (B, H) float32 as a torch tensor."""
+@functools.lru_cache(maxsize=8)
+def _session(path: str):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(folder: Path, input_ids, attention_mask, dimensions=None) -> torch.Tensor:
+    """The exported graph on onnxruntime CPU: (B, H) float32 as a torch tensor."""
+    session = _session(str(folder / "model.onnx"))
     feeds = {"input_ids": np.asarray(input_ids), "attention_mask": np.asarray(attention_mask)}
     if dimensions is not None:
         feeds["dimensions"] = np.asarray(dimensions)

@@ -7,6 +7,8 @@ fp32 PyTorch model, the export's rule for reduced precision.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,9 +22,14 @@ from bidir_export.onnx_export import NotVerifiable, onnxruntime_session
 ATOL = 1e-5
 
 
+@functools.lru_cache(maxsize=8)
+def _encoder(ckpt) -> BiEncoder:
+    return BiEncoder.from_pretrained(ckpt).eval()
+
+
 def _reference(ckpt, ids, mask, dims=None) -> torch.Tensor:
     """BiEncoder.forward, row by row for dims: the Matryoshka prefix, then zeros to the hidden width."""
-    encoder = BiEncoder.from_pretrained(ckpt).eval()
+    encoder = _encoder(ckpt)
     with torch.no_grad():
         if dims is None:
             return encoder(ids, mask)
