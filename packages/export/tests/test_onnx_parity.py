@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import padded_inputs, run_onnx
+from export_testing import padded_inputs, run_onnx
 
 from bidir_core import POOLING_STRATEGIES, BiEncoder
 from bidir_core.artifacts import read_manifest

@@ -127,6 +127,12 @@ def trt_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workspace", type=float, default=None, metavar="GB", help="builder workspace limit")
     ap.add_argument("--timing-cache", default=None, metavar="PATH", help="read and update this timing cache")
     ap.add_argument("--with-dims", action="store_true", help="checkpoint source: add the `dimensions` input")
+    ap.add_argument(
+        "--opset",
+        type=int,
+        default=23,
+        help="checkpoint source: ONNX opset (18 if your parser lacks Attention)",
+    )
     ap.add_argument("--no-verify", action="store_true", help="skip the engine-vs-PyTorch check")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing engine folder at OUT_DIR")
     args = ap.parse_args(argv)
@@ -143,6 +149,7 @@ def trt_main(argv: Sequence[str] | None = None) -> int:
             workspace_gb=args.workspace,
             timing_cache=args.timing_cache,
             with_dims=args.with_dims,
+            opset=args.opset,
             verify=not args.no_verify,
             overwrite=args.overwrite,
             progress=_say,

@@ -33,6 +33,7 @@ from bidir_core.artifacts import (
     OnnxManifest,
     Profile,
     Verification,
+    checkpoint_fingerprint,
     read_manifest,
     write_manifest,
 )
@@ -42,7 +43,7 @@ from bidir_core.errors import BidirError
 from bidir_core.sources import resolve_source
 from bidir_export.folders import check_target, staged_folder
 from bidir_export.graph import EmbeddingGraph
-from bidir_export.onnx_export import Progress, describe, export_onnx
+from bidir_export.onnx_export import DEFAULT_OPSET, Progress, describe, export_onnx
 from bidir_export.profiles import check_profiles
 from bidir_export.verification import Batch, compare, verification_batches
 
@@ -94,6 +95,7 @@ def build_engine(
     workspace_gb: float | None = None,
     timing_cache: str | Path | None = None,
     with_dims: bool = False,
+    opset: int = DEFAULT_OPSET,
     verify: bool = True,
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -101,7 +103,8 @@ def build_engine(
     """Build out_dir/model.engine from source (an ONNX export folder, or a checkpoint that is exported first).
 
     Profiles are checked (min <= opt <= max, within the model's max_length) before anything else happens. with_dims
-    applies to a checkpoint source only (an ONNX export has its inputs already)."""
+    and opset apply to a checkpoint source only (an ONNX export has its inputs and opset already); opset 18 spells
+    attention out for a TensorRT whose ONNX parser lacks the opset-23 Attention op."""
     say = progress or (lambda _msg: None)
     profiles = tuple(profiles)
     if precision not in DTYPES:
@@ -123,7 +126,9 @@ def build_engine(
             # TensorRT 11 needs the precision in the graph; TensorRT 10 builds it strongly typed too.
             onnx_dir = Path(scratch) / "onnx"
             say(f"exporting {source} to ONNX ({precision}) first")
-            onnx_manifest = export_onnx(source, onnx_dir, dtype=precision, with_dims=with_dims, verify=False)
+            onnx_manifest = export_onnx(
+                source, onnx_dir, dtype=precision, opset=opset, with_dims=with_dims, verify=False
+            )
         plan = precision_plan(major, onnx_manifest.dtype, precision)
         with staged_folder(out_dir, overwrite=overwrite) as tmp:
             say(
@@ -279,8 +284,11 @@ def verify_engine(trt, engine_bytes: bytes, manifest: EngineManifest) -> Verific
     and max shapes."""
     onnx_manifest = manifest.onnx
     enc = onnx_manifest.encoder
+    source = resolve_source(onnx_manifest.source)
+    if checkpoint_fingerprint(source) != onnx_manifest.source_fingerprint:
+        raise BidirError(f"{onnx_manifest.source} has changed since the ONNX export; export it again")
     encoder = BiEncoder.from_pretrained(
-        onnx_manifest.source,
+        source,
         pooling=enc.pooling,
         normalize=enc.normalize,
         max_length=enc.max_length,

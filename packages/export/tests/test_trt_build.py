@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import padded_inputs
+from export_testing import padded_inputs
 
 from bidir_core import BidirError
 from bidir_core.artifacts import EngineManifest, Profile, read_manifest

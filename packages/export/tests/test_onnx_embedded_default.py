@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import padded_inputs, run_onnx
+from export_testing import padded_inputs, run_onnx
 
 from bidir_core import BiEncoder
 from bidir_core.artifacts import checkpoint_fingerprint, read_manifest

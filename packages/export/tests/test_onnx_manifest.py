@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from conftest import SMALL_VERIFY
+from export_testing import SMALL_VERIFY
 from transformers import AutoTokenizer
 
 from bidir_core import BiEncoder
@@ -81,3 +81,16 @@ def test_verify_only_notices_a_changed_source(tiny_checkpoint, tmp_path):
     tiny_encoder(EncoderConfig(), seed=1).save_pretrained(ckpt, overwrite=True)  # other weights, same place
     with pytest.raises(BidirError, match="has changed since the export"):
         verify_export(tmp_path / "onnx")
+
+
+def test_large_models_use_external_data(tiny_checkpoint, tmp_path, monkeypatch):
+    # The 2 GB switch, lowered so the tiny model takes the large-model path: weights next to the graph, the
+    # checker, shape inference and onnxruntime still find them.
+    import bidir_export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    manifest = export_onnx(tiny_checkpoint("avg"), tmp_path / "big", verify_shape=SMALL_VERIFY)
+    files = {p.name: p.stat().st_size for p in (tmp_path / "big").iterdir()}
+    data = [name for name in files if name.startswith("model.onnx") and name != "model.onnx"]
+    assert len(data) == 1 and files[data[0]] > 4 * files["model.onnx"]
+    assert manifest.verification.passed
