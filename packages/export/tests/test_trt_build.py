@@ -17,7 +17,7 @@ from bidir_core import BidirError
 from bidir_core.artifacts import EngineManifest, Profile, read_manifest
 from bidir_core.testing import TINY_VOCAB_SIZE
 from bidir_export import build_engine
-from bidir_export.cli import trt_main
+from bidir_export.cli import onnx_main, trt_main
 from bidir_export.profiles import check_profiles, parse_profile, parse_shape
 from bidir_export.tensorrt_build import precision_plan, tensorrt_missing_message
 
@@ -158,3 +158,11 @@ def test_engine_from_bf16_onnx_with_dims(exported, tmp_path):
     out, _ = exported("avg", True, "bf16")
     manifest = build_engine(out, tmp_path / "engine", precision="bf16", profiles=[PROFILE])
     assert manifest.onnx.with_dims and manifest.verification.passed
+
+
+@pytest.mark.parametrize("main", [trt_main, onnx_main], ids=["export-trt", "export-onnx"])
+def test_help_has_examples(main, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out

@@ -67,7 +67,7 @@ def onnx_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--verify-shape",
         type=_shape,
-        default=DEFAULT_VERIFY_SHAPE,
+        default="x".join(map(str, DEFAULT_VERIFY_SHAPE)),  # argparse runs string defaults through type
         metavar="BxS",
         help="largest shape verified (default %(default)s, capped at the model's max_length)",
     )
