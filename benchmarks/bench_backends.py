@@ -21,9 +21,11 @@ Each backend is first checked against torch fp32 (fp32: max |diff| <= 1e-4; othe
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -33,6 +35,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from bench_encode import busy_cores  # benchmarks/ is on sys.path when a script here runs
 
 from bidir_core.artifacts import read_manifest
 from bidir_core.encoder import BiEncoder
@@ -114,8 +117,14 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, onnxruntime {ort.__version__}, {threads} CPU threads, CUDA: {cuda or 'none'}"
     )
+    busy = busy_cores()  # on a small machine another busy process skews every figure: say so
+    if busy > 0.3:
+        print(f"warning: {busy:.1f} cores busy with other processes; timings will be skewed")
 
-    work = Path(tempfile.mkdtemp(prefix="bench-backends-"))
+    work = Path(
+        tempfile.mkdtemp(prefix="bench-backends-")
+    )  # the export, int8 model, engine: ~1 GB, removed at exit
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     onnx_dir = args.onnx
     if onnx_dir is None:
         onnx_dir = work / "onnx"
@@ -215,6 +224,8 @@ def main() -> None:
             "benchmark": "bench_backends",
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "hardware": {
+                "busy_cores_start": busy,
+                "busy_cores_end": busy_cores(),
                 "cpu_threads": threads,
                 "cuda": cuda,
                 "machine": platform.machine(),

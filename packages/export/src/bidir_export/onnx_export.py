@@ -72,11 +72,13 @@ def export_onnx(
     say = progress or (lambda _msg: None)
     _check_options(dtype, opset, verify_shape)
     source = resolve_source(checkpoint)
-    encoder = BiEncoder.from_pretrained(source).eval()  # fp32: also the PyTorch reference
-    verify_shape = (verify_shape[0], min(verify_shape[1], encoder.config.max_length))
+    # The output folder is checked (and a temporary one made next to it) before the weights are read.
     with staged_folder(out_dir, overwrite=overwrite) as tmp:
+        encoder = BiEncoder.from_pretrained(source).eval()  # fp32: also the PyTorch reference
+        verify_shape = (verify_shape[0], min(verify_shape[1], encoder.config.max_length))
         say(f"exporting {checkpoint} ({dtype}, opset {opset}{', with dimensions' if with_dims else ''})")
-        graph = EmbeddingGraph(copy.deepcopy(encoder).to(TORCH_DTYPES[dtype]), with_dims).eval()
+        exported = encoder if dtype == "fp32" else copy.deepcopy(encoder).to(TORCH_DTYPES[dtype])
+        graph = EmbeddingGraph(exported, with_dims).eval()
         _export_graph(graph, tmp / MODEL_FILE, opset)
         histogram = _check_onnx(tmp / MODEL_FILE)
         manifest = OnnxManifest(
