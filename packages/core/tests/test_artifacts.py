@@ -90,3 +90,16 @@ def test_fingerprint_follows_the_weights(tmp_path):
         next(encoder.parameters()).add_(1.0)
     encoder.save_pretrained(tmp_path / "c")
     assert checkpoint_fingerprint(tmp_path / "a") != checkpoint_fingerprint(tmp_path / "c")
+
+
+def test_fingerprint_of_a_gguf_file_follows_its_bytes(tmp_path):
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"GGUF one")
+    b.write_bytes(b"GGUF two")
+    assert checkpoint_fingerprint(a) != checkpoint_fingerprint(b)
+    b.write_bytes(b"GGUF one")
+    assert (
+        checkpoint_fingerprint(a)
+        == checkpoint_fingerprint(tmp_path / "b.gguf")
+        != checkpoint_fingerprint(tmp_path)
+    )

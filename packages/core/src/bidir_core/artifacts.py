@@ -119,15 +119,18 @@ class EngineManifest:
 
 def checkpoint_fingerprint(folder: str | Path) -> str:
     """sha256 over a checkpoint's config, bidir.json and weight files (names and bytes): equal fingerprints mean
-    the same model. Reads every weight byte once (about 1 s per GB)."""
+    the same model. Reads every weight byte once (about 1 s per GB). A .gguf file is fingerprinted by its bytes."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    names = ["config.json", "bidir.json"] + sorted(p.name for p in folder.glob("*.safetensors"))
-    for name in names:
-        path = folder / name
+    if folder.is_file():  # a .gguf source: the one file is the model, whatever its name
+        files = [(b"", folder)]
+    else:
+        names = ["config.json", "bidir.json"] + sorted(p.name for p in folder.glob("*.safetensors"))
+        files = [(name.encode() + b"\0", folder / name) for name in names]
+    for label, path in files:
         if not path.is_file():
             continue
-        digest.update(name.encode() + b"\0")
+        digest.update(label)
         with path.open("rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)

@@ -144,7 +144,7 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """x (B, T, H); mask (B, 1, 1, T) bool, True where the key is a real token."""
+        """x (B, T, H); mask (B, 1, 1 or T, T) bool, True where the key is a real token."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, N, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -222,6 +222,11 @@ class LlamaBidirectionalModel(nn.Module):
         # everything instead. Its output is never read, but NaNs must not reach the pooled batch.
         key_mask = real | ~real.any(dim=-1, keepdim=True)
         mask = key_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
+        if torch.compiler.is_exporting():
+            # (B, 1, T, T) in exported graphs: onnxruntime's Attention op (ONNX opset 23) does not broadcast the
+            # query axis of a mask. Eager PyTorch keeps the broadcast mask, which its SDPA kernels run faster.
+            T = input_ids.shape[1]
+            mask = mask.expand(-1, 1, T, T)
 
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary_emb(position_ids)

@@ -1,0 +1,327 @@
+"""ONNX export of a bidir checkpoint, verified against PyTorch (the ONNX artifact of DESIGN section 3).
+
+    export_onnx("ckpt/", "onnx/")     -> onnx/{model.onnx [+ model.onnx.data], tokenizer files, manifest.json}
+    verify_export("onnx/")            -> re-run the verification of an existing export
+
+The exporter is torch.onnx's dynamo exporter (torch.export + onnxscript): at opset >= 23 each attention becomes
+one ONNX `Attention` node and each RMSNorm one `RMSNormalization` node, which onnxruntime runs directly and
+TensorRT recognizes; at opsets 18..22 attention is spelled out as MatMul / Softmax.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bidir_core.artifacts import (
+    DTYPES,
+    MANIFEST,
+    OnnxManifest,
+    Verification,
+    checkpoint_fingerprint,
+    read_manifest,
+    write_manifest,
+)
+from bidir_core.embedded import EMBEDDED_DEFAULT
+from bidir_core.encoder import BiEncoder
+from bidir_core.errors import BidirError, one_line
+from bidir_core.sources import resolve_source
+from bidir_export.folders import staged_folder
+from bidir_export.graph import EmbeddingGraph
+from bidir_export.verification import Batch, compare, verification_batches
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_OPSET = 23  # the first opset with the fused Attention and RMSNormalization ops
+MIN_OPSET = 18  # the dynamo exporter's floor
+DEFAULT_VERIFY_SHAPE = (4, 128)
+# protobuf cannot hold a model over 2 GiB: above this many weight bytes they go to model.onnx.data.
+EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
+MODEL_FILE = "model.onnx"
+
+Progress = Callable[[str], None]
+
+
+class NotVerifiable(BidirError):
+    """The artifact cannot be run here (e.g. onnxruntime CPU has no bf16 kernels); says what would run it."""
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    with_dims: bool = False,
+    verify: bool = True,
+    verify_shape: tuple[int, int] = DEFAULT_VERIFY_SHAPE,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> OnnxManifest:
+    """Export checkpoint (anything BiEncoder.from_pretrained loads) to out_dir and verify it.
+
+    Raises BidirError for bad input or when onnxruntime disagrees with PyTorch beyond tolerance (then nothing is
+    written to out_dir). When the graph cannot run here (bf16 on onnxruntime CPU) the export is written with
+    verification None and the reason goes to progress.
+    """
+    say = progress or (lambda _msg: None)
+    _check_options(dtype, opset, verify_shape)
+    source = resolve_source(checkpoint)
+    # The output folder is checked (and a temporary one made next to it) before the weights are read.
+    with staged_folder(out_dir, overwrite=overwrite) as tmp:
+        encoder = BiEncoder.from_pretrained(source).eval()  # fp32: also the PyTorch reference
+        verify_shape = (verify_shape[0], min(verify_shape[1], encoder.config.max_length))
+        say(f"exporting {checkpoint} ({dtype}, opset {opset}{', with dimensions' if with_dims else ''})")
+        exported = encoder if dtype == "fp32" else copy.deepcopy(encoder).to(TORCH_DTYPES[dtype])
+        graph = EmbeddingGraph(exported, with_dims).eval()
+        _export_graph(graph, tmp / MODEL_FILE, opset)
+        histogram = _check_onnx(tmp / MODEL_FILE)
+        manifest = OnnxManifest(
+            encoder=encoder.config,
+            hidden_size=encoder.hidden_size,
+            dtype=dtype,
+            opset=opset,
+            source=_source_name(checkpoint, source),
+            source_fingerprint=checkpoint_fingerprint(source),
+            model_file=MODEL_FILE,
+            inputs=graph.input_names,
+            node_count=sum(histogram.values()),
+            op_histogram=histogram,
+        )
+        check_interface(tmp / MODEL_FILE, manifest)
+        encoder.tokenizer.save_pretrained(tmp)
+        if verify:
+            say(
+                f"verifying with onnxruntime against PyTorch (largest shape {verify_shape[0]}x{verify_shape[1]})"
+            )
+            try:
+                result = run_verification(
+                    tmp / MODEL_FILE, manifest, EmbeddingGraph(encoder, with_dims), verify_shape
+                )
+            except NotVerifiable as e:
+                say(f"not verified: {e}")
+            else:
+                if not result.passed:
+                    raise BidirError(f"{out_dir}: not written: {describe(result)}")
+                manifest = replace(manifest, verification=result)
+        write_manifest(tmp, manifest)
+    say(
+        f"wrote {out_dir}: {manifest.node_count} nodes"
+        + (f"; {describe(manifest.verification)}" if manifest.verification else "")
+    )
+    return manifest
+
+
+def verify_export(
+    folder: str | Path,
+    *,
+    verify_shape: tuple[int, int] = DEFAULT_VERIFY_SHAPE,
+    progress: Progress | None = None,
+) -> OnnxManifest:
+    """Re-check an existing export against its source checkpoint; the manifest gets the new result.
+
+    Raises BidirError when the folder, the graph or the source do not match the manifest, or the check fails."""
+    say = progress or (lambda _msg: None)
+    folder = Path(folder)
+    manifest = read_manifest(folder, "onnx")
+    _check_options(manifest.dtype, manifest.opset, verify_shape)
+    check_interface(folder / manifest.model_file, manifest)
+    source = resolve_source(manifest.source)
+    fingerprint = checkpoint_fingerprint(source)
+    if fingerprint != manifest.source_fingerprint:
+        raise BidirError(
+            f"{folder / MANIFEST}: source {manifest.source} has changed since the export (fingerprint "
+            f"{fingerprint[:19]}..., manifest {manifest.source_fingerprint[:19]}...); export again"
+        )
+    enc = manifest.encoder
+    encoder = BiEncoder.from_pretrained(
+        source,
+        pooling=enc.pooling,
+        normalize=enc.normalize,
+        query_prefix=enc.query_prefix,
+        passage_prefix=enc.passage_prefix,
+        max_length=enc.max_length,
+        matryoshka_dims=enc.matryoshka_dims,
+    ).eval()
+    verify_shape = (verify_shape[0], min(verify_shape[1], enc.max_length))
+    say(f"verifying {folder} with onnxruntime against PyTorch")
+    result = run_verification(
+        folder / manifest.model_file, manifest, EmbeddingGraph(encoder, manifest.with_dims), verify_shape
+    )
+    manifest = replace(manifest, verification=result)
+    write_manifest(folder, manifest)
+    if not result.passed:
+        raise BidirError(f"{folder}: verification failed: {describe(result)}")
+    say(f"{folder}: {describe(result)}")
+    return manifest
+
+
+def describe(result: Verification) -> str:
+    verdict = "passed" if result.passed else "FAILED"
+    return (
+        f"verification {verdict} ({result.tolerance}): max |diff| {result.max_abs_diff:.2e}, "
+        f"min cosine {result.min_cosine:.6f} over {len(result.shapes)} shapes on {result.runtime}"
+    )
+
+
+def _check_options(dtype: str, opset: int, verify_shape: tuple[int, int]) -> None:
+    import onnx
+
+    if dtype not in DTYPES:
+        raise BidirError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise BidirError(
+            f"opset must be an integer in {MIN_OPSET}..{newest} (onnx {onnx.__version__}), got {opset!r}"
+        )
+    if len(verify_shape) != 2 or min(verify_shape) < 1:
+        raise BidirError(f"verify shape must be (batch, seq) >= 1, got {verify_shape!r}")
+
+
+def _source_name(given: str | Path, resolved: Path) -> str:
+    """The embedded default by its name (its cache path differs per machine), any other source as an absolute path."""
+    return EMBEDDED_DEFAULT if str(given) == EMBEDDED_DEFAULT else str(resolved.absolute())
+
+
+def _export_graph(graph: EmbeddingGraph, path: Path, opset: int) -> None:
+    """torch.onnx dynamo export with named dynamic batch / sequence axes, optimized, saved to path."""
+    H = graph.encoder.hidden_size
+    # An example with padding and batch, seq > 1: torch.export specializes a dimension whose example size is 1.
+    ids = torch.full((2, 8), 3, dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    args: tuple[torch.Tensor, ...] = (ids, mask)
+    dynamic: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+    }
+    if graph.with_dims:
+        args += (torch.tensor([H, max(1, H // 2)], dtype=torch.long),)
+        dynamic["dimensions"] = {0: "batch"}
+    weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
+    with warnings.catch_warnings():
+        # "axis name batch will not be used, since it shares the same shape constraints": the names are kept.
+        warnings.filterwarnings("ignore", message=".*axis name.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside torch.export
+        try:
+            program = torch.onnx.export(
+                graph,
+                args,
+                input_names=list(graph.input_names),
+                output_names=["embeddings"],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                optimize=True,
+                verbose=False,
+                report=False,
+            )
+        except Exception as e:  # the exporter raises many types; name the step, fold to one line
+            raise BidirError(f"torch.onnx export failed ({one_line(e)[:500]})") from None
+        program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+
+
+def _check_onnx(path: Path) -> dict[str, int]:
+    """onnx.checker (full: includes strict shape inference), then shape inference written into the file.
+    Returns the op histogram of the graph."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
+    except Exception as e:
+        raise BidirError(f"{path}: the exported graph fails the ONNX checker ({one_line(e)[:500]})") from None
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(collections.Counter(node.op_type for node in model.graph.node).most_common())
+
+
+_INT64, _FLOAT = 7, 1  # onnx.TensorProto.INT64 / FLOAT
+
+
+def check_interface(path: Path, manifest: OnnxManifest) -> None:
+    """The graph's inputs and output are the ones the manifest promises (names, order, types, ranks, width)."""
+    import onnx
+
+    if not path.is_file():
+        raise BidirError(f"{path}: missing")
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:
+        raise BidirError(f"{path}: not a readable ONNX model ({one_line(e)[:300]})") from None
+
+    def describe_value(value) -> tuple[int, tuple]:
+        t = value.type.tensor_type
+        return t.elem_type, tuple(d.dim_param or d.dim_value for d in t.shape.dim)
+
+    inputs = [i.name for i in graph.input]
+    if tuple(inputs) != manifest.inputs:
+        raise BidirError(f"{path}: graph inputs {inputs} do not match the manifest's {list(manifest.inputs)}")
+    for value in graph.input:
+        elem, shape = describe_value(value)
+        rank = 1 if value.name == "dimensions" else 2
+        if elem != _INT64 or len(shape) != rank:
+            raise BidirError(
+                f"{path}: input {value.name} is not int64 of rank {rank} (type {elem}, shape {shape})"
+            )
+    outputs = [o.name for o in graph.output]
+    if outputs != [manifest.output]:
+        raise BidirError(f"{path}: graph outputs {outputs} do not match the manifest's [{manifest.output!r}]")
+    elem, shape = describe_value(graph.output[0])
+    if elem != _FLOAT or len(shape) != 2 or shape[1] not in (manifest.hidden_size, "", 0):
+        raise BidirError(
+            f"{path}: output {manifest.output} is type {elem} with shape {list(shape)}, the manifest says "
+            f"float32 (batch, {manifest.hidden_size})"
+        )
+
+
+def onnxruntime_session(path: Path):
+    """An onnxruntime session on the best provider here (CUDA when onnxruntime-gpu has it, else CPU), with all
+    graph optimizations. Raises NotVerifiable when no provider here has kernels for the graph."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:
+        message = one_line(e)
+        if "NOT_IMPLEMENTED" in message or "Could not find an implementation" in message:
+            raise NotVerifiable(
+                f"onnxruntime {ort.__version__} ({', '.join(providers)}) has no kernel for this graph "
+                f"({message[message.find('Could not') :][:160] or message[:160]}); onnxruntime CPU has no bf16 "
+                "MatMul: verify on a GPU with onnxruntime-gpu (export-onnx --verify-only) or build a TensorRT "
+                "engine (export-trt verifies the engine)"
+            ) from None
+        raise BidirError(f"{path}: onnxruntime cannot load it ({message[:300]})") from None
+    return session, f"onnxruntime {ort.__version__} {session.get_providers()[0]}"
+
+
+def run_verification(
+    path: Path, manifest: OnnxManifest, reference: EmbeddingGraph, largest: tuple[int, int]
+) -> Verification:
+    """onnxruntime on the graph at path vs the fp32 PyTorch reference on the fixed batches."""
+    session, runtime = onnxruntime_session(path)
+    dims = None
+    if manifest.with_dims:
+        H = manifest.hidden_size
+        dims = list(manifest.encoder.matryoshka_dims) or [H, max(1, H // 2), max(1, H // 4)]
+        dims = [d for d in dims if d <= H] or [H]
+    batches = verification_batches(reference.encoder.model.config.vocab_size, largest, dims)
+
+    def run_torch(batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return reference(**batch.feeds())
+
+    def run_onnx(batch: Batch) -> torch.Tensor:
+        feeds = {name: t.numpy() for name, t in batch.feeds().items()}
+        return torch.from_numpy(session.run([manifest.output], feeds)[0])
+
+    return compare(batches, run_torch, run_onnx, manifest.dtype, runtime)
