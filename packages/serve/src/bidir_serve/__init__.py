@@ -1,6 +1,11 @@
-"""bidir_serve: batch embedding with bidir models (torch, onnxruntime, TensorRT backends).
+"""bidir-serve: batch embedding with bidir models over torch, onnxruntime and TensorRT backends.
 
-Not implemented yet; see the package README.
+from bidir_serve import BatchEmbedConfig, embed_corpus, load_backend
 """
 
+from bidir_serve.backends import load_backend
+from bidir_serve.batch_embed import BatchEmbedConfig, EmbedSummary, embed_corpus
+
 __version__ = "0.1.0"
+
+__all__ = ["BatchEmbedConfig", "EmbedSummary", "embed_corpus", "load_backend"]
