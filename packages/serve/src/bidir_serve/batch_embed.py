@@ -158,17 +158,17 @@ def _prepare_output(out: Path, planned: EmbeddingsManifest, overwrite: bool) -> 
             planned.input_fingerprint,
             planned.model_fingerprint,
         )
-        if not overwrite:
-            if not same:
-                what = "model" if old.model_fingerprint != planned.model_fingerprint else "inputs or settings"
-                raise BidirError(
-                    f"{out}: holds embeddings of other {what} (fingerprint differs); "
-                    "pass --overwrite to replace them, or choose another output folder"
-                )
-            if old.complete:
-                return True
-        for path in _our_files(out):
-            path.unlink(missing_ok=True)
+        if overwrite:
+            for path in _our_files(out):
+                path.unlink(missing_ok=True)
+        elif not same:
+            what = "model" if old.model_fingerprint != planned.model_fingerprint else "inputs or settings"
+            raise BidirError(
+                f"{out}: holds embeddings of other {what} (fingerprint differs); "
+                "pass --overwrite to replace them, or choose another output folder"
+            )
+        elif old.complete:
+            return True
     elif out.is_dir() and any(out.iterdir()):
         raise BidirError(
             f"{out}: not empty and not an embeddings folder (no {MANIFEST}); choose another folder"

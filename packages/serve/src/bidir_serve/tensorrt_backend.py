@@ -14,10 +14,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bidir_core.artifacts import EngineManifest, read_manifest
+from bidir_core.artifacts import EngineManifest, Profile, read_manifest
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import load_tokenizer
 from bidir_serve.backends import check_dim, export_fingerprint, truncate
+
+
+def plan(profiles: tuple[Profile, ...], batch: int, seq: int) -> tuple[int, int]:
+    """(profile index, rows per run) for a (batch, seq) input: the first profile that fits it whole; else, among
+    the profiles that take `seq`, the one with the largest batch, the input split into runs of that many rows. A
+    `seq` below every profile's minimum takes the profile with the smallest minimum (embed pads up to it)."""
+    fitting = [i for i, p in enumerate(profiles) if p.fits(batch, seq)]
+    if fitting:
+        return fitting[0], batch
+    by_seq = [i for i, p in enumerate(profiles) if p.min[1] <= seq <= p.max[1]]
+    if not by_seq:
+        if seq > max(p.max[1] for p in profiles):
+            raise BidirError(f"sequence length {seq} is longer than every engine profile's maximum")
+        by_seq = [min(range(len(profiles)), key=lambda i: profiles[i].min[1])]
+    best = max(by_seq, key=lambda i: profiles[i].max[0])
+    return best, profiles[best].max[0]
 
 
 class TensorRTBackend:
@@ -66,21 +82,10 @@ class TensorRTBackend:
                 f"profiles stop at {self.max_seq}: rebuild it with a longer profile"
             )
 
-    def _plan(self, batch: int, seq: int) -> tuple[int, int]:
-        """(profile index, rows per run) for a (batch, seq) input."""
-        fitting = [i for i, p in enumerate(self.manifest.profiles) if p.fits(batch, seq)]
-        if fitting:
-            return fitting[0], batch
-        by_seq = [i for i, p in enumerate(self.manifest.profiles) if p.min[1] <= seq <= p.max[1]]
-        if not by_seq:  # shorter than every profile's minimum: pad up to the smallest minimum (see embed)
-            by_seq = [min(range(len(self.manifest.profiles)), key=lambda i: self.manifest.profiles[i].min[1])]
-        best = max(by_seq, key=lambda i: self.manifest.profiles[i].max[0])
-        return best, self.manifest.profiles[best].max[0]
-
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
         B, T = input_ids.shape
-        profile, rows = self._plan(B, T)
+        profile, rows = plan(self.manifest.profiles, B, T)
         min_batch, min_seq = self.manifest.profiles[profile].min
         if min_seq > T:  # pad columns are masked out, so they change nothing
             input_ids = torch.nn.functional.pad(input_ids, (0, min_seq - T))
