@@ -1,7 +1,6 @@
 """The embeddings artifact round-trips through its one reader, and bad or incomplete folders are refused."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from bidir_core import BidirError
 from bidir_core.embeddings_artifact import (
     EmbeddingsManifest,
     Shard,
+    ShardWriter,
     read_embeddings,
     read_embeddings_manifest,
     shard_name,
@@ -113,15 +113,20 @@ def test_bad_manifests(tmp_path):
             read_embeddings_manifest(tmp_path)
 
 
-def test_write_shard_is_atomic(tmp_path, monkeypatch):
-    """A shard that fails half-way leaves no part-*.parquet behind."""
-    import pyarrow.parquet as pq
-
-    def broken(table, where, **kw):
-        Path(where).write_bytes(b"PAR1 half")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(pq, "write_table", broken)
-    with pytest.raises(OSError, match="disk full"):
-        write_shard(tmp_path, 0, ["a"], np.zeros((1, 4), np.float32))
-    assert not (tmp_path / "part-00000.parquet").exists()
+def test_shard_writer_streams_blocks_and_is_atomic(tmp_path):
+    """Rows written block by block read back in order; a shard that fails half-way leaves no part-*.parquet."""
+    emb = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    with ShardWriter(tmp_path, 3, 4, "float16") as writer:
+        writer.write(["a", "b"], emb[:2])
+        assert not (tmp_path / "part-00003.parquet").exists()  # not yet complete
+        writer.write(["c", "d", "e"], emb[2:])
+    write_embeddings_manifest(tmp_path, _manifest([Shard("part-00003.parquet", 5)], dtype="float16", dim=4))
+    art = read_embeddings(tmp_path)
+    assert art.ids() == list("abcde")
+    np.testing.assert_array_equal(art.embeddings(), emb.astype(np.float16))
+    with pytest.raises(RuntimeError, match="boom"), ShardWriter(tmp_path, 4, 4, "float32") as writer:
+        writer.write(["a"], emb[:1])
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "part-00003.parquet"]
+    with pytest.raises(ValueError, match=r"embeddings must be \(1, 4\)"):
+        write_shard(tmp_path, 5, ["a"], np.zeros((2, 4), np.float32))

@@ -104,29 +104,63 @@ def write_embeddings_manifest(folder: str | Path, manifest: EmbeddingsManifest) 
     return path
 
 
-def write_shard(folder: str | Path, index: int, ids: Sequence[str], embeddings: np.ndarray) -> Path:
-    """Write shard `index` (ids, embeddings (N, D) float32 or float16) under a temp name, then rename it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class ShardWriter:
+    """Writes shard `index` a block of rows at a time (one Parquet row group each), so memory stays bounded by the
+    block whatever the shard size; the file gets its final name only in close(). Use as a context manager: leaving
+    it on an exception removes the temp file and leaves no shard."""
 
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
-        raise ValueError(f"embeddings must be ({len(ids)}, D), got {embeddings.shape}")
-    if str(embeddings.dtype) not in EMBEDDING_DTYPES:
-        raise ValueError(f"embeddings must be float32 or float16, got {embeddings.dtype}")
-    flat = pa.array(np.ascontiguousarray(embeddings).reshape(-1))
-    table = pa.table(
-        {
-            "id": pa.array(list(ids), type=pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1]),
-        }
-    )
-    path = Path(folder) / shard_name(index)
-    # One writer per shard index (ranks own disjoint shards), so a fixed temp name is enough; a stale one left by
-    # a killed job is simply overwritten.
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    def __init__(self, folder: str | Path, index: int, dim: int, dtype: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"dtype must be one of {EMBEDDING_DTYPES}, got {dtype!r}")
+        self.path = Path(folder) / shard_name(index)
+        # One writer per shard index (ranks own disjoint shards), so a fixed temp name is enough; a stale one left
+        # by a killed job is simply overwritten.
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.dim, self.dtype, self.rows = dim, np.dtype(dtype), 0
+        value = pa.from_numpy_dtype(self.dtype)
+        self.schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(value, dim))])
+        self._writer = pq.ParquetWriter(self.tmp, self.schema)
+
+    def write(self, ids: Sequence[str], embeddings: np.ndarray) -> None:
+        """Append rows: ids and their embeddings (n, dim), cast to the shard's dtype."""
+        import pyarrow as pa
+
+        if embeddings.shape != (len(ids), self.dim):
+            raise ValueError(f"embeddings must be ({len(ids)}, {self.dim}), got {embeddings.shape}")
+        flat = pa.array(np.ascontiguousarray(embeddings, dtype=self.dtype).reshape(-1))
+        columns = [pa.array(list(ids), type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, self.dim)]
+        self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+        self.rows += len(ids)
+
+    def close(self) -> Path:
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_shard(folder: str | Path, index: int, ids: Sequence[str], embeddings: np.ndarray) -> Path:
+    """Write shard `index` (ids, embeddings (N, D) float32 or float16) at once, atomically."""
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be (N, D), got {embeddings.shape}")
+    with ShardWriter(folder, index, embeddings.shape[1], str(embeddings.dtype)) as writer:
+        writer.write(ids, embeddings)
+    return writer.path
 
 
 @dataclass(frozen=True)

@@ -35,15 +35,15 @@ from bidir_core.embeddings_artifact import (
     MANIFEST,
     EmbeddingsManifest,
     Shard,
+    ShardWriter,
     read_embeddings_manifest,
     shard_name,
     write_embeddings_manifest,
-    write_shard,
 )
 from bidir_core.errors import BidirError, one_line
 from bidir_serve.backends import BACKENDS, PRECISIONS, load_backend
 from bidir_serve.inputs import input_fingerprint, iter_rows, resolve_inputs, scan
-from bidir_serve.pipeline import Batch, BatchingConfig, prefetch, shard_batches
+from bidir_serve.pipeline import Batch, BatchingConfig, WindowDone, prefetch, shard_batches
 
 PROMPTS = ("passage", "query", "none")
 
@@ -83,7 +83,7 @@ class BatchEmbedConfig:
     max_batch_size: int = 128
     """Upper bound on rows per batch."""
     window: int = 4096
-    """Rows sorted by length together; bounds memory whatever the corpus size."""
+    """Rows sorted by length together; memory is bounded by the window, whatever the corpus or shard size."""
     prefetch: int = 8
     """Batches tokenized ahead of the model (the bounded queue between the tokenizer thread and the model)."""
     overwrite: bool = False
@@ -293,27 +293,35 @@ def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
         batching,
     )
     total = sum(planned.shards[k].rows for k in todo)
-    buffers: dict[int, np.ndarray] = {}
+    writer: ShardWriter | None = None
+    window: np.ndarray | None = None  # (window rows, dim) float32: the current window's embeddings
     t0 = time.perf_counter()
-    with tqdm(total=total, disable=not cfg.progress or rank != 0, unit="row", desc="batch-embed") as bar:
+    bar = tqdm(total=total, disable=not cfg.progress or rank != 0, unit="row", desc="batch-embed")
+    try:
         for item in prefetch(items, cfg.prefetch):
             if isinstance(item, Batch):
-                buf = buffers.get(item.shard)
-                if buf is None:
-                    buf = buffers[item.shard] = np.empty(
-                        (planned.shards[item.shard].rows, backend.dim), cfg.dtype
-                    )
-                buf[item.positions] = backend.embed(item.input_ids, item.attention_mask)  # (B, dim)
+                if window is None:
+                    window = np.empty((item.window_rows, backend.dim), np.float32)
+                window[item.positions] = backend.embed(item.input_ids, item.attention_mask)  # (B, dim)
                 summary["tokens"] += item.tokens
                 summary["rows_embedded"] += len(item.positions)
                 bar.update(len(item.positions))
                 bar.set_postfix_str(
                     f"{summary['tokens'] / (time.perf_counter() - t0):.0f} tokens/s", refresh=False
                 )
-            else:
-                write_shard(out, item.shard, item.ids, buffers.pop(item.shard))
+            elif isinstance(item, WindowDone):
+                writer = writer or ShardWriter(out, item.shard, backend.dim, cfg.dtype)
+                writer.write(item.ids, window)  # the window's rows, back in input order
                 summary["truncated"] += item.truncated
+                window = None
+            else:
+                writer.close()  # the shard appears under its final name only now
+                writer = None
                 summary["shards_written"] += 1
+    finally:
+        bar.close()
+        if writer is not None:  # failed or interrupted mid-shard: no partial shard is left behind
+            writer.abort()
     if summary["truncated"]:
         warnings.warn(
             f"{summary['truncated']} rows were longer than max_length={backend.config.max_length} tokens "

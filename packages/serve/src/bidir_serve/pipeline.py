@@ -3,11 +3,13 @@
 Rows are cut into shards (shard k = rows [k * shard_size, (k + 1) * shard_size) of the input, so a shard's content
 does not depend on how many processes run or which shards were already done). Within a shard, rows are taken in
 windows of `window` rows; each window is tokenized, sorted by token length and grouped into token-budget batches by
-bidir_core.batching, so padding stays small while memory stays bounded by the window, whatever the corpus size. Each
-batch carries its rows' positions inside the shard, which is how the consumer restores input order.
+bidir_core.batching, so padding stays small while memory stays bounded by the window, whatever the corpus or shard
+size. Each batch carries its rows' positions inside the window, which is how the consumer restores input order; a
+WindowDone follows a window's last batch (its rows can then be appended to the shard in order), and a ShardDone
+follows a shard's last window.
 
-The producer thread puts Batch and ShardDone items on a bounded queue (at most `prefetch` batches ahead), then None;
-a failure in the producer is put on the queue as the exception, and re-raised by the consumer.
+The producer thread puts these items on a bounded queue (at most `prefetch` items ahead), then None; a failure in
+the producer is put on the queue as the exception, and re-raised by the consumer.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from bidir_serve.inputs import Row
 @dataclass(frozen=True)
 class Batch:
     shard: int
+    window_rows: int
+    """Rows in this batch's window."""
     positions: list[int]
-    """Row index inside the shard of each batch row."""
+    """Row index inside the window of each batch row."""
     input_ids: torch.Tensor
     """(B, T) int64, right-padded; pinned when the backend copies to a GPU."""
     attention_mask: torch.Tensor
@@ -38,12 +42,17 @@ class Batch:
 
 
 @dataclass(frozen=True)
-class ShardDone:
+class WindowDone:
     shard: int
     ids: list[str]
-    """The shard's ids in input order."""
+    """The window's ids in input order (the next rows of the shard)."""
     truncated: int
-    """Rows of the shard cut to max_length."""
+    """Rows of the window cut to max_length."""
+
+
+@dataclass(frozen=True)
+class ShardDone:
+    shard: int
 
 
 @dataclass(frozen=True)
@@ -70,21 +79,19 @@ def shard_batches(
     tokenizer,
     prefix: str,
     cfg: BatchingConfig,
-) -> Iterator[Batch | ShardDone]:
-    """Batches of the shards in `todo`, each shard followed by its ShardDone; other shards' rows are skipped."""
-    shard, ids, window, truncated = -1, [], [], 0
+) -> Iterator[Batch | WindowDone | ShardDone]:
+    """Batches of the shards in `todo`, window by window; other shards' rows are skipped."""
+    shard, window = -1, []  # window: (id, text) rows
 
-    def flush() -> Iterator[Batch]:
-        nonlocal truncated
+    def flush() -> Iterator[Batch | WindowDone]:
         token_ids, n_cut = tokenize(tokenizer, [prefix + text for _, text in window], cfg.max_length)
-        truncated += n_cut
         lengths = [len(t) for t in token_ids]
         for batch in length_sorted_batches(lengths, cfg.max_batch_size, cfg.max_batch_tokens):
-            input_ids, mask = pad_batch([token_ids[i] for i in batch], cfg.pad_id)
+            input_ids, mask = pad_batch([token_ids[i] for i in batch], cfg.pad_id)  # (B, T) each
             if cfg.pin_memory:
                 input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
-            positions = [window[i][0] for i in batch]
-            yield Batch(shard, positions, input_ids, mask, sum(lengths[i] for i in batch))
+            yield Batch(shard, len(window), batch, input_ids, mask, sum(lengths[i] for i in batch))
+        yield WindowDone(shard, [row_id for row_id, _ in window], n_cut)
         window.clear()
 
     for n, row in enumerate(rows):
@@ -93,18 +100,17 @@ def shard_batches(
             if window:
                 yield from flush()
             if shard in todo:
-                yield ShardDone(shard, ids, truncated)
-            shard, ids, truncated = k, [], 0
+                yield ShardDone(shard)
+            shard = k
         if k not in todo:
             continue
-        window.append((len(ids), row.text))
-        ids.append(row.id)
+        window.append((row.id, row.text))
         if len(window) == cfg.window:
             yield from flush()
     if window:
         yield from flush()
     if shard in todo:
-        yield ShardDone(shard, ids, truncated)
+        yield ShardDone(shard)
 
 
 def prefetch(items: Iterator, depth: int) -> Iterator:
