@@ -264,9 +264,18 @@ def test_torchrun_two_processes_equal_one(checkpoint, make_texts, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += ["-m", "bidir_serve.batch_embed", "--model", str(checkpoint), "--input", str(inp)]
     cmd += ["--output", str(tmp_path / "two"), "--shard-size", "4", "--no-progress"]
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("batch-embed: ") == 2  # one summary line per rank
+    # A session of its own, so a hung run can be killed with its workers (torchrun's children outlive it otherwise).
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("batch-embed: ") == 2  # one summary line per rank
     one, two = read_embeddings(tmp_path / "one"), read_embeddings(tmp_path / "two")
     assert two.manifest.complete and two.ids() == one.ids()
     np.testing.assert_allclose(two.embeddings(), one.embeddings(), atol=ATOL, rtol=0)
