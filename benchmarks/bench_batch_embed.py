@@ -119,6 +119,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=5000, help="texts for the throughput runs (default 5000)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dtype", choices=tuple(PRECISION), default="fp32")
+    ap.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=BatchEmbedConfig("", "", "").max_batch_tokens,
+        help="batch-embed's padded-token budget per batch (default: the library's)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side; medians are reported")
     ap.add_argument("--memory-rows", default="10000,50000", help="comma-separated row counts ('' to skip)")
     ap.add_argument(
@@ -171,6 +177,7 @@ def main() -> None:
             precision=args.dtype,
             device="cpu",
             max_batch_size=args.batch_size,
+            max_batch_tokens=args.max_batch_tokens,
             overwrite=True,
             progress=False,
         )
@@ -244,6 +251,7 @@ def main() -> None:
                 "texts": len(texts),
                 "tokens": tokens,
                 "batch_size": args.batch_size,
+                "max_batch_tokens": args.max_batch_tokens,
                 "dtype": args.dtype,
             },
             "seconds": times,
