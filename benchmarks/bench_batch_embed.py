@@ -103,7 +103,10 @@ with tempfile.TemporaryDirectory() as tmp:
     s = embed_corpus(BatchEmbedConfig({model!r}, str(inp), str(Path(tmp) / "out"), prompt="none",
         precision={dtype!r}, device="cpu", max_batch_size={batch_size}, progress=False))
     assert s.complete and s.rows_embedded == {rows}
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM (this process's peak resident set), not ru_maxrss: Linux carries ru_maxrss over from the parent across
+# fork + exec, so it would report the benchmark's own peak.
+status = Path("/proc/self/status").read_text()
+print(int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -111,58 +114,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--model", default="smollm2-135m", help="a bidir checkpoint folder (default: the embedded one)"
-    )
-    ap.add_argument("--limit", type=int, default=5000, help="texts for the throughput runs (default 5000)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--dtype", choices=tuple(PRECISION), default="fp32")
-    ap.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=BatchEmbedConfig("", "", "").max_batch_tokens,
-        help="batch-embed's padded-token budget per batch (default: the library's)",
-    )
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side; medians are reported")
-    ap.add_argument("--memory-rows", default="10000,50000", help="comma-separated row counts ('' to skip)")
-    ap.add_argument(
-        "--memory-model", default="tiny", help="'tiny' (random tiny Llama) or a model for the memory runs"
-    )
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
-    ap.add_argument("--json", type=Path, default=None, help="append one JSON line with all figures")
-    args = ap.parse_args()
-    if min(args.limit, args.batch_size, args.repeats) < 1:
-        sys.exit("bench_batch_embed: --limit, --batch-size and --repeats must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def bench_throughput(args, ckpt: Path, texts: list[str], tokens: int, tmp: Path):
+    """Interleaved timed runs of both sides; returns (seconds, medians, ratio, check)."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers import __version__ as st_version
-
-    try:
-        ckpt = resolve_source(args.model)
-    except BidirError as e:
-        sys.exit(f"bench_batch_embed: {e}")
-    print(
-        f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads; torch "
-        f"{torch.__version__}, sentence-transformers {st_version}; model {ckpt}, {args.dtype}, batch {args.batch_size}"
-    )
-    if torch.cuda.is_available():
-        print("note: CUDA is present but this benchmark measures on CPU")
-
-    texts = load_texts(args.limit)
-    tokenizer = load_tokenizer(ckpt)
-    ids, n_cut = tokenize(tokenizer, texts, 512)
-    tokens = sum(len(r) for r in ids)
-    lengths = sorted(len(r) for r in ids)
-    print(
-        f"{len(texts)} texts, {tokens} tokens (median {lengths[len(lengths) // 2]}, max {lengths[-1]}, "
-        f"{n_cut} truncated to 512)"
-    )
 
     st = SentenceTransformer(str(ckpt), device="cpu", model_kwargs={"dtype": PRECISION[args.dtype]})
-    tmp = Path(tempfile.mkdtemp(prefix="bench_batch_embed."))
     inp = write_jsonl(tmp / "in.jsonl", texts)
 
     def run_st():
@@ -219,7 +175,12 @@ def main() -> None:
     ratio = med["sentence-transformers"] / med["batch-embed"]
     print(f"speed ratio batch-embed / sentence-transformers: {ratio:.2f}x (target >= 1.5x)")
 
-    memory = {}
+    return times, med, ratio, check
+
+
+def bench_memory(args, texts: list[str], tmp: Path) -> dict[int, float]:
+    """Peak RSS of batch-embed in a fresh process per row count."""
+    memory: dict[int, float] = {}
     rows_list = [int(x) for x in args.memory_rows.split(",") if x.strip()]
     if rows_list:
         mem_model = args.memory_model
@@ -241,6 +202,65 @@ def main() -> None:
         if len(memory) > 1:
             lo, hi = memory[rows_list[0]], memory[rows_list[-1]]
             print(f"peak RSS {rows_list[-1]} vs {rows_list[0]} rows: {hi / lo:.3f}x ({hi - lo:+.0f} MiB)")
+    return memory
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--model", default="smollm2-135m", help="a bidir checkpoint folder (default: the embedded one)"
+    )
+    ap.add_argument("--limit", type=int, default=5000, help="texts for the throughput runs (default 5000)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--dtype", choices=tuple(PRECISION), default="fp32")
+    ap.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=BatchEmbedConfig("", "", "").max_batch_tokens,
+        help="batch-embed's padded-token budget per batch (default: the library's)",
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side; medians are reported")
+    ap.add_argument("--memory-rows", default="10000,50000", help="comma-separated row counts ('' to skip)")
+    ap.add_argument(
+        "--memory-model", default="tiny", help="'tiny' (random tiny Llama) or a model for the memory runs"
+    )
+    ap.add_argument("--only", choices=("throughput", "memory"), help="run one part only")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    ap.add_argument("--json", type=Path, default=None, help="append one JSON line with all figures")
+    args = ap.parse_args()
+    if min(args.limit, args.batch_size, args.repeats) < 1:
+        sys.exit("bench_batch_embed: --limit, --batch-size and --repeats must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from sentence_transformers import __version__ as st_version
+
+    try:
+        ckpt = resolve_source(args.model)
+    except BidirError as e:
+        sys.exit(f"bench_batch_embed: {e}")
+    print(
+        f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads; torch "
+        f"{torch.__version__}, sentence-transformers {st_version}; model {ckpt}, {args.dtype}, batch {args.batch_size}"
+    )
+    if torch.cuda.is_available():
+        print("note: CUDA is present but this benchmark measures on CPU")
+
+    texts = load_texts(args.limit)
+    tokenizer = load_tokenizer(ckpt)
+    ids, n_cut = tokenize(tokenizer, texts, 512)
+    tokens = sum(len(r) for r in ids)
+    lengths = sorted(len(r) for r in ids)
+    print(
+        f"{len(texts)} texts, {tokens} tokens (median {lengths[len(lengths) // 2]}, max {lengths[-1]}, "
+        f"{n_cut} truncated to 512)"
+    )
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_batch_embed."))
+    times, med, ratio, check, memory = {}, None, None, {}, {}
+    if args.only != "memory":
+        times, med, ratio, check = bench_throughput(args, ckpt, texts, tokens, tmp)
+    if args.only != "throughput":
+        memory = bench_memory(args, texts, tmp)
     if args.json:
         record = {
             "benchmark": "bench_batch_embed",
