@@ -32,6 +32,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -261,6 +262,7 @@ def main() -> None:
         times, med, ratio, check = bench_throughput(args, ckpt, texts, tokens, tmp)
     if args.only != "throughput":
         memory = bench_memory(args, texts, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         record = {
             "benchmark": "bench_batch_embed",
