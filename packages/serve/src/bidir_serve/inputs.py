@@ -1,0 +1,193 @@
+"""Reading the rows (id, text) to embed from JSONL, Parquet or plain-text files, with one-line errors.
+
+Formats, chosen by file suffix:
+
+- `.jsonl` / `.json` / `.ndjson`: one JSON object per line; `id_field` (a string or an integer) and `text_field`
+  (a string). Blank lines are not rows and are passed over.
+- `.parquet`: columns `id_field` (string or integer) and `text_field` (string), read one record batch at a time.
+- anything else: plain text, one document per line (the line's end, \\n or \\r\\n, removed). The id is the
+  1-based line number; when a glob matches several text files, the id is `<file name>:<line number>` so ids stay
+  unique across files.
+
+Empty texts are an error (naming file and line), as in text-embeddings-inference: an empty document has no meaning to
+embed, and silently embedding only the prompt prefix would give every empty row the same vector.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bidir_core.errors import BidirError, one_line
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One document to embed."""
+
+    id: str
+    text: str
+    where: str
+    """file:line (or file row N for Parquet), for error messages."""
+
+
+def resolve_inputs(path_or_glob: str | Path) -> list[Path]:
+    """The files a path or glob names, sorted (the row order of the job follows it)."""
+    text = str(path_or_glob)
+    if glob.has_magic(text):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise BidirError(f"{text}: the glob matches no files")
+        return files
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise BidirError(f"{path}: no such file")
+    return [path]
+
+
+def input_fingerprint(files: list[Path]) -> tuple[str, list[dict]]:
+    """sha256 over each file's absolute path, size and modification time: a changed input changes it."""
+    described = []
+    for path in files:
+        st = path.stat()
+        described.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    return "sha256:" + digest, described
+
+
+def iter_rows(files: list[Path], id_field: str = "id", text_field: str = "text") -> Iterator[Row]:
+    """Every row of every file, in file order then line order."""
+    several_text_files = sum(_format(p) == "text" for p in files) > 1
+    for path in files:
+        fmt = _format(path)
+        if fmt == "jsonl":
+            yield from _jsonl_rows(path, id_field, text_field)
+        elif fmt == "parquet":
+            yield from _parquet_rows(path, id_field, text_field)
+        else:
+            yield from _text_rows(path, path.name + ":" if several_text_files else "")
+
+
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return "jsonl" if suffix in JSONL_SUFFIXES else "parquet" if suffix in PARQUET_SUFFIXES else "text"
+
+
+def _check_text(text: str, where: str) -> str:
+    if not text.strip():
+        raise BidirError(f"{where}: empty text (every row needs a non-empty text to embed)")
+    return text
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BidirError(f"{where}: invalid UTF-8 at byte {e.start}") from None
+
+
+def _jsonl_rows(path: Path, id_field: str, text_field: str) -> Iterator[Row]:
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            where = f"{path}:{n}"
+            line = _decode(raw, where)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BidirError(f"{where}: not valid JSON ({one_line(e)})") from None
+            if not isinstance(obj, dict):
+                raise BidirError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for field in (id_field, text_field):
+                if field not in obj:
+                    raise BidirError(
+                        f"{where}: no {field!r} field (fields: {', '.join(map(repr, obj)) or 'none'})"
+                    )
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise BidirError(f"{where}: {text_field!r} is a {type(text).__name__}, not a string")
+            yield Row(_id(obj[id_field], id_field, where), _check_text(text, where), where)
+
+
+def _id(value, id_field: str, where: str) -> str:
+    # Integer ids are common (BEIR corpora, database keys); they are stored as their decimal string.
+    if isinstance(value, str):
+        if not value:
+            raise BidirError(f"{where}: empty {id_field!r}")
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise BidirError(f"{where}: {id_field!r} is a {type(value).__name__}, not a string or integer")
+
+
+def _parquet_rows(path: Path, id_field: str, text_field: str) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        raise BidirError(f"{path}: not a readable Parquet file ({one_line(e)})") from None
+    for field, ok in (
+        (id_field, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)),
+        (text_field, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+    ):
+        if field not in schema.names:
+            raise BidirError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)})")
+        if not ok(schema.field(field).type):
+            kind = "string or integer" if field == id_field else "string"
+            raise BidirError(f"{path}: column {field!r} is {schema.field(field).type}, not a {kind}")
+    row = 0
+    try:
+        batches = pf.iter_batches(batch_size=4096, columns=[id_field, text_field])
+        for batch in batches:
+            ids = batch.column(0).to_pylist()
+            texts = batch.column(1).to_pylist()
+            for id_, text in zip(ids, texts, strict=True):
+                row += 1
+                where = f"{path} row {row}"
+                if id_ is None or text is None:
+                    raise BidirError(f"{where}: {(id_field if id_ is None else text_field)!r} is null")
+                yield Row(_id(id_, id_field, where), _check_text(text, where), where)
+    except pa.ArrowException as e:  # e.g. a string column holding invalid UTF-8
+        raise BidirError(f"{path} after row {row}: cannot read ({one_line(e)})") from None
+
+
+def _text_rows(path: Path, id_prefix: str) -> Iterator[Row]:
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            where = f"{path}:{n}"
+            text = _decode(raw, where).removesuffix("\n").removesuffix("\r")
+            yield Row(f"{id_prefix}{n}", _check_text(text, where), where)
+
+
+def scan(files: list[Path], id_field: str, text_field: str) -> int:
+    """Read every row once before any work: bad rows and duplicate ids are reported now, not hours into a job.
+    Returns the number of rows."""
+    seen: set[str] = set()
+    duplicates: list[Row] = []
+    n = 0
+    for row in iter_rows(files, id_field, text_field):
+        n += 1
+        if row.id in seen:
+            duplicates.append(row)
+        else:
+            seen.add(row.id)
+    if duplicates:
+        first = duplicates[0]
+        raise BidirError(
+            f"{len(duplicates)} duplicate id(s) in the input, the first {first.id!r} again at {first.where} "
+            "(every id must be unique)"
+        )
+    if n == 0:
+        raise BidirError(f"{files[0] if len(files) == 1 else 'the inputs'}: no rows to embed")
+    return n

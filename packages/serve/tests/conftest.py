@@ -1,0 +1,139 @@
+"""Shared fixtures: an isolated model cache, tiny checkpoints, an ONNX export of one, and a corpus of varied length."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from bidir_core.artifacts import OnnxManifest, checkpoint_fingerprint, write_manifest
+from bidir_core.checkpoint import EncoderConfig
+from bidir_core.testing import tiny_encoder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Imports of the embedded default go to a per-run cache, never to the user's ~/.cache/bidir."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BIDIR_CACHE", str(tmp_path_factory.mktemp("bidir-cache")))
+    yield
+    mp.undo()
+
+
+def pytest_collection_modifyitems(config, items):
+    from bidir_core.testing import skip_missing_hardware
+
+    skip_missing_hardware(items)
+
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "embeddings",
+    "search",
+    "dense",
+    "passages",
+    "at",
+    "night",
+]
+
+
+def _make_texts(n: int, seed: int = 0, max_words: int = 40) -> list[str]:
+    """n texts of 1..max_words words in shuffled (not sorted) length order."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(1, max_words))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def make_texts():
+    return _make_texts
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The tiny encoder (max_length 48, so the longest texts get truncated)."""
+    return tiny_encoder(EncoderConfig(max_length=48)).eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(encoder, tmp_path_factory):
+    return encoder.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def texts():
+    return _make_texts(60)
+
+
+class _Exportable(torch.nn.Module):
+    """The encoder as an export graph: (input_ids, attention_mask[, dimensions]) -> embeddings (B, H) float32.
+    With `dimensions` (B,), entries past each row's dimension are zeroed before normalization (per-row Matryoshka)."""
+
+    def __init__(self, encoder, with_dims: bool):
+        super().__init__()
+        self.encoder, self.with_dims = encoder, with_dims
+
+    def forward(self, input_ids, attention_mask, dimensions=None):
+        emb = self.encoder(input_ids, attention_mask, normalize=False)  # (B, H)
+        if self.with_dims:
+            keep = torch.arange(emb.shape[1], device=emb.device)[None, :] < dimensions[:, None]  # (B, H)
+            emb = emb * keep
+        if self.encoder.config.normalize:
+            emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
+        return emb
+
+
+@pytest.fixture(scope="session")
+def onnx_export(encoder, checkpoint, tmp_path_factory):
+    """onnx_export(with_dims) -> an ONNX export folder of the tiny encoder (a minimal stand-in for export-onnx,
+    which bidir-serve must not import; the real exporter is tested in bidir-export and the integration tests)."""
+    from torch.export import Dim
+
+    made = {}
+
+    def make(with_dims: bool = False):
+        if with_dims in made:
+            return made[with_dims]
+        folder = tmp_path_factory.mktemp("onnx-dims" if with_dims else "onnx")
+        ids = torch.randint(3, 300, (2, 8))
+        args = (ids, torch.ones_like(ids)) + ((torch.tensor([64, 16]),) if with_dims else ())
+        names = ["input_ids", "attention_mask"] + ["dimensions"] * with_dims
+        dyn = {
+            "input_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC},
+            "attention_mask": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC},
+        }
+        if with_dims:
+            dyn["dimensions"] = {0: Dim.DYNAMIC}
+        torch.onnx.export(
+            _Exportable(encoder, with_dims).eval(),
+            args,
+            str(folder / "model.onnx"),
+            input_names=names,
+            output_names=["embeddings"],
+            dynamic_shapes=dyn,
+            external_data=False,
+        )
+        encoder.tokenizer.save_pretrained(folder)
+        manifest = OnnxManifest(
+            encoder=encoder.config,
+            hidden_size=encoder.hidden_size,
+            dtype="fp32",
+            opset=18,
+            source=str(checkpoint),
+            source_fingerprint=checkpoint_fingerprint(checkpoint),
+            inputs=tuple(names),
+        )
+        write_manifest(folder, manifest)
+        made[with_dims] = folder
+        return folder
+
+    return make

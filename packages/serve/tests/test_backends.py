@@ -1,0 +1,106 @@
+"""The torch and onnxruntime backends give BiEncoder.encode's embeddings; auto picks by artifact.
+
+Tolerance 1e-4: both run the same fp32 model on CPU; onnxruntime fuses and reorders ops (differences ~1e-6), and
+anything near 1e-4 would mean a wrong pooling, mask or normalization rather than rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bidir_core import BidirError
+from bidir_core.batching import pad_batch
+from bidir_core.tokenization import tokenize
+from bidir_serve.backends import load_backend, model_kind
+
+ATOL = 1e-4
+
+
+def _embed_all(backend, texts, batch_size=7):
+    ids, _ = tokenize(backend.tokenizer, texts, backend.config.max_length)
+    out = []
+    for i in range(0, len(ids), batch_size):  # input order: rows of very different lengths share a batch
+        input_ids, mask = pad_batch(ids[i : i + batch_size], backend.tokenizer.pad_token_id)
+        emb = backend.embed(input_ids, mask)
+        assert isinstance(emb, np.ndarray) and emb.dtype == np.float32 and emb.shape[0] == len(input_ids)
+        out.append(emb)
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("dim", [None, 16])
+def test_torch_backend_matches_encode(checkpoint, encoder, texts, dim):
+    backend = load_backend(checkpoint, "torch", dim=dim, device="cpu")
+    assert backend.name == "torch" and backend.precision == "fp32" and backend.dim == (dim or 64)
+    with pytest.warns(UserWarning, match="truncated"):
+        expected = encoder.encode(texts, dim=dim)
+    np.testing.assert_allclose(_embed_all(backend, texts), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("with_dims", [False, True])
+@pytest.mark.parametrize("dim", [None, 16])
+def test_onnxruntime_backend_matches_encode(onnx_export, encoder, texts, with_dims, dim):
+    folder = onnx_export(with_dims)
+    backend = load_backend(folder, "onnxruntime", dim=dim, device="cpu")
+    assert backend.name == "onnxruntime" and backend.dim == (dim or 64)
+    with pytest.warns(UserWarning, match="truncated"):
+        expected = encoder.encode(texts, dim=dim)
+    got = _embed_all(backend, texts)
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_auto_rule(checkpoint, onnx_export):
+    assert model_kind(checkpoint).kind == "checkpoint"
+    assert load_backend(checkpoint).name == "torch"
+    assert load_backend(onnx_export(False)).name == "onnxruntime"
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    auto = load_backend(checkpoint)
+    assert auto.device.type == expected_device
+    assert auto.precision == ("bf16" if expected_device == "cuda" else "fp32")
+
+
+def test_backend_artifact_mismatch(checkpoint, onnx_export):
+    with pytest.raises(
+        BidirError, match="the torch backend needs a checkpoint, this is an ONNX export folder"
+    ):
+        load_backend(onnx_export(False), "torch")
+    with pytest.raises(
+        BidirError, match="the onnxruntime backend needs an ONNX export folder, this is a checkpoint"
+    ):
+        load_backend(checkpoint, "onnxruntime")
+    with pytest.raises(BidirError, match="dim=65 is larger than the model's embedding size 64"):
+        load_backend(checkpoint, "torch", dim=65)
+    with pytest.raises(BidirError, match="backend must be one of"):
+        load_backend(checkpoint, "tflite")
+
+
+@pytest.mark.gpu
+def test_torch_backend_cuda(checkpoint, encoder, texts, tmp_path):
+    """On CUDA: fp32 equals the CPU encoder (1e-4: different kernels, same math); the default bf16 stays within
+    cosine 0.99 (bf16 keeps ~3 significant digits); batch-embed's pinned, non-blocking path gives the same rows."""
+    import json
+
+    from bidir_core.embeddings_artifact import read_embeddings
+    from bidir_serve.batch_embed import BatchEmbedConfig, embed_corpus
+
+    with pytest.warns(UserWarning, match="truncated"):
+        expected = encoder.encode(texts)
+    fp32 = load_backend(checkpoint, "torch", device="cuda", precision="fp32")
+    assert fp32.pin_memory
+    np.testing.assert_allclose(_embed_all(fp32, texts), expected, atol=ATOL, rtol=0)
+    bf16 = load_backend(checkpoint, device="cuda")
+    assert bf16.precision == "bf16"
+    got = _embed_all(bf16, texts)
+    assert (np.sum(got * expected, axis=1) >= 0.99).all()
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    with pytest.warns(UserWarning, match="truncated"):
+        cfg = BatchEmbedConfig(
+            str(checkpoint), str(inp), str(tmp_path / "out"), device="cuda", precision="fp32"
+        )
+        embed_corpus(cfg)
+    with pytest.warns(UserWarning, match="truncated"):
+        docs = encoder.encode_documents(texts)
+    np.testing.assert_allclose(read_embeddings(tmp_path / "out").embeddings(), docs, atol=ATOL, rtol=0)
