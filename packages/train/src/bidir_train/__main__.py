@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from bidir_core.errors import BidirError, one_line
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
         train(load_recipe(args.config, args.overrides))
     except BidirError as e:
-        print(f"bidir_train: error: {one_line(e)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops with the same error; one says it
+            print(f"bidir_train: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -141,8 +141,8 @@ class EvalConfig:
 
     dev: str | None = "stdlib-docstrings"
     """BEIR folder or "stdlib-docstrings" (dev split); None: no evaluation."""
-    split: str = "dev"
-    """qrels split of a BEIR folder."""
+    split: str = "test"
+    """qrels split of a BEIR folder (stdlib-docstrings has one: dev, which "test" also names)."""
     every_steps: int = 0
     """Evaluate every N steps (0: only before training and at the end)."""
     before_training: bool = True

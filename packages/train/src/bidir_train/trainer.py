@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,6 +41,7 @@ from bidir_core.checkpoint import EncoderConfig, write_checkpoint
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError, one_line
 from bidir_core.model import LlamaBidirectionalModel
+from bidir_core.pooling import pool
 from bidir_core.sources import load_model_weights, resolve_source
 from bidir_core.tokenization import load_tokenizer
 from bidir_train.config import TrainConfig
@@ -54,7 +56,7 @@ CHECKPOINTS = "checkpoints"
 # ----------------------------------------------------------------------------------------------- distributed
 
 
-def _init_distributed() -> tuple[bool, torch.device]:
+def init_distributed() -> tuple[bool, torch.device]:
     """Join torchrun's process group (env:// from RANK, WORLD_SIZE, MASTER_ADDR...), or make a one-process group
     when started plainly. NCCL on GPU, gloo on CPU. Returns (whether this call created the group, device)."""
     cuda = torch.cuda.is_available()
@@ -99,7 +101,30 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
 # -------------------------------------------------------------------------------------------------- the model
 
 
-def _load_model(cfg: TrainConfig, device: torch.device) -> BiEncoder:
+class TrainingEncoder(BiEncoder):
+    """The BiEncoder being trained. Two differences from BiEncoder: the decoder stack runs under `autocast` (bf16
+    on CPU; pooling and the loss stay fp32), and encode() runs under no_grad instead of inference_mode, because
+    FSDP2 cannot unshard parameters into inference-mode tensors and in-loop evaluation encodes with the sharded
+    model."""
+
+    autocast = staticmethod(contextlib.nullcontext)
+
+    def forward(self, input_ids, attention_mask, dim=None, normalize=None):
+        with self.autocast():
+            hidden = self.model(input_ids, attention_mask)  # (B, T, H)
+        emb = pool(hidden.float(), attention_mask, self.config.pooling)  # (B, H) fp32
+        if dim is not None:
+            emb = emb[:, : self._check_dim(dim)]
+        return (
+            F.normalize(emb, dim=-1) if (self.config.normalize if normalize is None else normalize) else emb
+        )
+
+    def encode(self, *args, **kwargs):
+        with torch.no_grad():
+            return BiEncoder.encode.__wrapped__(self, *args, **kwargs)  # the undecorated encode
+
+
+def load_encoder(cfg: TrainConfig, device: torch.device) -> TrainingEncoder:
     """Meta-device model, sharded; rank 0 reads the weights and broadcasts them into every rank's shards."""
     rank = dist.get_rank()
     _agreed(resolve_source, cfg.model.path, run=rank == 0)  # rank 0 imports an embedded default first, once
@@ -126,7 +151,10 @@ def _load_model(cfg: TrainConfig, device: torch.device) -> BiEncoder:
         matryoshka_dims=cfg.loss.matryoshka_dims,
         max_length=cfg.model.passage_max_length,
     )
-    return BiEncoder(model, tokenizer, encoder_config).train()
+    encoder = TrainingEncoder(model, tokenizer, encoder_config)
+    if cfg.model.precision == "bf16" and device.type == "cpu":  # on GPU, FSDP's MixedPrecisionPolicy casts
+        encoder.autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    return encoder.train()
 
 
 def _save_final(encoder: BiEncoder, target: Path) -> None:
@@ -236,14 +264,18 @@ class _Metrics:
                 f.write(json.dumps(row) + "\n")
 
 
-def _evaluate(encoder, dev, cfg: TrainConfig, autocast) -> dict[str, float]:
+def _evaluate(encoder, dev, cfg: TrainConfig) -> dict[str, float]:
     from bidir_core.evaluation import evaluate_retrieval
 
-    encoder.eval()
-    with torch.no_grad(), autocast():
-        scores = evaluate_retrieval(encoder, dev, batch_size=cfg.eval.batch_size)
-    encoder.train()
-    return {f"dev/{k}": float(v) for k, v in scores.items()}
+    t0 = time.perf_counter()
+    scores = evaluate_retrieval(encoder, dev, batch_size=cfg.eval.batch_size)
+    out = {f"dev/{k}": float(v) for k, v in scores.items()}
+    if dist.get_rank() == 0:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in out.items())
+        tqdm.write(
+            f"dev ({len(dev.queries)} queries, {len(dev.corpus)} docs, {time.perf_counter() - t0:.0f}s): {shown}"
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -251,7 +283,7 @@ def _evaluate(encoder, dev, cfg: TrainConfig, autocast) -> dict[str, float]:
 
 def train(cfg: TrainConfig) -> dict:
     """Run the training `cfg` describes; returns a summary (steps, final loss, dev metrics, paths)."""
-    created, device = _init_distributed()
+    created, device = init_distributed()
     try:
         return _train(cfg, device)
     finally:
@@ -275,6 +307,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     examples = _agreed(
         lambda: list(itertools.islice(read_training_examples(cfg.data.train), cfg.data.max_examples))
     )
+    if not examples:
+        raise BidirError(f"{cfg.data.train}: no training examples")
     if world > len(examples):
         raise BidirError(
             f"{cfg.data.train}: {len(examples)} examples for {world} ranks: more ranks than rows"
@@ -292,7 +326,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     total = sched.max_steps or sched.epochs * sampler.steps_per_epoch
     dev = _agreed(load_retrieval, cfg.eval.dev, cfg.eval.split) if cfg.eval.dev else None
 
-    encoder = _load_model(cfg, device)
+    encoder = load_encoder(cfg, device)
     collate = Collator(
         encoder.tokenizer,
         query_prefix=cfg.model.query_prefix,
@@ -324,16 +358,13 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         (output_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     metrics = _Metrics(output_dir / "metrics.jsonl", resumed)
 
-    bf16_cpu = cfg.model.precision == "bf16" and device.type == "cpu"
-    autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16_cpu else contextlib.nullcontext
     dev_scores: dict[int, dict] = {}
     if dev is not None and cfg.eval.before_training and step == 0:
-        dev_scores[0] = _evaluate(encoder, dev, cfg, autocast)
+        dev_scores[0] = _evaluate(encoder, dev, cfg)
         metrics.write({"step": 0, **dev_scores[0]})
 
     def embed(ids, mask):
-        with autocast():
-            return encoder(ids.to(device), mask.to(device), normalize=False)
+        return encoder(ids.to(device), mask.to(device), normalize=False)
 
     loss_fn = partial(
         _batch_loss,
@@ -396,9 +427,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
 
         at_end = step == total
         if dev is not None and (at_end or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
-            dev_scores[step] = _evaluate(encoder, dev, cfg, autocast)
+            dev_scores[step] = _evaluate(encoder, dev, cfg)
             metrics.write({"step": step, **dev_scores[step]})
-            progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in dev_scores[step].items()))
         periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
         if not at_end and (periodic or step == stop):  # a stop_at_step stop always leaves a checkpoint
             state = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch + 1}
