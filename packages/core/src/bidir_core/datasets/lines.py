@@ -1,0 +1,71 @@
+"""Reading data files line by line with one-line errors that name the file and line (shared by every reader)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from bidir_core.errors import BidirError, one_line
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text without its line ending) for each line of a UTF-8 file, blank lines included.
+
+    Bytes are decoded line by line, so invalid UTF-8 is reported at its line rather than as a file offset.
+    """
+    if not path.is_file():
+        raise BidirError(f"{path}: no such file")
+    try:
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BidirError(f"{path}:{number}: invalid UTF-8 ({one_line(e)})") from None
+                if number == 1:
+                    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the first field
+                yield number, text.rstrip("\r\n")
+    except OSError as e:
+        raise BidirError(f"{path}: cannot read ({one_line(e)})") from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file; every line must be a JSON object."""
+    for number, text in read_lines(path):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BidirError(f"{path}:{number}: not valid JSON ({one_line(e)})") from None
+        if not isinstance(row, dict):
+            raise BidirError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
+def text_field(row: dict, key: str, where: str, *, required: bool = True, allow_empty: bool = False) -> str:
+    """row[key] as a str; a BidirError naming `where` (path:line) and the key when missing, not a str or empty."""
+    if key not in row:
+        if required:
+            raise BidirError(f"{where}: missing field {key!r}")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise BidirError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BidirError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def id_field(row: dict, key: str, where: str) -> str:
+    """A document or query id: a non-empty string, or an integer (read as its decimal string, as BEIR does)."""
+    if key not in row:
+        raise BidirError(f"{where}: missing field {key!r}")
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BidirError(f"{where}: field {key!r} must be a string id, got {type(value).__name__}")
+    value = str(value)
+    if not value.strip():
+        raise BidirError(f"{where}: field {key!r} is empty")
+    return value

@@ -1,0 +1,54 @@
+"""STS-style similarity data: TSV rows `score, sentence1, sentence2[, extra columns...]`, unquoted."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from bidir_core.datasets.lines import read_lines
+from bidir_core.errors import BidirError
+
+
+@dataclass(frozen=True)
+class StsPair:
+    """Two sentences and their human similarity score (STS-B: 0.0 unrelated .. 5.0 equivalent)."""
+
+    sentence1: str
+    """The first sentence."""
+    sentence2: str
+    """The second sentence."""
+    score: float
+    """The gold similarity score."""
+
+
+def read_sts(path: str | Path) -> list[StsPair]:
+    """Every pair of an STS TSV file. A first line whose score cell is not a number is a header (skipped);
+    any later row with a missing column, an empty sentence or a non-numeric score is a BidirError naming its line.
+    """
+    path = Path(path)
+    pairs: list[StsPair] = []
+    for number, text in read_lines(path):
+        where = f"{path}:{number}"
+        if not text.strip():
+            continue
+        cells = text.split("\t")
+        if len(cells) < 3:
+            raise BidirError(
+                f"{where}: expected score<TAB>sentence1<TAB>sentence2, got {len(cells)} column(s)"
+            )
+        try:
+            score = float(cells[0])
+        except ValueError:
+            if number == 1:
+                continue  # a header line: score, sentence1, sentence2, ...
+            raise BidirError(f"{where}: score {cells[0]!r} is not a number") from None
+        if not math.isfinite(score):
+            raise BidirError(f"{where}: score {cells[0]!r} is not a finite number")
+        for i in (1, 2):
+            if not cells[i].strip():
+                raise BidirError(f"{where}: sentence{i} is empty")
+        pairs.append(StsPair(cells[1], cells[2], score))
+    if not pairs:
+        raise BidirError(f"{path}: no sentence pairs")
+    return pairs

@@ -1,0 +1,92 @@
+"""bidir-eval: retrieval (nDCG@10, recall@k, MRR@10, MAP@100) or STS (Spearman, Pearson) scores of a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from bidir_core.errors import BidirError, one_line
+
+EXAMPLES = """examples:
+  bidir-eval smollm2-135m --retrieval stdlib-docstrings
+  bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --split test --json runs/cranfield.json
+  bidir-eval ./my-embedder --sts ../shared/data/stsb/sts-dev.tsv --dim 256"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bidir-eval",
+        description="Evaluate an embedding model on a retrieval dataset (a BEIR folder: corpus.jsonl, "
+        "queries.jsonl, qrels/<split>.tsv; or the embedded 'stdlib-docstrings') or on an STS TSV file "
+        "(score<TAB>sentence1<TAB>sentence2). Scores are cosine similarities; metrics are fractions.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model", help="a bidir checkpoint, a Hugging Face Llama folder, a .gguf file or 'smollm2-135m'"
+    )
+    task = p.add_mutually_exclusive_group(required=True)
+    task.add_argument("--retrieval", metavar="BEIR_DIR_OR_NAME", help="a BEIR folder or 'stdlib-docstrings'")
+    task.add_argument("--sts", metavar="TSV", help="an STS file: score, sentence1, sentence2[, more columns]")
+    p.add_argument("--split", default="test", help="qrels split for --retrieval (default: test)")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
+    p.add_argument("--dim", type=int, help="Matryoshka: evaluate the first DIM dimensions (default: all)")
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bidir_core.evaluation import evaluate_model  # after parsing, so --help answers at once
+
+    try:
+        if args.batch_size < 1:
+            raise BidirError(f"--batch-size must be positive, got {args.batch_size}")
+        report = evaluate_model(
+            args.model,
+            retrieval=args.retrieval,
+            split=args.split,
+            sts=args.sts,
+            batch_size=args.batch_size,
+            dim=args.dim,
+            progress=not args.no_progress,
+        )
+        if args.json:
+            write_json(Path(args.json), report)
+    except (BidirError, OSError) as e:  # OSError: an unreadable input or unwritable output location
+        print(f"bidir-eval: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    counts = ", ".join(f"{v} {k}" for k, v in report["counts"].items() if isinstance(v, int))
+    lines = [f"{report['model']} on {report['dataset']} ({report['task']}: {counts}, dim {report['dim']})"]
+    lines += [f"  {name:<11} {value:.4f}" for name, value in report["metrics"].items()]
+    timing = report["timing"]
+    lines.append(f"  model loaded in {timing['model_s']:.1f} s, evaluated in {timing['eval_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict) -> None:
+    """Written to a temporary file next to the target and renamed, so OUT is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

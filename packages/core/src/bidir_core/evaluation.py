@@ -1,0 +1,175 @@
+"""Evaluating an encoder: retrieval on a RetrievalDataset (exact search + trec_eval-style metrics) and STS
+correlation. Works on any encoder with BiEncoder's encode_queries / encode_documents (e.g. during training).
+
+Embeddings are L2-normalized, so every score is a cosine similarity. Queries get the model's query prefix and
+documents its passage prefix; both sentences of an STS pair get the query prefix (a symmetric task, as E5 does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+
+from bidir_core.datasets import (
+    STDLIB_DOCSTRINGS,
+    RetrievalDataset,
+    StsPair,
+    load_retrieval,
+    read_sts,
+    stdlib_counts,
+)
+from bidir_core.errors import BidirError
+from bidir_core.metrics import RETRIEVAL_METRICS, pearson, retrieval_metrics, spearman
+from bidir_core.search import RunningTopK, exact_search
+
+__all__ = [
+    "RETRIEVAL_METRICS",
+    "evaluate_model",
+    "evaluate_retrieval",
+    "evaluate_sts",
+    "exact_search",
+    "retrieval_metrics",
+]
+
+TOP_K = 100
+"""Hits kept per query: the deepest cutoff of RETRIEVAL_METRICS."""
+
+
+@contextlib.contextmanager
+def evaluating(encoder):
+    """eval() mode and no autograd for the duration; a model that was training is put back into train()."""
+    was_training = bool(getattr(encoder, "training", False))
+    if hasattr(encoder, "eval"):
+        encoder.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            encoder.train()
+
+
+def evaluate_retrieval(
+    encoder,
+    dataset: RetrievalDataset,
+    *,
+    batch_size: int = 32,
+    dim: int | None = None,
+    corpus_chunk: int = 50_000,
+    progress: bool = False,
+) -> dict[str, float]:
+    """RETRIEVAL_METRICS of the encoder on the dataset's judged queries.
+
+    The corpus is embedded corpus_chunk documents at a time and each chunk is searched right away (a running
+    top-100 per query), so memory holds the query embeddings and one chunk, never the whole corpus's embeddings.
+    """
+    if isinstance(corpus_chunk, bool) or not isinstance(corpus_chunk, int) or corpus_chunk < 1:
+        raise BidirError(f"corpus_chunk must be a positive integer, got {corpus_chunk!r}")
+    missing = [q for q in dataset.qrels if q not in dataset.queries]
+    if missing:
+        raise BidirError(f"{dataset.name}: {len(missing)} judged queries have no text, e.g. {missing[0]!r}")
+    query_ids = list(dataset.qrels)
+    doc_ids = list(dataset.corpus)
+    options = {"batch_size": batch_size, "dim": dim, "normalize": True, **_progress(progress)}
+    with evaluating(encoder):
+        queries = _finite(encoder.encode_queries([dataset.queries[q] for q in query_ids], **options), dataset)
+        top = RunningTopK(torch.from_numpy(queries), TOP_K)
+        for start in range(0, len(doc_ids), corpus_chunk):
+            texts = [dataset.corpus[d] for d in doc_ids[start : start + corpus_chunk]]
+            top.add(torch.from_numpy(_finite(encoder.encode_documents(texts, **options), dataset)))
+    scores, indices = top.result()  # (Q, min(100, N)), best first
+    run = {
+        query_id: {doc_ids[i]: s for i, s in zip(row_indices.tolist(), row_scores.tolist(), strict=True)}
+        for query_id, row_scores, row_indices in zip(query_ids, scores, indices, strict=True)
+    }
+    return retrieval_metrics(run, dataset.qrels)
+
+
+def evaluate_sts(
+    encoder, pairs: list[StsPair], *, batch_size: int = 32, dim: int | None = None, progress: bool = False
+) -> dict[str, float]:
+    """Spearman and Pearson correlation between the gold scores and the cosine similarity of each pair."""
+    if len(pairs) < 2:
+        raise BidirError(f"STS evaluation needs at least 2 pairs, got {len(pairs)}")
+    sentences = list(dict.fromkeys(s for pair in pairs for s in (pair.sentence1, pair.sentence2)))
+    row = {s: i for i, s in enumerate(sentences)}  # each distinct sentence is embedded once
+    with evaluating(encoder):
+        emb = encoder.encode_queries(
+            sentences, batch_size=batch_size, dim=dim, normalize=True, **_progress(progress)
+        )
+        emb = _finite(emb, "STS")
+    first = emb[[row[p.sentence1] for p in pairs]].astype(np.float64)  # (P, D)
+    second = emb[[row[p.sentence2] for p in pairs]].astype(np.float64)
+    cosine = (first * second).sum(axis=1)
+    gold = [p.score for p in pairs]
+    return {"spearman": spearman(cosine, gold), "pearson": pearson(cosine, gold)}
+
+
+def _progress(show: bool) -> dict:
+    # Only asked for when wanted: an encoder other than BiEncoder need not know show_progress_bar.
+    return {"show_progress_bar": True} if show else {}
+
+
+def _finite(embeddings: np.ndarray, what) -> np.ndarray:
+    if not np.isfinite(embeddings).all():
+        name = what.name if isinstance(what, RetrievalDataset) else what
+        raise BidirError(f"{name}: the model produced non-finite (nan/inf) embeddings")
+    return embeddings
+
+
+def evaluate_model(
+    model: str,
+    *,
+    retrieval: str | None = None,
+    split: str = "test",
+    sts: str | None = None,
+    batch_size: int = 32,
+    dim: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Load a model (anything BiEncoder.from_pretrained accepts) and evaluate it on one task: a retrieval dataset
+    (a BEIR folder or "stdlib-docstrings") or an STS TSV file. Returns the report bidir-eval prints and writes:
+    {"task", "model", "dataset", "dim", "metrics", "counts", "timing"}; metrics are fractions."""
+    from bidir_core.encoder import BiEncoder
+
+    if (retrieval is None) == (sts is None):
+        raise BidirError("give exactly one task: a retrieval dataset or an STS file")
+    start = time.perf_counter()
+    # Data first: a bad file is reported before the (slow) model load.
+    if retrieval is not None:
+        data = load_retrieval(retrieval, split)
+        counts = {
+            "queries": len(data.qrels),
+            "documents": len(data.corpus),
+            "judgments": sum(map(len, data.qrels.values())),
+        }
+        if str(retrieval) == STDLIB_DOCSTRINGS:
+            counts["mined"] = stdlib_counts()
+    else:
+        pairs = read_sts(sts)
+        counts = {"pairs": len(pairs)}
+    loaded_data = time.perf_counter()
+    encoder = BiEncoder.from_pretrained(model)
+    loaded_model = time.perf_counter()
+    if retrieval is not None:
+        metrics = evaluate_retrieval(encoder, data, batch_size=batch_size, dim=dim, progress=progress)
+    else:
+        metrics = evaluate_sts(encoder, pairs, batch_size=batch_size, dim=dim, progress=progress)
+    done = time.perf_counter()
+    return {
+        "task": "retrieval" if retrieval is not None else "sts",
+        "model": str(model),
+        "dataset": data.name if retrieval is not None else str(sts),
+        "dim": dim or encoder.hidden_size,
+        "metrics": metrics,
+        "counts": counts,
+        "timing": {
+            "data_s": round(loaded_data - start, 3),
+            "model_s": round(loaded_model - loaded_data, 3),
+            "eval_s": round(done - loaded_model, 3),
+            "total_s": round(done - start, 3),
+        },
+    }
