@@ -164,9 +164,10 @@ class Collator:
         )
 
 
-def warn_about(sampler: EpochSampler) -> None:
-    """Say (once) what an epoch leaves out or repeats, so nothing is dropped silently."""
-    if sampler.unused_per_epoch:
+def warn_about(sampler: EpochSampler, full_epochs: bool = True) -> None:
+    """Say (once) what an epoch leaves out or repeats, so nothing is dropped silently. (A run shorter than an
+    epoch never reaches the remainder: nothing to say about it then.)"""
+    if sampler.unused_per_epoch and full_epochs:
         warnings.warn(
             f"{sampler.unused_per_epoch} of {len(sampler.examples)} examples do not fill a global batch and are "
             "left out of each epoch (a different random set each epoch)",

@@ -322,8 +322,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         where=cfg.data.train,
     )
     total = sched.max_steps or sched.epochs * sampler.steps_per_epoch
-    if rank == 0 and total >= sampler.steps_per_epoch:  # a shorter run never reaches the epoch's end
-        warn_about(sampler)
+    if rank == 0:
+        warn_about(sampler, full_epochs=total >= sampler.steps_per_epoch)
     dev = _agreed(load_retrieval, cfg.eval.dev, cfg.eval.split) if cfg.eval.dev else None
 
     encoder = load_encoder(cfg, device)
