@@ -384,7 +384,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         unit="step",
         disable=rank or not cfg.logging.progress,
     )
-    losses, truncated, tokens_total, t_start = [], 0, 0, time.perf_counter()
+    truncated, tokens_total, t_start = 0, 0, time.perf_counter()
     last = {"loss": float("nan")}
     while step < stop:
         epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
@@ -411,7 +411,6 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         tokens = _mean_over_ranks(step_tokens, device) * world
         dt = time.perf_counter() - t0
         tokens_total += tokens
-        losses.append(loss)
         last = {
             "step": step,
             "epoch": epoch,
