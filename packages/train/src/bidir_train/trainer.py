@@ -394,7 +394,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         for k, rows in enumerate(micro):
             batch = collate(rows)
             # Reduce-scatter gradients only after the last micro-batch's backward.
-            encoder.model.set_requires_gradient_sync(k == accum - 1)
+            if hasattr(encoder.model, "set_requires_gradient_sync"):  # FSDP-sharded (not a lone CPU process)
+                encoder.model.set_requires_gradient_sync(k == accum - 1)
             step_loss += forward_backward(
                 embed, loss_fn, batch, scale=1 / accum, chunk=cfg.loss.cache_chunk_size
             )
