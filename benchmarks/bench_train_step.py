@@ -9,7 +9,7 @@ passages at temperature 0.02 = MNRL's scale 50).
 - sentence-transformers: SentenceTransformer(checkpoint); per step model.tokenize() the queries and the passages,
   MultipleNegativesRankingLoss(model, scale=50)([q, pos, neg]), backward, clip, AdamW step: the training step its
   trainer runs, without the trainer's bookkeeping.
-- bidir_train: the step `bidir_train.trainer` runs: the FSDP2-wrapped TrainingEncoder (one process), Collator,
+- bidir_train: the step `bidir_train.trainer` runs: its TrainingEncoder (one CPU process: unsharded), Collator,
   forward_backward (queries in one forward, positives + negatives in one more), clip, AdamW step.
 
 Each step's first batch checks that the two losses agree (same weights and texts). Steps alternate between the two
