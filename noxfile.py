@@ -13,6 +13,8 @@ Jobs (run explicitly, e.g. ``nox -s demo``):
 
 - ``demo``         the main job end to end on the embedded default: train, export, batch-embed, evaluate
 - ``bench``        benchmarks/bench_encode.py
+- ``train``        torchrun -m bidir_train (one process per GPU, or one on CPU) on the default recipe, or
+                   ``nox -s train -- --config RECIPE key=value ...``
 
 Arguments after ``--`` are passed on: to pytest for test sessions, to the script for jobs.
 Every install goes through constraints.txt; torch is pinned there to the CPU wheel used on these machines.
@@ -129,3 +131,16 @@ def bench(session: nox.Session) -> None:
     _install(session, "./packages/core[test]")
     _install_default_model(session)
     session.run("python", "benchmarks/bench_encode.py", *session.posargs)
+
+
+@nox.session
+def train(session: nox.Session) -> None:
+    """Fine-tune with torchrun: the default recipe (embedded model and data) unless --config is given."""
+    _install(session, "./packages/core", "./packages/train")
+    _install_default_model(session)
+    args = list(session.posargs)
+    if "--config" not in args and not any(a.startswith("--config=") for a in args):
+        args = ["--config", "default", *args]
+    gpus = session.run("python", "-c", "import torch; print(torch.cuda.device_count())", silent=True, env=ENV)
+    nproc = max(int(str(gpus).strip().splitlines()[-1]), 1)
+    session.run("torchrun", f"--nproc-per-node={nproc}", "-m", "bidir_train", *args, env=ENV)

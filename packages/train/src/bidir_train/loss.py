@@ -1,0 +1,125 @@
+"""The contrastive (InfoNCE) loss: each query against its positive, its hard negatives, the other queries'
+passages in the micro-batch, and optionally the passages of every other rank.
+
+Layout. A rank holds B queries and B * (1 + N) passages grouped by query: row i's positive is passage
+i * (1 + N), its N hard negatives follow it. With gathering, the candidate passages are the concatenation over
+ranks (rank 0's first), so query i of rank r has its positive at column (r * B + i) * (1 + N).
+
+Shapes: q (B, D), p (B * (1 + N), D); scores (B, C) with C = W * B * (1 + N) (gathered), B * (1 + N) (in-batch)
+or 1 + N (own passages only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bidir_core.errors import BidirError
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward hands each rank the gradient of the *sum of all ranks' losses*
+    with respect to its own rows (all_reduce of the full gradient, then this rank's slice). All-reduce rather
+    than reduce-scatter because gloo has no reduce-scatter; embeddings are small, so the cost is too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) on each of W ranks -> (W * n, ...), differentiable; the identity without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Non-differentiable all_gather of an integer tensor along dim 0."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ids
+    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, ids.contiguous())
+    return torch.cat(parts)
+
+
+def doc_key(doc_id: str) -> int:
+    """A document id (or a passage's text) as a stable 63-bit integer, so ids can be compared on any rank."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def info_nce(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    *,
+    num_negatives: int,
+    temperature: float = 0.02,
+    in_batch_negatives: bool = True,
+    gather: bool = False,
+    passage_keys: torch.Tensor | None = None,
+    positive_keys: torch.Tensor | None = None,
+    dims: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """Mean cross-entropy over this rank's queries (scalar).
+
+    q (B, D), p (B * (1 + num_negatives), D): raw embeddings (L2-normalized here, after Matryoshka truncation).
+    gather: score against every rank's passages (needs the same B on every rank; call it on every rank).
+    passage_keys (B * (1 + N),) int64: a document key per passage (doc_key); positive_keys (B, K) int64: the keys
+    of every positive of each query, padded with -1. A candidate whose key is one of the query's positive keys,
+    other than the labelled positive itself, is a false negative and is masked out of the softmax.
+    dims: Matryoshka; the loss is averaged over these truncations (empty: the full dimension).
+    """
+    group = 1 + num_negatives
+    B = q.shape[0]
+    if p.shape[0] != B * group:
+        raise BidirError(f"{p.shape[0]} passages for {B} queries with {num_negatives} negatives each")
+    losses = []
+    for dim in dims or (q.shape[1],):
+        if dim > q.shape[1]:
+            raise BidirError(f"loss.matryoshka_dims: {dim} is larger than the embedding size {q.shape[1]}")
+        qd = F.normalize(q[:, :dim], dim=-1)
+        pd = F.normalize(p[:, :dim], dim=-1)
+        logits, labels, mask = _scores(qd, pd, group, in_batch_negatives, gather, passage_keys, positive_keys)
+        if mask is not None:
+            logits = logits.masked_fill(mask, float("-inf"))
+        losses.append(F.cross_entropy(logits / temperature, labels))
+    return torch.stack(losses).mean()
+
+
+def _scores(q, p, group, in_batch, gather, passage_keys, positive_keys):
+    """(logits (B, C), labels (B,), false-negative mask (B, C) or None)."""
+    B = q.shape[0]
+    if not in_batch:
+        # Own passages only: (B, 1, D) x (B, group, D) -> (B, group); the positive is column 0.
+        logits = torch.einsum("bd,bgd->bg", q, p.view(B, group, -1))
+        labels = torch.zeros(B, dtype=torch.long, device=q.device)
+        cand_keys = passage_keys.view(B, group) if passage_keys is not None else None
+    else:
+        offset = 0
+        if gather and dist.is_initialized() and dist.get_world_size() > 1:
+            offset = dist.get_rank() * B * group  # this rank's block in the gathered passages
+            p = gather_with_grad(p)
+            passage_keys = gather_ids(passage_keys) if passage_keys is not None else None
+        logits = q @ p.T  # (B, C)
+        labels = offset + torch.arange(B, device=q.device) * group
+        cand_keys = passage_keys[None, :].expand(B, -1) if passage_keys is not None else None
+    if cand_keys is None or positive_keys is None:
+        return logits, labels, None
+    # (B, C, K) -> (B, C): the candidate is one of the query's positives...
+    same = (cand_keys[:, :, None] == positive_keys[:, None, :]).any(-1)
+    # ...and is not the labelled column itself.
+    same[torch.arange(B, device=q.device), labels if in_batch else 0] = False
+    return logits, labels, same

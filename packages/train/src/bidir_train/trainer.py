@@ -1,0 +1,496 @@
+"""`train(cfg)`: contrastive fine-tuning of a bidir model under torchrun (or as one plain process).
+
+One process per device. The model is built on the meta device, sharded with FSDP2 (bidir_train.parallelize), and
+rank 0's weights are broadcast into the shards, so no rank but 0 ever holds the whole model. Each optimizer step
+takes `global_batch_size` queries: every rank embeds its micro-batches (queries in one forward, passages in one
+more), the InfoNCE loss scores them against the whole micro-batch group, and gradients accumulate until the step.
+
+Outputs under output_dir: metrics.jsonl, checkpoints/step-NNNNNNNN/ (DCP, sharded: model, optimizer, scheduler,
+data position, RNG), final/ (a bidir checkpoint that BiEncoder.from_pretrained loads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
+from tqdm.auto import tqdm
+
+from bidir_core.checkpoint import EncoderConfig, write_checkpoint
+from bidir_core.encoder import BiEncoder
+from bidir_core.errors import BidirError, one_line
+from bidir_core.model import LlamaBidirectionalModel
+from bidir_core.pooling import pool
+from bidir_core.sources import load_model_weights, resolve_source
+from bidir_core.tokenization import load_tokenizer
+from bidir_train.config import TrainConfig
+from bidir_train.data import Collator, EpochSampler, rank_micro_batches, warn_about
+from bidir_train.loss import info_nce
+from bidir_train.parallelize import parallelize
+from bidir_train.step import forward_backward
+
+CHECKPOINTS = "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+
+def init_distributed() -> tuple[bool, torch.device]:
+    """Join torchrun's process group (env:// from RANK, WORLD_SIZE, MASTER_ADDR...), or make a one-process group
+    when started plainly. NCCL on GPU, gloo on CPU. Returns (whether this call created the group, device)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return False, device
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, device_id=device if cuda else None, timeout=timedelta(minutes=30))
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True, device
+
+
+def _agreed(fn, *args, run: bool = True, **kwargs):
+    """fn(...) on the ranks where `run` (None elsewhere); a BidirError on any rank is raised on every rank, so a
+    bad input seen by one rank stops all of them instead of leaving the others waiting in a collective."""
+    out, error = None, None
+    if run:
+        try:
+            out = fn(*args, **kwargs)
+        except BidirError as e:
+            error = e
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else one_line(error))
+    if error is not None:
+        raise error
+    bad = next((m for m in messages if m is not None), None)
+    if bad is not None:
+        raise BidirError(bad)
+    return out
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+# -------------------------------------------------------------------------------------------------- the model
+
+
+class TrainingEncoder(BiEncoder):
+    """The BiEncoder being trained. Two differences from BiEncoder: the decoder stack runs under `autocast` (bf16
+    on CPU; pooling and the loss stay fp32), and encode() runs under no_grad instead of inference_mode, because
+    FSDP2 cannot unshard parameters into inference-mode tensors and in-loop evaluation encodes with the sharded
+    model."""
+
+    autocast = staticmethod(contextlib.nullcontext)
+
+    def forward(self, input_ids, attention_mask, dim=None, normalize=None):
+        with self.autocast():
+            hidden = self.model(input_ids, attention_mask)  # (B, T, H)
+        emb = pool(hidden.float(), attention_mask, self.config.pooling)  # (B, H) fp32
+        if dim is not None:
+            emb = emb[:, : self._check_dim(dim)]
+        return (
+            F.normalize(emb, dim=-1) if (self.config.normalize if normalize is None else normalize) else emb
+        )
+
+    def encode(self, *args, **kwargs):
+        with torch.no_grad():
+            return BiEncoder.encode.__wrapped__(self, *args, **kwargs)  # the undecorated encode
+
+
+def load_encoder(cfg: TrainConfig, device: torch.device) -> TrainingEncoder:
+    """Meta-device model, sharded; rank 0 reads the weights and broadcasts them into every rank's shards."""
+    rank = dist.get_rank()
+    _agreed(resolve_source, cfg.model.path, run=rank == 0)  # rank 0 imports an embedded default first, once
+    source = _agreed(resolve_source, cfg.model.path)
+    tokenizer = _agreed(load_tokenizer, source)
+    loaded = _agreed(load_model_weights, source, torch.float32, run=rank == 0)
+    config, state_dict = loaded if rank == 0 else (None, {})
+    box = [config]
+    dist.broadcast_object_list(box, src=0)
+    config = box[0]
+    with torch.device("meta"):
+        model = LlamaBidirectionalModel(config)
+    parallelize(model, cfg.parallel, device=device, bf16=cfg.model.precision == "bf16")
+    model.to_empty(device=device)  # also recomputes the (non-persistent) RoPE frequencies
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state_dict, options=options)
+    del state_dict
+    encoder_config = _agreed(
+        EncoderConfig,
+        pooling=cfg.model.pooling,
+        normalize=True,
+        query_prefix=cfg.model.query_prefix,
+        passage_prefix=cfg.model.passage_prefix,
+        matryoshka_dims=cfg.loss.matryoshka_dims,
+        max_length=cfg.model.passage_max_length,
+    )
+    encoder = TrainingEncoder(model, tokenizer, encoder_config)
+    if cfg.model.precision == "bf16" and device.type == "cpu":  # on GPU, FSDP's MixedPrecisionPolicy casts
+        encoder.autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    return encoder.train()
+
+
+def _save_final(encoder: BiEncoder, target: Path) -> None:
+    """Gather the full state dict to rank 0 and write the bidir checkpoint there (atomically)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state_dict = get_model_state_dict(encoder.model, options=options)  # collective: every rank calls it
+    if dist.get_rank() == 0:
+        model = LlamaBidirectionalModel.from_state_dict(encoder.model.config, state_dict)
+        write_checkpoint(target, model, encoder.tokenizer, encoder.config, overwrite=True)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (an incomplete one still has its .tmp name)."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted(done, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def _save_checkpoint(output_dir: Path, encoder, optimizer, scheduler, state: dict, keep: int) -> None:
+    root = output_dir / CHECKPOINTS
+    final = root / f"step-{state['step']:08d}"
+    tmp = root / f"step-{state['step']:08d}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(encoder.model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    # Per-rank RNG (no dropout in the model today, but a resumed run must continue exactly as the straight one).
+    torch.save({"torch": torch.get_rng_state(), "cuda": _cuda_rng()}, tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        torch.save({**state, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the checkpoint appears complete or not at all
+        for old in _checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _cuda_rng():
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def _load_checkpoint(path: Path, encoder, optimizer, scheduler) -> dict:
+    model_sd, optim_sd = get_state_dict(encoder.model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(encoder.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    scheduler.load_state_dict(trainer_state.pop("scheduler"))
+    rng_file = path / f"rng-rank{dist.get_rank()}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved: seeds then stay as set
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return trainer_state
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, *, warmup: int, total: int, decay: str) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then linear / cosine decay
+    to 0 at `total`, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if decay == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+class _Metrics:
+    """metrics.jsonl, written by rank 0 only."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.rank0 = dist.get_rank() == 0
+        if not self.rank0:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.is_file():
+            # Rows past the checkpoint belong to the interrupted attempt: the resumed run writes them again.
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+
+    def write(self, row: dict) -> None:
+        if self.rank0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _evaluate(encoder, dev, cfg: TrainConfig) -> dict[str, float]:
+    from bidir_core.evaluation import evaluate_retrieval
+
+    t0 = time.perf_counter()
+    scores = evaluate_retrieval(encoder, dev, batch_size=cfg.eval.batch_size)
+    out = {f"dev/{k}": float(v) for k, v in scores.items()}
+    if dist.get_rank() == 0:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in out.items())
+        tqdm.write(
+            f"dev ({len(dev.queries)} queries, {len(dev.corpus)} docs, {time.perf_counter() - t0:.0f}s): {shown}"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the training `cfg` describes; returns a summary (steps, final loss, dev metrics, paths)."""
+    created, device = init_distributed()
+    try:
+        return _train(cfg, device)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, device: torch.device) -> dict:
+    from bidir_core.datasets import load_retrieval, read_training_examples
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sched = cfg.schedule
+    torch.manual_seed(sched.seed + rank)
+    if sched.global_batch_size % (sched.micro_batch_size * world):
+        raise BidirError(
+            f"schedule.global_batch_size={sched.global_batch_size} is not a multiple of "
+            f"schedule.micro_batch_size={sched.micro_batch_size} x {world} ranks"
+        )
+    accum = sched.global_batch_size // (sched.micro_batch_size * world)
+
+    examples = _agreed(
+        lambda: list(itertools.islice(read_training_examples(cfg.data.train), cfg.data.max_examples))
+    )
+    if not examples:
+        raise BidirError(f"{cfg.data.train}: no training examples")
+    if world > len(examples):
+        raise BidirError(
+            f"{cfg.data.train}: {len(examples)} examples for {world} ranks: more ranks than rows"
+        )
+    sampler = _agreed(
+        EpochSampler,
+        examples,
+        global_batch_size=sched.global_batch_size,
+        num_negatives=cfg.data.num_negatives,
+        seed=sched.seed,
+        where=cfg.data.train,
+    )
+    total = sched.max_steps or sched.epochs * sampler.steps_per_epoch
+    if rank == 0:
+        warn_about(sampler, full_epochs=total >= sampler.steps_per_epoch)
+    dev = _agreed(load_retrieval, cfg.eval.dev, cfg.eval.split) if cfg.eval.dev else None
+
+    encoder = load_encoder(cfg, device)
+    collate = Collator(
+        encoder.tokenizer,
+        query_prefix=cfg.model.query_prefix,
+        passage_prefix=cfg.model.passage_prefix,
+        query_max=cfg.model.query_max_length,
+        passage_max=cfg.model.passage_max_length,
+    )
+    optimizer = torch.optim.AdamW(
+        encoder.model.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup=sched.warmup_steps, total=total, decay=sched.decay)
+    )
+
+    output_dir = cfg.output_dir
+    step = 0
+    resumed = None
+    existing = _checkpoint_dirs(output_dir) if cfg.checkpoint.resume else []
+    if existing:
+        state = _load_checkpoint(existing[-1], encoder, optimizer, scheduler)
+        step = resumed = state["step"]
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    metrics = _Metrics(output_dir / "metrics.jsonl", resumed)
+
+    dev_scores: dict[int, dict] = {}
+    if dev is not None and cfg.eval.before_training and step == 0:
+        dev_scores[0] = _evaluate(encoder, dev, cfg)
+        metrics.write({"step": 0, **dev_scores[0]})
+
+    def embed(ids, mask):
+        return encoder(ids.to(device), mask.to(device), normalize=False)
+
+    loss_fn = partial(
+        _batch_loss,
+        num_negatives=cfg.data.num_negatives,
+        temperature=cfg.loss.temperature,
+        in_batch=cfg.loss.in_batch_negatives,
+        gather=cfg.loss.gather_across_ranks,
+        mask=cfg.loss.mask_false_negatives,
+        dims=cfg.loss.matryoshka_dims,
+        device=device,
+    )
+    stop = min(total, sched.stop_at_step or total)
+    progress = tqdm(
+        total=total,
+        initial=step,
+        desc=f"train {cfg.name}",
+        unit="step",
+        disable=rank or not cfg.logging.progress,
+    )
+    truncated, tokens_total, t_start = 0, 0, time.perf_counter()
+    last = {"loss": float("nan")}
+    while step < stop:
+        epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
+        t0 = time.perf_counter()
+        micro = rank_micro_batches(sampler.rows(epoch, in_epoch), sched.micro_batch_size, rank, world)
+        step_loss, step_tokens = 0.0, 0
+        for k, rows in enumerate(micro):
+            batch = collate(rows)
+            # Reduce-scatter gradients only after the last micro-batch's backward.
+            if hasattr(encoder.model, "set_requires_gradient_sync"):  # FSDP-sharded (not a lone CPU process)
+                encoder.model.set_requires_gradient_sync(k == accum - 1)
+            step_loss += forward_backward(
+                embed, loss_fn, batch, scale=1 / accum, chunk=cfg.loss.cache_chunk_size
+            )
+            step_tokens += batch.tokens
+            truncated += batch.truncated
+        grad_norm = _clip(encoder.model, cfg.optim.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        loss = _mean_over_ranks(step_loss / accum, device)
+        tokens = _mean_over_ranks(step_tokens, device) * world
+        dt = time.perf_counter() - t0
+        tokens_total += tokens
+        last = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / dt,
+        }
+        if step % cfg.logging.every_steps == 0 or step == stop:
+            metrics.write(last)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}")
+        progress.update(1)
+
+        at_end = step == total
+        if dev is not None and (at_end or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
+            dev_scores[step] = _evaluate(encoder, dev, cfg)
+            metrics.write({"step": step, **dev_scores[step]})
+        periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+        if not at_end and (periodic or step == stop):  # a stop_at_step stop always leaves a checkpoint
+            state = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch + 1}
+            _save_checkpoint(output_dir, encoder, optimizer, scheduler, state, cfg.checkpoint.keep)
+    progress.close()
+
+    truncated = int(_mean_over_ranks(truncated, device) * world)
+    if truncated and rank == 0:
+        warnings.warn(
+            f"{truncated} training texts were longer than model.query_max_length / passage_max_length and were "
+            "truncated",
+            stacklevel=2,
+        )
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "steps": step,
+        "loss": last["loss"],
+        "tokens_per_s": tokens_total / elapsed if elapsed else 0.0,
+        "dev": dev_scores,
+        "output_dir": str(output_dir),
+        "final": None,
+    }
+    if step == total:
+        _save_final(encoder, output_dir / "final")
+        summary["final"] = str(output_dir / "final")
+    if rank == 0:
+        _print_summary(cfg, summary, elapsed)
+    return summary
+
+
+def _batch_loss(q, p, batch, *, num_negatives, temperature, in_batch, gather, mask, dims, device):
+    return info_nce(
+        q,
+        p,
+        num_negatives=num_negatives,
+        temperature=temperature,
+        in_batch_negatives=in_batch,
+        gather=gather,
+        passage_keys=batch.passage_keys.to(device) if mask else None,
+        positive_keys=batch.positive_keys.to(device) if mask else None,
+        dims=dims,
+    )
+
+
+def _clip(model, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+def _print_summary(cfg: TrainConfig, summary: dict, elapsed: float) -> None:
+    dev = summary["dev"]
+    line = f"{cfg.name}: {summary['steps']} steps in {elapsed:.0f}s, final loss {summary['loss']:.4f}"
+    if dev:
+        first, last = dev[min(dev)], dev[max(dev)]
+        key = "dev/ndcg@10"
+        if key in last:
+            line += f", {key} {first[key]:.4f} (step {min(dev)}) -> {last[key]:.4f} (step {max(dev)})"
+    where = (
+        summary["final"]
+        or f"{cfg.output_dir / CHECKPOINTS} (stopped at step {summary['steps']}; rerun to resume)"
+    )
+    print(f"{line}; model: {where}", flush=True)

@@ -1,0 +1,163 @@
+"""InfoNCE against a hand computation, across 2 ranks, with false-negative masking, Matryoshka and GradCache."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port
+
+from bidir_train.data import MicroBatch
+from bidir_train.loss import info_nce
+from bidir_train.step import forward_backward
+
+
+def _hand_loss(q, p, group, temperature, mask=None):
+    """Plain Python: cosine scores of each query against every passage, softmax cross-entropy on its positive."""
+    q = [np.asarray(v, dtype=np.float64) / np.linalg.norm(v) for v in q.tolist()]
+    p = [np.asarray(v, dtype=np.float64) / np.linalg.norm(v) for v in p.tolist()]
+    total = 0.0
+    for i, qi in enumerate(q):
+        scores = [float(qi @ pj) / temperature for pj in p]
+        keep = [j for j in range(len(p)) if mask is None or not mask[i][j]]
+        log_z = math.log(sum(math.exp(scores[j]) for j in keep))
+        total += log_z - scores[i * group]
+    return total / len(q)
+
+
+def _data(B=3, N=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, D, generator=g, dtype=torch.float64), torch.randn(
+        B * (1 + N), D, generator=g, dtype=torch.float64
+    )
+
+
+@pytest.mark.parametrize("negatives", [0, 1, 3])
+def test_loss_matches_hand_computation(negatives):
+    q, p = _data(N=negatives)
+    got = info_nce(q, p, num_negatives=negatives, temperature=0.05).item()
+    assert got == pytest.approx(_hand_loss(q, p, 1 + negatives, 0.05), abs=1e-9)
+
+
+def test_own_passages_only():
+    q, p = _data(N=2)
+    got = info_nce(q, p, num_negatives=2, temperature=0.1, in_batch_negatives=False).item()
+    # Query i sees only passages 3i..3i+2: the hand loss with everything else masked.
+    mask = [[j // 3 != i for j in range(9)] for i in range(3)]
+    assert got == pytest.approx(_hand_loss(q, p, 3, 0.1, mask), abs=1e-9)
+
+
+def test_false_negative_masking():
+    q, p = _data(B=3, N=1)
+    # Passage 2 (query 1's positive) is the same document as query 0's positive (id 10): for query 0 it is a
+    # false negative, for query 1 it is the label. Query 2's negative (passage 5) has id 10 too, but query 2's
+    # positives are not 10, so it stays.
+    passage_keys = torch.tensor([10, 11, 10, 12, 13, 10])
+    positive_keys = torch.tensor([[10, -1], [10, 99], [13, -1]])
+    got = info_nce(
+        q, p, num_negatives=1, temperature=0.05, passage_keys=passage_keys, positive_keys=positive_keys
+    ).item()
+    mask = [[False] * 6 for _ in range(3)]
+    mask[0][2] = True  # query 0: passage 2 shares its positive's id
+    mask[0][5] = True  # and so does passage 5
+    mask[1][0] = mask[1][5] = True  # query 1: passages 0 and 5 have its positive's id 10
+    assert got == pytest.approx(_hand_loss(q, p, 2, 0.05, mask), abs=1e-9)
+    unmasked = info_nce(q, p, num_negatives=1, temperature=0.05).item()
+    assert got < unmasked
+
+
+def test_matryoshka_averages_truncations():
+    q, p = _data(N=1)
+    got = info_nce(q, p, num_negatives=1, temperature=0.05, dims=(4, 8)).item()
+    want = (_hand_loss(q[:, :4], p[:, :4], 2, 0.05) + _hand_loss(q, p, 2, 0.05)) / 2
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+NEGATIVES = (1, 2)
+
+
+def _rank_worker(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for negatives in NEGATIVES:
+            q, p = _data(B=4, N=negatives)  # the global batch, the same on every rank
+            B, G = 2, 1 + negatives  # per-rank queries, passages per query
+            q_r = q[rank * B : (rank + 1) * B].clone().requires_grad_(True)
+            p_r = p[rank * B * G : (rank + 1) * B * G].clone().requires_grad_(True)
+            loss = info_nce(q_r, p_r, num_negatives=negatives, temperature=0.05, gather=True)
+            (loss / world).backward()  # FSDP averages gradients over ranks: the same 1/world
+            results[(rank, negatives)] = (loss.item(), q_r.grad.clone(), p_r.grad.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results():
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_rank_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    return dict(results)
+
+
+@pytest.mark.parametrize("negatives", NEGATIVES)
+def test_two_ranks_match_one(negatives, two_rank_results):
+    """Rank r's labels point at its own positives inside the gathered passages: the mean of the two ranks' losses
+    and the gradients each rank gets for its rows equal one process computing the whole batch."""
+    results = {r: two_rank_results[(r, negatives)] for r in range(2)}
+    q, p = _data(B=4, N=negatives)
+    q.requires_grad_(True)
+    p.requires_grad_(True)
+    full = info_nce(q, p, num_negatives=negatives, temperature=0.05)
+    full.backward()
+    assert (results[0][0] + results[1][0]) / 2 == pytest.approx(full.item(), abs=1e-12)
+    assert full.item() == pytest.approx(_hand_loss(q.detach(), p.detach(), 1 + negatives, 0.05), abs=1e-9)
+    G = 1 + negatives
+    for r in range(2):
+        torch.testing.assert_close(results[r][1], q.grad[r * 2 : (r + 1) * 2], rtol=0, atol=1e-12)
+        torch.testing.assert_close(results[r][2], p.grad[r * 2 * G : (r + 1) * 2 * G], rtol=0, atol=1e-12)
+    # The two ranks' losses differ (they hold different queries): a wrong offset could not hide in the mean.
+    assert results[0][0] != pytest.approx(results[1][0])
+
+
+def test_gradcache_gradients_equal_plain():
+    from bidir_core.batching import pad_batch
+    from bidir_core.testing import tiny_encoder
+
+    encoder = tiny_encoder()
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 9, 3, 12, 7, 4]  # queries; passages below
+    q_ids, q_mask = pad_batch([torch.randint(3, 300, (n,), generator=g).tolist() for n in lengths], 0)
+    p_lengths = [11, 6, 14, 8, 3, 9, 10, 5, 13, 7, 6, 12]
+    p_ids, p_mask = pad_batch([torch.randint(3, 300, (n,), generator=g).tolist() for n in p_lengths], 0)
+    batch = MicroBatch(q_ids, q_mask, p_ids, p_mask, torch.arange(12), torch.arange(0, 12, 2)[:, None], 0, 0)
+
+    def embed(ids, mask):
+        return encoder(ids, mask, normalize=False)
+
+    def loss_fn(q, p, b):
+        return info_nce(
+            q,
+            p,
+            num_negatives=1,
+            temperature=0.05,
+            passage_keys=b.passage_keys,
+            positive_keys=b.positive_keys,
+        )
+
+    grads = []
+    losses = []
+    for chunk in (None, 2, 4):
+        encoder.zero_grad()
+        losses.append(forward_backward(embed, loss_fn, batch, scale=0.5, chunk=chunk))
+        grads.append({n: p.grad.clone() for n, p in encoder.named_parameters()})
+    for other in grads[1:]:
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(other[name], grad, rtol=0, atol=1e-5, msg=name)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[2] == pytest.approx(losses[0], abs=1e-5)
+    assert max(g.abs().max().item() for g in grads[0].values()) > 1e-3  # gradients are not trivially zero

@@ -1,0 +1,186 @@
+"""End-to-end training on a tiny random model: FSDP parity across world sizes, exact resume, the final checkpoint,
+GradCache inside the loop, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bidir_core.encoder import BiEncoder
+from bidir_core.errors import BidirError
+from bidir_train import load_recipe, train
+
+
+def _recipe(tiny_model_dir, train_jsonl, out, *extra):
+    return [
+        "tiny",
+        f"model.path={tiny_model_dir}",
+        f"data.train={train_jsonl}",
+        f"logging.output_dir={out}",
+        *extra,
+    ]
+
+
+def _train(args):
+    return train(load_recipe(args[0], args[1:]))
+
+
+def _torchrun(nproc, args, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "bidir_train", "--config", *args]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, train_jsonl, tmp_path_factory):
+    """The reference: 6 steps on one process (global batch 4 = 2 micro-batches of 2)."""
+    out = tmp_path_factory.mktemp("straight")
+    summary = _train(_recipe(tiny_model_dir, train_jsonl, out))
+    assert summary["steps"] == 6
+    return out
+
+
+def test_two_ranks_match_one(straight, tiny_model_dir, train_jsonl, tmp_path):
+    """FSDP2 over 2 gloo ranks, micro-batch 1 per rank, same global batch and groups: same losses (fp32)."""
+    _torchrun(2, _recipe(tiny_model_dir, train_jsonl, tmp_path, "schedule.micro_batch_size=1"))
+    one, two = _losses(straight), _losses(tmp_path)
+    assert len(one) == len(two) == 6
+    assert two == pytest.approx(one, abs=1e-5)
+    assert one[0] != pytest.approx(one[-1], abs=1e-3)  # the model did learn something
+    a, b = (
+        load_file(straight / "final" / "model.safetensors"),
+        load_file(tmp_path / "final" / "model.safetensors"),
+    )
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+
+
+def test_resume_is_exact(straight, tiny_model_dir, train_jsonl, tmp_path):
+    """3 steps, stop, rerun -> resumes from the step-3 checkpoint: identical losses and final weights."""
+    args = _recipe(tiny_model_dir, train_jsonl, tmp_path)
+    first = _train([*args, "schedule.stop_at_step=3"])
+    assert first["steps"] == 3 and first["final"] is None
+    assert (tmp_path / "checkpoints" / "step-00000003").is_dir()
+    assert not (tmp_path / "final").exists()
+    second = _train(args)
+    assert second["steps"] == 6
+    assert _losses(tmp_path) == _losses(straight)
+    a, b = (
+        load_file(straight / "final" / "model.safetensors"),
+        load_file(tmp_path / "final" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_final_checkpoint_loads_and_embeds(straight, tiny_model_dir):
+    trained = BiEncoder.from_pretrained(straight / "final")
+    assert trained.config.query_prefix == "query: " and trained.config.max_length == 48
+    emb = trained.encode_queries(["how do i sort item 3", "open a file"])
+    assert emb.shape == (2, 64)
+    assert abs(float((emb**2).sum(-1)[0]) - 1.0) < 1e-5
+    before = BiEncoder.from_pretrained(tiny_model_dir).encode_queries(["how do i sort item 3", "open a file"])
+    assert abs(emb - before).max() > 1e-3  # trained weights, not the initial ones
+
+
+def test_gradcache_and_matryoshka_in_the_loop(tiny_model_dir, train_jsonl, tmp_path):
+    """loss.cache_chunk_size changes memory, not the result."""
+    base = _recipe(
+        tiny_model_dir,
+        train_jsonl,
+        tmp_path / "plain",
+        "schedule.max_steps=2",
+        "loss.matryoshka_dims=[16, 64]",
+    )
+    _train(base)
+    _train([*base[:-3], f"logging.output_dir={tmp_path / 'cached'}", *base[-2:], "loss.cache_chunk_size=1"])
+    assert _losses(tmp_path / "cached") == pytest.approx(_losses(tmp_path / "plain"), abs=1e-5)
+
+
+def _cli_error(args, nproc=1):
+    proc = (
+        _torchrun(nproc, args, check=False)
+        if nproc > 1
+        else subprocess.run(
+            [sys.executable, "-m", "bidir_train", "--config", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("bidir_train: error:")]
+    assert errors, proc.stderr[-3000:]
+    if nproc == 1:
+        assert "Traceback" not in proc.stderr
+    else:  # torchrun reports a failed child with its own launcher traceback; no frame may be bidir's
+        assert not [
+            line for line in proc.stderr.splitlines() if line.strip().startswith("File") and "bidir" in line
+        ]
+    return errors[0]
+
+
+def test_malformed_jsonl_row(tiny_model_dir, train_jsonl, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = train_jsonl.read_text().splitlines()
+    lines[4] = '{"query": "unterminated'
+    bad.write_text("\n".join(lines) + "\n")
+    message = _cli_error(_recipe(tiny_model_dir, bad, tmp_path / "out"))
+    assert f"{bad}:5" in message
+
+
+def test_empty_dataset(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(BidirError, match="no training examples"):
+        _train(_recipe(tiny_model_dir, empty, tmp_path / "out"))
+
+
+def test_fewer_rows_than_a_batch(tiny_model_dir, train_jsonl, tmp_path):
+    with pytest.raises(BidirError, match="fewer than one global batch of 4"):
+        _train(_recipe(tiny_model_dir, train_jsonl, tmp_path / "out", "data.max_examples=3"))
+
+
+def test_more_ranks_than_rows(tiny_model_dir, train_jsonl, tmp_path):
+    message = _cli_error(
+        _recipe(
+            tiny_model_dir,
+            train_jsonl,
+            tmp_path / "out",
+            "data.max_examples=1",
+            "schedule.global_batch_size=2",
+            "schedule.micro_batch_size=1",
+        ),
+        nproc=2,
+    )
+    assert "1 examples for 2 ranks: more ranks than rows" in message
+
+
+def test_missing_model_path(train_jsonl, tmp_path):
+    message = _cli_error(_recipe(tmp_path / "no-such-model", train_jsonl, tmp_path / "out"))
+    assert "no-such-model: no such file or folder" in message
+
+
+def test_help_has_an_example():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bidir_train", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0
+    assert "torchrun --nproc-per-node" in proc.stdout
