@@ -110,3 +110,65 @@ def test_evaluate_sts_matches_scipy():
     gold = [p.score for p in pairs]
     assert got["spearman"] == pytest.approx(stats.spearmanr(cos, gold).statistic, abs=1e-5)
     assert got["pearson"] == pytest.approx(stats.pearsonr(cos, gold).statistic, abs=1e-5)
+
+
+def _write_corpus_embeddings(folder, ids, embeddings, shard_size=9):
+    from bidir_core.embeddings_artifact import (
+        EmbeddingsManifest,
+        Shard,
+        write_embeddings_manifest,
+        write_shard,
+    )
+
+    folder.mkdir()
+    shards = []
+    for index, start in enumerate(range(0, len(ids), shard_size)):
+        path = write_shard(
+            folder, index, ids[start : start + shard_size], embeddings[start : start + shard_size]
+        )
+        shards.append(Shard(path.name, len(ids[start : start + shard_size])))
+    write_embeddings_manifest(
+        folder,
+        EmbeddingsManifest(
+            model="tiny",
+            model_fingerprint="sha256:00",
+            dim=embeddings.shape[1],
+            dtype=str(embeddings.dtype),
+            normalize=True,
+            prompt="passage",
+            prefix="P: ",
+            input_fingerprint="sha256:11",
+            shards=tuple(shards),
+            complete=True,
+        ),
+    )
+
+
+def test_written_corpus_embeddings_score_like_the_model(tmp_path):
+    from bidir_core.embeddings_artifact import read_embeddings
+
+    encoder, data = tiny_encoder(EncoderConfig(query_prefix="Q: ", passage_prefix="P: ")), _dataset()
+    expected = evaluate_retrieval(encoder, data)
+    # The corpus as batch-embed would write it (shuffled, plus rows that are not in the dataset), in float16.
+    ids = list(data.corpus)[::-1] + ["extra-1", "extra-2"]
+    emb = encoder.encode_documents([data.corpus.get(i, "unrelated text") for i in ids], normalize=True)
+    _write_corpus_embeddings(tmp_path / "f32", ids, emb)
+    got = evaluate_retrieval(encoder, data, corpus_embeddings=read_embeddings(tmp_path / "f32"))
+    assert got == pytest.approx(expected, abs=1e-6)
+    _write_corpus_embeddings(tmp_path / "f16", ids, emb.astype(np.float16))
+    got = evaluate_retrieval(encoder, data, corpus_embeddings=read_embeddings(tmp_path / "f16"))
+    assert got == pytest.approx(expected, abs=0.05)  # float16 storage: near-ties may swap
+
+    # Matryoshka: a written prefix width is searched with queries of the same width, both re-normalized.
+    assert evaluate_retrieval(
+        encoder, data, dim=16, corpus_embeddings=read_embeddings(tmp_path / "f32")
+    ) == pytest.approx(evaluate_retrieval(encoder, data, dim=16), abs=1e-6)
+    _write_corpus_embeddings(tmp_path / "narrow", ids, emb[:, :16].copy())
+    with pytest.raises(BidirError, match="embeddings have dim 16, the queries 64; evaluate with --dim 16"):
+        evaluate_retrieval(encoder, data, corpus_embeddings=read_embeddings(tmp_path / "narrow"))
+
+    _write_corpus_embeddings(tmp_path / "partial", ids[3:], emb[3:])
+    with pytest.raises(
+        BidirError, match=r"3 of the 40 documents of toy have no embedding there, e.g. id 'd37'"
+    ):
+        evaluate_retrieval(encoder, data, corpus_embeddings=read_embeddings(tmp_path / "partial"))

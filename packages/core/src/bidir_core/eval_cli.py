@@ -14,7 +14,8 @@ from bidir_core.errors import BidirError, one_line
 EXAMPLES = """examples:
   bidir-eval smollm2-135m --retrieval stdlib-docstrings
   bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --split test --json runs/cranfield.json
-  bidir-eval ./my-embedder --sts ../shared/data/stsb/sts-dev.tsv --dim 256"""
+  bidir-eval ./my-embedder --sts ../shared/data/stsb/sts-dev.tsv --dim 256
+  bidir-eval ./my-embedder --retrieval ./beir-folder --corpus-embeddings ./corpus-emb   (from batch-embed)"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="test", help="qrels split for --retrieval (default: test)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
     p.add_argument("--dim", type=int, help="Matryoshka: evaluate the first DIM dimensions (default: all)")
+    p.add_argument(
+        "--corpus-embeddings",
+        metavar="DIR",
+        help="with --retrieval: the corpus's embeddings as batch-embed wrote them (only the queries are embedded)",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             sts=args.sts,
             batch_size=args.batch_size,
             dim=args.dim,
+            corpus_embeddings=args.corpus_embeddings,
             progress=not args.no_progress,
         )
         if args.json:

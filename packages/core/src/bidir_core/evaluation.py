@@ -21,6 +21,7 @@ from bidir_core.datasets import (
     read_sts,
     stdlib_counts,
 )
+from bidir_core.embeddings_artifact import Embeddings, read_embeddings
 from bidir_core.errors import BidirError
 from bidir_core.metrics import RETRIEVAL_METRICS, pearson, retrieval_metrics, spearman
 from bidir_core.search import RunningTopK, exact_search
@@ -59,12 +60,15 @@ def evaluate_retrieval(
     batch_size: int = 32,
     dim: int | None = None,
     corpus_chunk: int = 50_000,
+    corpus_embeddings: Embeddings | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """RETRIEVAL_METRICS of the encoder on the dataset's judged queries.
 
     The corpus is embedded corpus_chunk documents at a time and each chunk is searched right away (a running
     top-100 per query), so memory holds the query embeddings and one chunk, never the whole corpus's embeddings.
+    With corpus_embeddings (an embeddings folder written by batch-embed, read with read_embeddings) the corpus is
+    not embedded again: its shards are searched one at a time instead, and only the queries go through encoder.
     """
     if isinstance(corpus_chunk, bool) or not isinstance(corpus_chunk, int) or corpus_chunk < 1:
         raise BidirError(f"corpus_chunk must be a positive integer, got {corpus_chunk!r}")
@@ -77,15 +81,43 @@ def evaluate_retrieval(
     with evaluating(encoder):
         queries = _finite(encoder.encode_queries([dataset.queries[q] for q in query_ids], **options), dataset)
         top = RunningTopK(torch.from_numpy(queries), TOP_K)
-        for start in range(0, len(doc_ids), corpus_chunk):
-            texts = [dataset.corpus[d] for d in doc_ids[start : start + corpus_chunk]]
-            top.add(torch.from_numpy(_finite(encoder.encode_documents(texts, **options), dataset)))
+        if corpus_embeddings is not None:
+            doc_ids = _search_written(top, corpus_embeddings, dataset, queries.shape[1])
+        else:
+            for start in range(0, len(doc_ids), corpus_chunk):
+                texts = [dataset.corpus[d] for d in doc_ids[start : start + corpus_chunk]]
+                top.add(torch.from_numpy(_finite(encoder.encode_documents(texts, **options), dataset)))
     scores, indices = top.result()  # (Q, min(100, N)), best first
     run = {
         query_id: {doc_ids[i]: s for i, s in zip(row_indices.tolist(), row_scores.tolist(), strict=True)}
         for query_id, row_scores, row_indices in zip(query_ids, scores, indices, strict=True)
     }
     return retrieval_metrics(run, dataset.qrels)
+
+
+def _search_written(top: RunningTopK, written: Embeddings, dataset: RetrievalDataset, dim: int) -> list[str]:
+    """Search the shards of an embeddings folder; returns the document ids in the order they were searched.
+    Rows whose id is not in the dataset's corpus are skipped; a corpus document without a row is an error."""
+    stored = written.manifest.dim
+    if stored < dim:
+        raise BidirError(
+            f"{written.folder}: embeddings have dim {stored}, the queries {dim}; evaluate with --dim {stored}"
+        )
+    doc_ids: list[str] = []
+    for ids, emb in written.iter_shards():
+        keep = [i for i, doc_id in enumerate(ids) if doc_id in dataset.corpus]
+        # (n, stored) float16/32 -> (n, dim) float32, re-normalized: a prefix of a normalized vector is not
+        chunk = torch.from_numpy(np.asarray(emb[keep, :dim], dtype=np.float32))
+        top.add(torch.nn.functional.normalize(chunk, dim=-1))
+        doc_ids += [ids[i] for i in keep]
+    found = set(doc_ids)
+    if len(found) < len(dataset.corpus):
+        absent = next(d for d in dataset.corpus if d not in found)
+        raise BidirError(
+            f"{written.folder}: {len(dataset.corpus) - len(found)} of the {len(dataset.corpus)} documents "
+            f"of {dataset.name} have no embedding there, e.g. id {absent!r}"
+        )
+    return doc_ids
 
 
 def evaluate_sts(
@@ -128,15 +160,19 @@ def evaluate_model(
     sts: str | None = None,
     batch_size: int = 32,
     dim: int | None = None,
+    corpus_embeddings: str | None = None,
     progress: bool = False,
 ) -> dict:
     """Load a model (anything BiEncoder.from_pretrained accepts) and evaluate it on one task: a retrieval dataset
     (a BEIR folder or "stdlib-docstrings") or an STS TSV file. Returns the report bidir-eval prints and writes:
-    {"task", "model", "dataset", "dim", "metrics", "counts", "timing"}; metrics are fractions."""
+    {"task", "model", "dataset", "dim", "metrics", "counts", "timing"}; metrics are fractions. corpus_embeddings:
+    an embeddings folder (batch-embed's output) holding the retrieval corpus, searched instead of embedding it."""
     from bidir_core.encoder import BiEncoder
 
     if (retrieval is None) == (sts is None):
         raise BidirError("give exactly one task: a retrieval dataset or an STS file")
+    if corpus_embeddings is not None and retrieval is None:
+        raise BidirError("corpus embeddings are for a retrieval task")
     start = time.perf_counter()
     # Data first: a bad file is reported before the (slow) model load.
     if retrieval is not None:
@@ -148,6 +184,7 @@ def evaluate_model(
         }
         if str(retrieval) == STDLIB_DOCSTRINGS:
             counts["mined"] = stdlib_counts()
+        written = read_embeddings(corpus_embeddings) if corpus_embeddings is not None else None
     else:
         pairs = read_sts(sts)
         counts = {"pairs": len(pairs)}
@@ -155,7 +192,9 @@ def evaluate_model(
     encoder = BiEncoder.from_pretrained(model)
     loaded_model = time.perf_counter()
     if retrieval is not None:
-        metrics = evaluate_retrieval(encoder, data, batch_size=batch_size, dim=dim, progress=progress)
+        metrics = evaluate_retrieval(
+            encoder, data, batch_size=batch_size, dim=dim, corpus_embeddings=written, progress=progress
+        )
     else:
         metrics = evaluate_sts(encoder, pairs, batch_size=batch_size, dim=dim, progress=progress)
     done = time.perf_counter()
