@@ -18,6 +18,7 @@ the ratio (> 1: bidir faster). With CUDA it also measures tokens/s/GPU and MFU o
 Llama-3.2-1B-shaped model at sequence length 512.
 
     python benchmarks/bench_train_step.py [--batch-size 8] [--max-length 64] [--steps 5] [--threads N] [--json PATH]
+    python benchmarks/bench_train_step.py --gpu-only      # the CUDA part alone (what gpu_suite.sh runs)
 """
 
 from __future__ import annotations
@@ -288,6 +289,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="GPU part: torch.compile each layer")
     ap.add_argument("--peak-tflops", type=float, default=None, help="GPU part: the GPU's dense bf16 peak")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line with all figures")
+    ap.add_argument(
+        "--gpu-only", action="store_true", help="only the GPU part (random weights: no model or data needed)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -295,7 +299,7 @@ def main() -> None:
     import transformers
 
     try:
-        record = {"cpu": bench_cpu(args)}
+        record = {} if args.gpu_only else {"cpu": bench_cpu(args)}
         if torch.cuda.is_available():
             record["gpu"] = bench_gpu(args)
         else:

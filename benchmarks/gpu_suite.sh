@@ -10,36 +10,40 @@
 # It runs on a machine without CUDA too: the tests skip with their reasons and the table says which rows were
 # skipped, so the script itself is tested before a GPU is at hand.
 #
-#   bash benchmarks/gpu_suite.sh                 # JSON lines go to $OUT (default runs/gpu_suite/)
+#   bash benchmarks/gpu_suite.sh     # JSON lines go to $OUT (default runs/gpu_suite/); PYTHON=... picks the interpreter
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/packages/core/src:$PWD/packages/train/src:$PWD/packages/export/src:$PWD/packages/serve/src${PYTHONPATH:+:$PYTHONPATH}"
 export BIDIR_CACHE="${BIDIR_CACHE:-$(mktemp -d)}"
 out="${OUT:-runs/gpu_suite}"
-mkdir -p "$out" && rm -f "$out"/*.jsonl
+mkdir -p "$out" && rm -f "$out"/*.jsonl "$out"/*.xml
 status=0
+py="${PYTHON:-python3}"   # the interpreter that has torch and the test dependencies
 
-python3 -c 'import torch; print("torch", torch.__version__, "| cuda:", torch.cuda.is_available() and torch.cuda.get_device_name(0) or "none")'
+"$py" -c 'import torch; print("torch", torch.__version__, "| cuda:", torch.cuda.is_available() and torch.cuda.get_device_name(0) or "none")'
 
 echo "== gpu- and tensorrt-marked tests"
-python3 -m pytest packages/*/tests integration_tests -m "gpu or tensorrt" -q -rs -p no:cacheprovider \
-  --junit-xml "$out/tests.xml"
-rc=$?
-[ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1   # 5: nothing collected
+# One pytest per test folder: each package's tests have their own conftest (pytest cannot mix them in one run).
+for tests in packages/core/tests packages/train/tests packages/export/tests packages/serve/tests integration_tests; do
+  name=$(echo "$tests" | tr / -)
+  "$py" -m pytest "$tests" -m "gpu or tensorrt" -q -rs -p no:cacheprovider --junit-xml "$out/tests-$name.xml"
+  rc=$?
+  [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1   # 5: nothing collected
+done
 
 echo "== inference throughput"
-python3 benchmarks/bench_inference_shapes.py --json "$out/inference.jsonl" || status=1
+"$py" benchmarks/bench_inference_shapes.py --json "$out/inference.jsonl" || status=1
 
 echo "== training step"
-python3 benchmarks/bench_train_step.py --gpu-only --json "$out/train_step.jsonl" || status=1
+"$py" benchmarks/bench_train_step.py --gpu-only --json "$out/train_step.jsonl" || status=1
 
-if python3 -c 'import tensorrt' 2>/dev/null && python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+if "$py" -c 'import tensorrt' 2>/dev/null && "$py" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
   echo "== TensorRT vs torch"
-  python3 benchmarks/bench_backends.py --shapes 64x512 --json "$out/backends.jsonl" || status=1
+  "$py" benchmarks/bench_backends.py --shapes 64x512 --json "$out/backends.jsonl" || status=1
 fi
 
 echo "== summary"
-python3 - "$out" <<'PY'
+"$py" - "$out" <<'PY'
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -50,11 +54,13 @@ def lines(name):
     return [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
 
 rows = []
-if (out / "tests.xml").is_file():
-    suite = ET.parse(out / "tests.xml").getroot().find("testsuite")
-    a = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    passed = a["tests"] - a["failures"] - a["errors"] - a["skipped"]
-    rows.append(("gpu/tensorrt tests", f"{passed} passed, {a['failures'] + a['errors']} failed, {a['skipped']} skipped"))
+a = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+for xml in sorted(out.glob("tests-*.xml")):
+    suite = ET.parse(xml).getroot().find("testsuite")
+    for k in a:
+        a[k] += int(suite.get(k, 0))
+passed = a["tests"] - a["failures"] - a["errors"] - a["skipped"]
+rows.append(("gpu/tensorrt tests", f"{passed} passed, {a['failures'] + a['errors']} failed, {a['skipped']} skipped"))
 for r in lines("inference.jsonl"):
     rows.append((f"inference {r['shape']} {r['batch']}x{r['seq']} bf16",
                  f"{r['bidir_tokens_per_s']:,.0f} tok/s (transformers {r['transformers_tokens_per_s']:,.0f}, "
