@@ -80,9 +80,11 @@ def test_tiny_model_two_ranks(tmp_path):
     tiny_encoder().save_pretrained(tmp_path / "tiny")
     run("torchrun", "--nproc-per-node", "2", "-m", "bidir_train", "--config", "tiny",
         f"model.path={tmp_path / 'tiny'}", f"data.train={train_file}", f"logging.output_dir={tmp_path / 'run'}",
-        "schedule.max_steps=4")  # fmt: skip
-    losses = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in losses if "loss" in r] == [1, 2, 3, 4]
+        "schedule.max_steps=4", f"eval.dev={beir}", "eval.every_steps=2")  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    # In-loop evaluation of the FSDP-sharded model on both ranks: before training, every 2 steps, at the end.
+    assert [r["step"] for r in rows if "dev/ndcg@10" in r] == [0, 2, 4]
     embed_eval_chain(tmp_path, tmp_path / "run" / "final", beir)
 
 

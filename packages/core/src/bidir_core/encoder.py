@@ -99,7 +99,9 @@ class BiEncoder(nn.Module):
             raise BidirError(f"dim={dim} is larger than the model's hidden size {self.hidden_size}")
         return int(dim)
 
-    @torch.inference_mode()
+    # no_grad rather than inference_mode: a model being trained under FSDP2 is evaluated with encode(), and FSDP2
+    # cannot unshard its parameters into inference-mode tensors.
+    @torch.no_grad()
     def encode(
         self,
         texts: str | Sequence[str],

@@ -102,10 +102,8 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
 
 
 class TrainingEncoder(BiEncoder):
-    """The BiEncoder being trained. Two differences from BiEncoder: the decoder stack runs under `autocast` (bf16
-    on CPU; pooling and the loss stay fp32), and encode() runs under no_grad instead of inference_mode, because
-    FSDP2 cannot unshard parameters into inference-mode tensors and in-loop evaluation encodes with the sharded
-    model."""
+    """The BiEncoder being trained: its decoder stack runs under `autocast` (bf16 on CPU; pooling and the loss stay
+    fp32)."""
 
     autocast = staticmethod(contextlib.nullcontext)
 
@@ -118,10 +116,6 @@ class TrainingEncoder(BiEncoder):
         return (
             F.normalize(emb, dim=-1) if (self.config.normalize if normalize is None else normalize) else emb
         )
-
-    def encode(self, *args, **kwargs):
-        with torch.no_grad():
-            return BiEncoder.encode.__wrapped__(self, *args, **kwargs)  # the undecorated encode
 
 
 def load_encoder(cfg: TrainConfig, device: torch.device) -> TrainingEncoder:
