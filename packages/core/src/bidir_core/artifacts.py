@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.errors import BidirError
-from bidir_core.jsonfile import read_json_object
+from bidir_core.jsonfile import read_json_object, write_json_atomic
 
 ARTIFACT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -153,13 +150,7 @@ def _encode(value):
 
 def write_manifest(folder: str | Path, manifest: OnnxManifest | EngineManifest) -> Path:
     """Write folder/manifest.json atomically (a temp file renamed into place)."""
-    path = Path(folder) / MANIFEST
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(_to_json(manifest), f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(folder) / MANIFEST, _to_json(manifest))
 
 
 def _verification(raw) -> Verification | None:

@@ -12,9 +12,7 @@ complete: true once every shard exists; read_embeddings refuses an incomplete fo
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bidir_core.errors import BidirError, one_line
-from bidir_core.jsonfile import read_json_object
+from bidir_core.jsonfile import read_json_object, write_json_atomic
 
 EMBEDDINGS_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -95,13 +93,7 @@ class EmbeddingsManifest:
 
 def write_embeddings_manifest(folder: str | Path, manifest: EmbeddingsManifest) -> Path:
     """Write folder/manifest.json atomically (a temp file renamed into place)."""
-    path = Path(folder) / MANIFEST
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(manifest.to_json(), f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(folder) / MANIFEST, manifest.to_json())
 
 
 class ShardWriter:

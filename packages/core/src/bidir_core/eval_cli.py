@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from bidir_core.errors import BidirError, one_line
+from bidir_core.jsonfile import write_json_atomic
 
 EXAMPLES = """examples:
   bidir-eval smollm2-135m --retrieval stdlib-docstrings
@@ -64,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
         if args.json:
-            write_json(Path(args.json), report)
+            write_json_atomic(Path(args.json), report)  # OUT is never half-written
     except (BidirError, OSError) as e:  # OSError: an unreadable input or unwritable output location
         print(f"bidir-eval: error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -79,20 +77,6 @@ def format_report(report: dict) -> str:
     timing = report["timing"]
     lines.append(f"  model loaded in {timing['model_s']:.1f} s, evaluated in {timing['eval_s']:.1f} s")
     return "\n".join(lines)
-
-
-def write_json(path: Path, report: dict) -> None:
-    """Written to a temporary file next to the target and renamed, so OUT is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

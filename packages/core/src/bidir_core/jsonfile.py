@@ -1,8 +1,11 @@
-"""Reading the small JSON files of every artifact (config.json, bidir.json, manifests) with one-line errors."""
+"""The small JSON files of every artifact (config.json, bidir.json, manifests, reports): reading them with one-line
+errors, and writing them so they are never half-written."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from bidir_core.errors import BidirError, one_line
@@ -17,3 +20,19 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(value, dict):
         raise BidirError(f"{path}: expected a JSON object")
     return value
+
+
+def write_json_atomic(path: Path, value) -> Path:
+    """Write value as indented JSON to a temporary file next to path and rename it into place, so path is either
+    the old file or the complete new one; the temporary file is removed on any error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
