@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from bidir_core.errors import BidirError
+from bidir_core.folders import publish_folder
 from bidir_core.jsonfile import read_json_object
 from bidir_core.pooling import check_pooling
 
@@ -225,21 +225,13 @@ def write_checkpoint(
 
 
 def _publish(tmp: Path, target: Path, exist_ok: bool) -> None:
-    """Rename the finished folder into place. An old checkpoint is first moved aside, so at every moment the
-    target is either the complete old or the complete new checkpoint; the old one is deleted last."""
+    """Rename the finished folder into place (publish_folder: the target is always a complete checkpoint); with
+    exist_ok, a complete checkpoint another process published first is kept instead."""
     if exist_ok and (target / BIDIR_JSON).is_file():
         return  # another process finished the same import first
-    old = None
-    if target.is_dir() and any(target.iterdir()):
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old)
     try:
-        os.replace(tmp, target)  # replaces an empty folder; fails on a non-empty one
+        publish_folder(tmp, target)
     except OSError:
-        if old is not None:
-            os.replace(old, target)
-        elif exist_ok and (target / BIDIR_JSON).is_file():
+        if exist_ok and (target / BIDIR_JSON).is_file():
             return  # lost a race to a complete import: fine
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from bidir_core.artifacts import MANIFEST
 from bidir_core.errors import BidirError
+from bidir_core.folders import publish_folder
 
 
 def check_target(target: Path, overwrite: bool) -> None:
@@ -37,21 +37,6 @@ def staged_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
         raise BidirError(f"{target}: cannot write there ({e.strerror or e})") from None
     try:
         yield tmp
-        _publish(tmp, target)
+        publish_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone when it was renamed into place
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    old = None
-    if target.is_dir() and any(target.iterdir()):
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)  # replaces an empty folder
-    except OSError:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
