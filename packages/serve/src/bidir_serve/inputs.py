@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bidir_core.datasets.lines import read_jsonl, read_lines
 from bidir_core.errors import BidirError, one_line
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -86,35 +87,18 @@ def _check_text(text: str, where: str) -> str:
     return text
 
 
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BidirError(f"{where}: invalid UTF-8 at byte {e.start}") from None
-
-
 def _jsonl_rows(path: Path, id_field: str, text_field: str) -> Iterator[Row]:
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            where = f"{path}:{n}"
-            line = _decode(raw, where)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BidirError(f"{where}: not valid JSON ({one_line(e)})") from None
-            if not isinstance(obj, dict):
-                raise BidirError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for field in (id_field, text_field):
-                if field not in obj:
-                    raise BidirError(
-                        f"{where}: no {field!r} field (fields: {', '.join(map(repr, obj)) or 'none'})"
-                    )
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise BidirError(f"{where}: {text_field!r} is a {type(text).__name__}, not a string")
-            yield Row(_id(obj[id_field], id_field, where), _check_text(text, where), where)
+    for n, obj in read_jsonl(path):  # UTF-8, JSON and object checks per line; blank lines are not rows
+        where = f"{path}:{n}"
+        for field in (id_field, text_field):
+            if field not in obj:
+                raise BidirError(
+                    f"{where}: no {field!r} field (fields: {', '.join(map(repr, obj)) or 'none'})"
+                )
+        text = obj[text_field]
+        if not isinstance(text, str):
+            raise BidirError(f"{where}: {text_field!r} is a {type(text).__name__}, not a string")
+        yield Row(_id(obj[id_field], id_field, where), _check_text(text, where), where)
 
 
 def _id(value, id_field: str, where: str) -> str:
@@ -163,11 +147,8 @@ def _parquet_rows(path: Path, id_field: str, text_field: str) -> Iterator[Row]:
 
 
 def _text_rows(path: Path, id_prefix: str) -> Iterator[Row]:
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            where = f"{path}:{n}"
-            text = _decode(raw, where).removesuffix("\n").removesuffix("\r")
-            yield Row(f"{id_prefix}{n}", _check_text(text, where), where)
+    for n, text in read_lines(path):  # UTF-8 checked per line, line endings removed
+        yield Row(f"{id_prefix}{n}", _check_text(text, f"{path}:{n}"), f"{path}:{n}")
 
 
 def scan(files: list[Path], id_field: str, text_field: str) -> int:
