@@ -53,7 +53,7 @@ def load_retrieval(source: str | Path, split: str = "test") -> RetrievalDataset:
     if not qrels_path.is_file():
         found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
         raise BidirError(f"{folder}: no qrels/{split}.tsv (splits found: {', '.join(found) or 'none'})")
-    corpus = _read_corpus(folder / "corpus.jsonl")
+    corpus = read_corpus(folder / "corpus.jsonl")
     queries = _read_queries(folder / "queries.jsonl")
     qrels = _read_qrels(qrels_path, corpus, queries)
     return RetrievalDataset(
@@ -64,7 +64,8 @@ def load_retrieval(source: str | Path, split: str = "test") -> RetrievalDataset:
     )
 
 
-def _read_corpus(path: Path) -> dict[str, str]:
+def read_corpus(path: Path) -> dict[str, str]:
+    """A BEIR corpus.jsonl alone: document id -> "title text" (also read by bidir-mine); at least one document."""
     corpus: dict[str, str] = {}
     empty: list[int] = []  # line numbers of documents without any text
     for number, row in read_jsonl(path):

@@ -1,0 +1,175 @@
+"""bidir-mine: positives never come back as negatives, the margin rule, the output format, bad input, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bidir_core.datasets import TrainingExample, read_training_examples
+from bidir_core.errors import BidirError
+from bidir_train.mine import MineConfig, main, mine, mine_negatives
+
+
+class FakeEncoder:
+    """Hand-made unit vectors per text, so every cosine is known exactly."""
+
+    def __init__(self, vectors: dict[str, list[float]]):
+        self.vectors = vectors
+
+    def _encode(self, texts, batch_size=32, normalize=True, show_progress_bar=False):
+        out = np.array([self.vectors[t] for t in texts], dtype=np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    encode_queries = encode_documents = _encode
+
+
+def _unit(cos: float, axis: int) -> list[float]:
+    """A unit vector at cosine `cos` to e0, its remainder on `axis` (so candidates are not similar to each other)."""
+    v = [0.0] * 6
+    v[0], v[axis] = cos, math.sqrt(1 - cos**2)
+    return v
+
+
+def _margin_case(margin: float) -> tuple[str, ...]:
+    vectors = {"q": _unit(1.0, 1), "pos": _unit(0.8, 1), "near": _unit(0.77, 2), "far": _unit(0.75, 3)}
+    vectors["low"] = _unit(0.1, 4)
+    example = TrainingExample(query="q", positives=("pos",))
+    corpus = [(None, t) for t in ("pos", "near", "far", "low")]
+    rows, counts = mine_negatives(
+        FakeEncoder(vectors), [example], corpus, top_k=4, num_negatives=2, margin=margin, device="cpu"
+    )
+    assert counts["dropped_positive"] == 1
+    return rows[0].negatives
+
+
+def test_margin_drops_candidates_too_close_to_the_positive():
+    # positive score 0.8: margin 0.95 -> threshold 0.76, so 0.77 goes and 0.75 stays; margin 1.0 keeps 0.77
+    assert _margin_case(0.95) == ("far", "low")
+    assert _margin_case(1.0) == ("near", "far")
+
+
+def test_positives_by_text_and_id_and_the_query_are_never_negatives():
+    vectors = {"q": _unit(1.0, 1), "p": _unit(0.5, 1), " p\t": _unit(0.99, 2), "same id": _unit(0.98, 3)}
+    vectors |= {"q ": _unit(0.97, 4), "other": _unit(0.3, 5)}
+    example = TrainingExample(query="q", positives=("p",), positive_ids=("d1",))
+    corpus = [("d0", " p\t"), ("d1", "same id"), ("d2", "q "), ("d3", "other"), ("d4", "p")]
+    vectors[" p\t"] = vectors["p"]  # same text after whitespace normalisation: the positive
+    rows, counts = mine_negatives(
+        FakeEncoder(vectors), [example], corpus, top_k=5, num_negatives=3, margin=1.0
+    )
+    assert rows[0].negatives == ("other",)
+    assert rows[0].negative_ids == ("d3",)  # a row keyed by id keeps the mined ids
+    assert counts["dropped_positive"] == 3 and counts["short_rows"] == 1
+
+
+def _pair_rows(n=30):
+    return [
+        {
+            "query": f"how to {w} item {i}",
+            "pos_doc": [f"{w} returns the value {i}", f"the {w} of {i}"],
+            "pos_ids": [f"p{i}a", f"p{i}b"],
+        }
+        for i, w in enumerate(["sort", "parse", "open", "join", "split", "read"] * (n // 6))
+    ]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.filterwarnings(
+    "ignore:.*rows have fewer than"
+)  # a random model: the margin leaves some rows short
+def test_tiny_model_never_returns_a_positive(tmp_path):
+    from bidir_core.testing import tiny_encoder
+
+    rows = _pair_rows()
+    rows[0]["neg_doc"], rows[0]["neg_ids"] = ["an own negative"], ["n0"]
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    # A BEIR corpus that holds every positive under its id (the second with a title: found by id only), and more.
+    corpus = [{"_id": r["pos_ids"][0], "text": r["pos_doc"][0]} for r in rows]
+    corpus += [{"_id": r["pos_ids"][1], "title": "T", "text": r["pos_doc"][1]} for r in rows]
+    corpus += [{"_id": f"x{i}", "title": "", "text": f"unrelated passage number {i}"} for i in range(20)]
+    _write_jsonl(tmp_path / "corpus.jsonl", corpus)
+    out = tmp_path / "out" / "mined.jsonl"
+    cfg = MineConfig("unused", str(train), str(out), corpus=str(tmp_path), margin=1.0, progress=False)
+    summary = mine(cfg, encoder=tiny_encoder())
+    mined = list(read_training_examples(out))  # the output is valid training data
+    assert [ex.query for ex in mined] == [r["query"] for r in rows]
+    assert summary["rows"] == len(rows) and summary["dropped_positive"] > 0
+    titled = {f"T {r['pos_doc'][1]}" for r in rows}
+    for ex, row in zip(mined, rows, strict=True):
+        assert ex.positives == tuple(row["pos_doc"]) and ex.positive_ids == tuple(row["pos_ids"])
+        assert not set(ex.negatives) & (set(row["pos_doc"]) | {f"T {row['pos_doc'][1]}"})
+        assert not set(ex.negative_ids) & set(row["pos_ids"])
+        assert len(set(ex.negatives)) == len(ex.negatives) <= 4
+    negatives = [n for ex in mined for n in ex.negatives]
+    assert sum(n in titled for n in negatives) > 0  # other rows' positives are fair negatives
+    assert summary["short_rows"] == sum(len(ex.negatives) < 4 for ex in mined) < len(rows)
+    assert mined[0].negatives[0] == "an own negative" and mined[0].negative_ids[0] == "n0"  # kept first
+
+
+@pytest.mark.filterwarnings("ignore:.*rows have fewer than")
+def test_default_corpus_is_the_rows_own_passages_and_keep_existing(tmp_path, train_jsonl):
+    from bidir_core.testing import tiny_encoder
+
+    encoder = tiny_encoder()
+    source = list(read_training_examples(train_jsonl))
+    for keep in (True, False):
+        out = tmp_path / f"keep-{keep}.jsonl"
+        cfg = MineConfig("unused", str(train_jsonl), str(out), keep_existing=keep, margin=1.0, progress=False)
+        mine(cfg, encoder=encoder)
+        mined = list(read_training_examples(out))
+        assert len(mined) == len(source)
+        pool = {p for ex in source for p in (*ex.positives, *ex.negatives)}
+        for ex, old in zip(mined, source, strict=True):
+            assert ex.query == old.query and ex.positives == old.positives
+            assert set(ex.negatives) <= pool and not set(ex.negatives) & set(old.positives)
+            assert len(set(ex.negatives)) == len(ex.negatives) <= 4 and ex.negative_ids == ()
+            if keep:
+                assert ex.negatives[:3] == old.negatives  # the row's own first, mined ones after
+        assert any(len(ex.negatives) == 4 for ex in mined)
+
+
+def test_bad_input(tmp_path, train_jsonl):
+    with pytest.raises(BidirError, match="no such file"):
+        mine(MineConfig("unused", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl")))
+    out = tmp_path / "exists.jsonl"
+    out.write_text("old\n")
+    with pytest.raises(BidirError, match="already exists"):
+        mine(MineConfig("unused", str(train_jsonl), str(out)))
+    assert out.read_text() == "old\n" and not (tmp_path / "exists.jsonl.tmp").exists()
+    for margin in (0.0, 1.5, -0.1):
+        with pytest.raises(BidirError, match="margin must be in"):
+            MineConfig("m", "t", "o", margin=margin)
+    with pytest.raises(BidirError, match="top_k must be a positive integer"):
+        MineConfig("m", "t", "o", top_k=0)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(BidirError, match="no passages"):
+        mine(
+            MineConfig(
+                "unused", str(train_jsonl), str(tmp_path / "o.jsonl"), corpus=str(tmp_path / "empty.txt")
+            )
+        )
+
+
+@pytest.mark.filterwarnings("ignore:.*rows have fewer than")
+def test_cli(tmp_path, tiny_model_dir, train_jsonl, capsys):
+    corpus = tmp_path / "passages.txt"
+    corpus.write_text("".join(f"passage about topic {i}\n" for i in range(12)))
+    out = tmp_path / "mined.jsonl"
+    args = [str(tiny_model_dir), "--train", str(train_jsonl), "--output", str(out), "--corpus", str(corpus)]
+    assert main([*args, "--no-keep-existing", "--num-negatives", "2", "--no-progress"]) == 0
+    assert "24 rows" in capsys.readouterr().out
+    mined = list(read_training_examples(out))
+    assert all(len(ex.negatives) <= 2 for ex in mined) and any(ex.negatives for ex in mined)
+    assert all(n.startswith("passage about topic") for ex in mined for n in ex.negatives)  # not their own
+    assert not (tmp_path / "mined.jsonl.tmp").exists()
+    assert main([*args, "--no-progress"]) == 1  # the output exists now
+    assert "bidir-mine: error: " in capsys.readouterr().err
+    assert main([*args, "--margin", "2", "--overwrite"]) == 1
+    assert "margin must be in (0, 1]" in capsys.readouterr().err
