@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from quality_data import limit_retrieval
 from rank_bm25 import BM25Okapi
 
 from bidir_core.batching import length_sorted_batches, pad_batch
@@ -105,20 +106,6 @@ class CausalEncoder(torch.nn.Module):
 
     def encode_documents(self, texts, **kwargs):
         return self.encode([self.config.passage_prefix + t for t in texts], **kwargs)
-
-
-def limit_retrieval(data: RetrievalDataset, n_queries: int | None, n_docs: int | None) -> RetrievalDataset:
-    """The first n_queries judged queries; their judged documents plus the first others, up to n_docs."""
-    query_ids = list(data.qrels)[:n_queries]
-    judged = list(dict.fromkeys(d for q in query_ids for d in data.qrels[q]))
-    keep = judged + [d for d in data.corpus if d not in set(judged)]
-    keep = keep[: max(n_docs or len(keep), len(judged))]
-    return RetrievalDataset(
-        name=f"{data.name} ({len(query_ids)} queries, {len(keep)} docs)",
-        corpus={d: data.corpus[d] for d in keep},
-        queries={q: data.queries[q] for q in query_ids},
-        qrels={q: data.qrels[q] for q in query_ids},
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,7 +169,20 @@ def test_cli(tmp_path, tiny_model_dir, train_jsonl, capsys):
     assert all(len(ex.negatives) <= 2 for ex in mined) and any(ex.negatives for ex in mined)
     assert all(n.startswith("passage about topic") for ex in mined for n in ex.negatives)  # not their own
     assert not (tmp_path / "mined.jsonl.tmp").exists()
-    assert main([*args, "--no-progress"]) == 1  # the output exists now
+    assert main([*args, "--no-progress"]) == 2  # the output exists now
     assert "bidir-mine: error: " in capsys.readouterr().err
-    assert main([*args, "--margin", "2", "--overwrite"]) == 1
+    assert main([*args, "--margin", "2", "--overwrite"]) == 2
     assert "margin must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_rows_sharing_a_query_share_positives():
+    """An SNLI premise with two entailments is two rows: neither row's positive may be mined for the other."""
+    vectors = {"q": _unit(1.0, 1), "p1": _unit(0.9, 1), "p2": _unit(0.8, 2), "n": _unit(0.3, 3)}
+    rows = [TrainingExample("q", ("p1",)), TrainingExample("q", ("p2",))]
+    corpus = [(None, t) for t in ("p1", "p2", "n")]
+    mined, counts = mine_negatives(
+        FakeEncoder(vectors), rows, corpus, top_k=3, num_negatives=1, margin=1.0, device="cpu"
+    )
+    # without sharing, row 1 would take p2 (0.8 < its positive's 0.9) as a negative
+    assert [ex.negatives for ex in mined] == [("n",), ("n",)]
+    assert counts["dropped_positive"] == 4

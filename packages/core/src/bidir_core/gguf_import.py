@@ -147,6 +147,18 @@ def read_gguf(path: Path, dtype: torch.dtype) -> tuple[LlamaConfig, dict[str, to
     return config, state_dict
 
 
+def read_gguf_tensor(path: Path, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """One tensor of a GGUF file by its GGUF name (e.g. output.weight), dequantized; None when absent."""
+    reader = _reader(path)
+    from gguf.quants import dequantize
+
+    for tensor in reader.tensors:
+        if tensor.name == name:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+            return torch.from_numpy(np.array(weights, dtype=np.float32, order="C")).to(dtype)
+    return None
+
+
 def gguf_tokenizer(path: Path):
     """The tokenizer stored in the GGUF metadata, rebuilt by transformers."""
     from transformers import AutoTokenizer

@@ -165,3 +165,24 @@ def load_model_weights(
     state_dict, origin = read_state_dict(path, dtype)
     check_state_dict(config, state_dict, origin if origin else path)
     return config, state_dict
+
+
+def load_lm_head(path_or_name: str | Path, dtype: torch.dtype) -> torch.Tensor | None:
+    """The LM head (vocab, hidden) of a source whose head is not its input embeddings (lm_head.weight of a Hugging
+    Face folder, output.weight of a GGUF file), in dtype; None when the source has none (tied, or an embedder).
+    An embedder never needs it; MNTP adaptation predicts tokens through it."""
+    path = resolve_source(path_or_name)
+    if path.suffix == ".gguf":
+        from bidir_core.gguf_import import read_gguf_tensor
+
+        return read_gguf_tensor(path, "output.weight", dtype)
+    for file in _weight_files(path):
+        if file.suffix == ".bin":
+            tensors = _read_file(file)
+            if "lm_head.weight" in tensors:
+                return tensors["lm_head.weight"].to(dtype)
+            continue
+        with safe_open(file, framework="pt") as f:
+            if "lm_head.weight" in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                return f.get_tensor("lm_head.weight").to(dtype)
+    return None

@@ -1,7 +1,7 @@
 """Training configuration: frozen dataclasses, and the one loader that fills them from a YAML recipe.
 
-A recipe is a YAML mapping with one sub-mapping per section (model, data, loss, optim, schedule, parallel,
-checkpoint, eval, logging). `load_recipe(path_or_name, overrides)` reads it, applies dotted command-line
+A recipe is a YAML mapping with one sub-mapping per section (model, data, loss, mntp, optim, schedule, parallel,
+checkpoint, eval, logging), and `objective` (contrastive or mntp). `load_recipe(path_or_name, overrides)` reads it, applies dotted command-line
 overrides (`optim.lr=1e-5`), and builds a `TrainConfig`. Unknown keys are errors that name the nearest valid key;
 every value is checked against its field's type.
 """
@@ -48,7 +48,11 @@ class DataConfig:
     """Training examples."""
 
     train: str = "stdlib-docstrings"
-    """JSONL / TSV file, or "stdlib-docstrings" (the embedded default dataset, train split)."""
+    """JSONL / TSV file, or "stdlib-docstrings" (the embedded default dataset, train split). For MNTP also a .txt
+    file (one text per line); every distinct text of the rows is trained on (stdlib-docstrings: its passages)."""
+    text_fields: tuple[str, ...] = ()
+    """MNTP on a JSONL file: the fields to read text from (a string or a list of strings each); empty: the query,
+    pos_doc and neg_doc of training rows."""
     num_negatives: int = 0
     """Hard negatives per query, sampled from the row's neg_doc each epoch (seeded)."""
     max_examples: int | None = None
@@ -74,8 +78,20 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class MntpConfig:
+    """Masked next-token prediction (objective: mntp), LLM2Vec's bidirectional adaptation stage."""
+
+    mask_probability: float = 0.2
+    """Fraction of each text's tokens that are chosen and predicted (LLM2Vec: 0.2 for Llama)."""
+    mask_token: str | None = None
+    """The token that replaces a chosen one (None: the tokenizer's mask token, or "_" when it has none)."""
+    max_length: int = 128
+    """Texts are cut to this many tokens (counted and reported)."""
+
+
+@dataclass(frozen=True)
 class OptimConfig:
-    """AdamW (fused on CUDA) with gradient clipping."""
+    """AdamW (fused) with gradient clipping."""
 
     lr: float = 2e-5
     """Peak learning rate."""
@@ -97,6 +113,9 @@ class ScheduleConfig:
     """Queries per optimizer step, summed over ranks and accumulation steps."""
     micro_batch_size: int = 8
     """Queries per rank per forward; the in-batch negative group is micro_batch_size x world size."""
+    forward_chunk_size: int | None = None
+    """Embed a micro-batch's texts in length-sorted chunks of this many, each padded only to its own longest
+    text: the same result, far fewer padded tokens when lengths vary (None: one forward per side)."""
     max_steps: int | None = None
     """Optimizer steps to train (None: `epochs` epochs)."""
     epochs: int = 1
@@ -120,7 +139,8 @@ class ParallelConfig:
     compile: bool = False
     """torch.compile each decoder layer."""
     reshard_after_forward: bool = True
-    """FSDP2: free gathered parameters after forward (ZeRO-3) instead of keeping them until backward."""
+    """FSDP2: free each decoder layer's gathered parameters after forward (ZeRO-3) instead of keeping them until
+    backward (the root's embeddings and final norm are always kept)."""
 
 
 @dataclass(frozen=True)
@@ -169,12 +189,16 @@ class TrainConfig:
 
     name: str = "default"
     """Recipe name (the file's stem): names the default output folder."""
+    objective: str = "contrastive"
+    """contrastive (InfoNCE on query / passage pairs) or mntp (masked next-token prediction on raw text)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The contrastive loss."""
+    mntp: MntpConfig = field(default_factory=MntpConfig)
+    """The MNTP objective."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """The optimizer."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -197,6 +221,7 @@ class TrainConfig:
 
 
 _CHOICES = {
+    ("", "objective"): ("contrastive", "mntp"),
     ("model", "precision"): ("bf16", "fp32"),
     ("schedule", "decay"): ("linear", "cosine", "constant"),
 }
@@ -205,11 +230,13 @@ _POSITIVE = {
     ("model", "passage_max_length"),
     ("schedule", "global_batch_size"),
     ("schedule", "micro_batch_size"),
+    ("schedule", "forward_chunk_size"),
     ("schedule", "max_steps"),
     ("schedule", "epochs"),
     ("schedule", "stop_at_step"),
     ("data", "max_examples"),
     ("loss", "cache_chunk_size"),
+    ("mntp", "max_length"),
     ("eval", "batch_size"),
     ("logging", "every_steps"),
     ("checkpoint", "keep"),
@@ -285,7 +312,9 @@ class _Override(str):
 
 
 def _accepts_str(kind) -> bool:
-    return kind is str or str in typing.get_args(kind)
+    """str, or a union with str (str | None); not tuple[str, ...], whose override is a YAML list."""
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    return kind is str or (union and str in typing.get_args(kind))
 
 
 def _build(cls, raw: dict, where: str, prefix: str = ""):
@@ -389,6 +418,8 @@ def _check_ranges(config, where: str, prefix: str) -> None:
             raise BidirError(
                 f"{where}: loss.matryoshka_dims must be positive, got {list(config.matryoshka_dims)}"
             )
+    if section == "mntp" and not 0 < config.mask_probability < 1:
+        raise BidirError(f"{where}: mntp.mask_probability must be in (0, 1), got {config.mask_probability}")
     if section in ("data", "schedule", "checkpoint", "eval"):
         for name in ("num_negatives", "warmup_steps", "every_steps"):
             if getattr(config, name, 0) < 0:

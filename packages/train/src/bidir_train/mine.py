@@ -150,6 +150,12 @@ def mine_negatives(
         scores += s.tolist()
         indices += i.tolist()
 
+    # Rows that share a query (an SNLI premise with several entailments) share their positives: one row's positive
+    # is never another's negative.
+    positives_of: dict[str, set[str]] = {}
+    for ex in examples:
+        positives_of.setdefault(_norm(ex.query), set()).update(map(_norm, ex.positives))
+
     counts: Counter = Counter()
     rows = []
     for q, ex in enumerate(examples):
@@ -158,7 +164,7 @@ def mine_negatives(
         threshold = margin * float((positives @ queries[q]).min())
         negatives = list(ex.negatives) if keep_existing else []
         neg_ids = list(ex.negative_ids or [None] * len(ex.negatives)) if keep_existing else []
-        pos_texts = {_norm(t) for t in ex.positives}
+        pos_texts = positives_of[_norm(ex.query)]
         seen = {*pos_texts, _norm(ex.query), *map(_norm, negatives)}  # the query and duplicates are dropped
         seen_ids = {*ex.positive_ids, *neg_ids} - {None}
         mined = 0
@@ -301,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         s = mine(parse_args(argv))
     except (BidirError, OSError) as e:  # OSError: an unreadable input or an unwritable output
         print(f"bidir-mine: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return 2
     print(
         f"bidir-mine: {s['rows']} rows -> {s['output']}: {s['negatives_per_row']:.2f} negatives per row, "
         f"{s['dropped_positive']} candidates dropped as positives, {s['dropped_margin']} by the margin, "

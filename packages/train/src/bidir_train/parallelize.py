@@ -40,5 +40,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, *, device: torch.device, 
         # The last layer's parameters are needed again at once in backward: keep them gathered.
         reshard = cfg.reshard_after_forward and i < len(layers) - 1
         fully_shard(layer, reshard_after_forward=reshard, **kwargs)
-    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
+    # The root (embeddings, final norm) stays gathered from forward to backward, as FSDP2 advises: backward needs it
+    # at once, and MNTP reads the embeddings again after the forward as its (tied) LM head.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
     return model

@@ -1,9 +1,11 @@
-"""`train(cfg)`: contrastive fine-tuning of a bidir model under torchrun (or as one plain process).
+"""`train(cfg)`: fine-tuning of a bidir model under torchrun (or as one plain process): contrastive, or the MNTP
+adaptation stage (bidir_train.mntp) with the same loop, sharding, checkpoints and resume.
 
 One process per device. The model is built on the meta device, sharded with FSDP2 (bidir_train.parallelize), and
 rank 0's weights are broadcast into the shards, so no rank but 0 ever holds the whole model. Each optimizer step
 takes `global_batch_size` queries: every rank embeds its micro-batches (queries in one forward, passages in one
 more), the InfoNCE loss scores them against the whole micro-batch group, and gradients accumulate until the step.
+An MNTP step takes `global_batch_size` texts instead and predicts their masked tokens.
 
 Outputs under output_dir: metrics.jsonl, checkpoints/step-NNNNNNNN/ (DCP, sharded: model, optimizer, scheduler,
 data position, RNG), final/ (a bidir checkpoint that BiEncoder.from_pretrained loads).
@@ -42,11 +44,12 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError, one_line
 from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.pooling import pool
-from bidir_core.sources import load_model_weights, resolve_source
+from bidir_core.sources import load_lm_head, load_model_weights, resolve_source
 from bidir_core.tokenization import load_tokenizer
 from bidir_train.config import TrainConfig
 from bidir_train.data import Collator, EpochSampler, rank_micro_batches, warn_about
 from bidir_train.loss import info_nce
+from bidir_train.mntp import MaskingCollator, TextSampler, lm_head_weight, mntp_forward_backward
 from bidir_train.parallelize import parallelize
 from bidir_train.step import forward_backward
 
@@ -286,7 +289,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, device: torch.device) -> dict:
-    from bidir_core.datasets import load_retrieval, read_training_examples
+    from bidir_core.datasets import load_retrieval
 
     rank, world = dist.get_rank(), dist.get_world_size()
     sched = cfg.schedule
@@ -298,43 +301,21 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         )
     accum = sched.global_batch_size // (sched.micro_batch_size * world)
 
-    examples = _agreed(
-        lambda: list(itertools.islice(read_training_examples(cfg.data.train), cfg.data.max_examples))
-    )
-    if not examples:
-        raise BidirError(f"{cfg.data.train}: no training examples")
-    if world > len(examples):
-        raise BidirError(
-            f"{cfg.data.train}: {len(examples)} examples for {world} ranks: more ranks than rows"
-        )
-    sampler = _agreed(
-        EpochSampler,
-        examples,
-        global_batch_size=sched.global_batch_size,
-        num_negatives=cfg.data.num_negatives,
-        seed=sched.seed,
-        where=cfg.data.train,
-    )
+    sampler = _agreed(_sampler, cfg)
     total = sched.max_steps or sched.epochs * sampler.steps_per_epoch
     if rank == 0:
         warn_about(sampler, full_epochs=total >= sampler.steps_per_epoch)
     dev = _agreed(load_retrieval, cfg.eval.dev, cfg.eval.split) if cfg.eval.dev else None
 
     encoder = load_encoder(cfg, device)
-    collate = Collator(
-        encoder.tokenizer,
-        query_prefix=cfg.model.query_prefix,
-        passage_prefix=cfg.model.passage_prefix,
-        query_max=cfg.model.query_max_length,
-        passage_max=cfg.model.passage_max_length,
-    )
+    collate, step_fn = _objective(cfg, encoder, device)
     optimizer = torch.optim.AdamW(
         encoder.model.parameters(),
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
-        fused=device.type == "cuda",
+        fused=True,  # one pass per step over every parameter: on CPU 7x faster than the per-tensor loop (135M: 2.2 s -> 0.3 s)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=sched.warmup_steps, total=total, decay=sched.decay)
@@ -357,19 +338,6 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         dev_scores[0] = _evaluate(encoder, dev, cfg)
         metrics.write({"step": 0, **dev_scores[0]})
 
-    def embed(ids, mask):
-        return encoder(ids.to(device), mask.to(device), normalize=False)
-
-    loss_fn = partial(
-        _batch_loss,
-        num_negatives=cfg.data.num_negatives,
-        temperature=cfg.loss.temperature,
-        in_batch=cfg.loss.in_batch_negatives,
-        gather=cfg.loss.gather_across_ranks,
-        mask=cfg.loss.mask_false_negatives,
-        dims=cfg.loss.matryoshka_dims,
-        device=device,
-    )
     stop = min(total, sched.stop_at_step or total)
     progress = tqdm(
         total=total,
@@ -390,9 +358,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
             # Reduce-scatter gradients only after the last micro-batch's backward.
             if hasattr(encoder.model, "set_requires_gradient_sync"):  # FSDP-sharded (not a lone CPU process)
                 encoder.model.set_requires_gradient_sync(k == accum - 1)
-            step_loss += forward_backward(
-                embed, loss_fn, batch, scale=1 / accum, chunk=cfg.loss.cache_chunk_size
-            )
+            step_loss += step_fn(batch, scale=1 / accum)
             step_tokens += batch.tokens
             truncated += batch.truncated
         grad_norm = _clip(encoder.model, cfg.optim.max_grad_norm)
@@ -451,6 +417,103 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     if rank == 0:
         _print_summary(cfg, summary, elapsed)
     return summary
+
+
+def _sampler(cfg: TrainConfig):
+    """The data of the run: training examples (contrastive) or distinct texts (mntp), in seeded epochs."""
+    from bidir_core.datasets import read_texts, read_training_examples
+
+    sched, where, world = cfg.schedule, cfg.data.train, dist.get_world_size()
+    if cfg.objective != "mntp" and cfg.data.text_fields:
+        raise BidirError("data.text_fields is for objective: mntp (contrastive rows have fixed fields)")
+    if cfg.objective == "mntp":
+        rows = read_texts(where, cfg.data.text_fields)
+    else:
+        rows = read_training_examples(where)
+    rows = list(itertools.islice(rows, cfg.data.max_examples))
+    if not rows:
+        raise BidirError(f"{where}: no training examples")
+    if world > len(rows):
+        raise BidirError(f"{where}: {len(rows)} examples for {world} ranks: more ranks than rows")
+    if cfg.objective == "mntp":
+        return TextSampler(rows, global_batch_size=sched.global_batch_size, seed=sched.seed, where=where)
+    return EpochSampler(
+        rows,
+        global_batch_size=sched.global_batch_size,
+        num_negatives=cfg.data.num_negatives,
+        seed=sched.seed,
+        where=where,
+    )
+
+
+def _objective(cfg: TrainConfig, encoder: TrainingEncoder, device: torch.device):
+    """(collate: rows -> micro-batch, step_fn(micro-batch, scale) -> loss after its backward) of the objective."""
+    chunk = cfg.schedule.forward_chunk_size
+    if cfg.objective == "mntp":
+        collate = MaskingCollator(
+            encoder.tokenizer,
+            max_length=cfg.mntp.max_length,
+            probability=cfg.mntp.mask_probability,
+            mask_token=cfg.mntp.mask_token,
+        )
+        head = _untied_head(cfg, encoder, device)
+        lm_head_weight(
+            encoder.model, head
+        )  # an untied checkpoint without its head is refused before any step
+        step_fn = partial(
+            mntp_forward_backward,
+            encoder.model,
+            device=device,
+            autocast=encoder.autocast,
+            head=head,
+            chunk=chunk,
+        )
+        return collate, step_fn
+
+    collate = Collator(
+        encoder.tokenizer,
+        query_prefix=cfg.model.query_prefix,
+        passage_prefix=cfg.model.passage_prefix,
+        query_max=cfg.model.query_max_length,
+        passage_max=cfg.model.passage_max_length,
+    )
+    loss_fn = partial(
+        _batch_loss,
+        num_negatives=cfg.data.num_negatives,
+        temperature=cfg.loss.temperature,
+        in_batch=cfg.loss.in_batch_negatives,
+        gather=cfg.loss.gather_across_ranks,
+        mask=cfg.loss.mask_false_negatives,
+        dims=cfg.loss.matryoshka_dims,
+        device=device,
+    )
+
+    def embed(ids, mask):
+        return encoder(ids.to(device), mask.to(device), normalize=False)
+
+    step_fn = partial(
+        forward_backward, embed, loss_fn, cache_chunk=cfg.loss.cache_chunk_size, forward_chunk=chunk
+    )
+    return collate, step_fn
+
+
+def _untied_head(cfg: TrainConfig, encoder: TrainingEncoder, device: torch.device) -> torch.Tensor | None:
+    """An untied checkpoint's LM head (V, H), read by rank 0 and broadcast: frozen, whole on every rank (it is not
+    sharded or trained, and not part of the saved embedder). None for a tied checkpoint."""
+    config = encoder.model.config
+    if getattr(config, "tie_word_embeddings", False):
+        return None
+    source = resolve_source(cfg.model.path)
+    head = _agreed(load_lm_head, source, torch.float32, run=dist.get_rank() == 0)
+    found = [head is not None]
+    dist.broadcast_object_list(found, src=0)
+    if not found[0]:
+        return None
+    if dist.get_rank() != 0:
+        head = torch.empty(config.vocab_size, config.hidden_size)
+    head = head.to(device)
+    dist.broadcast(head, src=0)
+    return head
 
 
 def _batch_loss(q, p, batch, *, num_negatives, temperature, in_batch, gather, mask, dims, device):

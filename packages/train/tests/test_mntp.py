@@ -1,0 +1,257 @@
+"""MNTP: the loss against a hand computation, masking, the stage in the training loop (lower loss, exact resume,
+2 FSDP ranks = 1), and its checkpoint as the start of a contrastive run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from bidir_core.encoder import BiEncoder
+from bidir_core.errors import BidirError
+from bidir_core.testing import tiny_encoder, tiny_tokenizer
+from bidir_train import load_recipe, train
+from bidir_train.mntp import (
+    IGNORE,
+    MaskingCollator,
+    TextRow,
+    TextSampler,
+    mask_tokens,
+    mntp_forward_backward,
+)
+
+TEXTS = [f"the {w} of item {i} is {w}ed by the parser" for i in range(20) for w in ("sort", "hash", "copy")]
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory):
+    """A tiny random checkpoint whose LM head is its input embeddings (as SmolLM2's)."""
+    folder = tmp_path_factory.mktemp("tied") / "model"
+    tiny_encoder(tie_word_embeddings=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def texts_txt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("texts") / "texts.txt"
+    path.write_text("\n".join(TEXTS) + "\n")
+    return path
+
+
+def _mntp_args(model_dir, texts, out, *extra):
+    return [
+        "tiny",
+        "objective=mntp",
+        f"model.path={model_dir}",
+        f"data.train={texts}",
+        "data.num_negatives=0",
+        f"logging.output_dir={out}",
+        "schedule.global_batch_size=8",
+        "schedule.micro_batch_size=4",
+        *extra,
+    ]
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _collate(probability=0.3):
+    tokenizer = tiny_tokenizer()
+    collate = MaskingCollator(tokenizer, max_length=32, probability=probability, mask_token="<pad>")
+    return collate([TextRow(t, seed=i) for i, t in enumerate(TEXTS[:6])])
+
+
+def test_loss_matches_hand_computation():
+    """Mean over masked tokens of -log p(original token i | output at position i - 1), logits = h @ E^T."""
+    encoder = tiny_encoder(tie_word_embeddings=True)
+    model = encoder.model.train()
+    batch = _collate()
+    loss = mntp_forward_backward(model, batch, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+
+    with torch.no_grad():
+        hidden = model(batch.input_ids, batch.attention_mask)  # (B, T, H)
+        logits = hidden @ model.embed_tokens.weight.T  # (B, T, V): the whole LM head, every position
+        terms = []
+        for b in range(hidden.shape[0]):
+            for i in range(hidden.shape[1]):
+                if batch.labels[b, i] != IGNORE:
+                    terms.append(-F.log_softmax(logits[b, i - 1], dim=-1)[batch.labels[b, i]])
+    assert len(terms) >= 6  # every text has at least one masked token
+    assert loss == pytest.approx(torch.stack(terms).mean().item(), abs=1e-5)
+    assert model.embed_tokens.weight.grad.abs().max() > 0  # the (tied) head is trained
+
+
+def test_sorted_chunks_give_the_same_loss_and_gradients():
+    batch = _collate()
+    results = []
+    for chunk in (None, 2):
+        model = tiny_encoder(tie_word_embeddings=True).model.train()
+        loss = mntp_forward_backward(
+            model, batch, device=torch.device("cpu"), autocast=contextlib.nullcontext, chunk=chunk
+        )
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_masking_rule():
+    ids = list(range(10, 210))  # one long text of non-special tokens
+    specials = {10, 50}
+    g = torch.Generator().manual_seed(0)
+    inputs, labels = mask_tokens(
+        ids, probability=0.2, mask_id=3, vocab_size=300, special_ids=specials, generator=g
+    )
+    chosen = [i for i, label in enumerate(labels) if label != IGNORE]
+    assert (
+        0 not in chosen and 40 not in chosen
+    )  # never the first token (nothing before it), never a special one
+    assert all(labels[i] == ids[i] for i in chosen)
+    assert all(
+        inputs[i] == ids[i] for i in range(len(ids)) if i not in chosen
+    )  # unchosen tokens are untouched
+    assert 25 <= len(chosen) <= 55  # ~20% of 198 eligible
+    masked = sum(inputs[i] == 3 for i in chosen)
+    assert 0.6 * len(chosen) <= masked <= 0.95 * len(chosen)  # ~80% become the mask token
+    again = mask_tokens(
+        ids,
+        probability=0.2,
+        mask_id=3,
+        vocab_size=300,
+        special_ids=specials,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert again == (inputs, labels)  # a row's seed fixes its masks
+    one = mask_tokens([5, 6], probability=1e-9, mask_id=3, vocab_size=300, special_ids=set(), generator=g)
+    assert one[1] == [IGNORE, 6]  # at least one token of every text of two or more
+
+
+def test_sampler_rows_do_not_depend_on_world_size_or_resume():
+    sampler = TextSampler(TEXTS, global_batch_size=8, seed=1, where="t")
+    assert sampler.steps_per_epoch == len(TEXTS) // 8 and sampler.unused_per_epoch == len(TEXTS) % 8
+    rows = sampler.rows(0, 2)
+    fresh = TextSampler(TEXTS, global_batch_size=8, seed=1, where="t")
+    assert fresh.rows(0, 2) == rows  # the same rows and seeds without having seen steps 0 and 1
+    assert fresh.rows(1, 2) != rows
+    assert len({r.seed for e in range(2) for s in range(7) for r in sampler.rows(e, s)}) == 2 * 7 * 8
+
+
+def test_stage_lowers_the_loss_and_resumes_exactly(tied_model_dir, texts_txt, tmp_path):
+    straight = tmp_path / "straight"
+    summary = train(
+        load_recipe("tiny", _mntp_args(tied_model_dir, texts_txt, straight, "schedule.max_steps=12")[1:])
+    )
+    losses = _losses(straight)
+    assert summary["steps"] == 12 and len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3  # it learns
+
+    resumed = tmp_path / "resumed"
+    args = _mntp_args(tied_model_dir, texts_txt, resumed, "schedule.max_steps=12", "checkpoint.every_steps=5")
+    first = train(load_recipe("tiny", [*args[1:], "schedule.stop_at_step=7"]))
+    assert first["final"] is None
+    train(load_recipe("tiny", args[1:]))
+    assert _losses(resumed) == losses
+    a, b = (
+        load_file(straight / "final" / "model.safetensors"),
+        load_file(resumed / "final" / "model.safetensors"),
+    )
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_starts_a_contrastive_run(tied_model_dir, texts_txt, train_jsonl, tmp_path):
+    mntp = train(
+        load_recipe(
+            "tiny", _mntp_args(tied_model_dir, texts_txt, tmp_path / "mntp", "schedule.max_steps=3")[1:]
+        )
+    )
+    adapted = BiEncoder.from_pretrained(mntp["final"])
+    before = BiEncoder.from_pretrained(tied_model_dir)
+    assert abs(adapted.encode_queries(["sort"]) - before.encode_queries(["sort"])).max() > 1e-4
+
+    out = tmp_path / "contrastive"
+    args = [f"model.path={mntp['final']}", f"data.train={train_jsonl}", f"logging.output_dir={out}"]
+    summary = train(load_recipe("tiny", [*args, "schedule.max_steps=2"]))
+    assert summary["steps"] == 2 and BiEncoder.from_pretrained(summary["final"]).encode_queries(
+        ["x"]
+    ).shape == (1, 64)
+
+
+def test_two_ranks_match_one(tied_model_dir, texts_txt, tmp_path):
+    """FSDP2 over 2 gloo ranks: the tied LM head is used after the sharded forward; same losses and weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = _mntp_args(tied_model_dir, texts_txt, one, "schedule.max_steps=4", "checkpoint.every_steps=0")
+    train(load_recipe("tiny", args[1:]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "bidir_train",
+    ]
+    args2 = [a.replace(str(one), str(two)) for a in args]
+    proc = subprocess.run(
+        [*cmd, "--config", *args2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+
+
+def test_bad_input(tied_model_dir, tiny_model_dir, texts_txt, tmp_path):
+    with pytest.raises(BidirError, match="untied and was not found"):
+        train(load_recipe("tiny", _mntp_args(tiny_model_dir, texts_txt, tmp_path / "a")[1:]))
+    assert not (tmp_path / "a" / "final").exists()
+    with pytest.raises(BidirError, match="objective must be one of contrastive, mntp"):
+        load_recipe("tiny", ["objective=mlm"])
+    with pytest.raises(BidirError, match="mask_probability must be in"):
+        load_recipe("tiny", ["objective=mntp", "mntp.mask_probability=1.5"])
+    with pytest.raises(BidirError, match="is 4 tokens for this tokenizer"):
+        train(
+            load_recipe(
+                "tiny", [*_mntp_args(tied_model_dir, texts_txt, tmp_path / "b")[1:], "mntp.mask_token=ab cd"]
+            )
+        )
+    with pytest.raises(BidirError, match="text_fields is for objective: mntp"):
+        train(
+            load_recipe(
+                "tiny", [f"model.path={tied_model_dir}", f"data.train={texts_txt}", "data.text_fields=[x]"]
+            )
+        )
+
+
+def test_untied_checkpoint_uses_its_own_frozen_head(tmp_path, texts_txt):
+    """A Hugging Face LlamaForCausalLM folder with its own lm_head.weight: MNTP predicts through that head (frozen)
+    and the saved embedder has no head."""
+    from bidir_core.sources import load_lm_head
+    from bidir_core.testing import write_hf_llama
+
+    folder = write_hf_llama(tmp_path / "hf")
+    head = load_lm_head(folder, torch.float32)
+    assert head is not None and head.shape == (tiny_tokenizer().vocab_size, 64)
+    assert load_lm_head(tmp_path / "hf", torch.float32).equal(head)
+    out = tmp_path / "out"
+    summary = train(load_recipe("tiny", _mntp_args(folder, texts_txt, out, "schedule.max_steps=2")[1:]))
+    assert summary["steps"] == 2 and all(map(math.isfinite, _losses(out)))
+    saved = load_file(out / "final" / "model.safetensors")
+    assert not any(k.startswith("lm_head") for k in saved)
+    assert load_lm_head(out / "final", torch.float32) is None
