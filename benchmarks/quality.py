@@ -15,8 +15,9 @@ and is skipped when its output is there, so an interrupted run continues where i
 torchrun exactly as a user runs a recipe; wall times are measured around each stage.
 
     python benchmarks/quality.py                       # everything, about 1.5 hours on 2 cores
-    python benchmarks/quality.py --train-override schedule.max_steps=2 --sts-limit 50 --cranfield-queries 5 \\
-        --out runs/quality-smoke                        # a few minutes: checks the plumbing, not the numbers
+    python benchmarks/quality.py --out runs/quality-smoke --rows-per-source 64 --train-override \\
+        schedule.max_steps=2 --mntp-override schedule.max_steps=2 --sts-limit 50 --cranfield-queries 5 \\
+        --cranfield-docs 100                           # a few minutes: checks the plumbing, not the numbers
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Pipeline:
 
     def data(self):
         if not self.rows.is_file():
-            counts = write_training_rows(data_dir(), self.rows)
+            counts = write_training_rows(data_dir(), self.rows, self.args.rows_per_source)
             print(f"training rows: {counts} -> {self.rows}", flush=True)
 
     def train(self, name: str, recipe: str, *overrides: str, extra: tuple[str, ...] = ()) -> Path:
@@ -154,8 +155,9 @@ class Pipeline:
         a = self.args
         sts = read_sts(data_dir() / "stsb" / "sts-dev.tsv")[: a.sts_limit]
         cranfield = load_retrieval(data_dir() / "cranfield")
-        if a.cranfield_queries:
-            cranfield = limit_retrieval(cranfield, a.cranfield_queries, None)
+        if a.cranfield_queries or a.cranfield_docs:
+            cranfield = limit_retrieval(cranfield, a.cranfield_queries, a.cranfield_docs)
+        self.counts = {"pairs": len(sts), "queries": len(cranfield.qrels), "docs": len(cranfield.corpus)}
         results = self._read("results.json")
         for label, model in systems.items():
             if label in results:
@@ -191,10 +193,10 @@ TRAIN_TIME = {
 }
 
 
-def table(results: dict, timings: dict, n_sts: int, n_queries: int) -> str:
+def table(results: dict, timings: dict, counts: dict) -> str:
     lines = [
-        f"| system | STS-B dev Spearman x100 ({n_sts} pairs) | Cranfield nDCG@10 ({n_queries} queries) "
-        "| training wall time, 2 cores |",
+        f"| system | STS-B dev Spearman x100 ({counts['pairs']} pairs) | Cranfield nDCG@10 ({counts['queries']} "
+        f"queries, {counts['docs']} docs) | training wall time, 2 cores |",
         "|---|---|---|---|",
     ]
     for label, r in results.items():
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--sts-limit", type=int, help="first N STS-B dev pairs (default: all 1500)")
     p.add_argument("--cranfield-queries", type=int, help="first N Cranfield queries (default: all 225)")
+    p.add_argument("--cranfield-docs", type=int, help="Cranfield corpus size (default: all 1400)")
+    p.add_argument("--rows-per-source", type=int, help="first N training rows of each source (default: all)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at evaluation (default 256)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="evaluation dtype of the bidir models")
     p.add_argument("--batch-size", type=int, default=32)
@@ -228,9 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipeline = Pipeline(args)
     results = pipeline.run()
-    n_sts = args.sts_limit or 1500
-    n_queries = args.cranfield_queries or 225
-    text = table(results, pipeline.timings, min(n_sts, 1500), n_queries)
+    text = table(results, pipeline.timings, pipeline.counts)
     print(text)
     (pipeline.out / "table.md").write_text(text + "\n")
     return 0

@@ -64,9 +64,11 @@ def stsb_rows(data: Path) -> list[dict]:
     return [{"query": p.sentence1, "pos_doc": p.sentence2} for p in pairs if p.score >= STS_MIN_SCORE]
 
 
-def write_training_rows(data: Path, target: Path) -> dict[str, int]:
-    """Write every source's rows to `target` (JSONL); returns the row count per source."""
+def write_training_rows(data: Path, target: Path, limit: int | None = None) -> dict[str, int]:
+    """Write every source's rows (the first `limit` of each, for quick runs) to `target` (JSONL); returns the row
+    count per source."""
     parts = {"snli": snli_rows(data), "mrpc": mrpc_rows(data), "stsb": stsb_rows(data)}
+    parts = {name: rows[:limit] for name, rows in parts.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:

@@ -159,3 +159,23 @@ def test_pytorch_bin_folder_loads_like_safetensors(tmp_path):
     got = LlamaBidirectionalModel.from_pretrained(bin_folder).state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_lm_head_of_untied_sources_only(tmp_path, embedded_gguf):
+    """load_lm_head (MNTP's untied head): lm_head.weight from safetensors (sharded too) and .bin folders; None for
+    a bidir checkpoint (an embedder has no head) and for the tied SmolLM2 GGUF (no output.weight)."""
+    from transformers import LlamaForCausalLM
+
+    from bidir_core.sources import load_lm_head
+    from bidir_core.testing import write_hf_llama
+
+    folder = write_hf_llama(tmp_path / "st", max_shard_size="20KB")
+    want = LlamaForCausalLM.from_pretrained(folder).lm_head.weight.detach()
+    assert torch.equal(load_lm_head(folder, torch.float32), want)
+    assert load_lm_head(folder, torch.bfloat16).dtype == torch.bfloat16
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    torch.save({"lm_head.weight": want.clone()}, bin_folder / "pytorch_model.bin")
+    assert torch.equal(load_lm_head(bin_folder, torch.float32), want)
+    assert load_lm_head(tiny_encoder().save_pretrained(tmp_path / "bidir"), torch.float32) is None
+    assert load_lm_head(embedded_gguf, torch.float32) is None

@@ -315,7 +315,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         betas=cfg.optim.betas,
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
-        fused=True,  # one pass per step over every parameter: on CPU 7x faster than the per-tensor loop (135M: 2.2 s -> 0.3 s)
+        fused=True,  # one pass over all parameters; on CPU too: 135M params take 0.3 s instead of 2.2 s a step
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=sched.warmup_steps, total=total, decay=sched.decay)
