@@ -14,7 +14,7 @@ Jobs (run explicitly, e.g. ``nox -s demo``):
 - ``demo``         the main job end to end on the embedded default: train, export, batch-embed, evaluate
 - ``bench``        benchmarks/bench_encode.py
 - ``quality``      benchmarks/quality.py: fine-tune the embedded default on real data (MNTP, contrastive, mined
-                   negatives) and compare with all-MiniLM-L6-v2; about 1.5 hours on 2 CPU cores
+                   negatives) and compare with all-MiniLM-L6-v2; about 2 hours on 2 CPU cores
 - ``train``        torchrun -m bidir_train (one process per GPU, or one on CPU) on the default recipe, or
                    ``nox -s train -- --config RECIPE key=value ...``
 

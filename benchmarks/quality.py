@@ -15,7 +15,7 @@ The training rows are SNLI triplets (contradiction = hard negative), MRPC paraph
 and is skipped when its output is there, so an interrupted run continues where it stopped. Training runs under
 torchrun exactly as a user runs a recipe; wall times are measured around each stage.
 
-    python benchmarks/quality.py                       # everything, about 1.5 hours on 2 cores
+    python benchmarks/quality.py                       # everything, about 2 hours on 2 cores
     python benchmarks/quality.py --out runs/quality-smoke --rows-per-source 64 --train-override \\
         schedule.max_steps=2 --mntp-override schedule.max_steps=2 --sts-limit 50 --cranfield-queries 5 \\
         --cranfield-docs 100                           # a few minutes: checks the plumbing, not the numbers
