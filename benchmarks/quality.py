@@ -38,6 +38,7 @@ from quality_data import limit_retrieval, write_training_rows
 from bidir_core.datasets import load_retrieval, read_sts
 from bidir_core.encoder import BiEncoder
 from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
+from bidir_core.jsonfile import write_jsonl_atomic
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -129,8 +130,8 @@ class Pipeline:
         kept = self.out / "data" / "train_mined_kept.jsonl"
         if not kept.is_file():
             lines = self.mined.read_text(encoding="utf-8").splitlines()
-            keep = [line for line in lines if json.loads(line)["neg_doc"]]
-            kept.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+            keep = [row for row in map(json.loads, lines) if row["neg_doc"]]
+            write_jsonl_atomic(kept, keep)
             print(
                 f"[mine] {len(lines) - len(keep)} of {len(lines)} rows have no negative past the margin: left out",
                 flush=True,

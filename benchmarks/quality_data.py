@@ -12,12 +12,12 @@ STS-B dev (the evaluation set) is never read here. Also: limit_retrieval, a smal
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from bidir_core.datasets import RetrievalDataset, read_sts
 from bidir_core.datasets.lines import read_lines
 from bidir_core.errors import BidirError
+from bidir_core.jsonfile import write_jsonl_atomic
 
 STS_MIN_SCORE = 4.0
 
@@ -69,13 +69,7 @@ def write_training_rows(data: Path, target: Path, limit: int | None = None) -> d
     count per source."""
     parts = {"snli": snli_rows(data), "mrpc": mrpc_rows(data), "stsb": stsb_rows(data)}
     parts = {name: rows[:limit] for name, rows in parts.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for rows in parts.values():
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(target)
+    write_jsonl_atomic(target, (row for rows in parts.values() for row in rows))
     return {name: len(rows) for name, rows in parts.items()}
 
 

@@ -142,7 +142,7 @@ def test_bad_input(tmp_path, train_jsonl):
     out.write_text("old\n")
     with pytest.raises(BidirError, match="already exists"):
         mine(MineConfig("unused", str(train_jsonl), str(out)))
-    assert out.read_text() == "old\n" and not (tmp_path / "exists.jsonl.tmp").exists()
+    assert out.read_text() == "old\n" and not list(tmp_path.glob("*.tmp"))
     for margin in (0.0, 1.5, -0.1):
         with pytest.raises(BidirError, match="margin must be in"):
             MineConfig("m", "t", "o", margin=margin)
@@ -168,7 +168,7 @@ def test_cli(tmp_path, tiny_model_dir, train_jsonl, capsys):
     mined = list(read_training_examples(out))
     assert all(len(ex.negatives) <= 2 for ex in mined) and any(ex.negatives for ex in mined)
     assert all(n.startswith("passage about topic") for ex in mined for n in ex.negatives)  # not their own
-    assert not (tmp_path / "mined.jsonl.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))  # no temporary file left beside the output
     assert main([*args, "--no-progress"]) == 2  # the output exists now
     assert "bidir-mine: error: " in capsys.readouterr().err
     assert main([*args, "--margin", "2", "--overwrite"]) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from bidir_core.errors import BidirError, one_line
@@ -25,12 +26,21 @@ def read_json_object(path: Path) -> dict:
 def write_json_atomic(path: Path, value) -> Path:
     """Write value as indented JSON to a temporary file next to path and rename it into place, so path is either
     the old file or the complete new one; the temporary file is removed on any error."""
+    return _write_atomic(path, [json.dumps(value, indent=2, ensure_ascii=False) + "\n"])
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
+    """Write one JSON object per line (JSON Lines), atomically as write_json_atomic does."""
+    return _write_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _write_atomic(path: Path, chunks: Iterable[str]) -> Path:
+    """chunks (possibly a lazy generator: a failure while producing one also removes the temporary file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+            f.writelines(chunks)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 import time
 import warnings
@@ -32,6 +30,7 @@ from bidir_core.datasets import TrainingExample, read_training_examples
 from bidir_core.datasets.lines import read_lines
 from bidir_core.datasets.retrieval import read_corpus
 from bidir_core.errors import BidirError, one_line
+from bidir_core.jsonfile import write_jsonl_atomic
 from bidir_core.search import exact_search
 
 Corpus = Sequence[tuple[str | None, str]]  # (document id or None, passage text) per passage
@@ -47,7 +46,7 @@ class MineConfig:
     train: str
     """Training rows: a .jsonl / .tsv file or 'stdlib-docstrings'."""
     output: str
-    """The JSONL file to write (written to OUTPUT.tmp, then renamed)."""
+    """The JSONL file to write (to a temporary file beside it, then renamed)."""
     corpus: str | None = None
     """BEIR corpus.jsonl or its folder, or a .txt file (one passage per line); None: the rows' own passages."""
     top_k: int = 30
@@ -203,10 +202,10 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     if not examples:
         raise BidirError(f"{cfg.train}: no training rows")
     corpus = load_corpus(cfg.corpus) if cfg.corpus is not None else pool_corpus(examples)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if encoder is None:
         from bidir_core.encoder import BiEncoder  # imported late: transformers takes a while
 
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         encoder = BiEncoder.from_pretrained(cfg.model, max_length=cfg.max_length, device=device).eval()
     rows, counts = mine_negatives(
         encoder,
@@ -218,9 +217,9 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         batch_size=cfg.batch_size,
         keep_existing=cfg.keep_existing,
         progress=cfg.progress,
-        device=cfg.device,
+        device=device,
     )
-    _write_rows(output, rows)
+    write_jsonl_atomic(output, map(_as_row, rows))  # a complete-looking file is a complete one
     if counts["short_rows"]:
         warnings.warn(
             f"{counts['short_rows']} of {len(rows)} rows have fewer than {cfg.num_negatives} negatives "
@@ -239,23 +238,14 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     }
 
 
-def _write_rows(output: Path, rows: Sequence[TrainingExample]) -> None:
-    """NeMo-style JSONL, written to OUTPUT.tmp and renamed, so a complete-looking file is a complete one."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{output}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for ex in rows:
-                row = {"query": ex.query, "pos_doc": list(ex.positives), "neg_doc": list(ex.negatives)}
-                if ex.positive_ids:
-                    row["pos_ids"] = list(ex.positive_ids)
-                if ex.negative_ids:
-                    row["neg_ids"] = list(ex.negative_ids)
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _as_row(ex: TrainingExample) -> dict:
+    """A NeMo-style JSONL row, which bidir_core.datasets.read_training_examples reads back."""
+    row = {"query": ex.query, "pos_doc": list(ex.positives), "neg_doc": list(ex.negatives)}
+    if ex.positive_ids:
+        row["pos_ids"] = list(ex.positive_ids)
+    if ex.negative_ids:
+        row["neg_ids"] = list(ex.negative_ids)
+    return row
 
 
 EXAMPLES = """examples:
