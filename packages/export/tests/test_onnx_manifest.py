@@ -12,6 +12,7 @@ from bidir_core.artifacts import OnnxManifest, checkpoint_fingerprint, read_mani
 from bidir_core.testing import tiny_config
 from bidir_export import export_onnx, verify_export
 from bidir_export.cli import onnx_main
+from bidir_export.verification import tolerance_rule
 
 
 def test_manifest_is_complete_and_round_trips(exported):
@@ -27,8 +28,9 @@ def test_manifest_is_complete_and_round_trips(exported):
     assert manifest.source == str(ckpt.absolute())
     assert manifest.source_fingerprint == checkpoint_fingerprint(ckpt)
     v = manifest.verification
-    assert v.passed and v.runtime.startswith("onnxruntime") and v.tolerance == "max_abs_diff <= 0.0001"
+    assert v.passed and v.runtime.startswith("onnxruntime") and v.tolerance == tolerance_rule("fp32")
     assert (1, 1) in v.shapes and SMALL_VERIFY in v.shapes and 0 <= v.max_abs_diff <= 1e-4 <= v.min_cosine
+    assert v.reference_error > 0 and 0 < v.error <= v.bound
 
     graph = onnx.load(str(out / "model.onnx")).graph
     assert manifest.node_count == len(graph.node) == sum(manifest.op_histogram.values())

@@ -26,20 +26,29 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class Verification:
-    """The result of running an exported artifact against PyTorch on a fixed set of shapes."""
+    """The result of running an exported artifact against PyTorch on a fixed set of shapes.
+
+    Figures are against PyTorch in float64 (bidir-export's rule; older manifests compared with fp32 and have no
+    error / reference_error / bound). A figure is None where the artifact's output was not finite."""
 
     passed: bool
-    """Whether every shape was within tolerance."""
-    max_abs_diff: float
-    """Largest |artifact - torch| over all embedding entries and shapes."""
-    min_cosine: float
-    """Smallest per-row cosine similarity between artifact and torch embeddings."""
+    """Whether the rule held: error <= bound, every output finite."""
+    max_abs_diff: float | None
+    """Largest |artifact - reference| over all embedding entries and shapes."""
+    min_cosine: float | None
+    """Smallest per-row cosine similarity between artifact and reference embeddings."""
     tolerance: str
-    """The rule that was applied, e.g. "max_abs_diff <= 1e-4" or "min_cosine >= 0.999"."""
+    """The rule that was applied, in words."""
     shapes: tuple[tuple[int, int], ...] = ()
     """The (batch, seq) shapes that were checked."""
     runtime: str = ""
     """What ran the artifact, e.g. "onnxruntime 1.22.0 CPUExecutionProvider"."""
+    error: float | None = None
+    """The artifact's largest per-row relative distance to float64 PyTorch, ||x - x64|| / ||x64||."""
+    reference_error: float | None = None
+    """The same for PyTorch computing in the artifact's precision: the scale the bound is set from."""
+    bound: float | None = None
+    """The largest error the rule allowed."""
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,10 @@ class BiEncoder(nn.Module):
     ) -> torch.Tensor:
         """input_ids, attention_mask (B, T) -> embeddings (B, dim or H), fp32."""
         hidden = self.model(input_ids, attention_mask)  # (B, T, H)
-        emb = pool(hidden.float(), attention_mask, self.config.pooling)  # pool in fp32 even for a bf16 model
+        # Pool in fp32 even for a bf16 model (float64 stays float64: the export verification's reference).
+        emb = pool(
+            hidden.to(torch.promote_types(hidden.dtype, torch.float32)), attention_mask, self.config.pooling
+        )
         if dim is not None:
             # Matryoshka: a prefix of the dimensions, re-normalized below.
             emb = emb[:, : self._check_dim(dim)]

@@ -31,8 +31,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 and cast back before the weight, exactly as Llama does (matters in bf16).
-        x32 = x.float()
+        # Normalize in (at least) fp32 and cast back before the weight, exactly as Llama does (matters in bf16);
+        # a float64 model (the export verification's reference) stays in float64 throughout.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -103,8 +104,10 @@ class RotaryEmbedding(nn.Module):
             self.reset_parameters()
         return self
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) int64 -> cos, sin (B, T, D) fp32."""
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) int64 -> cos, sin (B, T, D) in dtype (fp32, or float64 for a float64 model)."""
         inv_freq = self.inv_freq[None, None, :]  # (1, 1, D/2)
         if self.rope_type == "dynamic":
             # Dynamic NTK stretches the base once a text outgrows max_position_embeddings. Per row, from the
@@ -113,7 +116,7 @@ class RotaryEmbedding(nn.Module):
             seq_len = position_ids.amax(dim=-1, keepdim=True) + 1  # (B, 1): real tokens per row
             inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](self.config, position_ids.device, seq_len=seq_len)
             inv_freq = inv_freq[:, None, :]  # (B, 1, D/2)
-        freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, D/2)
+        freqs = position_ids[..., None].to(dtype) * inv_freq.to(dtype)  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
@@ -229,7 +232,7 @@ class LlamaBidirectionalModel(nn.Module):
             mask = mask.expand(-1, 1, T, T)
 
         x = self.embed_tokens(input_ids)  # (B, T, H)
-        cos, sin = self.rotary_emb(position_ids)
+        cos, sin = self.rotary_emb(position_ids, torch.promote_types(x.dtype, torch.float32))
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, D)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)

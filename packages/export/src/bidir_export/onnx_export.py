@@ -34,9 +34,16 @@ from bidir_core.errors import BidirError, one_line
 from bidir_core.sources import resolve_source
 from bidir_export.folders import staged_folder
 from bidir_export.graph import EmbeddingGraph
-from bidir_export.verification import Batch, compare, verification_batches
+from bidir_export.verification import (
+    FACTOR,
+    MAX_ERROR,
+    TORCH_DTYPES,
+    Batch,
+    compare,
+    reference_outputs,
+    verification_batches,
+)
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_OPSET = 23  # the first opset with the fused Attention and RMSNormalization ops
 MIN_OPSET = 18  # the dynamo exporter's floor
 DEFAULT_VERIFY_SHAPE = (4, 128)
@@ -80,6 +87,7 @@ def export_onnx(
         exported = encoder if dtype == "fp32" else copy.deepcopy(encoder).to(TORCH_DTYPES[dtype])
         graph = EmbeddingGraph(exported, with_dims).eval()
         _export_graph(graph, tmp / MODEL_FILE, opset)
+        del exported  # a low-precision copy is not needed past the export; verification makes its own
         histogram = _check_onnx(tmp / MODEL_FILE)
         manifest = OnnxManifest(
             encoder=encoder.config,
@@ -162,11 +170,26 @@ def verify_export(
 
 
 def describe(result: Verification) -> str:
+    """One line: the verdict, the figures the rule compared, and what ran."""
     verdict = "passed" if result.passed else "FAILED"
-    return (
-        f"verification {verdict} ({result.tolerance}): max |diff| {result.max_abs_diff:.2e}, "
-        f"min cosine {result.min_cosine:.6f} over {len(result.shapes)} shapes on {result.runtime}"
+    where = f"over {len(result.shapes)} shapes on {result.runtime}"
+    if result.error is None and result.reference_error is None and result.max_abs_diff is not None:
+        # a manifest written before the float64 rule: only the fp32 comparison figures
+        return f"verification {verdict} ({result.tolerance}): max |diff| {result.max_abs_diff:.2e} {where}"
+    if result.reference_error is None:
+        return (
+            f"verification {verdict}: PyTorch's own output in this precision is not finite (overflow) {where}"
+        )
+    if result.error is None:
+        return f"verification {verdict}: the artifact's output is not finite (NaN or inf) {where}"
+    line = (
+        f"verification {verdict}: error {result.error:.2e} vs float64 PyTorch, bound {result.bound:.2e} "
+        f"({FACTOR:g} x PyTorch's own {result.reference_error:.2e}, at most {MAX_ERROR:g}); max |diff| "
+        f"{result.max_abs_diff:.2e}, min cosine {result.min_cosine:.6f} {where}"
     )
+    if not result.passed and result.reference_error * FACTOR > MAX_ERROR:
+        line += "; PyTorch itself is this far off in this precision: use a wider dtype for this model"
+    return line
 
 
 def _check_options(dtype: str, opset: int, verify_shape: tuple[int, int]) -> None:
@@ -307,7 +330,8 @@ def onnxruntime_session(path: Path):
 def run_verification(
     path: Path, manifest: OnnxManifest, reference: EmbeddingGraph, largest: tuple[int, int]
 ) -> Verification:
-    """onnxruntime on the graph at path vs the fp32 PyTorch reference on the fixed batches."""
+    """onnxruntime on the graph at path vs PyTorch (reference: the fp32 graph, run in float64 and in the export's
+    dtype) on the fixed batches."""
     session, runtime = onnxruntime_session(path)
     dims = None
     if manifest.with_dims:
@@ -315,13 +339,10 @@ def run_verification(
         dims = list(manifest.encoder.matryoshka_dims) or [H, max(1, H // 2), max(1, H // 4)]
         dims = [d for d in dims if d <= H] or [H]
     batches = verification_batches(reference.encoder.model.config.vocab_size, largest, dims)
-
-    def run_torch(batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            return reference(**batch.feeds())
+    expected = reference_outputs(reference, batches, manifest.dtype)
 
     def run_onnx(batch: Batch) -> torch.Tensor:
         feeds = {name: t.numpy() for name, t in batch.feeds().items()}
         return torch.from_numpy(session.run([manifest.output], feeds)[0])
 
-    return compare(batches, run_torch, run_onnx, manifest.dtype, runtime)
+    return compare(batches, expected, run_onnx, manifest.dtype, runtime)

@@ -45,7 +45,7 @@ from bidir_export.folders import check_target, staged_folder
 from bidir_export.graph import EmbeddingGraph
 from bidir_export.onnx_export import DEFAULT_OPSET, Progress, describe, export_onnx
 from bidir_export.profiles import check_profiles
-from bidir_export.verification import Batch, compare, verification_batches
+from bidir_export.verification import Batch, compare, reference_outputs, verification_batches
 
 ENGINE_FILE = "model.engine"
 TENSORRT_HELP = (
@@ -215,6 +215,10 @@ def _build(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 1024**3))
     if plan == "builder_flag":
         config.set_flag(trt.BuilderFlag.BF16 if precision == "bf16" else trt.BuilderFlag.FP16)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 (on by default) rounds matmul inputs to a 10-bit mantissa: an "fp32" engine would be ~1e3x further
+        # from float64 than PyTorch fp32 and fail verification. Ask for bf16 / fp16 for speed instead.
+        config.clear_flag(trt.BuilderFlag.TF32)
     for profile in profiles:
         p = builder.create_optimization_profile()
         for name in ("input_ids", "attention_mask"):
@@ -280,8 +284,8 @@ class EngineRunner:
 
 
 def verify_engine(trt, engine_bytes: bytes, manifest: EngineManifest) -> Verification:
-    """The engine vs the fp32 PyTorch model on CUDA: per profile, the fixed batches that fit it plus its min
-    and max shapes."""
+    """The engine vs PyTorch on CUDA (float64 and the engine's precision; verification.py's rule): per profile,
+    the fixed batches that fit it plus its min and max shapes."""
     onnx_manifest = manifest.onnx
     enc = onnx_manifest.encoder
     source = resolve_source(onnx_manifest.source)
@@ -301,26 +305,20 @@ def verify_engine(trt, engine_bytes: bytes, manifest: EngineManifest) -> Verific
     dims = None
     if onnx_manifest.with_dims:
         dims = [d for d in enc.matryoshka_dims if d <= H] or [H, max(1, H // 2)]
-    results = []
+    # The fixed batches of every profile that fit it plus its min and max shapes, each run on its own profile.
+    batches, profile_of = [], []
     for index, profile in enumerate(manifest.profiles):
-        batches = verification_batches(encoder.model.config.vocab_size, profile.max, dims, seed=index)
-        batches += verification_batches(encoder.model.config.vocab_size, profile.min, dims, seed=index)[-1:]
-        batches = [b for b in batches if profile.fits(*b.shape)]
+        mine = verification_batches(encoder.model.config.vocab_size, profile.max, dims, seed=index)
+        mine += verification_batches(encoder.model.config.vocab_size, profile.min, dims, seed=index)[-1:]
+        mine = [b for b in mine if profile.fits(*b.shape)]
+        batches += mine
+        profile_of += [index] * len(mine)
+    # the same rule as the ONNX export: float64 PyTorch is the truth, PyTorch in the engine's precision the scale
+    expected = reference_outputs(reference, batches, manifest.precision, device="cuda")
+    index_of = {id(b): i for b, i in zip(batches, profile_of, strict=True)}
 
-        def run_torch(batch: Batch) -> torch.Tensor:
-            with torch.no_grad():
-                return reference(**{k: v.cuda() for k, v in batch.feeds().items()})
+    def run_engine(batch: Batch) -> torch.Tensor:
+        return runner(batch.feeds(), profile=index_of[id(batch)])
 
-        def run_engine(batch: Batch, index=index) -> torch.Tensor:
-            return runner(batch.feeds(), profile=index)
-
-        runtime = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name()}"
-        results.append(compare(batches, run_torch, run_engine, manifest.precision, runtime))
-    return Verification(
-        passed=all(r.passed for r in results),
-        max_abs_diff=max(r.max_abs_diff for r in results),
-        min_cosine=min(r.min_cosine for r in results),
-        tolerance=results[0].tolerance,
-        shapes=tuple(s for r in results for s in r.shapes),
-        runtime=results[0].runtime,
-    )
+    runtime = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name()}"
+    return compare(batches, expected, run_engine, manifest.precision, runtime)
