@@ -3,6 +3,8 @@
 # train.Dockerfile); onnxruntime is swapped for the GPU build (see serve.Dockerfile).
 #
 #   docker build -f containers/full.Dockerfile -t bidir .
+# Its torch is 2.9.0a0+145a3a7bda.nv25.10 (NVIDIA's PyTorch release notes for 25.10), a pre-release of 2.9.0:
+# every bidir package's torch requirement admits it (tools/tests/test_containers.py checks, per base tag).
 ARG BASE=nvcr.io/nvidia/pytorch:25.10-py3
 
 FROM ${BASE} AS wheels

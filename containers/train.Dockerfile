@@ -3,6 +3,8 @@
 # under a constraint that pins torch to the version already in the image, so pip never replaces it.
 #
 #   docker build -f containers/train.Dockerfile -t bidir-train .
+# Its torch is 2.9.0a0+145a3a7bda.nv25.10 (NVIDIA's PyTorch release notes for 25.10), a pre-release of 2.9.0:
+# every bidir package's torch requirement admits it (tools/tests/test_containers.py checks, per base tag).
 ARG BASE=nvcr.io/nvidia/pytorch:25.10-py3
 
 FROM ${BASE} AS wheels

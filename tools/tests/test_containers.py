@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERS = ROOT / "containers"
@@ -21,6 +23,19 @@ EXPECTED = {
     "export": ({"core", "export"}, "nvcr.io/nvidia/tensorrt"),
     "serve": ({"core", "serve"}, "nvcr.io/nvidia/tensorrt"),
     "full": ({"core", "train", "export", "serve"}, "nvcr.io/nvidia/pytorch"),
+}
+
+# torch.__version__ in each base image, by tag; None: the image has no torch (the Dockerfile installs its TORCH pin).
+# NVIDIA's PyTorch release notes give the version per release, e.g. 25.10: "PyTorch container image version 25.10 is
+# based on 2.9.0a0+145a3a7bda" (docs.nvidia.com/deeplearning/frameworks/pytorch-release-notes/rel-25-10.html; 25.12:
+# rel-25-12.html, 2.10.0a0+b4e4ee81d3); the installed distribution adds NGC's local label (.nv25.10), as its wheel
+# name torch-2.9.0a0+145a3a7bda.nv25.10-... shows. The TensorRT images ship TensorRT and its bindings, no torch.
+# 25.09 and 25.12 are not used by a Dockerfile: they are what `--build-arg BASE=` would bring (checked too).
+BASE_TORCH = {
+    "nvcr.io/nvidia/pytorch:25.09-py3": "2.9.0a0+50eac811a6.nv25.09",
+    "nvcr.io/nvidia/pytorch:25.10-py3": "2.9.0a0+145a3a7bda.nv25.10",
+    "nvcr.io/nvidia/pytorch:25.12-py3": "2.10.0a0+b4e4ee81d3.nv25.12",
+    "nvcr.io/nvidia/tensorrt:25.10-py3": None,
 }
 
 
@@ -105,3 +120,42 @@ def test_entrypoint_exists(image):
         assert argv[0] in scripts, (
             f"{image}: entrypoint {argv[0]} is not a console script of {sorted(packages)}"
         )
+
+
+def _torch_requirement(package: str) -> Requirement | None:
+    reqs = [Requirement(r) for r in _project(package)["dependencies"]]
+    return next((r for r in reqs if r.name == "torch"), None)
+
+
+def _admits(package: str, torch_version: str) -> bool:
+    """Whether pip keeps an installed torch of this version for this package's requirement.
+
+    NGC's torch builds (2.9.0a0+...) are pre-releases of the next version, so they sort BEFORE it: ">=2.9" excludes
+    2.9.0a0 whatever the pre-release rules. Those rules, for what is installed, are pip's: it checks an installed
+    version with `specifier.contains(version, prereleases=True)` (pip's resolvelib factory, _get_installed_candidate),
+    so ">=2.6" admits 2.9.0a0 although packaging's default (prereleases=None: no pre-release unless the specifier
+    names one) would not; that default is what pip applies to candidates from an index. When this is False, pip
+    replaces the image's torch from the index, or (train/full pin it with a constraint) fails to resolve.
+    """
+    Version(torch_version)  # a valid PEP 440 version, local label included
+    req = _torch_requirement(package)
+    return req is None or req.specifier.contains(torch_version, prereleases=True)
+
+
+@pytest.mark.parametrize("image", sorted(EXPECTED))
+def test_torch_requirements_admit_the_images_torch(image):
+    packages, _ = EXPECTED[image]
+    args = _args(_instructions(CONTAINERS / f"{image}.Dockerfile"))
+    assert args["BASE"] in BASE_TORCH, f"{image}: add the torch version of {args['BASE']} to BASE_TORCH"
+    torch_version = BASE_TORCH[args["BASE"]] or args["TORCH"].removeprefix("torch==")
+    for package in sorted(packages):
+        assert _admits(package, torch_version), (
+            f"{image}: bidir-{package} requires {_torch_requirement(package)}, which does not admit the image's "
+            f"torch {torch_version}"
+        )
+
+
+@pytest.mark.parametrize("base", sorted(b for b, v in BASE_TORCH.items() if v))
+def test_torch_requirements_admit_other_ngc_releases(base):
+    for package in ("core", "train", "export", "serve"):
+        assert _admits(package, BASE_TORCH[base]), (package, _torch_requirement(package), BASE_TORCH[base])

@@ -257,6 +257,31 @@ def test_kill_mid_run_then_resume(checkpoint, make_texts, tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+_MAIN = "import sys; from bidir_serve.batch_embed import main; sys.exit(main(sys.argv[1:]))"  # = batch-embed
+
+
+def test_nvidia_folder_code_is_not_run_when_y_is_piped(tmp_path):
+    """`echo y | batch-embed --model FOLDER ...` on an NVIDIA llama_bidirec folder (auto_map + a .py file): nothing
+    asks to run the custom code, so the "y" answers nothing, and the folder's .py never runs."""
+    from bidir_core.testing import write_nvidia_llama_bidirec
+
+    marker = tmp_path / "folder-code-ran"
+    folder = write_nvidia_llama_bidirec(tmp_path / "nv", marker=marker)
+    inp = _jsonl(tmp_path / "in.jsonl", ["hello world", "bye"])
+    args = ["--model", str(folder), "--input", str(inp), "--output", str(tmp_path / "out"), "--no-progress"]
+    run = subprocess.run(
+        [sys.executable, "-c", _MAIN, *args],
+        input="y\n",
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "custom code" not in run.stdout + run.stderr and not marker.exists()
+    assert "2 of 2 rows embedded" in run.stdout and read_embeddings(tmp_path / "out").manifest.complete
+
+
 def test_torchrun_two_processes_equal_one(checkpoint, make_texts, tmp_path):
     texts = make_texts(30, seed=5, max_words=15)
     inp = _jsonl(tmp_path / "in.jsonl", texts)

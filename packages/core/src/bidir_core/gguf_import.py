@@ -164,6 +164,10 @@ def gguf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(
+            path.parent,
+            gguf_file=path.name,
+            trust_remote_code=False,  # never run code found beside the file
+        )
     except Exception as e:  # transformers' GGUF tokenizer conversion raises many types
         raise BidirError(f"{path}: cannot rebuild the tokenizer from GGUF metadata ({one_line(e)})") from None

@@ -104,6 +104,40 @@ def write_hf_llama(
     return folder
 
 
+def write_nvidia_llama_bidirec(
+    folder: str | Path, *, pooling: str = "avg", marker: str | Path | None = None, seed: int = 0
+) -> Path:
+    """A folder laid out as NVIDIA ships its llama_bidirec embedders (e.g. nvidia/llama-nemotron-embed-1b-v2):
+    LlamaModel keys without a `model.` prefix; config.json with model_type llama_bidirec, NeMo's `pooling` name and
+    `temperature`, and an `auto_map` naming llama_bidirectional_model.py beside it; a standard tokenizer_class.
+
+    The .py file is a trap: importing it writes `marker` (when given) and raises, so a test sees whether a loader
+    ran the folder's code. Returns the folder."""
+    import json
+
+    folder = write_hf_llama(folder, causal_lm=False, seed=seed)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="llama_bidirec",
+        architectures=["LlamaBidirectionalModel"],
+        auto_map={
+            "AutoConfig": "llama_bidirectional_model.LlamaBidirectionalConfig",
+            "AutoModel": "llama_bidirectional_model.LlamaBidirectionalModel",
+        },
+        pooling=pooling,
+        temperature=0.02,
+    )
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    trap = f"open({str(marker)!r}, 'w').write('ran')\n" if marker is not None else ""
+    (folder / "llama_bidirectional_model.py").write_text(
+        f"{trap}raise RuntimeError('the folder code of {folder.name} was run')\n"
+    )
+    return folder
+
+
 def skip_missing_hardware(items) -> None:
     """For a pytest_collection_modifyitems hook: tests marked `gpu` skip without CUDA and tests marked `tensorrt`
     skip without an importable tensorrt and a GPU, each with the reason; they never fail for lack of hardware."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from bidir_core.errors import BidirError, one_line
 
@@ -34,12 +35,39 @@ def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:
         raise BidirError(
             f"{source}: no tokenizer files (tokenizer.json / tokenizer.model / tokenizer_config.json)"
         )
+    # transformers does not know model_type llama_bidirec and would warn that it builds "a model of type ``" from
+    # it; a Llama config is what such a folder's config is, and names the same tokenizer family.
+    kwargs = (
+        {"config": LlamaConfig()}
+        if _json_field(source / "config.json", "model_type") == "llama_bidirec"
+        else {}
+    )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        # Never run a folder's code: NVIDIA ships llama_bidirec folders with an `auto_map` naming a .py file, and
+        # without trust_remote_code=False transformers asks "Do you wish to run the custom code? [y/N]" on stdin
+        # (waiting 15 s when nobody answers) and runs that file on a "y". Their tokenizer is a standard class.
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
     # corrupt JSON, missing vocab files, an unknown tokenizer class: many exception types, some multi-line
     except Exception as e:
+        for path in (source / "tokenizer_config.json", source / "config.json"):
+            auto_map = _json_field(path, "auto_map")
+            if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map:
+                raise BidirError(
+                    f"{path}: auto_map names custom tokenizer code, and bidir never runs code from a model "
+                    "folder (give the folder a standard tokenizer_class in tokenizer_config.json)"
+                ) from None
         raise BidirError(f"{source}: cannot load the tokenizer ({one_line(e)})") from None
     return prepare_tokenizer(tokenizer)
+
+
+def _json_field(path: Path, key: str):
+    """path's JSON object's key, or None (also when the file is missing or not a JSON object: the loader that
+    needs the file reports that)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value.get(key) if isinstance(value, dict) else None
 
 
 def tokenize(
