@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -126,11 +125,9 @@ def test_long_text_keeps_the_same_tokens_and_embedding(encoder):
 def test_huge_text_is_cut_before_the_tokenizer(encoder):
     rec = _Recording(encoder.tokenizer)
     huge = "embeddings search dense passages " * 600_000  # ~20 MB
-    start = time.perf_counter()
     ids, cut = tokenization.tokenize(rec, ["short text", huge], 48)
     assert cut == 1 and len(ids[1]) == 48
     assert max(rec.lengths) <= 4 * 48 * tokenization.max_token_chars(encoder.tokenizer) < len(huge) / 1000
-    assert time.perf_counter() - start < 30  # generous: the point is the assertion above
 
 
 # --- item 4: corpus embeddings must come from the model and prompt evaluated --------------------------------------
