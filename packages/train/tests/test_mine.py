@@ -186,3 +186,33 @@ def test_rows_sharing_a_query_share_positives():
     # without sharing, row 1 would take p2 (0.8 < its positive's 0.9) as a negative
     assert [ex.negatives for ex in mined] == [("n",), ("n",)]
     assert counts["dropped_positive"] == 4
+
+
+def test_nan_model_is_an_error_and_writes_nothing(tmp_path, train_jsonl):
+    import torch
+
+    from bidir_core.testing import tiny_encoder
+
+    encoder = tiny_encoder()
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.fill_(float("nan"))
+    out = tmp_path / "mined.jsonl"
+    cfg = MineConfig("unused", str(train_jsonl), str(out), progress=False)
+    with pytest.raises(BidirError, match=r"non-finite \(nan/inf\) embeddings for \d+ of \d+ passage texts"):
+        mine(cfg, encoder=encoder)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_is_refused_before_the_embedding(tmp_path, train_jsonl):
+    (tmp_path / "afile").write_text("x")
+
+    class Untouched:
+        def encode_documents(self, *a, **k):
+            raise AssertionError("embedded before the output was checked")
+
+        encode_queries = encode_documents
+
+    cfg = MineConfig("unused", str(train_jsonl), str(tmp_path / "afile" / "mined.jsonl"), progress=False)
+    with pytest.raises(BidirError, match=r"mined\.jsonl: cannot be written \(.*afile is not a folder\)"):
+        mine(cfg, encoder=Untouched())

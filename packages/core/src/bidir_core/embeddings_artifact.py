@@ -11,6 +11,7 @@ complete: true once every shard exists; read_embeddings refuses an incomplete fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
@@ -92,8 +93,26 @@ class EmbeddingsManifest:
 
 
 def write_embeddings_manifest(folder: str | Path, manifest: EmbeddingsManifest) -> Path:
-    """Write folder/manifest.json atomically (a temp file renamed into place)."""
-    return write_json_atomic(Path(folder) / MANIFEST, manifest.to_json())
+    """Write folder/manifest.json atomically (a temp file renamed into place), then fsync it and the folder."""
+    path = Path(folder) / MANIFEST
+    try:
+        write_json_atomic(path, manifest.to_json())
+        # After the rename, not before (bidir_core.jsonfile does not fsync yet): a power loss can still lose the
+        # newest manifest, but once this returns it is on disk.
+        _fsync(path)
+        _fsync(path.parent)
+    except OSError as e:  # e.g. the disk is full
+        raise BidirError(f"{path}: cannot write ({one_line(e)})") from None
+    return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ShardWriter:
@@ -114,7 +133,10 @@ class ShardWriter:
         self.dim, self.dtype, self.rows = dim, np.dtype(dtype), 0
         value = pa.from_numpy_dtype(self.dtype)
         self.schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(value, dim))])
-        self._writer = pq.ParquetWriter(self.tmp, self.schema)
+        try:
+            self._writer = pq.ParquetWriter(self.tmp, self.schema)
+        except (OSError, pa.ArrowException) as e:
+            raise BidirError(f"{self.tmp}: cannot write ({one_line(e)})") from None
 
     def write(self, ids: Sequence[str], embeddings: np.ndarray) -> None:
         """Append rows: ids and their embeddings (n, dim), cast to the shard's dtype."""
@@ -124,16 +146,32 @@ class ShardWriter:
             raise ValueError(f"embeddings must be ({len(ids)}, {self.dim}), got {embeddings.shape}")
         flat = pa.array(np.ascontiguousarray(embeddings, dtype=self.dtype).reshape(-1))
         columns = [pa.array(list(ids), type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, self.dim)]
-        self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+        try:
+            self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+        except (OSError, pa.ArrowException) as e:  # e.g. the disk is full: name the file
+            raise BidirError(f"{self.tmp}: cannot write ({one_line(e)})") from None
         self.rows += len(ids)
 
     def close(self) -> Path:
-        self._writer.close()
-        os.replace(self.tmp, self.path)
+        """Finish the file, fsync it, rename it to its final name and fsync the folder: a shard that has its final
+        name survives a power loss whole (without the first fsync the rename could reach the disk before the data)."""
+        import pyarrow as pa
+
+        try:
+            self._writer.close()
+            _fsync(self.tmp)
+            os.replace(self.tmp, self.path)
+            _fsync(self.path.parent)
+        except (OSError, pa.ArrowException) as e:
+            raise BidirError(f"{self.tmp}: cannot write ({one_line(e)})") from None
         return self.path
 
     def abort(self) -> None:
-        self._writer.close()
+        import pyarrow as pa
+
+        # the error being handled (a full disk) may strike again here
+        with contextlib.suppress(OSError, pa.ArrowException):
+            self._writer.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from bidir_core.errors import BidirError, one_line
 from bidir_core.jsonfile import write_json_atomic
+from bidir_core.outputs import check_writable
 
 EXAMPLES = """examples:
   bidir-eval smollm2-135m --retrieval stdlib-docstrings
@@ -39,6 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="with --retrieval: the corpus's embeddings as batch-embed wrote them (only the queries are embedded)",
     )
+    p.add_argument(
+        "--allow-mismatched-embeddings",
+        action="store_true",
+        help="score --corpus-embeddings made by another model or prompt anyway (with a warning)",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise BidirError(f"--batch-size must be positive, got {args.batch_size}")
+        if args.json:
+            check_writable(Path(args.json))  # before the evaluation, not after it
         report = evaluate_model(
             args.model,
             retrieval=args.retrieval,
@@ -59,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             dim=args.dim,
             corpus_embeddings=args.corpus_embeddings,
+            allow_mismatched_embeddings=args.allow_mismatched_embeddings,
             progress=not args.no_progress,
         )
         if args.json:
+            try:  # nan / inf are not JSON (json.dumps would write a bare NaN)
+                json.dumps(report, allow_nan=False)
+            except ValueError:
+                raise BidirError(f"{args.json}: the report holds a non-finite number; not written") from None
             write_json_atomic(Path(args.json), report)  # OUT is never half-written
     except (BidirError, OSError) as e:  # OSError: an unreadable input or unwritable output location
         print(f"bidir-eval: error: {one_line(e)}", file=sys.stderr)
@@ -73,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 def format_report(report: dict) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in report["counts"].items() if isinstance(v, int))
     lines = [f"{report['model']} on {report['dataset']} ({report['task']}: {counts}, dim {report['dim']})"]
-    lines += [f"  {name:<11} {value:.4f}" for name, value in report["metrics"].items()]
+    lines += [
+        f"  {name:<11} " + ("undefined" if value is None else f"{value:.4f}")
+        for name, value in report["metrics"].items()
+    ]
     timing = report["timing"]
     lines.append(f"  model loaded in {timing['model_s']:.1f} s, evaluated in {timing['eval_s']:.1f} s")
     return "\n".join(lines)

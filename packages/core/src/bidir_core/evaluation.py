@@ -8,7 +8,9 @@ documents its passage prefix; both sentences of an STS pair get the query prefix
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -104,7 +106,13 @@ def _search_written(top: RunningTopK, written: Embeddings, dataset: RetrievalDat
             f"{written.folder}: embeddings have dim {stored}, the queries {dim}; evaluate with --dim {stored}"
         )
     doc_ids: list[str] = []
-    for ids, emb in written.iter_shards():
+    for shard, (ids, emb) in zip(written.manifest.shards, written.iter_shards(), strict=True):
+        if not np.isfinite(emb).all():
+            row = int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
+            raise BidirError(
+                f"{written.folder / shard.name}: non-finite (nan/inf) embeddings, the first of id {ids[row]!r}; "
+                "embed the corpus again with a working model"
+            )
         keep = [i for i, doc_id in enumerate(ids) if doc_id in dataset.corpus]
         # (n, stored) float16/32 -> (n, dim) float32, re-normalized: a prefix of a normalized vector is not
         chunk = torch.from_numpy(np.asarray(emb[keep, :dim], dtype=np.float32))
@@ -137,7 +145,14 @@ def evaluate_sts(
     second = emb[[row[p.sentence2] for p in pairs]].astype(np.float64)
     cosine = (first * second).sum(axis=1)
     gold = [p.score for p in pairs]
-    return {"spearman": spearman(cosine, gold), "pearson": pearson(cosine, gold)}
+    if len(set(gold)) == 1:
+        raise BidirError(
+            f"all {len(gold)} gold scores are equal ({gold[0]}): a correlation with them is undefined"
+        )
+    # Equal cosines for every pair (a collapsed model) leave the correlation undefined too: None (JSON null), not
+    # nan, which is not JSON.
+    metrics = {"spearman": spearman(cosine, gold), "pearson": pearson(cosine, gold)}
+    return {name: None if math.isnan(value) else value for name, value in metrics.items()}
 
 
 def _progress(show: bool) -> dict:
@@ -152,6 +167,33 @@ def _finite(embeddings: np.ndarray, what) -> np.ndarray:
     return embeddings
 
 
+def check_embeddings_match(written: Embeddings, model: str, passage_prefix: str, allow: bool) -> None:
+    """Corpus embeddings must come from the model evaluated (its checkpoint fingerprint: the manifest's own, or for
+    embeddings made from an export, the export's source) and its passage prompt: another model's vectors, or
+    query-prompt ones, score plausible but meaningless metrics. A mismatch is an error, or with allow a warning."""
+    from bidir_core.artifacts import checkpoint_fingerprint
+    from bidir_core.sources import resolve_source
+
+    m = written.manifest
+    problems = []
+    fingerprint = checkpoint_fingerprint(resolve_source(model))
+    if fingerprint not in (m.model_fingerprint, m.settings.get("source_fingerprint")):
+        problems.append(f"they were made by another model ({m.model}), not {model}")
+    if m.prompt != "passage" or m.prefix != passage_prefix:
+        problems.append(
+            f"they were made with prompt {m.prompt!r} (prefix {m.prefix!r}), not the passage prefix "
+            f"{passage_prefix!r} (batch-embed --prompt passage)"
+        )
+    if not problems:
+        return
+    message = f"{written.folder}: {'; '.join(problems)}"
+    if not allow:
+        raise BidirError(f"{message}; pass --allow-mismatched-embeddings to score them anyway")
+    warnings.warn(
+        f"MISMATCHED CORPUS EMBEDDINGS, the metrics do not measure {model}: {message}", stacklevel=2
+    )
+
+
 def evaluate_model(
     model: str,
     *,
@@ -161,12 +203,15 @@ def evaluate_model(
     batch_size: int = 32,
     dim: int | None = None,
     corpus_embeddings: str | None = None,
+    allow_mismatched_embeddings: bool = False,
     progress: bool = False,
 ) -> dict:
     """Load a model (anything BiEncoder.from_pretrained accepts) and evaluate it on one task: a retrieval dataset
     (a BEIR folder or "stdlib-docstrings") or an STS TSV file. Returns the report bidir-eval prints and writes:
     {"task", "model", "dataset", "dim", "metrics", "counts", "timing"}; metrics are fractions. corpus_embeddings:
-    an embeddings folder (batch-embed's output) holding the retrieval corpus, searched instead of embedding it."""
+    an embeddings folder (batch-embed's output) holding the retrieval corpus, searched instead of embedding it; it
+    must have been made by this model with its passage prompt (check_embeddings_match), unless
+    allow_mismatched_embeddings, which only warns."""
     from bidir_core.encoder import BiEncoder
 
     if (retrieval is None) == (sts is None):
@@ -186,10 +231,17 @@ def evaluate_model(
             counts["mined"] = stdlib_counts()
         written = read_embeddings(corpus_embeddings) if corpus_embeddings is not None else None
     else:
-        pairs = read_sts(sts)
+        pairs, written = read_sts(sts), None
         counts = {"pairs": len(pairs)}
+        if len(pairs) >= 2 and len({p.score for p in pairs}) == 1:  # before the model load, naming the file
+            raise BidirError(
+                f"{sts}: all {len(pairs)} gold scores are equal ({pairs[0].score}): a correlation with them is "
+                "undefined"
+            )
     loaded_data = time.perf_counter()
     encoder = BiEncoder.from_pretrained(model)
+    if written is not None:
+        check_embeddings_match(written, model, encoder.config.passage_prefix, allow_mismatched_embeddings)
     loaded_model = time.perf_counter()
     if retrieval is not None:
         metrics = evaluate_retrieval(

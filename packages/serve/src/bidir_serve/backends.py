@@ -25,7 +25,7 @@ import torch
 
 from bidir_core.artifacts import MANIFEST, EngineManifest, OnnxManifest, checkpoint_fingerprint, read_manifest
 from bidir_core.checkpoint import EncoderConfig
-from bidir_core.errors import BidirError
+from bidir_core.errors import BidirError, one_line
 from bidir_core.sources import resolve_source
 from bidir_core.tokenization import load_tokenizer
 
@@ -46,6 +46,9 @@ class Backend(Protocol):
     """Width of embed()'s output."""
     fingerprint: str
     """sha256 of the model's weights and settings (changes when the model does)."""
+    source_fingerprint: str
+    """checkpoint_fingerprint() of the checkpoint the model is (torch) or was exported from (an export records it):
+    what bidir-eval compares with the model it evaluates."""
     pin_memory: bool
     """Whether inputs should be pinned (the backend copies them to a GPU)."""
 
@@ -97,7 +100,7 @@ class TorchBackend:
         ).eval()
         self.config, self.tokenizer = self.encoder.config, self.encoder.tokenizer
         self.dim = check_dim(dim, self.encoder.hidden_size)
-        self.fingerprint = model_fingerprint(source)
+        self.fingerprint = self.source_fingerprint = model_fingerprint(source)
         self.pin_memory = self.device.type == "cuda"
         self.precision = precision
         self.description = f"torch {self.device.type} {precision}" + (" compiled" if compile else "")
@@ -128,11 +131,17 @@ class OnnxRuntimeBackend:
         missing = [p for p in providers if p not in available]
         if missing:
             raise BidirError(f"onnxruntime has no {missing[0]} here (available: {', '.join(available)})")
-        self.session = ort.InferenceSession(str(folder / self.manifest.model_file), providers=providers)
+        model_file = folder / self.manifest.model_file
+        try:
+            self.session = ort.InferenceSession(str(model_file), providers=providers)
+        # a truncated or garbled model.onnx: onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+        except Exception as e:
+            raise BidirError(f"{model_file}: onnxruntime cannot load it ({one_line(e)})") from None
         self.config = self.manifest.encoder
         self.tokenizer = load_tokenizer(folder)
         self.dim = check_dim(dim, self.manifest.hidden_size)
         self.fingerprint = export_fingerprint(folder)
+        self.source_fingerprint = self.manifest.source_fingerprint
         self.pin_memory = False  # onnxruntime reads numpy arrays from host memory
         self.precision = self.manifest.dtype
         self.description = f"onnxruntime {self.session.get_providers()[0]} {self.manifest.dtype}"

@@ -5,7 +5,9 @@ under `torchrun --nproc-per-node N -m bidir_serve.batch_embed ...` the shards ar
 
 Exactness. The inputs are read once before any work (bad rows and duplicate ids stop the job there). Shard k holds
 input rows [k * shard_size, (k + 1) * shard_size) and appears only when complete (temp name + rename), so after a
-kill, a rerun skips the shards that exist and computes the others: every id ends up exactly once. The manifest
+kill, a rerun skips the shards that exist intact (readable, with their planned row count; a complete job's shards are
+checked too) and computes the others: every id ends up exactly once. Non-finite embeddings stop the job before the
+shard is written. The manifest
 carries a fingerprint of the inputs (paths, sizes, mtimes), the settings and the model; a rerun whose fingerprint
 differs refuses to mix its rows with the old ones unless --overwrite is given.
 
@@ -41,6 +43,7 @@ from bidir_core.embeddings_artifact import (
     write_embeddings_manifest,
 )
 from bidir_core.errors import BidirError, one_line
+from bidir_core.outputs import check_writable
 from bidir_serve.backends import BACKENDS, PRECISIONS, load_backend
 from bidir_serve.inputs import input_fingerprint, iter_rows, resolve_inputs, scan
 from bidir_serve.pipeline import Batch, BatchingConfig, WindowDone, prefetch, shard_batches
@@ -167,7 +170,8 @@ def _prepare_output(out: Path, planned: EmbeddingsManifest, overwrite: bool) -> 
                 f"{out}: holds embeddings of other {what} (fingerprint differs); "
                 "pass --overwrite to replace them, or choose another output folder"
             )
-        elif old.complete:
+        # A rerun checks the shards it claims: one deleted or damaged since is computed again.
+        elif old.complete and all(_done(out, s) for s in planned.shards):
             return True
     elif out.is_dir() and any(out.iterdir()):
         raise BidirError(
@@ -179,7 +183,8 @@ def _prepare_output(out: Path, planned: EmbeddingsManifest, overwrite: bool) -> 
 
 
 def _done(out: Path, shard: Shard) -> bool:
-    """Whether the shard exists with its planned row count (anything else is computed again)."""
+    """Whether the shard exists, its Parquet footer reads and holds the planned row count (anything else is computed
+    again)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -198,6 +203,19 @@ def _finish(out: Path, planned: EmbeddingsManifest) -> bool:
     for tmp in out.glob(".part-*.parquet.tmp"):  # left by a killed run of a shard that is now complete
         tmp.unlink(missing_ok=True)
     return True
+
+
+def _check_finite(emb: np.ndarray, batch: Batch, out: Path, model: str) -> None:
+    """nan/inf embeddings (a NaN checkpoint, a garbled export, fp16 overflow) stop the job before the shard is
+    written: a shard of NaNs marked complete would pass for a result."""
+    bad = ~np.isfinite(emb).all(axis=1)  # (B,)
+    if bad.any():
+        rows = [batch.wheres[i] for i in np.flatnonzero(bad)]
+        raise BidirError(
+            f"{out / shard_name(batch.shard)}: the model ({model}) produced non-finite (nan/inf) embeddings for "
+            f"{len(rows)} of the {len(emb)} rows of a batch, the first at {rows[0]}; nothing of this shard was "
+            "written (check the model: NaN weights, a broken export, fp16 overflow: try --precision bf16 or fp32)"
+        )
 
 
 def _coordinate(rank: int, world: int, prepare) -> bool:
@@ -231,6 +249,7 @@ def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
     rank, world = _rank_world()
     out = Path(cfg.output).expanduser()
     files = resolve_inputs(cfg.input)
+    check_writable(out / MANIFEST)  # before the scan and the model load, not after
     n_rows = scan(files, cfg.id_field, cfg.text_field)  # bad rows and duplicate ids, before any work
     backend = load_backend(
         cfg.model,
@@ -257,6 +276,8 @@ def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
         "backend": backend.name,
         "precision": backend.precision,
         "max_length": backend.config.max_length,
+        # the checkpoint behind the model (an export's source): bidir-eval checks it is the model it evaluates
+        "source_fingerprint": backend.source_fingerprint,
     }
     n_shards = (n_rows + cfg.shard_size - 1) // cfg.shard_size
     planned = EmbeddingsManifest(
@@ -307,7 +328,9 @@ def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
             if isinstance(item, Batch):
                 if window is None:
                     window = np.empty((item.window_rows, backend.dim), np.float32)
-                window[item.positions] = backend.embed(item.input_ids, item.attention_mask)  # (B, dim)
+                emb = backend.embed(item.input_ids, item.attention_mask)  # (B, dim)
+                _check_finite(emb, item, out, cfg.model)
+                window[item.positions] = emb
                 summary["tokens"] += item.tokens
                 summary["rows_embedded"] += len(item.positions)
                 bar.update(len(item.positions))

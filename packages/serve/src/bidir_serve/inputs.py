@@ -7,7 +7,7 @@ Formats, chosen by file suffix:
 - `.parquet`: columns `id_field` (string or integer) and `text_field` (string), read one record batch at a time.
 - anything else: plain text, one document per line (the line's end, \\n or \\r\\n, removed). The id is the
   1-based line number; when a glob matches several text files, the id is `<file name>:<line number>` so ids stay
-  unique across files.
+  unique across files (`<path relative to the folder they share>:<line number>` when two have the same name).
 
 Empty texts are an error (naming file and line), as in text-embeddings-inference: an empty document has no meaning to
 embed, and silently embedding only the prompt prefix would give every empty row the same vector.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def input_fingerprint(files: list[Path]) -> tuple[str, list[dict]]:
 
 def iter_rows(files: list[Path], id_field: str = "id", text_field: str = "text") -> Iterator[Row]:
     """Every row of every file, in file order then line order."""
-    several_text_files = sum(_format(p) == "text" for p in files) > 1
+    prefixes = text_id_prefixes([p for p in files if _format(p) == "text"])
     for path in files:
         fmt = _format(path)
         if fmt == "jsonl":
@@ -73,7 +74,20 @@ def iter_rows(files: list[Path], id_field: str = "id", text_field: str = "text")
         elif fmt == "parquet":
             yield from _parquet_rows(path, id_field, text_field)
         else:
-            yield from _text_rows(path, path.name + ":" if several_text_files else "")
+            yield from _text_rows(path, prefixes[path])
+
+
+def text_id_prefixes(text_files: list[Path]) -> dict[Path, str]:
+    """The id prefix of each plain-text file's line numbers: none for a single file; the file name when the names
+    differ (the common case, and the ids earlier versions gave); else the path relative to the folder the files
+    share (docs/a.txt and notes/a.txt -> "docs/a.txt:1", "notes/a.txt:1"), so two files of one name never collide."""
+    if len(text_files) <= 1:
+        return dict.fromkeys(text_files, "")
+    if len({p.name for p in text_files}) == len(text_files):
+        return {p: p.name + ":" for p in text_files}
+    absolute = [p.resolve() for p in text_files]
+    common = Path(os.path.commonpath([p.parent for p in absolute]))
+    return {p: a.relative_to(common).as_posix() + ":" for p, a in zip(text_files, absolute, strict=True)}
 
 
 def _format(path: Path) -> str:
@@ -131,19 +145,26 @@ def _parquet_rows(path: Path, id_field: str, text_field: str) -> Iterator[Row]:
             kind = "string or integer" if field == id_field else "string"
             raise BidirError(f"{path}: column {field!r} is {schema.field(field).type}, not a {kind}")
     row = 0
-    try:
-        batches = pf.iter_batches(batch_size=4096, columns=[id_field, text_field])
-        for batch in batches:
+    batches = pf.iter_batches(batch_size=4096, columns=[id_field, text_field])
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            # to_pylist decodes the strings: invalid UTF-8 raises UnicodeDecodeError, not an ArrowException
             ids = batch.column(0).to_pylist()
             texts = batch.column(1).to_pylist()
-            for id_, text in zip(ids, texts, strict=True):
-                row += 1
-                where = f"{path} row {row}"
-                if id_ is None or text is None:
-                    raise BidirError(f"{where}: {(id_field if id_ is None else text_field)!r} is null")
-                yield Row(_id(id_, id_field, where), _check_text(text, where), where)
-    except pa.ArrowException as e:  # e.g. a string column holding invalid UTF-8
-        raise BidirError(f"{path} after row {row}: cannot read ({one_line(e)})") from None
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
+            raise BidirError(
+                f"{path} rows {row + 1}..{row + 4096}: cannot read ({one_line(e)}); "
+                "e.g. a string column holding invalid UTF-8"
+            ) from None
+        for id_, text in zip(ids, texts, strict=True):
+            row += 1
+            where = f"{path} row {row}"
+            if id_ is None or text is None:
+                raise BidirError(f"{where}: {(id_field if id_ is None else text_field)!r} is null")
+            yield Row(_id(id_, id_field, where), _check_text(text, where), where)
 
 
 def _text_rows(path: Path, id_prefix: str) -> Iterator[Row]:

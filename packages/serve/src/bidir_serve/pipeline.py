@@ -39,6 +39,8 @@ class Batch:
     """(B, T) int64."""
     tokens: int
     """Real (unpadded) tokens in the batch."""
+    wheres: list[str]
+    """file:line (or file row N) of each batch row, for error messages."""
 
 
 @dataclass(frozen=True)
@@ -81,17 +83,18 @@ def shard_batches(
     cfg: BatchingConfig,
 ) -> Iterator[Batch | WindowDone | ShardDone]:
     """Batches of the shards in `todo`, window by window; other shards' rows are skipped."""
-    shard, window = -1, []  # window: (id, text) rows
+    shard, window = -1, []  # window: (id, text, where) rows
 
     def flush() -> Iterator[Batch | WindowDone]:
-        token_ids, n_cut = tokenize(tokenizer, [prefix + text for _, text in window], cfg.max_length)
+        token_ids, n_cut = tokenize(tokenizer, [prefix + text for _, text, _ in window], cfg.max_length)
         lengths = [len(t) for t in token_ids]
         for batch in length_sorted_batches(lengths, cfg.max_batch_size, cfg.max_batch_tokens):
             input_ids, mask = pad_batch([token_ids[i] for i in batch], cfg.pad_id)  # (B, T) each
             if cfg.pin_memory:
                 input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
-            yield Batch(shard, len(window), batch, input_ids, mask, sum(lengths[i] for i in batch))
-        yield WindowDone(shard, [row_id for row_id, _ in window], n_cut)
+            tokens = sum(lengths[i] for i in batch)
+            yield Batch(shard, len(window), batch, input_ids, mask, tokens, [window[i][2] for i in batch])
+        yield WindowDone(shard, [row_id for row_id, _, _ in window], n_cut)
         window.clear()
 
     for n, row in enumerate(rows):
@@ -104,7 +107,7 @@ def shard_batches(
             shard = k
         if k not in todo:
             continue
-        window.append((row.id, row.text))
+        window.append((row.id, row.text, row.where))
         if len(window) == cfg.window:
             yield from flush()
     if window:

@@ -72,6 +72,7 @@ class TensorRTBackend:
         self.tokenizer = load_tokenizer(folder)
         self.dim = check_dim(dim, onnx.hidden_size)
         self.fingerprint = export_fingerprint(folder)
+        self.source_fingerprint = onnx.source_fingerprint
         self.pin_memory = True
         self.precision = self.manifest.precision
         self.description = f"tensorrt {trt.__version__} {self.manifest.precision}"

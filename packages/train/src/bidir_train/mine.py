@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -31,6 +32,7 @@ from bidir_core.datasets.lines import read_lines
 from bidir_core.datasets.retrieval import read_corpus
 from bidir_core.errors import BidirError, one_line
 from bidir_core.jsonfile import write_jsonl_atomic
+from bidir_core.outputs import check_writable
 from bidir_core.search import exact_search
 
 Corpus = Sequence[tuple[str | None, str]]  # (document id or None, passage text) per passage
@@ -138,9 +140,11 @@ def mine_negatives(
     extra = list(dict.fromkeys(p for ex in examples for p in ex.positives if p not in where))
     where.update({text: len(texts) + i for i, text in enumerate(extra)})
     # The corpus, then the positives that are not in it (their embeddings give the positive scores).
-    docs = torch.from_numpy(encoder.encode_documents(texts + extra, **kw)).to(device)  # (N + E, D)
-    queries = encoder.encode_queries([ex.query for ex in examples], **kw)
-    queries = torch.from_numpy(queries).to(device)  # (Q, D)
+    docs = encoder.encode_documents(texts + extra, **kw)  # (N + E, D)
+    _check_finite(docs, "passage", (texts + extra))
+    queries = encoder.encode_queries([ex.query for ex in examples], **kw)  # (Q, D)
+    _check_finite(queries, "query", [ex.query for ex in examples])
+    docs, queries = torch.from_numpy(docs).to(device), torch.from_numpy(queries).to(device)
 
     scores, indices = [], []  # per query block: (q, k) fp32 cosine, (q, k) int64 corpus index, best first
     blocks = range(0, len(examples), _QUERY_BLOCK)
@@ -191,6 +195,17 @@ def mine_negatives(
     return rows, counts
 
 
+def _check_finite(embeddings, what: str, texts: Sequence[str]) -> None:
+    """nan/inf embeddings (a NaN model, fp16 overflow) would rank candidates arbitrarily: stop, naming the first."""
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise BidirError(
+            f"the model produced non-finite (nan/inf) embeddings for {int(bad.sum())} of {len(texts)} {what} texts, "
+            f"the first {what} {first + 1} ({texts[first][:60]!r}); nothing was written"
+        )
+
+
 def mine(cfg: MineConfig, encoder=None) -> dict:
     """Mine negatives for every row of cfg.train into cfg.output; return a summary dict. encoder: an already loaded
     one (cfg.model, cfg.max_length and cfg.device's model placement are then not used)."""
@@ -198,6 +213,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     output = Path(cfg.output)
     if output.exists() and not cfg.overwrite:
         raise BidirError(f"{output}: already exists (pass --overwrite / overwrite=True to replace it)")
+    check_writable(output)  # before the embedding, not after it
     examples = list(read_training_examples(cfg.train))
     if not examples:
         raise BidirError(f"{cfg.train}: no training rows")

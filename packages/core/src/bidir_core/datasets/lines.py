@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,8 +31,15 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise BidirError(f"{path}: cannot read ({one_line(e)})") from None
 
 
+# A JSON \\u escape of a UTF-16 surrogate (D800-DFFF): the only way a JSON line can carry a lone surrogate, which
+# is valid JSON but no text (it cannot be encoded to UTF-8, so the tokenizer fails on it mid-job). Matches can be
+# false alarms (a surrogate pair, an escaped backslash); _check_surrogates looks closer.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON Lines file; every line must be a JSON object."""
+    """(line number, object) for each non-blank line of a JSON Lines file; every line must be a JSON object, and
+    its strings must be text (no lone surrogate escape such as "\\ud83d", a truncated emoji)."""
     for number, text in read_lines(path):
         if not text.strip():
             continue
@@ -39,9 +47,24 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             row = json.loads(text)
         except json.JSONDecodeError as e:
             raise BidirError(f"{path}:{number}: not valid JSON ({one_line(e)})") from None
+        except RecursionError:
+            raise BidirError(f"{path}:{number}: JSON nested too deeply to read") from None
         if not isinstance(row, dict):
             raise BidirError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        if _SURROGATE_ESCAPE.search(text):
+            _check_surrogates(row, f"{path}:{number}")
         yield number, row
+
+
+def _check_surrogates(row: dict, where: str) -> None:
+    for key, value in row.items():
+        try:
+            json.dumps([key, value], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BidirError(
+                f'{where}: field {key!r} holds a lone surrogate escape (e.g. "\\ud83d", half of an emoji), '
+                "which is not text"
+            ) from None
 
 
 def text_field(row: dict, key: str, where: str, *, required: bool = True, allow_empty: bool = False) -> str:

@@ -1,0 +1,155 @@
+"""Hostile and careless input and faults in batch-embed (issue 14): each is one line naming the file (and line or
+row), nothing half-written is left looking complete, a rerun recomputes what is missing, and NaN is an error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bidir_core import BidirError
+from bidir_core.checkpoint import EncoderConfig
+from bidir_core.embeddings_artifact import read_embeddings, read_embeddings_manifest
+from bidir_core.testing import tiny_encoder
+from bidir_serve.batch_embed import BatchEmbedConfig, embed_corpus, main
+
+
+def _jsonl(path: Path, texts) -> Path:
+    path.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def _run(model, inp, out, **kw):
+    return embed_corpus(BatchEmbedConfig(str(model), str(inp), str(out), progress=False, **kw))
+
+
+def _texts(n):
+    return [f"text number {i} about dense search" for i in range(n)]
+
+
+# --- item 7: a rerun checks the shards it claims -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "other rows"])
+def test_missing_or_damaged_shard_is_recomputed(checkpoint, tmp_path, damage):
+    inp, out = _jsonl(tmp_path / "in.jsonl", _texts(10)), tmp_path / "out"
+    _run(checkpoint, inp, out, shard_size=4)
+    first = read_embeddings(out).embeddings()
+    shard = out / "part-00001.parquet"
+    if damage == "delete":
+        shard.unlink()
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-20])  # the footer is gone
+    else:
+        pq.write_table(pq.read_table(shard).slice(0, 2), shard)  # readable, 2 rows where the manifest says 4
+    again = _run(checkpoint, inp, out, shard_size=4)
+    assert again.complete and again.rows_embedded == 4 and again.shards_written == 1
+    np.testing.assert_array_equal(read_embeddings(out).embeddings(), first)
+
+
+# --- item 5: non-finite embeddings stop the job before anything is marked complete ---------------------------------
+
+
+def test_nan_model_stops_naming_shard_and_row(tmp_path, capsys):
+    enc = tiny_encoder(EncoderConfig(max_length=48))
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.fill_(float("nan"))
+    model = enc.save_pretrained(tmp_path / "nan-model")
+    inp, out = _jsonl(tmp_path / "in.jsonl", _texts(6)), tmp_path / "out"
+    assert main(["--model", str(model), "--input", str(inp), "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "part-00000.parquet: the model" in err and "non-finite (nan/inf) embeddings" in err
+    assert "in.jsonl:" in err  # the input row
+    assert not list(out.glob("*.parquet")) and not list(out.glob(".part-*"))
+    assert not read_embeddings_manifest(out).complete
+
+
+# --- item 6, 9, 12: bad rows are one line naming where ---------------------------------------------------------------
+
+
+def test_lone_surrogate_is_reported_at_its_line_before_any_work(checkpoint, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "text": "ok"}\n{"id": "b", "text": "cut emoji \\ud83d"}\n')
+    with pytest.raises(BidirError, match=r"in\.jsonl:2: field 'text' holds a lone surrogate"):
+        _run(checkpoint, inp, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_deeply_nested_json_line(checkpoint, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "text": "x", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(BidirError, match=r"in\.jsonl:1: JSON nested too deeply"):
+        _run(checkpoint, inp, tmp_path / "out")
+
+
+def test_invalid_utf8_in_a_parquet_string_column(checkpoint, tmp_path):
+    text = pa.array([b"fine", b"\xff not utf-8"], type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": ["a", "b"], "text": text}), tmp_path / "bad.parquet")
+    with pytest.raises(BidirError, match=r"bad\.parquet rows 1\.\.4096: cannot read .*utf-8"):
+        _run(checkpoint, tmp_path / "bad.parquet", tmp_path / "out")
+
+
+def test_truncated_onnx_model_is_one_line(onnx_export, tmp_path, capsys):
+    folder = shutil.copytree(onnx_export(), tmp_path / "onnx")
+    model = folder / "model.onnx"
+    model.write_bytes(model.read_bytes()[:1000])
+    inp = _jsonl(tmp_path / "in.jsonl", _texts(3))
+    assert (
+        main(["--model", str(folder), "--input", str(inp), "--output", str(tmp_path / "o"), "--no-progress"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.onnx: onnxruntime cannot load it" in err
+
+
+def test_unwritable_output_is_refused_before_the_model_loads(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    inp = _jsonl(tmp_path / "in.jsonl", _texts(3))
+    # The model does not exist: the output is checked first, so its error is the one reported.
+    with pytest.raises(BidirError, match=r"afile/out/manifest\.json: cannot be written"):
+        _run(tmp_path / "no-such-model", inp, tmp_path / "afile" / "out")
+
+
+def test_disk_full_names_the_file(checkpoint, tmp_path, monkeypatch):
+    inp, out = _jsonl(tmp_path / "in.jsonl", _texts(6)), tmp_path / "out"
+
+    def full(self, table, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    with pytest.raises(BidirError, match=r"out/\.part-00000\.parquet\.tmp: cannot write .*No space left"):
+        _run(checkpoint, inp, out, shard_size=4)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # no temp file, no shard
+
+
+# --- item 13 ---------------------------------------------------------------------------------------------------------
+
+
+def test_text_files_of_one_name_in_two_folders_get_distinct_ids(checkpoint, tmp_path):
+    for folder in ("docs", "notes"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.txt").write_text(f"first of {folder}\nsecond of {folder}\n")
+    (tmp_path / "docs" / "b.txt").write_text("only line\n")
+    _run(checkpoint, tmp_path / "*" / "*.txt", tmp_path / "out")
+    ids = read_embeddings(tmp_path / "out").ids()
+    assert ids == ["docs/a.txt:1", "docs/a.txt:2", "docs/b.txt:1", "notes/a.txt:1", "notes/a.txt:2"]
+
+
+def test_shard_and_manifest_are_fsynced_before_they_count(checkpoint, tmp_path, monkeypatch):
+    import bidir_core.embeddings_artifact as ea
+
+    synced = []
+    real = ea._fsync
+    monkeypatch.setattr(ea, "_fsync", lambda path: (synced.append(Path(path).name), real(path)))
+    _run(checkpoint, _jsonl(tmp_path / "in.jsonl", _texts(3)), tmp_path / "out")
+    # the planned manifest and its folder; the shard's data under its temp name (before the rename), then its
+    # folder (the rename); the complete manifest and its folder
+    assert synced == ["manifest.json", "out", ".part-00000.parquet.tmp", "out", "manifest.json", "out"]
