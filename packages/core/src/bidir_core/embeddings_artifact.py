@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bidir_core.errors import BidirError, one_line
+from bidir_core.folders import fsync_dir, fsync_file
 from bidir_core.jsonfile import read_json_object, write_json_atomic
 
 EMBEDDINGS_FORMAT_VERSION = 1
@@ -129,7 +130,9 @@ class ShardWriter:
 
     def close(self) -> Path:
         self._writer.close()
+        fsync_file(self.tmp)  # the manifest that names the shard is fsynced too: a power loss tears neither
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
