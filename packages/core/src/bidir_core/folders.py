@@ -56,8 +56,8 @@ def unknown_files(folder: Path, patterns: frozenset[str] | set[str]) -> list[str
 
 
 def make_temp_folder(target: Path, kind: str = "tmp") -> Path:
-    """A new empty folder beside target named .<target>.<kind>-<host>-<pid>-XXXXXXXX: the host and pid say who is
-    writing it, so remove_stale_temps can tell a dead writer's leftovers from a live one's work."""
+    """A new empty folder beside target named .<target>.<kind>-<host>-<pid>-XXXXXXXX (host: name and pid namespace):
+    the host and pid say who is writing it, so remove_stale_temps can tell a dead writer's leftovers from a live one's work."""
     prefix = f".{target.name}.{kind}-{_host()}-{os.getpid()}-"
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
 
@@ -66,8 +66,8 @@ def remove_stale_temps(target: str | Path) -> list[Path]:
     """Delete what killed writers of target left beside it; returns the folders removed.
 
     A folder named by make_temp_folder is stale when its writer is gone: same host and its pid is no longer
-    running (a live pid, even a reused one, is kept; a folder from another host is kept, as its pid cannot be
-    checked from here). Without host and pid in the name (older versions), a folder is stale after
+    running (a live pid, even a reused one, is kept; a folder from another host or pid namespace is kept, as its
+    pid cannot be checked from here). Without host and pid in the name (older versions), a folder is stale after
     UNOWNED_STALE_SECONDS without a change. A moved-aside old artifact (.old-) is removed only when target exists:
     otherwise the publish was interrupted between its two renames and the old folder is the only complete copy.
     """
@@ -143,8 +143,13 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _host() -> str:
-    # Only characters that cannot be confused with the separators of the name.
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    """The host name (only characters that cannot be confused with the name's separators), plus the pid namespace
+    where Linux has one: two containers may share a host name and a folder, and a pid means nothing across them."""
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    try:
+        return f"{host}.{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
 
 
 def _running(pid: int) -> bool:
