@@ -133,6 +133,16 @@ def test_config_values_transformers_rejects(hf_copy, change):
     _error(_load(hf_copy), str(hf_copy / "config.json"))
 
 
+@pytest.mark.parametrize(
+    "key", ["max_position_embeddings", "num_key_value_heads", "head_dim", "intermediate_size"]
+)
+@pytest.mark.parametrize("value", [-5, 0])
+def test_non_positive_sizes_in_config(hf_copy, key, value):
+    # Issue 14.13: max_position_embeddings -5 was accepted.
+    _edit_json(hf_copy / "config.json", **{key: value})
+    _error(_load(hf_copy), str(hf_copy / "config.json"), key)
+
+
 # --- weights -------------------------------------------------------------------------------------------------------
 
 
@@ -177,6 +187,21 @@ def test_shard_index_names_a_missing_shard(hf_source, tmp_path):
     assert len(shards) > 1
     (sharded / shards[1]).unlink()
     _error(_load(sharded), str(sharded / "model.safetensors.index.json"), shards[1], "missing")
+
+
+@pytest.mark.parametrize("outside", ["../other/model.safetensors", "absolute"])
+def test_shard_index_naming_a_file_outside_the_folder(tmp_path, outside):
+    # Issue 14.2c: an index entry "../../other/model.safetensors" was read from outside the checkpoint folder.
+    sharded = write_hf_llama(tmp_path / "sharded", max_shard_size="100KB")
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "other").mkdir()
+    moved = shutil.move(sharded / shard, tmp_path / "other" / "model.safetensors")  # a valid shard, elsewhere
+    entry = str(moved) if outside == "absolute" else outside
+    index["weight_map"] = {k: entry if v == shard else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    _error(_load(sharded), str(index_path), repr(entry), "outside")
 
 
 def test_invalid_shard_index(hf_copy):
@@ -375,6 +400,31 @@ def test_save_into_non_model_folder_refuses_and_keeps_files(encoder, tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
+def test_overwrite_replaces_only_a_bidir_checkpoint(encoder, tmp_path):
+    # Issue 14.1 (bidir-convert's --overwrite): any folder with a bidir.json was deleted, whatever else it held.
+    added = encoder.save_pretrained(tmp_path / "added")
+    (added / "notes.txt").write_text("precious")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "bidir.json").write_text('{"mine": 1}')
+    (fake / "config.json").write_text("{}")
+    bare = tmp_path / "bare"  # a bidir.json and nothing else a checkpoint has
+    bare.mkdir()
+    shutil.copy(added / "bidir.json", bare / "bidir.json")
+    (bare / "data.csv").write_text("1,2")
+    for target, needles in [
+        (added, ("holds notes.txt", "refusing")),
+        (fake, ("not a bidir checkpoint", "bidir.json", "refusing")),
+        (bare, ("not a bidir checkpoint", "config.json", "refusing")),
+    ]:
+        before = _snapshot(target)
+        with pytest.raises(BidirError) as excinfo:
+            encoder.save_pretrained(target, overwrite=True)
+        _error(excinfo, str(target), *needles)
+        assert _snapshot(target) == before
+    assert not list(tmp_path.glob(".*"))
+
+
 def test_save_onto_a_file_refuses(encoder, tmp_path):
     target = tmp_path / "model"
     target.write_text("a file")
@@ -409,8 +459,9 @@ def test_failed_save_leaves_no_half_written_folder(tmp_path, monkeypatch):
     encoder = tiny_encoder()
     monkeypatch.setattr(encoder.tokenizer, "save_pretrained", _failing_save)
     target = tmp_path / "out" / "ckpt"
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(BidirError) as excinfo:
         encoder.save_pretrained(target)
+    _error(excinfo, str(target), "not written", "simulated")
     assert not target.exists()
     assert not [p.name for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
 
@@ -420,7 +471,7 @@ def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     before = _snapshot(target)
     other = tiny_encoder(seed=1)
     monkeypatch.setattr(other.tokenizer, "save_pretrained", _failing_save)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(BidirError, match="simulated"):
         other.save_pretrained(target, overwrite=True)
     assert _snapshot(target) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

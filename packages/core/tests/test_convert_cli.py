@@ -95,6 +95,40 @@ def test_convert_no_normalize_and_overwrite(hf_folder, tmp_path, capsys):
     assert not (out / "2_Normalize").exists()  # sentence-transformers metadata follows the setting
 
 
+def test_convert_overwrite_keeps_a_folder_that_is_not_only_a_checkpoint(hf_folder, tmp_path, capsys):
+    # Issue 14.1: --overwrite replaced any folder holding a bidir.json, with whatever else was in it.
+    out = tmp_path / "ckpt"
+    assert main([str(hf_folder), str(out)]) == 0
+    (out / "notes.txt").write_text("precious")
+    capsys.readouterr()
+    assert main([str(hf_folder), str(out), "--overwrite"]) == 2
+    line = _assert_one_error_line(capsys.readouterr().err)
+    assert str(out) in line and "notes.txt" in line and "refusing" in line
+    assert (out / "notes.txt").read_text() == "precious" and (out / "model.safetensors").is_file()
+
+
+def test_convert_disk_full_is_one_line_and_leaves_nothing(hf_folder, tmp_path, capsys, monkeypatch):
+    # Issue 14.12: a full disk while writing gave an errno line naming no file.
+    import errno
+
+    import bidir_core.checkpoint as checkpoint
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    old = tmp_path / "old"
+    assert main([str(hf_folder), str(old), "--pooling", "cls"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    for target, extra in [(tmp_path / "new", []), (old, ["--overwrite"])]:
+        assert main([str(hf_folder), str(target), *extra]) == 2
+        line = _assert_one_error_line(capsys.readouterr().err)
+        assert f"{target}: not written: {os.strerror(errno.ENOSPC)}" in line
+    assert not (tmp_path / "new").exists()
+    assert json.loads((old / "bidir.json").read_text())["pooling"] == "cls"  # the old one is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no temporary folder left
+
+
 def test_convert_missing_source_is_a_one_line_error(tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     rc = main([str(missing), str(tmp_path / "out")])

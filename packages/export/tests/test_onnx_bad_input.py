@@ -22,7 +22,7 @@ def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "notes" / "readme.txt").write_text("hello")
     with pytest.raises(BidirError, match="no config.json"):
         export_onnx(tmp_path / "notes", tmp_path / "out")
-    assert onnx_main([str(tmp_path / "notes"), str(tmp_path / "out")]) == 1
+    assert onnx_main([str(tmp_path / "notes"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "export-onnx: error:" in err and "notes" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
@@ -47,7 +47,7 @@ def test_existing_folders_are_not_replaced(tmp_path, tiny_checkpoint, exported):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
-    with pytest.raises(BidirError, match="not an export; refusing"):
+    with pytest.raises(BidirError, match="is not an ONNX export .*refusing to replace it"):
         export_onnx(tiny_checkpoint("avg"), mine, overwrite=True)
     assert (mine / "thesis.tex").read_text() == "precious"
     out, _ = exported("avg")
@@ -108,3 +108,106 @@ def test_onnx_file_that_does_not_match_its_manifest(tmp_path, exported):
     (wide / "model.onnx").write_bytes(b"not a protobuf")
     with pytest.raises(BidirError, match="not a readable ONNX model"):
         verify_export(wide)
+
+
+def _embeddings_folder(folder):
+    """A complete batch-embed output (what bidir-serve's batch-embed writes), made with core's writers."""
+    import numpy as np
+
+    from bidir_core.embeddings_artifact import (
+        EmbeddingsManifest,
+        Shard,
+        write_embeddings_manifest,
+        write_shard,
+    )
+
+    folder.mkdir()
+    write_shard(folder, 0, ["a", "b"], np.ones((2, 4), dtype=np.float32))
+    manifest = EmbeddingsManifest(
+        model="tiny",
+        model_fingerprint="sha256:0",
+        dim=4,
+        dtype="float32",
+        normalize=True,
+        prompt="passage",
+        prefix="passage: ",
+        input_fingerprint="sha256:0",
+        shards=(Shard("part-00000.parquet", 2),),
+        complete=True,
+    )
+    write_embeddings_manifest(folder, manifest)
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path, tiny_checkpoint, exported, capsys):
+    # Issue 14.1: any folder with a manifest.json was deleted by --overwrite.
+    ckpt = str(tiny_checkpoint("avg"))
+    embeddings = tmp_path / "embeddings"
+    before = _embeddings_folder(embeddings)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.json").write_text('{"mine": 1}')
+    (mine / "notes.txt").write_text("important")
+    added = tmp_path / "added"  # an earlier export someone put their own file into
+    shutil.copytree(exported("avg")[0], added)
+    (added / "notes.txt").write_text("important")
+    for folder, message in [
+        (embeddings, "is not an ONNX export"),
+        (mine, "is not an ONNX export"),
+        (added, "holds notes.txt, which an ONNX export does not have"),
+    ]:
+        assert onnx_main([ckpt, str(folder), "--overwrite", "--no-verify"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "refusing to replace it" in err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in embeddings.iterdir()) == before
+    assert (mine / "notes.txt").read_text() == "important" and (
+        added / "notes.txt"
+    ).read_text() == "important"
+    assert _leftovers(tmp_path) == []
+
+    earlier = tmp_path / "earlier"  # an export is replaced
+    shutil.copytree(exported("avg")[0], earlier)
+    assert onnx_main([ckpt, str(earlier), "--overwrite", "--no-verify", "--with-dims"]) == 0
+    assert "dimensions" in json.loads((earlier / "manifest.json").read_text())["inputs"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_stale_temp_folders_are_cleaned_at_start(tmp_path, tiny_checkpoint):
+    # Issue 14.11: a killed export left .out.tmp-*/ (with the multi-GB graph) beside the target, forever.
+    import os
+    import subprocess
+    import sys
+
+    from bidir_core.folders import make_temp_folder
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    out = tmp_path / "out"
+    mine = make_temp_folder(out)
+    killed = mine.rename(
+        tmp_path / mine.name.replace(f"-{os.getpid()}-", f"-{pid}-")
+    )  # as a dead run named it
+    (killed / "model.onnx").write_bytes(b"half a graph")
+    live = make_temp_folder(out)  # this process is alive: a concurrent writer's folder stays
+    elsewhere = tmp_path / f".out.tmp-otherhost-{pid}-abcdefgh"  # another host's pid cannot be checked: kept
+    elsewhere.mkdir()
+    other = tmp_path / ".outside.tmp-abcdefgh"  # another target's name: kept
+    other.mkdir()
+    export_onnx(tiny_checkpoint("avg"), out, verify=False)
+    assert not killed.exists() and live.is_dir() and elsewhere.is_dir() and other.is_dir()
+    assert (out / "manifest.json").is_file()
+
+
+def test_huge_verify_shape_is_refused_before_the_export(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    # Issue 14.12: --verify-shape 99999999999x1 exported, then tried an 800 GB allocation with a traceback.
+    import bidir_export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_export_graph", lambda *a: pytest.fail("exported before the check"))
+    out = tmp_path / "out"
+    assert onnx_main([str(tiny_checkpoint("avg")), str(out), "--verify-shape", "99999999999x1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "verify shape 99999999999x1: at most 65536 tokens" in err
+    assert not out.exists() and _leftovers(tmp_path) == []

@@ -9,6 +9,7 @@ checks on shapes verification did not use hold per-row cosine >= 0.999 against t
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -84,7 +85,7 @@ def test_cli_profile_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
         ([], "give a profile"),
     ]
     for extra, message in cases:
-        assert trt_main([ckpt, str(tmp_path / "e"), *extra]) == 1
+        assert trt_main([ckpt, str(tmp_path / "e"), *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and err.startswith("export-trt: error:")
     assert not (tmp_path / "e").exists()
@@ -108,7 +109,7 @@ def test_missing_tensorrt_is_one_clear_line(exported, tmp_path, capsys):
         ]
     )
     err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1
     if importlib.util.find_spec("tensorrt") is None:
         assert "TensorRT is not installed" in err
         assert (
@@ -167,3 +168,20 @@ def test_help_has_examples(main, capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "examples:" in capsys.readouterr().out
+
+
+def test_overwrite_replaces_only_an_engine_folder(exported, tmp_path, capsys):
+    # Issue 14.1: --overwrite deleted any folder holding a manifest.json, an ONNX export included.
+    source, _ = exported("avg")
+    onnx_copy = shutil.copytree(source, tmp_path / "onnx")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.json").write_text('{"mine": 1}')
+    (mine / "notes.txt").write_text("important")
+    profile = ["--precision", "fp32", "--min", "1x1", "--opt", "4x32", "--max", "8x64", "--overwrite"]
+    for folder in (onnx_copy, mine):
+        before = sorted(p.name for p in folder.iterdir())
+        assert trt_main([str(source), str(folder), *profile]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not a TensorRT engine folder" in err and "refusing" in err
+        assert sorted(p.name for p in folder.iterdir()) == before

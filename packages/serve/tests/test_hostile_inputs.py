@@ -144,12 +144,20 @@ def test_text_files_of_one_name_in_two_folders_get_distinct_ids(checkpoint, tmp_
 
 
 def test_shard_and_manifest_are_fsynced_before_they_count(checkpoint, tmp_path, monkeypatch):
-    import bidir_core.embeddings_artifact as ea
+    import os
+    import re
 
     synced = []
-    real = ea._fsync
-    monkeypatch.setattr(ea, "_fsync", lambda path: (synced.append(Path(path).name), real(path)))
+    real = os.fsync
+
+    def spy(fd):  # the name of what is being fsynced (Linux: /proc/self/fd)
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
     _run(checkpoint, _jsonl(tmp_path / "in.jsonl", _texts(3)), tmp_path / "out")
-    # the planned manifest and its folder; the shard's data under its temp name (before the rename), then its
-    # folder (the rename); the complete manifest and its folder
-    assert synced == ["manifest.json", "out", ".part-00000.parquet.tmp", "out", "manifest.json", "out"]
+    # each file's data under its temp name (before the rename that publishes it), then its folder (the rename):
+    # the planned manifest, the shard, the complete manifest
+    manifest_tmp = r"\.manifest\.json\..*\.tmp"
+    expected = [manifest_tmp, "out", r"\.part-00000\.parquet\.tmp", "out", manifest_tmp, "out"]
+    assert len(synced) == len(expected) and all(re.fullmatch(e, n) for e, n in zip(expected, synced)), synced

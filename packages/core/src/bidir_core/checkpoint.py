@@ -17,15 +17,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from bidir_core.errors import BidirError
-from bidir_core.folders import publish_folder
+from bidir_core.errors import BidirError, one_line
+from bidir_core.folders import (
+    TOKENIZER_FILES,
+    make_temp_folder,
+    publish_folder,
+    remove_stale_temps,
+    unknown_files,
+)
 from bidir_core.jsonfile import read_json_object
 from bidir_core.pooling import check_pooling
 
@@ -193,9 +198,11 @@ def write_checkpoint(
 ) -> Path:
     """Write the checkpoint artifact of `model` (a LlamaBidirectionalModel) to target, atomically.
 
-    An existing non-empty target is an error, unless overwrite=True and it is a bidir checkpoint (it has a
-    bidir.json; a plain Hugging Face folder, possibly the source, is never replaced), which is then swapped for the
-    new one; exist_ok=True keeps an existing complete checkpoint instead (a concurrent import finished first).
+    An existing non-empty target is an error, unless overwrite=True and it is a bidir checkpoint holding only the
+    files a checkpoint has (check_replaceable; a plain Hugging Face folder, possibly the source, is never
+    replaced), which is then swapped for the new one; exist_ok=True keeps an existing complete checkpoint instead (a concurrent import finished first).
+    Temporary folders that killed writes left beside target are removed first (folders.remove_stale_temps). An
+    OSError while writing (a full disk) is a BidirError naming target, with nothing left there.
     """
     target = Path(target).expanduser()
     if target.exists() and not target.is_dir():
@@ -206,12 +213,16 @@ def write_checkpoint(
         return target
     if occupied and not overwrite:
         raise BidirError(f"{target}: exists and is not empty (pass overwrite to replace it)")
-    if occupied and not complete:
-        raise BidirError(f"{target}: exists and is not a bidir checkpoint; refusing to replace it")
+    if occupied:
+        check_replaceable(target)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name: torchrun ranks on several hosts may import into one shared folder at once.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        # A unique name: torchrun ranks on several hosts may import into one shared folder at once.
+        tmp = make_temp_folder(target)
+    except OSError as e:
+        raise BidirError(f"{target}: cannot write there ({e.strerror or e})") from None
     try:
         _write_json(tmp / "config.json", _config_json(model))
         _write_weights(tmp, model.state_dict(), max_shard_bytes)
@@ -219,9 +230,47 @@ def write_checkpoint(
         _write_sentence_transformers(tmp, model.config.hidden_size, encoder_config)
         _write_json(tmp / BIDIR_JSON, encoder_config.to_json())
         _publish(tmp, target, exist_ok)
+    except OSError as e:  # a full disk, a quota: one line naming the checkpoint; nothing is left at target
+        raise BidirError(f"{target}: not written: {e.strerror or one_line(e)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
     return target
+
+
+# What write_checkpoint writes (fnmatch patterns): a folder holding anything else is not replaced.
+CHECKPOINT_FILES = frozenset(
+    {
+        "config.json",
+        BIDIR_JSON,
+        "model.safetensors",
+        "model-*-of-*.safetensors",
+        "model.safetensors.index.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+        "1_Pooling/config.json",
+    }
+    | TOKENIZER_FILES
+)
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse to replace folder unless it is a bidir checkpoint (a readable bidir.json and config.json) holding
+    only files a checkpoint has: a plain Hugging Face folder, possibly the source, or a checkpoint someone added
+    files to, is never deleted."""
+    refusing = f"{folder}: exists and is not a bidir checkpoint"
+    if not (folder / BIDIR_JSON).is_file() or not (folder / "config.json").is_file():
+        raise BidirError(f"{refusing} (no {BIDIR_JSON} and config.json); refusing to replace it")
+    try:
+        read_encoder_config(folder)
+    except BidirError as e:
+        raise BidirError(f"{refusing} ({one_line(e)}); refusing to replace it") from None
+    if unknown := unknown_files(folder, CHECKPOINT_FILES):
+        raise BidirError(
+            f"{folder}: holds {unknown[0]}"
+            + (f" and {len(unknown) - 1} more file(s)" if len(unknown) > 1 else "")
+            + ", which a bidir checkpoint does not have; refusing to replace it"
+        )
 
 
 def _publish(tmp: Path, target: Path, exist_ok: bool) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bidir_core.errors import BidirError, one_line
+from bidir_core.folders import fsync_dir, fsync_file
 from bidir_core.jsonfile import read_json_object, write_json_atomic
 
 EMBEDDINGS_FORMAT_VERSION = 1
@@ -93,26 +94,13 @@ class EmbeddingsManifest:
 
 
 def write_embeddings_manifest(folder: str | Path, manifest: EmbeddingsManifest) -> Path:
-    """Write folder/manifest.json atomically (a temp file renamed into place), then fsync it and the folder."""
+    """Write folder/manifest.json atomically (a temp file, fsynced, renamed into place; then the folder fsynced)."""
     path = Path(folder) / MANIFEST
     try:
         write_json_atomic(path, manifest.to_json())
-        # After the rename, not before (bidir_core.jsonfile does not fsync yet): a power loss can still lose the
-        # newest manifest, but once this returns it is on disk.
-        _fsync(path)
-        _fsync(path.parent)
     except OSError as e:  # e.g. the disk is full
         raise BidirError(f"{path}: cannot write ({one_line(e)})") from None
     return path
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -159,9 +147,9 @@ class ShardWriter:
 
         try:
             self._writer.close()
-            _fsync(self.tmp)
+            fsync_file(self.tmp)
             os.replace(self.tmp, self.path)
-            _fsync(self.path.parent)
+            fsync_dir(self.path.parent)
         except (OSError, pa.ArrowException) as e:
             raise BidirError(f"{self.tmp}: cannot write ({one_line(e)})") from None
         return self.path

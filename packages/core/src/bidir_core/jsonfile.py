@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bidir_core.errors import BidirError, one_line
+from bidir_core.folders import fsync_dir
 
 
 def read_json_object(path: Path) -> dict:
@@ -25,7 +26,8 @@ def read_json_object(path: Path) -> dict:
 
 def write_json_atomic(path: Path, value) -> Path:
     """Write value as indented JSON to a temporary file next to path and rename it into place, so path is either
-    the old file or the complete new one; the temporary file is removed on any error."""
+    the old file or the complete new one, also after a power loss (the file is fsynced before the rename and the
+    folder after it); the temporary file is removed on any error."""
     return _write_atomic(path, [json.dumps(value, indent=2, ensure_ascii=False) + "\n"])
 
 
@@ -41,8 +43,11 @@ def _write_atomic(path: Path, chunks: Iterable[str]) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(chunks)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path

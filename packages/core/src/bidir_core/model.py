@@ -46,8 +46,13 @@ def check_config(config: LlamaConfig) -> None:
         "intermediate_size",
         "num_hidden_layers",
         "num_attention_heads",
+        "max_position_embeddings",
+        "num_key_value_heads",  # optional (None: as many as the attention heads), as is head_dim
+        "head_dim",
     ):
         value = getattr(config, name, None)
+        if value is None and name in ("num_key_value_heads", "head_dim"):
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BidirError(f"{name} must be a positive integer, got {value!r}")
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads

@@ -88,7 +88,12 @@ def _weight_files(folder: Path) -> list[Path]:
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise BidirError(f"{index}: not a valid shard index (no weight_map of tensor name -> file)")
             files = [folder / name for name in sorted(set(weight_map.values()))]
-            for f in files:
+            inside = folder.resolve()
+            for name, f in zip(sorted(set(weight_map.values())), files, strict=True):
+                # An index is data, not a pointer anywhere: "../../other/x.safetensors" or an absolute path (or
+                # a link out of the folder) would read a file the checkpoint does not hold.
+                if not f.resolve().is_relative_to(inside):
+                    raise BidirError(f"{index}: shard {name!r} is outside {folder}; refusing to read it")
                 if not f.is_file():
                     raise BidirError(f"{index}: names shard {f.name}, which is missing")
             return files

@@ -41,7 +41,7 @@ def _run(prog: str, work: Callable[[], object]) -> int:
         work()
     except BidirError as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return 2  # as every bidir CLI (and argparse) on a user error
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -4,35 +4,72 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bidir_core.artifacts import MANIFEST
-from bidir_core.errors import BidirError
-from bidir_core.folders import publish_folder
+from bidir_core.artifacts import MANIFEST, OnnxManifest, read_manifest
+from bidir_core.errors import BidirError, one_line
+from bidir_core.folders import (
+    TOKENIZER_FILES,
+    make_temp_folder,
+    publish_folder,
+    remove_stale_temps,
+    unknown_files,
+)
+
+KINDS = {"onnx": "an ONNX export", "tensorrt": "a TensorRT engine folder"}
 
 
-def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse a target that holds something other than an export (never replace a user's folder)."""
+def check_target(target: Path, overwrite: bool, kind: str) -> None:
+    """Refuse a non-empty target unless it is an earlier artifact of this kind ("onnx" or "tensorrt") holding only
+    the files such an artifact has, and overwrite is given: a user's folder, an embeddings folder or an export of
+    the other kind is never replaced."""
     if target.exists() and not target.is_dir():
         raise BidirError(f"{target}: exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()):
-        if not (target / MANIFEST).is_file():
-            raise BidirError(f"{target}: exists, is not empty and is not an export; refusing to replace it")
-        if not overwrite:
-            raise BidirError(f"{target}: an export is already there (pass --overwrite to replace it)")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    what = KINDS[kind]
+    try:
+        manifest = read_manifest(target, kind)
+    except (
+        BidirError,
+        TypeError,
+        ValueError,
+        AttributeError,
+    ) as e:  # a manifest the reader cannot even parse
+        raise BidirError(
+            f"{target}: exists, is not empty and is not {what} ({one_line(e)}); refusing to replace it"
+        ) from None
+    if unknown := unknown_files(target, _artifact_files(manifest)):
+        raise BidirError(
+            f"{target}: holds {unknown[0]}"
+            + (f" and {len(unknown) - 1} more file(s)" if len(unknown) > 1 else "")
+            + f", which {what} does not have; refusing to replace it"
+        )
+    if not overwrite:
+        raise BidirError(f"{target}: {what} is already there (pass --overwrite to replace it)")
+
+
+def _artifact_files(manifest) -> frozenset[str]:
+    """What export_onnx / build_engine write: the manifest, the graph (and its external data) or the engine, and
+    the tokenizer files."""
+    if isinstance(manifest, OnnxManifest):
+        return TOKENIZER_FILES | {MANIFEST, manifest.model_file, manifest.model_file + ".data"}
+    return TOKENIZER_FILES | {MANIFEST, manifest.engine_file}
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_folder(target: str | Path, kind: str, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder next to target; when the block finishes without an error it is renamed to
-    target (an old export there is moved aside first and deleted last). On an error nothing appears at target."""
+    target (an old export there is moved aside first and deleted last). On an error nothing appears at target.
+    Temporary folders that killed runs left beside target are removed first (bidir_core.folders.remove_stale_temps).
+    """
     target = Path(target).expanduser().absolute()
-    check_target(target, overwrite)
+    check_target(target, overwrite, kind)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        remove_stale_temps(target)
+        tmp = make_temp_folder(target)
     except OSError as e:
         raise BidirError(f"{target}: cannot write there ({e.strerror or e})") from None
     try:

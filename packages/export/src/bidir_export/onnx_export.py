@@ -34,6 +34,7 @@ from bidir_core.errors import BidirError, one_line
 from bidir_core.sources import resolve_source
 from bidir_export.folders import staged_folder
 from bidir_export.graph import EmbeddingGraph
+from bidir_export.profiles import check_verify_shape
 from bidir_export.verification import (
     FACTOR,
     MAX_ERROR,
@@ -80,7 +81,7 @@ def export_onnx(
     _check_options(dtype, opset, verify_shape)
     source = resolve_source(checkpoint)
     # The output folder is checked (and a temporary one made next to it) before the weights are read.
-    with staged_folder(out_dir, overwrite=overwrite) as tmp:
+    with staged_folder(out_dir, "onnx", overwrite=overwrite) as tmp:
         encoder = BiEncoder.from_pretrained(source).eval()  # fp32: also the PyTorch reference
         verify_shape = (verify_shape[0], min(verify_shape[1], encoder.config.max_length))
         say(f"exporting {checkpoint} ({dtype}, opset {opset}{', with dimensions' if with_dims else ''})")
@@ -202,8 +203,7 @@ def _check_options(dtype: str, opset: int, verify_shape: tuple[int, int]) -> Non
         raise BidirError(
             f"opset must be an integer in {MIN_OPSET}..{newest} (onnx {onnx.__version__}), got {opset!r}"
         )
-    if len(verify_shape) != 2 or min(verify_shape) < 1:
-        raise BidirError(f"verify shape must be (batch, seq) >= 1, got {verify_shape!r}")
+    check_verify_shape(verify_shape)
 
 
 def _source_name(given: str | Path, resolved: Path) -> str:

@@ -24,6 +24,22 @@ def parse_shape(text: str, what: str = "shape") -> tuple[int, int]:
     return batch, seq
 
 
+# The verification runs PyTorch and the artifact on a batch of this shape; memory grows with batch x seq (and seq^2
+# in attention), so a typo such as 99999999999x1 must be refused before the export, not fail in an allocation.
+MAX_VERIFY_TOKENS = 65536
+
+
+def check_verify_shape(shape) -> None:
+    """(batch, seq), both >= 1 and batch * seq <= MAX_VERIFY_TOKENS."""
+    if len(shape) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
+        raise BidirError(f"verify shape must be (batch, seq) >= 1, got {shape!r}")
+    if shape[0] * shape[1] > MAX_VERIFY_TOKENS:
+        raise BidirError(
+            f"verify shape {shape[0]}x{shape[1]}: at most {MAX_VERIFY_TOKENS} tokens (batch x seq) are verified, "
+            f"e.g. 4x128 or 64x1024"
+        )
+
+
 def parse_profile(text: str) -> Profile:
     """ "1x1,32x128,64x512" (min, opt, max) -> Profile, checked with check_profile (no length limit yet)."""
     parts = str(text).split(",")

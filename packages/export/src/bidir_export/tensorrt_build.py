@@ -114,7 +114,7 @@ def build_engine(
     onnx_manifest = _onnx_source(source)
     max_length = onnx_manifest.encoder.max_length if onnx_manifest else _checkpoint_max_length(source)
     check_profiles(profiles, max_length)
-    check_target(Path(out_dir).expanduser().absolute(), overwrite)
+    check_target(Path(out_dir).expanduser().absolute(), overwrite, "tensorrt")
     if missing := tensorrt_missing_message():
         raise BidirError(missing)
     import tensorrt as trt
@@ -130,7 +130,7 @@ def build_engine(
                 source, onnx_dir, dtype=precision, opset=opset, with_dims=with_dims, verify=False
             )
         plan = precision_plan(major, onnx_manifest.dtype, precision)
-        with staged_folder(out_dir, overwrite=overwrite) as tmp:
+        with staged_folder(out_dir, "tensorrt", overwrite=overwrite) as tmp:
             say(
                 f"building a {precision} TensorRT {trt.__version__} engine ({plan}), {len(profiles)} profile(s)"
             )
