@@ -155,6 +155,7 @@ def _try_load(path: Path, model, optimizer, scheduler) -> tuple[dict | None, str
     try:
         state = _read_trainer_state(path / TRAINER_STATE)
         rng = _read_rng(path / f"rng-rank{rank}.safetensors")
+        SafeReader(path).read_metadata()  # its one-line error; DCP's load would wrap it in two tracebacks
     except BidirError as e:
         local = one_line(e)
     problem = _first_problem(local)

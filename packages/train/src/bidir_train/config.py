@@ -153,7 +153,9 @@ class CheckpointConfig:
     keep: int = 2
     """Keep this many most recent checkpoints."""
     resume: bool = True
-    """Resume from the latest complete checkpoint in output_dir when one exists."""
+    """Resume from the newest checkpoint in output_dir that loads, when one exists (the recipe must match
+    recipe.json up to bidir_train.run_folder.RESUMABLE); false: start over, deleting the folder's earlier
+    checkpoints and final/."""
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ takes `global_batch_size` queries: every rank embeds its micro-batches (queries 
 more), the InfoNCE loss scores them against the whole micro-batch group, and gradients accumulate until the step.
 An MNTP step takes `global_batch_size` texts instead and predicts their masked tokens.
 
-Outputs under output_dir: metrics.jsonl, checkpoints/step-NNNNNNNN/ (DCP, sharded: model, optimizer, scheduler,
-data position, RNG), final/ (a bidir checkpoint that BiEncoder.from_pretrained loads).
+Outputs under output_dir (bidir_train.run_folder): recipe.json, metrics.jsonl, checkpoints/step-NNNNNNNN/
+(bidir_train.checkpoints: DCP, sharded: model, optimizer, scheduler, data position, RNG), final/ (a bidir
+checkpoint that BiEncoder.from_pretrained loads).
 """
 
 from __future__ import annotations
