@@ -220,7 +220,7 @@ def test_truncated_distcp_falls_back_to_the_previous_checkpoint(stopped, straigh
         summary = _train(args)
     assert summary["steps"] == 4
     shown = [str(w.message) for w in caught if "resuming from step-00000001" in str(w.message)]
-    assert shown and str(out / "checkpoints" / "step-00000002") in shown[0]
+    assert shown and f"{shard}: truncated" in shown[0]
     assert _losses(out) == _losses(straight)  # resumed from step 1 exactly
     straight_final = load_file(straight / "final" / "model.safetensors")
     for key, value in load_file(out / "final" / "model.safetensors").items():
@@ -328,3 +328,45 @@ def test_recipe_differences_lists_dotted_keys():
     }
     assert recipe_differences(old, new) == ["eval.dev", "optim.lr"]
     assert recipe_differences(old, {**old, "mntp": {"max_length": 3}}) == ["mntp.max_length"]
+
+
+def test_disk_full_while_writing_the_final_model(tiny_model_dir, train_jsonl, tmp_path, monkeypatch):
+    import bidir_core.checkpoint
+
+    def full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    monkeypatch.setattr(bidir_core.checkpoint, "save_file", full)
+    out = tmp_path / "run"
+    with pytest.raises(BidirError) as e:
+        _train(_args(tiny_model_dir, train_jsonl, out, "schedule.max_steps=1"))
+    assert "/.final.tmp-" in str(e.value) and "model.safetensors: cannot write the final model" in str(
+        e.value
+    )
+    assert "No space left on device" in str(e.value)
+    assert not (out / "final").exists() and not list(out.glob(".final.*"))
+
+
+def test_two_ranks_fall_back_together(tiny_model_dir, train_jsonl, tmp_path):
+    """Rank 1's shard of the newest checkpoint is truncated: both ranks skip it and resume from the one before."""
+    args = [*_args(tiny_model_dir, train_jsonl, tmp_path / "run"), "schedule.micro_batch_size=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "bidir_train",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [*cmd, "--config", *args, "schedule.stop_at_step=2"], env=env, timeout=300, check=True
+    )
+    assert run.returncode == 0
+    shard = tmp_path / "run" / "checkpoints" / "step-00000002" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    proc = subprocess.run([*cmd, "--config", *args], env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from step-00000001: skipped the damaged {shard}: truncated" in proc.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

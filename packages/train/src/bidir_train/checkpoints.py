@@ -155,7 +155,7 @@ def _try_load(path: Path, model, optimizer, scheduler) -> tuple[dict | None, str
     try:
         state = _read_trainer_state(path / TRAINER_STATE)
         rng = _read_rng(path / f"rng-rank{rank}.safetensors")
-        SafeReader(path).read_metadata()  # its one-line error; DCP's load would wrap it in two tracebacks
+        _check_sizes(path, SafeReader(path).read_metadata())  # one-line errors, before DCP wraps them
     except BidirError as e:
         local = one_line(e)
     problem = _first_problem(local)
@@ -177,6 +177,22 @@ def _try_load(path: Path, model, optimizer, scheduler) -> tuple[dict | None, str
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state, None
+
+
+def _check_sizes(path: Path, metadata: Metadata) -> None:
+    """Every data file is inside the checkpoint and as long as the metadata says: a truncated one is named (DCP's
+    read would give a bare EOFError)."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if path.resolve() not in file.resolve().parents:
+            raise BidirError(f"{path / '.metadata'}: refused, names {name}, a file outside the checkpoint")
+        if not file.is_file():
+            raise BidirError(f"{file}: missing")
+        if file.stat().st_size < size:
+            raise BidirError(f"{file}: truncated ({file.stat().st_size} bytes, its metadata says {size})")
 
 
 def _first_problem(local: str | None) -> str | None:
