@@ -160,11 +160,10 @@ def _write_final(encoder: BiEncoder, state_dict: dict, target: Path) -> None:
     model = LlamaBidirectionalModel.from_state_dict(encoder.model.config, state_dict)
     try:
         write_checkpoint(target, model, encoder.tokenizer, encoder.config, overwrite=True)
-    except (
-        OSError
-    ) as e:  # a full disk: write_checkpoint removed its temporary folder, an earlier final/ is kept
+    except OSError as e:
+        # A full disk: write_checkpoint removed its temporary folder; an earlier final/ stays as it was.
         raise BidirError(
-            f"{e.filename or target}: cannot write the final model ({e.strerror or e})"
+            f"{e.filename or target}: cannot write ({e.strerror or e}); final model not saved"
         ) from None
 
 
@@ -226,9 +225,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
             f"schedule.micro_batch_size={sched.micro_batch_size} x {world} ranks"
         )
     accum = sched.global_batch_size // (sched.micro_batch_size * world)
-    _agreed(
-        check_run_folder, cfg, run=rank == 0
-    )  # before any work: found after the model loaded costs minutes
+    # Before any work: an unwritable folder or a changed recipe found after the model loaded costs minutes.
+    _agreed(check_run_folder, cfg, run=rank == 0)
 
     sampler = _agreed(_sampler, cfg)
     total = sched.max_steps or sched.epochs * sampler.steps_per_epoch
