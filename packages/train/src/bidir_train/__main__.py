@@ -14,7 +14,8 @@ EPILOG = """examples:
   python -m bidir_train --config packages/train/recipes/tiny.yaml schedule.max_steps=10
 
 RECIPE is a YAML file or the name of a packaged recipe (default, tiny, llama3_2_1b, llama_embed_nemotron_8b).
-Outputs go to logging.output_dir (default runs/<recipe>/); a rerun resumes from its latest checkpoint."""
+Outputs go to logging.output_dir (default runs/<recipe>/); a rerun with the same recipe resumes from its latest
+checkpoint, checkpoint.resume=false starts it over."""
 
 
 def main(argv: list[str] | None = None) -> int:

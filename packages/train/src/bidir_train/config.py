@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -152,7 +153,9 @@ class CheckpointConfig:
     keep: int = 2
     """Keep this many most recent checkpoints."""
     resume: bool = True
-    """Resume from the latest complete checkpoint in output_dir when one exists."""
+    """Resume from the newest checkpoint in output_dir that loads, when one exists (the recipe must match
+    recipe.json up to bidir_train.run_folder.RESUMABLE); false: start over, deleting the folder's earlier
+    checkpoints and final/."""
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,10 @@ def _check_value(kind, value, where: str, key: str):
     ok, out = _coerce(kind, value)
     if not ok:
         raise BidirError(f"{where}: {key} must be {_type_name(kind)}, got {value!r}")
+    if any(
+        isinstance(v, float) and not math.isfinite(v) for v in (out if isinstance(out, tuple) else (out,))
+    ):
+        raise BidirError(f"{where}: {key} must be a finite number, got {value!r}")
     return out
 
 
@@ -418,6 +425,15 @@ def _check_ranges(config, where: str, prefix: str) -> None:
             raise BidirError(
                 f"{where}: loss.matryoshka_dims must be positive, got {list(config.matryoshka_dims)}"
             )
+    if section == "optim":
+        if config.lr <= 0:
+            raise BidirError(f"{where}: optim.lr must be > 0, got {config.lr}")
+        if config.eps <= 0 or config.weight_decay < 0:
+            raise BidirError(f"{where}: optim.eps must be > 0 and optim.weight_decay >= 0")
+        if not all(0 <= b < 1 for b in config.betas):
+            raise BidirError(f"{where}: optim.betas must be in [0, 1), got {list(config.betas)}")
+        if config.max_grad_norm is not None and config.max_grad_norm <= 0:
+            raise BidirError(f"{where}: optim.max_grad_norm must be > 0 or null, got {config.max_grad_norm}")
     if section == "mntp" and not 0 < config.mask_probability < 1:
         raise BidirError(f"{where}: mntp.mask_probability must be in (0, 1), got {config.mask_probability}")
     if section in ("data", "schedule", "checkpoint", "eval"):

@@ -7,18 +7,17 @@ takes `global_batch_size` queries: every rank embeds its micro-batches (queries 
 more), the InfoNCE loss scores them against the whole micro-batch group, and gradients accumulate until the step.
 An MNTP step takes `global_batch_size` texts instead and predicts their masked tokens.
 
-Outputs under output_dir: metrics.jsonl, checkpoints/step-NNNNNNNN/ (DCP, sharded: model, optimizer, scheduler,
-data position, RNG), final/ (a bidir checkpoint that BiEncoder.from_pretrained loads).
+Outputs under output_dir (bidir_train.run_folder): recipe.json, metrics.jsonl, checkpoints/step-NNNNNNNN/
+(bidir_train.checkpoints: DCP, sharded: model, optimizer, scheduler, data position, RNG), final/ (a bidir
+checkpoint that BiEncoder.from_pretrained loads).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
-import shutil
 import time
 import warnings
 from datetime import timedelta
@@ -27,14 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_state_dict,
     set_model_state_dict,
-    set_state_dict,
 )
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
@@ -46,15 +42,14 @@ from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.pooling import pool
 from bidir_core.sources import load_lm_head, load_model_weights, resolve_source
 from bidir_core.tokenization import load_tokenizer
+from bidir_train.checkpoints import CHECKPOINTS, load_latest, save_checkpoint
 from bidir_train.config import TrainConfig
 from bidir_train.data import Collator, EpochSampler, rank_micro_batches, warn_about
 from bidir_train.loss import info_nce
 from bidir_train.mntp import MaskingCollator, TextSampler, lm_head_weight, mntp_forward_backward
 from bidir_train.parallelize import parallelize
+from bidir_train.run_folder import FINAL, RunFolder, check_run_folder
 from bidir_train.step import forward_backward
-
-CHECKPOINTS = "checkpoints"
-
 
 # ----------------------------------------------------------------------------------------------- distributed
 
@@ -158,66 +153,18 @@ def _save_final(encoder: BiEncoder, target: Path) -> None:
     """Gather the full state dict to rank 0 and write the bidir checkpoint there (atomically)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state_dict = get_model_state_dict(encoder.model, options=options)  # collective: every rank calls it
-    if dist.get_rank() == 0:
-        model = LlamaBidirectionalModel.from_state_dict(encoder.model.config, state_dict)
+    _agreed(_write_final, encoder, state_dict, target, run=dist.get_rank() == 0)
+
+
+def _write_final(encoder: BiEncoder, state_dict: dict, target: Path) -> None:
+    model = LlamaBidirectionalModel.from_state_dict(encoder.model.config, state_dict)
+    try:
         write_checkpoint(target, model, encoder.tokenizer, encoder.config, overwrite=True)
-    dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (an incomplete one still has its .tmp name)."""
-    root = output_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
-    return sorted(done, key=lambda p: int(p.name.removeprefix("step-")))
-
-
-def _save_checkpoint(output_dir: Path, encoder, optimizer, scheduler, state: dict, keep: int) -> None:
-    root = output_dir / CHECKPOINTS
-    final = root / f"step-{state['step']:08d}"
-    tmp = root / f"step-{state['step']:08d}.tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(encoder.model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    # Per-rank RNG (no dropout in the model today, but a resumed run must continue exactly as the straight one).
-    torch.save({"torch": torch.get_rng_state(), "cuda": _cuda_rng()}, tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        torch.save({**state, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # the checkpoint appears complete or not at all
-        for old in _checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def _cuda_rng():
-    return torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-
-
-def _load_checkpoint(path: Path, encoder, optimizer, scheduler) -> dict:
-    model_sd, optim_sd = get_state_dict(encoder.model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(encoder.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
-    scheduler.load_state_dict(trainer_state.pop("scheduler"))
-    rng_file = path / f"rng-rank{dist.get_rank()}.pt"
-    if rng_file.is_file():  # absent when resuming on more ranks than saved: seeds then stay as set
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return trainer_state
+    except OSError as e:
+        # A full disk: write_checkpoint removed its temporary folder; an earlier final/ stays as it was.
+        raise BidirError(
+            f"{e.filename or target}: cannot write ({e.strerror or e}); final model not saved"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -236,29 +183,7 @@ def lr_factor(step: int, *, warmup: int, total: int, decay: str) -> float:
     return 1.0 - progress
 
 
-# ------------------------------------------------------------------------------------------------ metrics
-
-
-class _Metrics:
-    """metrics.jsonl, written by rank 0 only."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        self.rank0 = dist.get_rank() == 0
-        if not self.rank0:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            path.write_text("")
-        elif path.is_file():
-            # Rows past the checkpoint belong to the interrupted attempt: the resumed run writes them again.
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
-
-    def write(self, row: dict) -> None:
-        if self.rank0:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+# ------------------------------------------------------------------------------------------------ evaluation
 
 
 def _evaluate(encoder, dev, cfg: TrainConfig) -> dict[str, float]:
@@ -300,6 +225,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
             f"schedule.micro_batch_size={sched.micro_batch_size} x {world} ranks"
         )
     accum = sched.global_batch_size // (sched.micro_batch_size * world)
+    # Before any work: an unwritable folder or a changed recipe found after the model loaded costs minutes.
+    _agreed(check_run_folder, cfg, run=rank == 0)
 
     sampler = _agreed(_sampler, cfg)
     total = sched.max_steps or sched.epochs * sampler.steps_per_epoch
@@ -324,19 +251,16 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     output_dir = cfg.output_dir
     step = 0
     resumed = None
-    existing = _checkpoint_dirs(output_dir) if cfg.checkpoint.resume else []
-    if existing:
-        state = _load_checkpoint(existing[-1], encoder, optimizer, scheduler)
+    state = load_latest(output_dir, encoder.model, optimizer, scheduler) if cfg.checkpoint.resume else None
+    if state is not None:
         step = resumed = state["step"]
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    metrics = _Metrics(output_dir / "metrics.jsonl", resumed)
+    folder = RunFolder(cfg, resumed)  # nothing is written into output_dir before its first row or checkpoint
+    _agreed(folder.read_metrics, run=rank == 0)
 
     dev_scores: dict[int, dict] = {}
     if dev is not None and cfg.eval.before_training and step == 0:
         dev_scores[0] = _evaluate(encoder, dev, cfg)
-        metrics.write({"step": 0, **dev_scores[0]})
+        folder.write({"step": 0, **dev_scores[0]})
 
     stop = min(total, sched.stop_at_step or total)
     progress = tqdm(
@@ -362,13 +286,18 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
             step_tokens += batch.tokens
             truncated += batch.truncated
         grad_norm = _clip(encoder.model, cfg.optim.max_grad_norm)
+        loss = _mean_over_ranks(step_loss / accum, device)  # both already read to the host: no extra sync
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank: all stop
+            raise BidirError(
+                f"step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}; stopped before the "
+                "weights took them (checkpoints so far are intact); try a lower optim.lr or model.precision=fp32"
+            )
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        loss = _mean_over_ranks(step_loss / accum, device)
         tokens = _mean_over_ranks(step_tokens, device) * world
         dt = time.perf_counter() - t0
         tokens_total += tokens
@@ -381,18 +310,19 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
             "tokens_per_s": tokens / dt,
         }
         if step % cfg.logging.every_steps == 0 or step == stop:
-            metrics.write(last)
+            folder.write(last)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}")
         progress.update(1)
 
         at_end = step == total
         if dev is not None and (at_end or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
             dev_scores[step] = _evaluate(encoder, dev, cfg)
-            metrics.write({"step": step, **dev_scores[step]})
+            folder.write({"step": step, **dev_scores[step]})
         periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
         if not at_end and (periodic or step == stop):  # a stop_at_step stop always leaves a checkpoint
             state = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch + 1}
-            _save_checkpoint(output_dir, encoder, optimizer, scheduler, state, cfg.checkpoint.keep)
+            folder.open()
+            save_checkpoint(output_dir, encoder.model, optimizer, scheduler, state, cfg.checkpoint.keep)
     progress.close()
 
     truncated = int(_mean_over_ranks(truncated, device) * world)
@@ -412,8 +342,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         "final": None,
     }
     if step == total:
-        _save_final(encoder, output_dir / "final")
-        summary["final"] = str(output_dir / "final")
+        folder.open()
+        _save_final(encoder, output_dir / FINAL)
+        summary["final"] = str(output_dir / FINAL)
     if rank == 0:
         _print_summary(cfg, summary, elapsed)
     return summary

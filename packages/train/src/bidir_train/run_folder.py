@@ -1,0 +1,206 @@
+"""The run folder (logging.output_dir): checked before the model loads, written only once training starts.
+
+`check_run_folder(cfg)` runs first: the folder must be writable, and a folder that holds an earlier run may be
+resumed only with the same recipe, up to the keys in RESUMABLE (how a run is shown, saved and sharded, not what it
+computes). `RunFolder.open()` is the first write (before the first metrics row or checkpoint): it removes stale
+temporary folders of ours, writes recipe.json on a fresh start (a resume keeps the recipe the run started with), and
+cuts metrics.jsonl back to the resumed step. So a run that stops on bad input before its first step leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch.distributed as dist
+
+from bidir_core.errors import BidirError
+from bidir_core.jsonfile import read_json_object, write_json_atomic, write_jsonl_atomic
+from bidir_train.checkpoints import CHECKPOINTS, START_OVER, checkpoint_dirs
+from bidir_train.config import TrainConfig
+
+RECIPE = "recipe.json"
+METRICS = "metrics.jsonl"
+FINAL = "final"
+
+# Recipe keys (a prefix ending in "." covers a section) that may differ when a run resumes: none changes the data,
+# the model or the optimizer. Resuming stays exact; forward_chunk_size and cache_chunk_size change only the
+# rounding, as resuming on another number of ranks does. eval.dev / eval.split are not here: the dev scores of one
+# run must stay comparable.
+RESUMABLE = (
+    "name",
+    "logging.",
+    "checkpoint.",
+    "parallel.",
+    "schedule.stop_at_step",
+    "schedule.forward_chunk_size",
+    "loss.cache_chunk_size",
+    "eval.every_steps",
+    "eval.batch_size",
+    "eval.before_training",
+)
+
+
+def check_run_folder(cfg: TrainConfig) -> None:
+    """Before any work: output_dir can be written, and an earlier run in it has the same recipe (or
+    checkpoint.resume=false was given). Writes nothing (a probe file is created and removed)."""
+    _check_writable(cfg.output_dir)
+    if cfg.checkpoint.resume:
+        _check_same_recipe(cfg)
+
+
+def _check_writable(output_dir: Path) -> None:
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BidirError(f"{existing}: not a folder, so logging.output_dir={output_dir} cannot be created")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".bidir-train-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BidirError(
+            f"{existing}: cannot write there ({e.strerror}; logging.output_dir={output_dir})"
+        ) from None
+
+
+def _check_same_recipe(cfg: TrainConfig) -> None:
+    path = cfg.output_dir / RECIPE
+    if not path.is_file():
+        if checkpoint_dirs(cfg.output_dir):
+            raise BidirError(
+                f"{path}: missing, so the checkpoints beside it cannot be checked against this recipe; {START_OVER}"
+            )
+        return
+    try:
+        old = read_json_object(path)
+    except BidirError as e:
+        raise BidirError(f"{e}; {START_OVER}") from None
+    differ = recipe_differences(old, recipe_json(cfg))
+    if differ:
+        raise BidirError(
+            f"{path}: this run folder holds a run of another recipe (it differs in {', '.join(differ)}); "
+            f"use another logging.output_dir, or {START_OVER}"
+        )
+
+
+def recipe_json(cfg: TrainConfig) -> dict:
+    """The recipe as recipe.json holds it (tuples as lists)."""
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
+def recipe_differences(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two recipes (missing on one side counts), RESUMABLE ones left out."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k, _MISSING) != b.get(k, _MISSING) and not _resumable(k)]
+
+
+_MISSING = object()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _resumable(key: str) -> bool:
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Remove what an interrupted atomic write of `target` left beside it: `.NAME.tmp-*` / `.NAME.old-*` folders
+    (write_checkpoint, publish_folder) and `.NAME.*.tmp` files (jsonfile). Only names of our own making.
+    Stand-in until bidir_core.folders has the shared helper; same signature."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*", f".{target.name}.*.tmp"):
+        for stale in parent.glob(pattern):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+class RunFolder:
+    """output_dir's metrics and recipe, written by rank 0 from the first write on (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, resume_step: int | None):
+        self.cfg = cfg
+        self.dir = cfg.output_dir
+        self.metrics = self.dir / METRICS
+        self.resume_step = resume_step
+        self.rank0 = dist.get_rank() == 0
+        self.opened = False
+        self.kept: list[dict] = []
+
+    def open(self) -> None:
+        if self.opened:
+            return
+        self.opened = True
+        if not self.rank0:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name in (FINAL, RECIPE, METRICS):
+            remove_stale_temps(self.dir / name)
+        root = self.dir / CHECKPOINTS
+        for stale in root.glob("step-*.tmp") if root.is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)
+        if self.resume_step is None:
+            self._start_over()
+        else:
+            write_jsonl_atomic(self.metrics, self.kept)
+
+    def _start_over(self) -> None:
+        if not self.cfg.checkpoint.resume:  # asked to start over: the earlier run's checkpoints and model go
+            for old in checkpoint_dirs(self.dir):
+                shutil.rmtree(old)
+            if (self.dir / FINAL / "bidir.json").is_file():
+                shutil.rmtree(self.dir / FINAL)
+        write_json_atomic(self.dir / RECIPE, recipe_json(self.cfg))
+        self.metrics.write_text("")
+
+    def read_metrics(self) -> None:
+        """On resume, before anything is written (rank 0): the metrics rows up to the resumed step, which open()
+        writes back. Rows past the checkpoint belong to the interrupted attempt: the resumed run writes them again.
+        A torn last line (the write was cut short) is dropped with a warning; any other bad line is an error."""
+        if self.resume_step is None or not self.metrics.is_file():
+            return
+        lines = self.metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+            elif number == len(lines):
+                warnings.warn(f"{self.metrics}:{number}: dropped a torn last line", stacklevel=2)
+            else:
+                raise BidirError(
+                    f"{self.metrics}:{number}: not a metrics row; fix or delete the line, or {START_OVER}"
+                )
+        self.kept = [r for r in rows if r["step"] <= self.resume_step]
+
+    def write(self, row: dict) -> None:
+        self.open()
+        if self.rank0:
+            try:
+                with self.metrics.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise BidirError(f"{self.metrics}: cannot write ({e.strerror or e})") from None
