@@ -249,9 +249,15 @@ def test_stale_temp_folders_are_removed_and_checkpoints_fsynced(
     tiny_model_dir, train_jsonl, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
-    (out / ".final.tmp-k1ll3d").mkdir(parents=True)
-    (out / ".final.tmp-k1ll3d" / "model.safetensors").write_bytes(b"x" * 1000)
-    (out / ".final.old-k1ll3d").mkdir()
+    out.mkdir()
+    # a writer of final/ that died: bidir_core.folders' temp naming, made by a process that has exited
+    made = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from bidir_core.folders import make_temp_folder;"
+         " t = make_temp_folder(Path(sys.argv[1])); (t / 'model.safetensors').write_bytes(b'x' * 1000)",
+         str(out / "final")],
+        check=True,
+    )  # fmt: skip
+    assert made.returncode == 0 and len(list(out.glob(".final.tmp-*"))) == 1
     (out / "checkpoints" / "step-00000009.tmp").mkdir(parents=True)
     (out / ".not-ours").mkdir()
     synced = []

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from bidir_core.errors import BidirError
+from bidir_core.folders import remove_stale_temps
 from bidir_core.jsonfile import read_json_object, write_json_atomic, write_jsonl_atomic
 from bidir_train.checkpoints import CHECKPOINTS, START_OVER, checkpoint_dirs
 from bidir_train.config import TrainConfig
@@ -118,21 +119,6 @@ def _resumable(key: str) -> bool:
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
 
 
-def remove_stale_temps(target: Path) -> None:
-    """Remove what an interrupted atomic write of `target` left beside it: `.NAME.tmp-*` / `.NAME.old-*` folders
-    (write_checkpoint, publish_folder) and `.NAME.*.tmp` files (jsonfile). Only names of our own making.
-    Stand-in until bidir_core.folders has the shared helper; same signature."""
-    parent = target.parent
-    if not parent.is_dir():
-        return
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*", f".{target.name}.*.tmp"):
-        for stale in parent.glob(pattern):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-
-
 class RunFolder:
     """output_dir's metrics and recipe, written by rank 0 from the first write on (see the module docstring)."""
 
@@ -152,8 +138,9 @@ class RunFolder:
         if not self.rank0:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in (FINAL, RECIPE, METRICS):
-            remove_stale_temps(self.dir / name)
+        remove_stale_temps(
+            self.dir / FINAL
+        )  # what a killed write of final/ left (write_checkpoint's temp folders)
         root = self.dir / CHECKPOINTS
         for stale in root.glob("step-*.tmp") if root.is_dir() else ():
             shutil.rmtree(stale, ignore_errors=True)
