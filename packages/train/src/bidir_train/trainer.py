@@ -158,13 +158,9 @@ def _save_final(encoder: BiEncoder, target: Path) -> None:
 
 def _write_final(encoder: BiEncoder, state_dict: dict, target: Path) -> None:
     model = LlamaBidirectionalModel.from_state_dict(encoder.model.config, state_dict)
-    try:
-        write_checkpoint(target, model, encoder.tokenizer, encoder.config, overwrite=True)
-    except OSError as e:
-        # A full disk: write_checkpoint removed its temporary folder; an earlier final/ stays as it was.
-        raise BidirError(
-            f"{e.filename or target}: cannot write ({e.strerror or e}); final model not saved"
-        ) from None
+    # A full disk is one line naming target from write_checkpoint, which removes its temporary folder; an earlier
+    # final/ stays as it was.
+    write_checkpoint(target, model, encoder.tokenizer, encoder.config, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------- schedule
