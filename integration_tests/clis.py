@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from bidir_export.tensorrt_build import tensorrt_missing_message
+
+# Without TensorRT (or a GPU) export-trt stops with this, after every option and profile was checked.
+TENSORRT_MISSING = re.compile(r"export-trt: error: (TensorRT is not installed|no CUDA GPU here)")
+TENSORRT_HERE = tensorrt_missing_message() is None
 
 
 def run(*argv: str | Path, timeout: float = 900, cwd: Path | None = None) -> str:

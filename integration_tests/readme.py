@@ -58,18 +58,16 @@ def miniature(
     out, unused = [], {*options, *settings}
     for i, word in enumerate(words):
         key, eq, value = word.partition("=")
-        if word in paths:
-            unused.discard(word)
+        if i and words[i - 1] in options:
+            unused.discard(words[i - 1])
+            word = options[words[i - 1]]
+        elif word in paths:
             word = str(paths[word])
         elif eq and not key.startswith("-") and key in settings:
             unused.discard(key)
             word = f"{key}={settings[key]}"
         elif eq and not key.startswith("-") and value in paths:
-            unused.discard(value)
             word = f"{key}={paths[value]}"
-        elif i and words[i - 1] in options:
-            unused.discard(words[i - 1])
-            word = options[words[i - 1]]
         out.append(word)
     assert not unused, f"not in {shlex.join(words)}: {sorted(unused)}"
     absolute = [w for w in words if w.startswith("/") or w.partition("=")[2].startswith("/")]

