@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from bidir_export.tensorrt_build import tensorrt_missing_message
 
-def run(*argv: str | Path, timeout: float = 900) -> str:
+# Without TensorRT (or a GPU) export-trt stops with this, after every option and profile was checked.
+TENSORRT_MISSING = re.compile(r"export-trt: error: (TensorRT is not installed|no CUDA GPU here)")
+TENSORRT_HERE = tensorrt_missing_message() is None
+
+
+def run(*argv: str | Path, timeout: float = 900, cwd: Path | None = None) -> str:
     """Run an installed CLI (a console script next to this interpreter, or `python -m ...`) the way a user does;
     fail with its output when it exits non-zero. Returns stdout + stderr."""
+    returncode, output = _run(argv, timeout, cwd)
+    assert returncode == 0, f"{' '.join(map(str, argv))} exited {returncode}:\n{output[-4000:]}"
+    return output
+
+
+def fails(*argv: str | Path, timeout: float = 900, cwd: Path | None = None) -> str:
+    """Like run, for a command that must exit non-zero (1, a user error, not a crash); returns its output."""
+    returncode, output = _run(argv, timeout, cwd)
+    assert returncode == 1, f"{' '.join(map(str, argv))} exited {returncode}, not 1:\n{output[-4000:]}"
+    return output
+
+
+def _run(argv, timeout: float, cwd: Path | None) -> tuple[int, str]:
     argv = [str(a) for a in argv]
     script = Path(sys.executable).parent / argv[0]
     if argv[0] == "python":
@@ -18,7 +38,5 @@ def run(*argv: str | Path, timeout: float = 900) -> str:
     elif script.is_file():
         argv[0] = str(script)
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(argv)} exited {proc.returncode}:\n{output[-4000:]}"
-    return output
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    return proc.returncode, proc.stdout + proc.stderr

