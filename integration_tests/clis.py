@@ -23,10 +23,13 @@ def run(*argv: str | Path, timeout: float = 900, cwd: Path | None = None) -> str
     return output
 
 
-def fails(*argv: str | Path, timeout: float = 900, cwd: Path | None = None) -> str:
-    """Like run, for a command that must exit non-zero (1, a user error, not a crash); returns its output."""
+def fails(*argv: str | Path, timeout: float = 900, cwd: Path | None = None, code: int = 2) -> str:
+    """Like run, for a command that must fail as a user error does: exit 2, the code every bidir CLI uses (a crash
+    exits 1; torchrun exits 1 whatever its workers did, so pass code=1 there). Returns its output."""
     returncode, output = _run(argv, timeout, cwd)
-    assert returncode == 1, f"{' '.join(map(str, argv))} exited {returncode}, not 1:\n{output[-4000:]}"
+    assert returncode == code, (
+        f"{' '.join(map(str, argv))} exited {returncode}, not {code}:\n{output[-4000:]}"
+    )
     return output
 
 

@@ -94,7 +94,7 @@ def test_production_embed_and_score_with_onnxruntime(production):
     words = command("README.md", "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed")
     if TENSORRT_HERE:
         return  # the tensorrt test runs the command in full
-    output = fails(*miniature(words, production["paths"], {"--nproc-per-node": "1"}), cwd=work)
+    output = fails(*miniature(words, production["paths"], {"--nproc-per-node": "1"}), cwd=work, code=1)
     assert "engines/1b" in output, output  # no engine: step 2 did not run here
 
 

@@ -70,6 +70,11 @@ def test_backend_artifact_mismatch(checkpoint, onnx_export):
         BidirError, match="the onnxruntime backend needs an ONNX export folder, this is a checkpoint"
     ):
         load_backend(checkpoint, "onnxruntime")
+    missing = checkpoint.parent / "engines" / "1b"  # e.g. an engine that was never built
+    with pytest.raises(
+        BidirError, match=r"engines/1b: no such folder \(the tensorrt backend needs a TensorRT engine"
+    ):
+        load_backend(missing, "tensorrt")
     with pytest.raises(BidirError, match="dim=65 is larger than the model's embedding size 64"):
         load_backend(checkpoint, "torch", dim=65)
     with pytest.raises(BidirError, match="backend must be one of"):

@@ -218,6 +218,8 @@ def load_backend(
     kind = model_kind(model).kind
     name = auto_backend(kind) if backend == "auto" else backend
     if _NEEDS[name] != kind:
+        if not Path(model).expanduser().exists():  # not "a checkpoint" either: nothing is there
+            raise BidirError(f"{model}: no such folder (the {name} backend needs {_WHAT[_NEEDS[name]]})")
         raise BidirError(f"{model}: the {name} backend needs {_WHAT[_NEEDS[name]]}, this is {_WHAT[kind]}")
     if name == "torch":
         return TorchBackend(model, device=device, precision=precision, compile=compile, dim=dim)
