@@ -160,4 +160,5 @@ def test_shard_and_manifest_are_fsynced_before_they_count(checkpoint, tmp_path, 
     # the planned manifest, the shard, the complete manifest
     manifest_tmp = r"\.manifest\.json\..*\.tmp"
     expected = [manifest_tmp, "out", r"\.part-00000\.parquet\.tmp", "out", manifest_tmp, "out"]
-    assert len(synced) == len(expected) and all(re.fullmatch(e, n) for e, n in zip(expected, synced)), synced
+    assert len(synced) == len(expected), synced
+    assert all(re.fullmatch(e, n) for e, n in zip(expected, synced, strict=True)), synced
