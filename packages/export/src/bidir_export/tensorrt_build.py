@@ -19,7 +19,6 @@ torch and tensorrt is needed.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -120,50 +119,51 @@ def build_engine(
     import tensorrt as trt
 
     major = int(trt.__version__.split(".")[0])
-    with tempfile.TemporaryDirectory(prefix=".bidir-trt-") as scratch:
+    with staged_folder(out_dir, "tensorrt", overwrite=overwrite) as tmp:
         onnx_dir = Path(source)
         if onnx_manifest is None:
-            # TensorRT 11 needs the precision in the graph; TensorRT 10 builds it strongly typed too.
-            onnx_dir = Path(scratch) / "onnx"
+            # TensorRT 11 needs the precision in the graph; TensorRT 10 builds it strongly typed too. The graph goes
+            # inside the staged folder (beside out_dir, not in /tmp), so a killed build's leftovers are cleaned by
+            # the next run like any other of our temp folders; it is removed before the folder is published.
+            onnx_dir = tmp / ".onnx"
             say(f"exporting {source} to ONNX ({precision}) first")
             onnx_manifest = export_onnx(
                 source, onnx_dir, dtype=precision, opset=opset, with_dims=with_dims, verify=False
             )
         plan = precision_plan(major, onnx_manifest.dtype, precision)
-        with staged_folder(out_dir, "tensorrt", overwrite=overwrite) as tmp:
-            say(
-                f"building a {precision} TensorRT {trt.__version__} engine ({plan}), {len(profiles)} profile(s)"
-            )
-            engine_bytes = _build(
-                trt,
-                onnx_dir / onnx_manifest.model_file,
-                onnx_manifest,
-                precision,
-                plan,
-                profiles,
-                workspace_gb,
-                timing_cache,
-            )
-            (tmp / ENGINE_FILE).write_bytes(engine_bytes)
-            _copy_tokenizer(onnx_dir, onnx_manifest, tmp)
-            name = torch.cuda.get_device_name()
-            cc = ".".join(map(str, torch.cuda.get_device_capability()))
-            manifest = EngineManifest(
-                onnx=onnx_manifest,
-                precision=precision,
-                profiles=profiles,
-                tensorrt_version=trt.__version__,
-                gpu_name=name,
-                compute_capability=cc,
-                engine_file=ENGINE_FILE,
-            )
-            if verify:
-                say("verifying the engine against PyTorch")
-                result = verify_engine(trt, engine_bytes, manifest)
-                if not result.passed:
-                    raise BidirError(f"{out_dir}: not written: {describe(result)}")
-                manifest = replace(manifest, verification=result)
-            write_manifest(tmp, manifest)
+        say(f"building a {precision} TensorRT {trt.__version__} engine ({plan}), {len(profiles)} profile(s)")
+        engine_bytes = _build(
+            trt,
+            onnx_dir / onnx_manifest.model_file,
+            onnx_manifest,
+            precision,
+            plan,
+            profiles,
+            workspace_gb,
+            timing_cache,
+        )
+        (tmp / ENGINE_FILE).write_bytes(engine_bytes)
+        _copy_tokenizer(onnx_dir, onnx_manifest, tmp)
+        if onnx_dir == tmp / ".onnx":
+            shutil.rmtree(onnx_dir)
+        name = torch.cuda.get_device_name()
+        cc = ".".join(map(str, torch.cuda.get_device_capability()))
+        manifest = EngineManifest(
+            onnx=onnx_manifest,
+            precision=precision,
+            profiles=profiles,
+            tensorrt_version=trt.__version__,
+            gpu_name=name,
+            compute_capability=cc,
+            engine_file=ENGINE_FILE,
+        )
+        if verify:
+            say("verifying the engine against PyTorch")
+            result = verify_engine(trt, engine_bytes, manifest)
+            if not result.passed:
+                raise BidirError(f"{out_dir}: not written: {describe(result)}")
+            manifest = replace(manifest, verification=result)
+        write_manifest(tmp, manifest)
     say(f"wrote {out_dir}" + (f"; {describe(manifest.verification)}" if manifest.verification else ""))
     return manifest
 
