@@ -93,8 +93,9 @@ def main() -> None:
     served = out / "onnx"
     if has_tensorrt():
         start = time.perf_counter()
-        # fp16, not bf16: SmolLM2 in bf16 is too far from the exact embeddings to verify (packages/export/README.md)
-        run("export-trt", final, out / "engine", "--precision", "fp16",
+        # fp32 (TF32 off): verified by construction. SmolLM2 in bf16 is too far from the exact embeddings to verify,
+        # and fp16 passes onnxruntime with little room (packages/export/README.md); no TensorRT run was measured yet.
+        run("export-trt", final, out / "engine", "--precision", "fp32",
             "--min", "1x1", "--opt", "32x128", "--max", "64x512")  # fmt: skip
         stages.append(("export-trt", time.perf_counter() - start, "verified against PyTorch"))
         served = out / "engine"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +203,22 @@ def test_shard_index_naming_a_file_outside_the_folder(tmp_path, outside):
     index["weight_map"] = {k: entry if v == shard else v for k, v in index["weight_map"].items()}
     index_path.write_text(json.dumps(index))
     _error(_load(sharded), str(index_path), repr(entry), "outside")
+
+
+def test_shards_linked_into_a_cache_folder_still_load(tmp_path):
+    """The Hugging Face cache layout: snapshots/<rev>/<shard> is a link to ../../blobs/<sha>, outside the folder the
+    index is in. The index names files in its own folder, so they are read (the check is on names, not targets)."""
+    sharded = write_hf_llama(tmp_path / "repo" / "snapshots" / "rev", max_shard_size="100KB")
+    blobs = tmp_path / "repo" / "blobs"
+    blobs.mkdir()
+    shards = sorted(p for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 1
+    for i, shard in enumerate(shards):
+        shutil.move(shard, blobs / f"sha{i}")
+        shard.symlink_to(Path("..", "..", "blobs", f"sha{i}"))
+    want = BiEncoder.from_pretrained(write_hf_llama(tmp_path / "plain")).model.state_dict()
+    got = BiEncoder.from_pretrained(sharded).model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_invalid_shard_index(hf_copy):

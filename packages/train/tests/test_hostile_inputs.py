@@ -283,7 +283,7 @@ def test_unwritable_output_dir_is_found_before_the_model_loads(train_jsonl, tmp_
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(
-        BidirError, match=r"a-file: not a folder, so logging.output_dir=.*a-file/run cannot be"
+        BidirError, match=r"a-file/run/recipe.json: cannot be written \(.*a-file is not a folder\)"
     ):
         _train(
             _args(tmp_path / "no-such-model", train_jsonl, blocker / "run")

@@ -7,6 +7,7 @@ or the name of the embedded default model.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -88,11 +89,11 @@ def _weight_files(folder: Path) -> list[Path]:
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise BidirError(f"{index}: not a valid shard index (no weight_map of tensor name -> file)")
             files = [folder / name for name in sorted(set(weight_map.values()))]
-            inside = folder.resolve()
             for name, f in zip(sorted(set(weight_map.values())), files, strict=True):
-                # An index is data, not a pointer anywhere: "../../other/x.safetensors" or an absolute path (or
-                # a link out of the folder) would read a file the checkpoint does not hold.
-                if not f.resolve().is_relative_to(inside):
+                # An index is data, not a pointer anywhere: "../../other/x.safetensors" or an absolute path would
+                # read a file the checkpoint does not hold. Judged by the name, not by resolving the file: the
+                # Hugging Face cache keeps every shard as a link into its blobs/ folder.
+                if Path(name).is_absolute() or os.path.normpath(name).split(os.sep)[0] == os.pardir:
                     raise BidirError(f"{index}: shard {name!r} is outside {folder}; refusing to read it")
                 if not f.is_file():
                     raise BidirError(f"{index}: names shard {f.name}, which is missing")

@@ -88,7 +88,8 @@ def export_onnx(
         exported = encoder if dtype == "fp32" else copy.deepcopy(encoder).to(TORCH_DTYPES[dtype])
         graph = EmbeddingGraph(exported, with_dims).eval()
         _export_graph(graph, tmp / MODEL_FILE, opset)
-        del exported  # a low-precision copy is not needed past the export; verification makes its own
+        input_names = graph.input_names
+        del graph, exported  # a low-precision copy is not needed past the export; verification makes its own
         histogram = _check_onnx(tmp / MODEL_FILE)
         manifest = OnnxManifest(
             encoder=encoder.config,
@@ -98,7 +99,7 @@ def export_onnx(
             source=_source_name(checkpoint, source),
             source_fingerprint=checkpoint_fingerprint(source),
             model_file=MODEL_FILE,
-            inputs=graph.input_names,
+            inputs=input_names,
             node_count=sum(histogram.values()),
             op_histogram=histogram,
         )

@@ -39,6 +39,7 @@ from bidir_core.artifacts import (
 from bidir_core.checkpoint import EncoderConfig, read_encoder_config
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
+from bidir_core.folders import TOKENIZER_FILES
 from bidir_core.sources import resolve_source
 from bidir_export.folders import check_target, staged_folder
 from bidir_export.graph import EmbeddingGraph
@@ -120,7 +121,7 @@ def build_engine(
 
     major = int(trt.__version__.split(".")[0])
     with staged_folder(out_dir, "tensorrt", overwrite=overwrite) as tmp:
-        onnx_dir = Path(source)
+        onnx_dir = Path(source).expanduser()
         if onnx_manifest is None:
             # TensorRT 11 needs the precision in the graph; TensorRT 10 builds it strongly typed too. The graph goes
             # inside the staged folder (beside out_dir, not in /tmp), so a killed build's leftovers are cleaned by
@@ -143,7 +144,7 @@ def build_engine(
             timing_cache,
         )
         (tmp / ENGINE_FILE).write_bytes(engine_bytes)
-        _copy_tokenizer(onnx_dir, onnx_manifest, tmp)
+        _copy_tokenizer(onnx_dir, tmp)
         if onnx_dir == tmp / ".onnx":
             shutil.rmtree(onnx_dir)
         name = torch.cuda.get_device_name()
@@ -182,9 +183,11 @@ def _checkpoint_max_length(source: str | Path) -> int:
     return (stored or EncoderConfig()).max_length
 
 
-def _copy_tokenizer(onnx_dir: Path, manifest: OnnxManifest, target: Path) -> None:
+def _copy_tokenizer(onnx_dir: Path, target: Path) -> None:
+    """The tokenizer files only: anything else in the ONNX folder would make the engine folder one that
+    export-trt --overwrite refuses to replace (bidir_export.folders.check_target)."""
     for path in onnx_dir.iterdir():
-        if path.is_file() and path.name != MANIFEST and not path.name.startswith(manifest.model_file):
+        if path.is_file() and path.name in TOKENIZER_FILES:
             shutil.copy2(path, target / path.name)
 
 

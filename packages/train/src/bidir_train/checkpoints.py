@@ -18,7 +18,6 @@ import io
 import os
 import pickle
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from bidir_core.errors import BidirError, one_line
+from bidir_core.folders import fsync_dir, fsync_file
 from bidir_core.jsonfile import read_json_object, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
@@ -90,10 +90,10 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, 
             shutil.rmtree(tmp, ignore_errors=True)
         raise BidirError(f"{bad}; the checkpoint was not written (the previous ones are intact)")
     if rank == 0:
-        _fsync(tmp)
+        fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # the checkpoint appears complete or not at all
-        _fsync(root)
+        fsync_dir(root)
         for old in checkpoint_dirs(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -112,38 +112,7 @@ def _fsync_files(folder: Path, rank: int) -> None:
     """fsync the files this rank wrote (DCP's own are already synced; fsyncing them again is cheap)."""
     names = [f"rng-rank{rank}.safetensors"] + ([TRAINER_STATE] if rank == 0 else [])
     for name in names:
-        _fsync(folder / name)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ------------------------------------------------------------------------------------------------------ load
-
-
-def load_latest(output_dir: Path, model, optimizer, scheduler) -> dict | None:
-    """Load the newest checkpoint that loads into model, optimizer, scheduler and the RNG; returns its trainer
-    state (step, epoch, step_in_epoch), or None when there is no checkpoint. A damaged checkpoint is skipped with a
-    warning naming the file; when none loads, a BidirError names them and the way to start over."""
-    found = checkpoint_dirs(output_dir)
-    problems = []
-    for path in reversed(found):
-        state, problem = _try_load(path, model, optimizer, scheduler)
-        if problem is None:
-            if problems and dist.get_rank() == 0:
-                warnings.warn(
-                    f"resuming from {path.name}: skipped the damaged {'; '.join(problems)}", stacklevel=2
-                )
-            return state
-        problems.append(problem)
-    if problems:
-        raise BidirError(f"no checkpoint loads: {'; '.join(problems)}; {START_OVER}")
-    return None
+        fsync_file(folder / name)
 
 
 def _try_load(path: Path, model, optimizer, scheduler) -> tuple[dict | None, str | None]:
@@ -158,6 +127,10 @@ def _try_load(path: Path, model, optimizer, scheduler) -> tuple[dict | None, str
         _check_sizes(path, SafeReader(path).read_metadata())  # one-line errors, before DCP wraps them
     except BidirError as e:
         local = one_line(e)
+    except (
+        Exception
+    ) as e:  # e.g. metadata of allowed classes with fields of the wrong type: damaged all the same
+        local = _load_error(e, path)
     problem = _first_problem(local)
     if problem is not None:
         return None, problem

@@ -10,17 +10,16 @@ cuts metrics.jsonl back to the resumed step. So a run that stops on bad input be
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch.distributed as dist
 
+from bidir_core.checkpoint import check_replaceable
 from bidir_core.errors import BidirError
 from bidir_core.folders import remove_stale_temps
 from bidir_core.jsonfile import read_json_object, write_json_atomic, write_jsonl_atomic
+from bidir_core.outputs import check_writable
 from bidir_train.checkpoints import CHECKPOINTS, START_OVER, checkpoint_dirs
 from bidir_train.config import TrainConfig
 
@@ -49,25 +48,14 @@ RESUMABLE = (
 def check_run_folder(cfg: TrainConfig) -> None:
     """Before any work: output_dir can be written, and an earlier run in it has the same recipe (or
     checkpoint.resume=false was given). Writes nothing (a probe file is created and removed)."""
-    _check_writable(cfg.output_dir)
+    check_writable(cfg.output_dir / RECIPE)  # the first file a run writes there
+    final = cfg.output_dir / FINAL
+    if final.exists() and not (final.is_dir() and not any(final.iterdir())):
+        # The run ends by replacing final/: refuse now, not after hours of training, when that would be refused
+        # (a folder that is not a bidir checkpoint, or one holding a file we did not write).
+        check_replaceable(final)
     if cfg.checkpoint.resume:
         _check_same_recipe(cfg)
-
-
-def _check_writable(output_dir: Path) -> None:
-    existing = output_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise BidirError(f"{existing}: not a folder, so logging.output_dir={output_dir} cannot be created")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".bidir-train-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise BidirError(
-            f"{existing}: cannot write there ({e.strerror}; logging.output_dir={output_dir})"
-        ) from None
 
 
 def _check_same_recipe(cfg: TrainConfig) -> None:
@@ -153,7 +141,8 @@ class RunFolder:
         if not self.cfg.checkpoint.resume:  # asked to start over: the earlier run's checkpoints and model go
             for old in checkpoint_dirs(self.dir):
                 shutil.rmtree(old)
-            if (self.dir / FINAL / "bidir.json").is_file():
+            if (self.dir / FINAL).exists():
+                check_replaceable(self.dir / FINAL)  # a user's files in final/ are never deleted
                 shutil.rmtree(self.dir / FINAL)
         write_json_atomic(self.dir / RECIPE, recipe_json(self.cfg))
         self.metrics.write_text("")
