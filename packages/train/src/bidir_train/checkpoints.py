@@ -18,6 +18,7 @@ import io
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -115,6 +116,29 @@ def _fsync_files(folder: Path, rank: int) -> None:
         fsync_file(folder / name)
 
 
+# ------------------------------------------------------------------------------------------------------ load
+
+
+def load_latest(output_dir: Path, model, optimizer, scheduler) -> dict | None:
+    """Load the newest checkpoint that loads into model, optimizer, scheduler and the RNG; returns its trainer
+    state (step, epoch, step_in_epoch), or None when there is no checkpoint. A damaged checkpoint is skipped with a
+    warning naming the file; when none loads, a BidirError names them and the way to start over."""
+    found = checkpoint_dirs(output_dir)
+    problems = []
+    for path in reversed(found):
+        state, problem = _try_load(path, model, optimizer, scheduler)
+        if problem is None:
+            if problems and dist.get_rank() == 0:
+                warnings.warn(
+                    f"resuming from {path.name}: skipped the damaged {'; '.join(problems)}", stacklevel=2
+                )
+            return state
+        problems.append(problem)
+    if problems:
+        raise BidirError(f"no checkpoint loads: {'; '.join(problems)}; {START_OVER}")
+    return None
+
+
 def _try_load(path: Path, model, optimizer, scheduler) -> tuple[dict | None, str | None]:
     """(trainer state, None) after loading checkpoint `path`, or (None, why it is damaged). Every rank calls it
     and every rank gets the same answer. A failed load may leave the model half-loaded; the next one overwrites
@@ -127,9 +151,8 @@ def _try_load(path: Path, model, optimizer, scheduler) -> tuple[dict | None, str
         _check_sizes(path, SafeReader(path).read_metadata())  # one-line errors, before DCP wraps them
     except BidirError as e:
         local = one_line(e)
-    except (
-        Exception
-    ) as e:  # e.g. metadata of allowed classes with fields of the wrong type: damaged all the same
+    except Exception as e:
+        # e.g. metadata of allowed classes whose fields have the wrong types: damaged all the same
         local = _load_error(e, path)
     problem = _first_problem(local)
     if problem is not None:
