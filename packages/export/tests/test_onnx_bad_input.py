@@ -211,3 +211,20 @@ def test_huge_verify_shape_is_refused_before_the_export(tmp_path, tiny_checkpoin
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "verify shape 99999999999x1: at most 65536 tokens" in err
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_files_added_to_the_target_during_an_export_are_never_deleted(tmp_path, exported):
+    """The target is checked again just before it is replaced: an export can take many minutes."""
+    import shutil
+
+    from bidir_export.folders import staged_folder
+
+    good, _ = exported("avg")
+    target = tmp_path / "target"
+    shutil.copytree(good, target)
+    refused = pytest.raises(BidirError, match="notes.txt.*refusing to replace it")
+    with refused, staged_folder(target, "onnx", overwrite=True) as tmp:
+        (tmp / "model.onnx").write_bytes(b"new")
+        (target / "notes.txt").write_text("mine")  # a user's file, added while we were working
+    assert (target / "notes.txt").read_text() == "mine" and (target / "model.onnx").is_file()
+    assert not list(tmp_path.glob(".target.*"))  # and our temp folder is gone

@@ -74,6 +74,8 @@ def staged_folder(target: str | Path, kind: str, overwrite: bool = False) -> Ite
         raise BidirError(f"{target}: cannot write there ({e.strerror or e})") from None
     try:
         yield tmp
+        # Again at the end: an export can take many minutes, and what appeared in target meanwhile is not ours.
+        check_target(target, True, kind)
         publish_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone when it was renamed into place
