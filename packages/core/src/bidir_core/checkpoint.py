@@ -26,9 +26,8 @@ from safetensors.torch import save_file
 from bidir_core.errors import BidirError, one_line
 from bidir_core.folders import (
     TOKENIZER_FILES,
-    make_temp_folder,
     publish_folder,
-    remove_stale_temps,
+    start_writing,
     unknown_files,
 )
 from bidir_core.jsonfile import read_json_object
@@ -216,13 +215,7 @@ def write_checkpoint(
     if occupied:
         check_replaceable(target)
 
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(target)
-        # A unique name: torchrun ranks on several hosts may import into one shared folder at once.
-        tmp = make_temp_folder(target)
-    except OSError as e:
-        raise BidirError(f"{target}: cannot write there ({e.strerror or e})") from None
+    tmp = start_writing(target)
     try:
         _write_json(tmp / "config.json", _config_json(model))
         _write_weights(tmp, model.state_dict(), max_shard_bytes)

@@ -1,12 +1,13 @@
 """Artifact folders that appear complete or not at all: built under a temporary name next to the target, then
 renamed into place (checkpoints here, exports and engines in bidir-export, training's final/ in bidir-train).
 
-    tmp = make_temp_folder(target)      # .<target>.tmp-<host>-<pid>-XXXXXXXX beside target
+    tmp = start_writing(target)         # stale temps removed, then .<target>.tmp-<host>-<pid>-XXXXXXXX beside it
     ... write into tmp ...
     publish_folder(tmp, target)         # fsynced, then renamed into place
 
 remove_stale_temps(target) deletes the temporary folders a killed writer left beside target (they can hold
-gigabytes of weights); writers call it before they start. Only names of exactly this pattern are touched.
+gigabytes of weights); start_writing calls it before it makes the new one. Only names of exactly this pattern are
+touched.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+
+from bidir_core.errors import BidirError
 
 # Files a Hugging Face tokenizer's save_pretrained writes: the artifacts that carry a tokenizer may hold these
 # (checked before a folder is replaced, so a folder with anything else in it is never deleted).
@@ -53,6 +56,19 @@ def unknown_files(folder: Path, patterns: frozenset[str] | set[str]) -> list[str
             if not any(fnmatch.fnmatchcase(rel, pattern) for pattern in patterns):
                 found.append(rel)
     return sorted(found)
+
+
+def start_writing(target: Path) -> Path:
+    """The empty temporary folder a new version of target is written in, beside target: target's parent is made if
+    needed and what killed writers of target left there is removed first. An OSError (no permission, a file in
+    the way) is one line naming target."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        # A unique name: torchrun ranks on several hosts may write into one shared folder at once.
+        return make_temp_folder(target)
+    except OSError as e:
+        raise BidirError(f"{target}: cannot write there ({e.strerror or e})") from None
 
 
 def make_temp_folder(target: Path, kind: str = "tmp") -> Path:

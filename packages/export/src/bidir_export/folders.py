@@ -11,9 +11,8 @@ from bidir_core.artifacts import MANIFEST, OnnxManifest, read_manifest
 from bidir_core.errors import BidirError, one_line
 from bidir_core.folders import (
     TOKENIZER_FILES,
-    make_temp_folder,
     publish_folder,
-    remove_stale_temps,
+    start_writing,
     unknown_files,
 )
 
@@ -66,12 +65,7 @@ def staged_folder(target: str | Path, kind: str, overwrite: bool = False) -> Ite
     """
     target = Path(target).expanduser().absolute()
     check_target(target, overwrite, kind)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(target)
-        tmp = make_temp_folder(target)
-    except OSError as e:
-        raise BidirError(f"{target}: cannot write there ({e.strerror or e})") from None
+    tmp = start_writing(target)
     try:
         yield tmp
         # Again at the end: an export can take many minutes, and what appeared in target meanwhile is not ours.
