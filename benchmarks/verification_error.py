@@ -27,16 +27,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnxruntime
 import torch
 
-from bidir_core.artifacts import read_manifest
 from bidir_core.checkpoint import EncoderConfig, write_checkpoint
 from bidir_core.encoder import BiEncoder
 from bidir_core.testing import tiny_encoder
 from bidir_export.graph import EmbeddingGraph
-from bidir_export.onnx_export import NotVerifiable, export_onnx, run_verification
-from bidir_export.verification import FACTOR, UNIT_ROUNDOFF, row_errors, verification_batches
+from bidir_export.onnx_export import NotVerifiable, export_onnx, onnxruntime_session, run_verification
+from bidir_export.verification import (
+    FACTOR,
+    UNIT_ROUNDOFF,
+    reference_outputs,
+    row_errors,
+    verification_batches,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_inference_shapes import SHAPES  # noqa: E402
@@ -64,7 +70,6 @@ def llama_1b_checkpoint(folder: Path, tokenizer_source: Path) -> Path:
 def measure(name: str, source, dtype: str, shape: tuple[int, int], work: Path) -> dict:
     out = work / f"{name}-{dtype}"
     manifest = export_onnx(source, out, dtype=dtype, verify=False, overwrite=True)
-    manifest = read_manifest(out, "onnx")
     encoder = BiEncoder.from_pretrained(source).eval()
     reference = EmbeddingGraph(encoder, manifest.with_dims)
     row = {"model": name, "dtype": dtype, "shape": f"{shape[0]}x{shape[1]}"}
@@ -73,8 +78,6 @@ def measure(name: str, source, dtype: str, shape: tuple[int, int], work: Path) -
     except NotVerifiable:
         row.update(export_error=None, note="onnxruntime CPU has no kernel")
         # PyTorch's own error still tells what the rule would allow
-        from bidir_export.verification import reference_outputs
-
         batches = verification_batches(encoder.model.config.vocab_size, shape)
         ref = reference_outputs(reference, batches, dtype)
         same, truth = torch.cat(ref.same_dtype), torch.cat(ref.float64)
@@ -88,10 +91,6 @@ def measure(name: str, source, dtype: str, shape: tuple[int, int], work: Path) -
         max_abs_vs_fp64=result.max_abs_diff,
     )
     if dtype == "fp32":  # the old rule's figure: |onnxruntime - PyTorch fp32|
-        import numpy as np
-
-        from bidir_export.onnx_export import onnxruntime_session
-
         session, _ = onnxruntime_session(out / manifest.model_file)
         worst = 0.0
         for b in verification_batches(encoder.model.config.vocab_size, shape):
