@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from train_testing import loss_curve, torchrun_train, train_recipe
 
 from bidir_core.errors import BidirError
-from bidir_train import load_recipe, train
+from bidir_train import load_recipe
 
 
 def _args(model, data, out, *extra):
@@ -37,21 +38,11 @@ def _args(model, data, out, *extra):
     ]
 
 
-def _train(args):
-    return train(load_recipe(args[0], args[1:]))
-
-
-def _losses(out):
-    return [
-        r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
-    ]
-
-
 @pytest.fixture(scope="module")
 def straight(tiny_model_dir, train_jsonl, tmp_path_factory):
     """4 uninterrupted steps: the reference of every resumed run here."""
     out = tmp_path_factory.mktemp("straight")
-    _train(_args(tiny_model_dir, train_jsonl, out))
+    train_recipe(_args(tiny_model_dir, train_jsonl, out))
     return out
 
 
@@ -60,7 +51,7 @@ def stopped(tiny_model_dir, train_jsonl, tmp_path):
     """A run stopped after step 2, checkpoints step-1 and step-2; returns (args to resume it, output_dir)."""
     out = tmp_path / "run"
     args = _args(tiny_model_dir, train_jsonl, out)
-    _train([*args, "schedule.stop_at_step=2"])
+    train_recipe([*args, "schedule.stop_at_step=2"])
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
     return args, out
 
@@ -84,7 +75,7 @@ def test_crafted_dcp_metadata_is_not_unpickled(stopped, tmp_path):
     for step in ("step-00000001", "step-00000002"):
         (out / "checkpoints" / step / ".metadata").write_bytes(pickle.dumps(_Marker(marker)))
     with pytest.raises(BidirError) as e:
-        _train(args)
+        train_recipe(args)
     assert not marker.exists()
     message = str(e.value)
     assert "\n" not in message
@@ -135,7 +126,7 @@ def test_resume_refuses_another_recipe(stopped, tiny_model_dir, tmp_path):
     recipe = (out / "recipe.json").read_bytes()
     changed = [a for a in args if not a.startswith("model.path=")] + [f"model.path={other}", "optim.lr=0.01"]
     with pytest.raises(BidirError) as e:
-        _train(changed)
+        train_recipe(changed)
     message = str(e.value)
     assert f"{out / 'recipe.json'}: this run folder holds a run of another recipe" in message
     assert "differs in model.path, optim.lr)" in message and "checkpoint.resume=false" in message
@@ -143,7 +134,7 @@ def test_resume_refuses_another_recipe(stopped, tiny_model_dir, tmp_path):
     assert len(list((out / "checkpoints").iterdir())) == 2
 
     # Asked to start over: the old run's checkpoints go, the new recipe is recorded, the run starts at step 1.
-    summary = _train([*changed, "checkpoint.resume=false", "schedule.stop_at_step=1"])
+    summary = train_recipe([*changed, "checkpoint.resume=false", "schedule.stop_at_step=1"])
     assert summary["steps"] == 1
     assert json.loads((out / "recipe.json").read_text())["optim"]["lr"] == 0.01
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
@@ -153,8 +144,8 @@ def test_resume_refuses_another_recipe(stopped, tiny_model_dir, tmp_path):
 def test_resume_allows_keys_that_do_not_change_the_result(stopped, straight):
     args, out = stopped
     recipe = (out / "recipe.json").read_bytes()
-    _train([*args, "checkpoint.keep=1", "logging.every_steps=1", "schedule.forward_chunk_size=1"])
-    assert _losses(out) == pytest.approx(_losses(straight), abs=1e-6)
+    train_recipe([*args, "checkpoint.keep=1", "logging.every_steps=1", "schedule.forward_chunk_size=1"])
+    assert loss_curve(out) == pytest.approx(loss_curve(straight), abs=1e-6)
     assert (out / "recipe.json").read_bytes() == recipe  # the recipe the run started with
 
 
@@ -184,7 +175,7 @@ def test_diverging_run_stops_before_nan_weights(tiny_model_dir, train_jsonl, tmp
 
     out = tmp_path / "run"
     with pytest.raises(BidirError, match=r"^step \d: the loss is (nan|inf)") as e:
-        _train(_args(tiny_model_dir, train_jsonl, out, "optim.lr=1e30", "schedule.warmup_steps=0"))
+        train_recipe(_args(tiny_model_dir, train_jsonl, out, "optim.lr=1e30", "schedule.warmup_steps=0"))
     assert "\n" not in str(e.value)
     assert not (out / "final").exists()
     assert list((out / "checkpoints").iterdir())
@@ -206,9 +197,9 @@ def test_torn_last_metrics_line_is_dropped(stopped, straight):
         f.write('{"step": 3, "epoch": 0, "lo')  # killed mid-write
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _train(args)
+        train_recipe(args)
     assert any("metrics.jsonl:3: dropped a torn last line" in str(w.message) for w in caught)
-    assert _losses(out) == _losses(straight)
+    assert loss_curve(out) == loss_curve(straight)
 
 
 def test_truncated_distcp_falls_back_to_the_previous_checkpoint(stopped, straight):
@@ -217,11 +208,11 @@ def test_truncated_distcp_falls_back_to_the_previous_checkpoint(stopped, straigh
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = _train(args)
+        summary = train_recipe(args)
     assert summary["steps"] == 4
     shown = [str(w.message) for w in caught if "resuming from step-00000001" in str(w.message)]
     assert shown and f"{shard}: truncated" in shown[0]
-    assert _losses(out) == _losses(straight)  # resumed from step 1 exactly
+    assert loss_curve(out) == loss_curve(straight)  # resumed from step 1 exactly
     straight_final = load_file(straight / "final" / "model.safetensors")
     for key, value in load_file(out / "final" / "model.safetensors").items():
         assert torch.equal(value, straight_final[key]), key
@@ -265,7 +256,7 @@ def test_stale_temp_folders_are_removed_and_checkpoints_fsynced(
     monkeypatch.setattr(
         os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))
     )
-    _train(_args(tiny_model_dir, train_jsonl, out, "schedule.max_steps=2"))
+    train_recipe(_args(tiny_model_dir, train_jsonl, out, "schedule.max_steps=2"))
     assert sorted(p.name for p in out.iterdir()) == [
         ".not-ours",
         "checkpoints",
@@ -285,7 +276,7 @@ def test_unwritable_output_dir_is_found_before_the_model_loads(train_jsonl, tmp_
     with pytest.raises(
         BidirError, match=r"a-file/run/recipe.json: cannot be written \(.*a-file is not a folder\)"
     ):
-        _train(
+        train_recipe(
             _args(tmp_path / "no-such-model", train_jsonl, blocker / "run")
         )  # the model is never looked at
 
@@ -303,7 +294,7 @@ def test_disk_full_while_saving_a_checkpoint(stopped, monkeypatch):
 
     monkeypatch.setattr(FileSystem, "create_stream", full)
     with pytest.raises(BidirError) as e:
-        _train(args)
+        train_recipe(args)
     message = str(e.value)
     assert "\n" not in message
     assert f"{out / 'checkpoints' / 'step-00000003.tmp'}" in message and "No space left on device" in message
@@ -313,7 +304,7 @@ def test_disk_full_while_saving_a_checkpoint(stopped, monkeypatch):
 def test_a_config_error_leaves_nothing_behind(tiny_model_dir, train_jsonl, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(BidirError):
-        _train(_args(tiny_model_dir, train_jsonl, out, "loss.matryoshka_dims=[9999]"))
+        train_recipe(_args(tiny_model_dir, train_jsonl, out, "loss.matryoshka_dims=[9999]"))
     assert not out.exists()
 
 
@@ -345,7 +336,7 @@ def test_disk_full_while_writing_the_final_model(tiny_model_dir, train_jsonl, tm
     monkeypatch.setattr(bidir_core.checkpoint, "save_file", full)
     out = tmp_path / "run"
     with pytest.raises(BidirError) as e:
-        _train(_args(tiny_model_dir, train_jsonl, out, "schedule.max_steps=1"))
+        train_recipe(_args(tiny_model_dir, train_jsonl, out, "schedule.max_steps=1"))
     # bidir_core.checkpoint names what was not written (final/) and why, in one line
     assert str(e.value) == f"{out / 'final'}: not written: No space left on device"
     assert not (out / "final").exists() and not list(out.glob(".final.*"))
@@ -354,23 +345,9 @@ def test_disk_full_while_writing_the_final_model(tiny_model_dir, train_jsonl, tm
 def test_two_ranks_fall_back_together(tiny_model_dir, train_jsonl, tmp_path):
     """Rank 1's shard of the newest checkpoint is truncated: both ranks skip it and resume from the one before."""
     args = [*_args(tiny_model_dir, train_jsonl, tmp_path / "run"), "schedule.micro_batch_size=1"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "bidir_train",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [*cmd, "--config", *args, "schedule.stop_at_step=2"], env=env, timeout=300, check=True
-    )
-    assert run.returncode == 0
+    torchrun_train(2, [*args, "schedule.stop_at_step=2"])
     shard = tmp_path / "run" / "checkpoints" / "step-00000002" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
-    proc = subprocess.run([*cmd, "--config", *args], env=env, timeout=300, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun_train(2, args)
     assert f"resuming from step-00000001: skipped the damaged {shard}: truncated" in proc.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

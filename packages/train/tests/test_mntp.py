@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from train_testing import loss_curve, torchrun_train
 
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
@@ -58,11 +55,6 @@ def _mntp_args(model_dir, texts, out, *extra):
         "schedule.micro_batch_size=4",
         *extra,
     ]
-
-
-def _losses(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 def _collate(probability=0.3):
@@ -152,7 +144,7 @@ def test_stage_lowers_the_loss_and_resumes_exactly(tied_model_dir, texts_txt, tm
     summary = train(
         load_recipe("tiny", _mntp_args(tied_model_dir, texts_txt, straight, "schedule.max_steps=12")[1:])
     )
-    losses = _losses(straight)
+    losses = loss_curve(straight)
     assert summary["steps"] == 12 and len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3  # it learns
 
@@ -161,7 +153,7 @@ def test_stage_lowers_the_loss_and_resumes_exactly(tied_model_dir, texts_txt, tm
     first = train(load_recipe("tiny", [*args[1:], "schedule.stop_at_step=7"]))
     assert first["final"] is None
     train(load_recipe("tiny", args[1:]))
-    assert _losses(resumed) == losses
+    assert loss_curve(resumed) == losses
     a, b = (
         load_file(straight / "final" / "model.safetensors"),
         load_file(resumed / "final" / "model.safetensors"),
@@ -193,25 +185,8 @@ def test_two_ranks_match_one(tied_model_dir, texts_txt, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     args = _mntp_args(tied_model_dir, texts_txt, one, "schedule.max_steps=4", "checkpoint.every_steps=0")
     train(load_recipe("tiny", args[1:]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "bidir_train",
-    ]
-    args2 = [a.replace(str(one), str(two)) for a in args]
-    proc = subprocess.run(
-        [*cmd, "--config", *args2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
+    torchrun_train(2, [a.replace(str(one), str(two)) for a in args])
+    assert loss_curve(two) == pytest.approx(loss_curve(one), abs=1e-5)
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
@@ -251,7 +226,7 @@ def test_untied_checkpoint_uses_its_own_frozen_head(tmp_path, texts_txt):
     assert load_lm_head(tmp_path / "hf", torch.float32).equal(head)
     out = tmp_path / "out"
     summary = train(load_recipe("tiny", _mntp_args(folder, texts_txt, out, "schedule.max_steps=2")[1:]))
-    assert summary["steps"] == 2 and all(map(math.isfinite, _losses(out)))
+    assert summary["steps"] == 2 and all(map(math.isfinite, loss_curve(out)))
     saved = load_file(out / "final" / "model.safetensors")
     assert not any(k.startswith("lm_head") for k in saved)
     assert load_lm_head(out / "final", torch.float32) is None

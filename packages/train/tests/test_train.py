@@ -3,18 +3,16 @@ GradCache inside the loop, and one-line errors for bad input."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_testing import loss_curve, torchrun_train, train_recipe
 
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
-from bidir_train import load_recipe, train
 
 
 def _recipe(tiny_model_dir, train_jsonl, out, *extra):
@@ -27,39 +25,19 @@ def _recipe(tiny_model_dir, train_jsonl, out, *extra):
     ]
 
 
-def _train(args):
-    return train(load_recipe(args[0], args[1:]))
-
-
-def _torchrun(nproc, args, check=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd += ["-m", "bidir_train", "--config", *args]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def _losses(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 @pytest.fixture(scope="module")
 def straight(tiny_model_dir, train_jsonl, tmp_path_factory):
     """The reference: 6 steps on one process (global batch 4 = 2 micro-batches of 2)."""
     out = tmp_path_factory.mktemp("straight")
-    summary = _train(_recipe(tiny_model_dir, train_jsonl, out))
+    summary = train_recipe(_recipe(tiny_model_dir, train_jsonl, out))
     assert summary["steps"] == 6
     return out
 
 
 def test_two_ranks_match_one(straight, tiny_model_dir, train_jsonl, tmp_path):
     """FSDP2 over 2 gloo ranks, micro-batch 1 per rank, same global batch and groups: same losses (fp32)."""
-    _torchrun(2, _recipe(tiny_model_dir, train_jsonl, tmp_path, "schedule.micro_batch_size=1"))
-    one, two = _losses(straight), _losses(tmp_path)
+    torchrun_train(2, _recipe(tiny_model_dir, train_jsonl, tmp_path, "schedule.micro_batch_size=1"))
+    one, two = loss_curve(straight), loss_curve(tmp_path)
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, abs=1e-5)
     assert one[0] != pytest.approx(one[-1], abs=1e-3)  # the model did learn something
@@ -74,13 +52,13 @@ def test_two_ranks_match_one(straight, tiny_model_dir, train_jsonl, tmp_path):
 def test_resume_is_exact(straight, tiny_model_dir, train_jsonl, tmp_path):
     """3 steps, stop, rerun -> resumes from the step-3 checkpoint: identical losses and final weights."""
     args = _recipe(tiny_model_dir, train_jsonl, tmp_path)
-    first = _train([*args, "schedule.stop_at_step=3"])
+    first = train_recipe([*args, "schedule.stop_at_step=3"])
     assert first["steps"] == 3 and first["final"] is None
     assert (tmp_path / "checkpoints" / "step-00000003").is_dir()
     assert not (tmp_path / "final").exists()
-    second = _train(args)
+    second = train_recipe(args)
     assert second["steps"] == 6
-    assert _losses(tmp_path) == _losses(straight)
+    assert loss_curve(tmp_path) == loss_curve(straight)
     a, b = (
         load_file(straight / "final" / "model.safetensors"),
         load_file(tmp_path / "final" / "model.safetensors"),
@@ -109,14 +87,16 @@ def test_gradcache_and_matryoshka_in_the_loop(tiny_model_dir, train_jsonl, tmp_p
         "schedule.max_steps=2",
         "loss.matryoshka_dims=[16, 64]",
     )
-    _train(base)
-    _train([*base[:-3], f"logging.output_dir={tmp_path / 'cached'}", *base[-2:], "loss.cache_chunk_size=1"])
-    assert _losses(tmp_path / "cached") == pytest.approx(_losses(tmp_path / "plain"), abs=1e-5)
+    train_recipe(base)
+    train_recipe(
+        [*base[:-3], f"logging.output_dir={tmp_path / 'cached'}", *base[-2:], "loss.cache_chunk_size=1"]
+    )
+    assert loss_curve(tmp_path / "cached") == pytest.approx(loss_curve(tmp_path / "plain"), abs=1e-5)
 
 
 def _cli_error(args, nproc=1):
     proc = (
-        _torchrun(nproc, args, check=False)
+        torchrun_train(nproc, args, check=False)
         if nproc > 1
         else subprocess.run(
             [sys.executable, "-m", "bidir_train", "--config", *args],
@@ -150,12 +130,12 @@ def test_empty_dataset(tiny_model_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(BidirError, match="no training examples"):
-        _train(_recipe(tiny_model_dir, empty, tmp_path / "out"))
+        train_recipe(_recipe(tiny_model_dir, empty, tmp_path / "out"))
 
 
 def test_fewer_rows_than_a_batch(tiny_model_dir, train_jsonl, tmp_path):
     with pytest.raises(BidirError, match="fewer than one global batch of 4"):
-        _train(_recipe(tiny_model_dir, train_jsonl, tmp_path / "out", "data.max_examples=3"))
+        train_recipe(_recipe(tiny_model_dir, train_jsonl, tmp_path / "out", "data.max_examples=3"))
 
 
 def test_more_ranks_than_rows(tiny_model_dir, train_jsonl, tmp_path):
