@@ -59,7 +59,7 @@ def test_matryoshka_dim_truncates_then_renormalizes():
     short = encoder.encode(TEXTS[:5], dim=16)
     want = raw[:, :16] / np.linalg.norm(raw[:, :16], axis=1, keepdims=True)
     np.testing.assert_allclose(short, want, atol=1e-5)
-    with pytest.raises(BidirError, match="larger than the model's hidden size 64"):
+    with pytest.raises(BidirError, match="larger than the model's embedding size 64"):
         encoder.encode(TEXTS[:1], dim=65)
 
 

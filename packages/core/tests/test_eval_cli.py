@@ -73,7 +73,7 @@ def test_sts_report_with_dim(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--dim", "999"], "dim=999 is larger than the model's hidden size 64"),
+        (["--dim", "999"], "dim=999 is larger than the model's embedding size 64"),
         (["--batch-size", "0"], "--batch-size must be positive"),
         (["--split", "dev"], "no qrels/dev.tsv"),
     ],

@@ -7,20 +7,19 @@ The public API mirrors sentence-transformers where that fits: `encode(texts, bat
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from bidir_core.batching import length_sorted_batches, pad_batch
 from bidir_core.checkpoint import EncoderConfig, read_encoder_config, write_checkpoint
 from bidir_core.errors import BidirError
+from bidir_core.matryoshka import check_dim, truncate
 from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.pooling import pool
 from bidir_core.sources import load_llama_config, read_config_dict, resolve_source
@@ -88,19 +87,9 @@ class BiEncoder(nn.Module):
         emb = pool(
             hidden.to(torch.promote_types(hidden.dtype, torch.float32)), attention_mask, self.config.pooling
         )
-        if dim is not None:
-            # Matryoshka: a prefix of the dimensions, re-normalized below.
-            emb = emb[:, : self._check_dim(dim)]
-        if self.config.normalize if normalize is None else normalize:
-            emb = F.normalize(emb, p=2, dim=-1)
-        return emb
-
-    def _check_dim(self, dim: int) -> int:
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-            raise BidirError(f"dim must be a positive integer, got {dim!r}")
-        if dim > self.hidden_size:
-            raise BidirError(f"dim={dim} is larger than the model's hidden size {self.hidden_size}")
-        return int(dim)
+        # Matryoshka: a prefix of the dimensions (all of them by default), normalized as configured.
+        normalize = self.config.normalize if normalize is None else normalize
+        return truncate(emb, check_dim(dim, self.hidden_size), normalize)
 
     # no_grad rather than inference_mode: a model being trained under FSDP2 is evaluated with encode(), and FSDP2
     # cannot unshard its parameters into inference-mode tensors.
@@ -121,7 +110,7 @@ class BiEncoder(nn.Module):
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if dim is not None:
-            dim = self._check_dim(dim)
+            dim = check_dim(dim, self.hidden_size)
         if not texts:
             return np.zeros((0, dim or self.hidden_size), dtype=np.float32)
         ids, n_truncated = tokenize(self.tokenizer, texts, self.config.max_length)

@@ -1,0 +1,39 @@
+"""Matryoshka dimensions: an embedding's first `dim` entries are an embedding too (re-normalized when the model
+normalizes). The one check of a requested dim, and the one truncation, for torch tensors and numpy arrays."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bidir_core.errors import BidirError
+
+
+def check_dim(dim: int | None, hidden_size: int) -> int:
+    """A requested dimension -> the dimension to keep (None: all of them)."""
+    if dim is None:
+        return hidden_size
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise BidirError(f"dim must be a positive integer, got {dim!r}")
+    if dim > hidden_size:
+        raise BidirError(f"dim={dim} is larger than the model's embedding size {hidden_size}")
+    return int(dim)
+
+
+def truncate(emb: torch.Tensor, dim: int, normalize: bool) -> torch.Tensor:
+    """(B, H) -> (B, dim): the first dim entries, L2-normalized again when normalize."""
+    emb = emb[:, :dim]
+    return F.normalize(emb, p=2, dim=-1) if normalize else emb
+
+
+def truncate_array(emb: np.ndarray, dim: int, normalize: bool) -> np.ndarray:
+    """truncate() for float32 (B, H) numpy arrays, as runtimes return them: -> contiguous float32 (B, dim)."""
+    if dim == emb.shape[1]:
+        return emb
+    emb = emb[:, :dim]
+    if normalize:
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(emb, dtype=np.float32)
