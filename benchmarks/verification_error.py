@@ -32,9 +32,9 @@ import onnxruntime
 import torch
 
 from bidir_core.checkpoint import EncoderConfig, write_checkpoint
+from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.encoder import BiEncoder
 from bidir_core.testing import tiny_encoder
-from bidir_export.graph import EmbeddingGraph
 from bidir_export.onnx_export import NotVerifiable, export_onnx, onnxruntime_session, run_verification
 from bidir_export.verification import (
     FACTOR,

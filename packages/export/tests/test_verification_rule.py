@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from export_testing import SMALL_VERIFY
 
 from bidir_core.artifacts import read_manifest
+from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.pooling import pool
 from bidir_export import export_onnx
-from bidir_export.graph import EmbeddingGraph
 from bidir_export.onnx_export import MODEL_FILE, _export_graph, run_verification
 from bidir_export.verification import (
     FACTOR,

@@ -9,6 +9,7 @@ import torch
 
 from bidir_core.artifacts import OnnxManifest, checkpoint_fingerprint, write_manifest
 from bidir_core.checkpoint import EncoderConfig
+from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.testing import tiny_encoder
 
 
@@ -74,28 +75,11 @@ def texts():
     return _make_texts(60)
 
 
-class _Exportable(torch.nn.Module):
-    """The encoder as an export graph: (input_ids, attention_mask[, dimensions]) -> embeddings (B, H) float32.
-    With `dimensions` (B,), entries past each row's dimension are zeroed before normalization (per-row Matryoshka)."""
-
-    def __init__(self, encoder, with_dims: bool):
-        super().__init__()
-        self.encoder, self.with_dims = encoder, with_dims
-
-    def forward(self, input_ids, attention_mask, dimensions=None):
-        emb = self.encoder(input_ids, attention_mask, normalize=False)  # (B, H)
-        if self.with_dims:
-            keep = torch.arange(emb.shape[1], device=emb.device)[None, :] < dimensions[:, None]  # (B, H)
-            emb = emb * keep
-        if self.encoder.config.normalize:
-            emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
-        return emb
-
-
 @pytest.fixture(scope="session")
 def onnx_export(encoder, checkpoint, tmp_path_factory):
-    """onnx_export(with_dims) -> an ONNX export folder of the tiny encoder (a minimal stand-in for export-onnx,
-    which bidir-serve must not import; the real exporter is tested in bidir-export and the integration tests)."""
+    """onnx_export(with_dims) -> an ONNX export folder of the tiny encoder: the artifact's graph (core's
+    EmbeddingGraph) through a minimal stand-in for export-onnx, which bidir-serve must not import; the real exporter
+    is tested in bidir-export and the integration tests."""
     from torch.export import Dim
 
     made = {}
@@ -106,7 +90,8 @@ def onnx_export(encoder, checkpoint, tmp_path_factory):
         folder = tmp_path_factory.mktemp("onnx-dims" if with_dims else "onnx")
         ids = torch.randint(3, 300, (2, 8))
         args = (ids, torch.ones_like(ids)) + ((torch.tensor([64, 16]),) if with_dims else ())
-        names = ["input_ids", "attention_mask"] + ["dimensions"] * with_dims
+        graph = EmbeddingGraph(encoder, with_dims).eval()
+        names = list(graph.input_names)
         dyn = {
             "input_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC},
             "attention_mask": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC},
@@ -114,7 +99,7 @@ def onnx_export(encoder, checkpoint, tmp_path_factory):
         if with_dims:
             dyn["dimensions"] = {0: Dim.DYNAMIC}
         torch.onnx.export(
-            _Exportable(encoder, with_dims).eval(),
+            graph,
             args,
             str(folder / "model.onnx"),
             input_names=names,

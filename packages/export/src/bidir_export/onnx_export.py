@@ -29,11 +29,11 @@ from bidir_core.artifacts import (
     write_manifest,
 )
 from bidir_core.embedded import EMBEDDED_DEFAULT
+from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError, one_line
 from bidir_core.sources import resolve_source
 from bidir_export.folders import staged_folder
-from bidir_export.graph import EmbeddingGraph
 from bidir_export.profiles import check_verify_shape
 from bidir_export.verification import (
     FACTOR,

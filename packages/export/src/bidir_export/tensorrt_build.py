@@ -37,12 +37,12 @@ from bidir_core.artifacts import (
     write_manifest,
 )
 from bidir_core.checkpoint import EncoderConfig, read_encoder_config
+from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.folders import TOKENIZER_FILES
 from bidir_core.sources import resolve_source
 from bidir_export.folders import check_target, staged_folder
-from bidir_export.graph import EmbeddingGraph
 from bidir_export.onnx_export import DEFAULT_OPSET, Progress, describe, export_onnx
 from bidir_export.profiles import check_profiles
 from bidir_export.verification import Batch, compare, reference_outputs, verification_batches

@@ -1,4 +1,7 @@
-"""The module that is exported: the whole embedding path of a BiEncoder, token ids in, embeddings out.
+"""The graph that defines the ONNX artifact: the whole embedding path of a BiEncoder, token ids in, embeddings out.
+
+It lives in core because the artifact crosses package lines: bidir-export exports and verifies it, bidir-serve's
+tests export it as a stand-in for export-onnx (serve must not import export).
 
     input_ids      (B, T) int64
     attention_mask (B, T) int64, 1 for real tokens (left or right padding)
