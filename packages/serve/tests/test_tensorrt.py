@@ -17,7 +17,7 @@ from bidir_core import BidirError
 from bidir_core.artifacts import EngineManifest, Profile, read_manifest, write_manifest
 from bidir_core.batching import pad_batch
 from bidir_core.tokenization import tokenize
-from bidir_serve.tensorrt_backend import plan
+from bidir_serve.backends.tensorrt import plan
 
 PROFILES = (Profile((1, 1), (4, 16), (4, 16)), Profile((1, 8), (2, 64), (2, 64)))
 

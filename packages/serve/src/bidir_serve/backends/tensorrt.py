@@ -1,4 +1,4 @@
-"""The TensorRT backend: runs an engine folder written by export-trt (bidir_core.artifacts.EngineManifest).
+"""The tensorrt backend: runs an engine folder written by export-trt (bidir_core.artifacts.EngineManifest).
 
 TensorRT *running* lives here only (building is bidir-export's). Written against the TensorRT 10/11 Python runtime
 API: tensors are bound by name with set_input_shape / set_tensor_address on torch CUDA buffers, and execute_async_v3
@@ -16,8 +16,9 @@ import torch
 
 from bidir_core.artifacts import EngineManifest, Profile, read_manifest
 from bidir_core.errors import BidirError
+from bidir_core.matryoshka import check_dim, truncate_array
 from bidir_core.tokenization import load_tokenizer
-from bidir_serve.backends import check_dim, export_fingerprint, truncate
+from bidir_serve.backends.base import export_fingerprint
 
 
 def plan(profiles: tuple[Profile, ...], batch: int, seq: int) -> tuple[int, int]:
@@ -96,7 +97,7 @@ class TensorRTBackend:
             for i in range(0, B, rows)
         ]
         emb = torch.cat(out).cpu().numpy()  # (B, hidden_size)
-        return truncate(emb, self.dim, self.config.normalize)
+        return truncate_array(emb, self.dim, self.config.normalize)
 
     def _run(self, profile: int, ids: torch.Tensor, mask: torch.Tensor, min_batch: int) -> torch.Tensor:
         b = ids.shape[0]

@@ -1,0 +1,107 @@
+"""Backends: one interface, `embed(input_ids, attention_mask) -> (B, D) float32 numpy`, over three runtimes, and the
+one factory that picks among them.
+
+- `torch`:       a checkpoint (folder, .gguf or the embedded default's name) through bidir_core.BiEncoder, on CPU or
+                 CUDA, fp32 / bf16 / fp16, optionally torch.compile'd (pytorch.py).
+- `onnxruntime`: an ONNX export folder (bidir_core.artifacts manifest), CPU, CUDA or TensorRT execution provider
+                 (onnxruntime.py).
+- `tensorrt`:    a TensorRT engine folder (tensorrt.py).
+
+base.py holds what they share (the Backend protocol, the model fingerprints); the runtime modules import only base,
+and only this module imports them.
+
+`auto` picks by artifact and hardware: an engine folder -> tensorrt; an ONNX export -> onnxruntime (the CUDA
+execution provider when onnxruntime has it and a GPU is present, else CPU); a checkpoint -> torch, bf16 on CUDA when
+a GPU is present, else fp32 on CPU (bf16 on CPUs without bf16 units is slow, and fp32 keeps CPU results exact).
+
+Every backend takes `dim` (Matryoshka truncation, re-normalized when the model normalizes) at construction, so
+embed() always returns (B, dim or hidden_size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bidir_core.artifacts import MANIFEST, EngineManifest, OnnxManifest, read_manifest
+from bidir_core.errors import BidirError
+from bidir_serve.backends.base import Backend, export_fingerprint, model_fingerprint
+from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend
+from bidir_serve.backends.pytorch import PRECISIONS, TorchBackend
+from bidir_serve.backends.tensorrt import TensorRTBackend
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "Backend",
+    "ModelKind",
+    "OnnxRuntimeBackend",
+    "TensorRTBackend",
+    "TorchBackend",
+    "auto_backend",
+    "export_fingerprint",
+    "load_backend",
+    "model_fingerprint",
+    "model_kind",
+]
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    kind: str
+    """checkpoint, onnx or tensorrt."""
+    manifest: OnnxManifest | EngineManifest | None = None
+
+
+def model_kind(model: str | Path) -> ModelKind:
+    """What a --model argument names: an export folder (by its manifest.json) or a checkpoint."""
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        return ModelKind("onnx" if isinstance(manifest, OnnxManifest) else "tensorrt", manifest)
+    return ModelKind("checkpoint")
+
+
+def auto_backend(kind: str) -> str:
+    """The rule of `auto` (see the module docstring)."""
+    return {"tensorrt": "tensorrt", "onnx": "onnxruntime", "checkpoint": "torch"}[kind]
+
+
+_NEEDS = {"torch": "checkpoint", "onnxruntime": "onnx", "tensorrt": "tensorrt"}
+_WHAT = {
+    "checkpoint": "a checkpoint",
+    "onnx": "an ONNX export folder",
+    "tensorrt": "a TensorRT engine folder",
+}
+
+
+def load_backend(
+    model: str | Path,
+    backend: str = "auto",
+    *,
+    dim: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    compile: bool = False,
+    providers: list[str] | None = None,
+) -> Backend:
+    """The backend for `model` (a checkpoint, an ONNX export folder or an engine folder)."""
+    if backend not in BACKENDS:
+        raise BidirError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    kind = model_kind(model).kind
+    name = auto_backend(kind) if backend == "auto" else backend
+    if _NEEDS[name] != kind:
+        if not Path(model).expanduser().exists():  # not "a checkpoint" either: nothing is there
+            raise BidirError(f"{model}: no such folder (the {name} backend needs {_WHAT[_NEEDS[name]]})")
+        raise BidirError(f"{model}: the {name} backend needs {_WHAT[_NEEDS[name]]}, this is {_WHAT[kind]}")
+    if name == "torch":
+        return TorchBackend(model, device=device, precision=precision, compile=compile, dim=dim)
+    if name == "onnxruntime":
+        if device == "cuda" and providers is None:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        elif device == "cpu" and providers is None:
+            providers = ["CPUExecutionProvider"]
+        return OnnxRuntimeBackend(model, providers=providers, dim=dim)
+    return TensorRTBackend(model, dim=dim)

@@ -1,0 +1,54 @@
+"""The torch backend: a checkpoint (folder, .gguf or the embedded default's name) through bidir_core.BiEncoder, on
+CPU or CUDA, fp32 / bf16 / fp16, optionally torch.compile'd. (Not named torch.py, which would shadow torch.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bidir_core.encoder import BiEncoder
+from bidir_core.errors import BidirError
+from bidir_core.matryoshka import check_dim
+from bidir_core.sources import resolve_source
+from bidir_serve.backends.base import model_fingerprint
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(
+        self,
+        model: str | Path,
+        device: str | None = None,
+        precision: str | None = None,
+        compile: bool = False,
+        dim: int | None = None,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        if precision not in PRECISIONS:
+            raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        source = resolve_source(model)
+        self.encoder = BiEncoder.from_pretrained(
+            source, dtype=PRECISIONS[precision], device=self.device
+        ).eval()
+        self.config, self.tokenizer = self.encoder.config, self.encoder.tokenizer
+        self.dim = check_dim(dim, self.encoder.hidden_size)
+        self.fingerprint = self.source_fingerprint = model_fingerprint(source)
+        self.pin_memory = self.device.type == "cuda"
+        self.precision = precision
+        self.description = f"torch {self.device.type} {precision}" + (" compiled" if compile else "")
+        # dynamic=True: one graph for every (batch, seq) instead of a recompile per new shape.
+        self._forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        # non_blocking: with pinned inputs the host-to-device copy overlaps the previous batch's work.
+        ids = input_ids.to(self.device, non_blocking=True)
+        mask = attention_mask.to(self.device, non_blocking=True)
+        dim = None if self.dim == self.encoder.hidden_size else self.dim
+        return self._forward(ids, mask, dim=dim).float().cpu().numpy()  # (B, dim)
