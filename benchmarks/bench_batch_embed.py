@@ -47,7 +47,7 @@ from bidir_core.embeddings_artifact import read_embeddings
 from bidir_core.errors import BidirError
 from bidir_core.sources import resolve_source
 from bidir_core.tokenization import load_tokenizer, tokenize
-from bidir_serve.batch_embed import BatchEmbedConfig, embed_corpus
+from bidir_serve import BatchEmbedConfig, embed_corpus
 
 PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -94,7 +94,7 @@ def peak_rss_child(model: str, rows: int, dtype: str, batch_size: int, texts_fil
 import json, resource, sys, tempfile
 from pathlib import Path
 sys.path[:0] = {sys.path!r}
-from bidir_serve.batch_embed import BatchEmbedConfig, embed_corpus
+from bidir_serve import BatchEmbedConfig, embed_corpus
 texts = json.loads(Path({str(texts_file)!r}).read_text())
 with tempfile.TemporaryDirectory() as tmp:
     inp = Path(tmp) / "in.jsonl"

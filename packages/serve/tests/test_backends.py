@@ -88,7 +88,7 @@ def test_torch_backend_cuda(checkpoint, encoder, texts, tmp_path):
     import json
 
     from bidir_core.embeddings_artifact import read_embeddings
-    from bidir_serve.batch_embed import BatchEmbedConfig, embed_corpus
+    from bidir_serve import BatchEmbedConfig, embed_corpus
 
     with pytest.warns(UserWarning, match="truncated"):
         expected = encoder.encode(texts)

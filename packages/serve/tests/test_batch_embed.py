@@ -22,7 +22,8 @@ import pytest
 
 from bidir_core import BidirError
 from bidir_core.embeddings_artifact import read_embeddings, read_embeddings_manifest
-from bidir_serve.batch_embed import BatchEmbedConfig, embed_corpus, main
+from bidir_serve import BatchEmbedConfig, embed_corpus
+from bidir_serve.batch_embed import main
 
 ATOL = 1e-5
 SERVE_SRC = Path(__file__).resolve().parents[1] / "src"

@@ -17,7 +17,8 @@ from bidir_core import BidirError
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.embeddings_artifact import read_embeddings, read_embeddings_manifest
 from bidir_core.testing import tiny_encoder
-from bidir_serve.batch_embed import BatchEmbedConfig, embed_corpus, main
+from bidir_serve import BatchEmbedConfig, embed_corpus
+from bidir_serve.batch_embed import main
 
 
 def _jsonl(path: Path, texts) -> Path:

@@ -1,14 +1,14 @@
-"""Rows -> padded token batches, produced on a background thread so tokenization overlaps the model's compute.
+"""Rows -> windows of padded token batches, made on a background thread so tokenization overlaps the model's compute.
 
 Rows are cut into shards (shard k = rows [k * shard_size, (k + 1) * shard_size) of the input, so a shard's content
 does not depend on how many processes run or which shards were already done). Within a shard, rows are taken in
 windows of `window` rows; each window is tokenized, sorted by token length and grouped into token-budget batches by
 bidir_core.batching, so padding stays small while memory stays bounded by the window, whatever the corpus or shard
-size. Each batch carries its rows' positions inside the window, which is how the consumer restores input order; a
-WindowDone follows a window's last batch (its rows can then be appended to the shard in order), and a ShardDone
-follows a shard's last window.
+size. A Window is the one message from the tokenizer to the model: its rows' ids (in input order) and their batches
+together; each batch carries its rows' positions inside the window, which is how the consumer restores input order
+before it appends the window to its shard.
 
-The producer thread puts these items on a bounded queue (at most `prefetch` items ahead), then None; a failure in
+The producer thread puts the windows on a bounded queue (at most `prefetch` windows ahead), then None; a failure in
 the producer is put on the queue as the exception, and re-raised by the consumer.
 """
 
@@ -28,9 +28,8 @@ from bidir_serve.inputs import Row
 
 @dataclass(frozen=True)
 class Batch:
-    shard: int
-    window_rows: int
-    """Rows in this batch's window."""
+    """Some rows of a window, padded to their longest."""
+
     positions: list[int]
     """Row index inside the window of each batch row."""
     input_ids: torch.Tensor
@@ -39,22 +38,23 @@ class Batch:
     """(B, T) int64."""
     tokens: int
     """Real (unpadded) tokens in the batch."""
-    wheres: list[str]
-    """file:line (or file row N) of each batch row, for error messages."""
 
 
 @dataclass(frozen=True)
-class WindowDone:
+class Window:
+    """Consecutive rows of one shard, tokenized and batched."""
+
     shard: int
     ids: list[str]
-    """The window's ids in input order (the next rows of the shard)."""
+    """The rows' ids in input order (the next rows of the shard)."""
+    wheres: list[str]
+    """file:line (or file row N) of each row, in the same order, for error messages."""
+    batches: list[Batch]
+    """Every row of the window exactly once, in batches of similar length."""
     truncated: int
     """Rows of the window cut to max_length."""
-
-
-@dataclass(frozen=True)
-class ShardDone:
-    shard: int
+    last_in_shard: bool
+    """Whether the shard is complete after this window."""
 
 
 @dataclass(frozen=True)
@@ -74,46 +74,41 @@ class BatchingConfig:
     """Pin batches in page-locked memory, so the copy to the GPU can be asynchronous."""
 
 
-def shard_batches(
+def shard_windows(
     rows: Iterable[Row],
     shard_size: int,
     todo: set[int],
     tokenizer,
     prefix: str,
     cfg: BatchingConfig,
-) -> Iterator[Batch | WindowDone | ShardDone]:
-    """Batches of the shards in `todo`, window by window; other shards' rows are skipped."""
-    shard, window = -1, []  # window: (id, text, where) rows
+) -> Iterator[Window]:
+    """The windows of the shards in `todo`, in input order; other shards' rows are skipped. A window ends when it
+    is full or its shard ends (windows never span shards)."""
 
-    def flush() -> Iterator[Batch | WindowDone]:
-        token_ids, n_cut = tokenize(tokenizer, [prefix + text for _, text, _ in window], cfg.max_length)
+    def window(shard: int, rows: list[Row], last_in_shard: bool) -> Window:
+        token_ids, n_cut = tokenize(tokenizer, [prefix + row.text for row in rows], cfg.max_length)
         lengths = [len(t) for t in token_ids]
+        batches = []
         for batch in length_sorted_batches(lengths, cfg.max_batch_size, cfg.max_batch_tokens):
             input_ids, mask = pad_batch([token_ids[i] for i in batch], cfg.pad_id)  # (B, T) each
             if cfg.pin_memory:
                 input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
-            tokens = sum(lengths[i] for i in batch)
-            yield Batch(shard, len(window), batch, input_ids, mask, tokens, [window[i][2] for i in batch])
-        yield WindowDone(shard, [row_id for row_id, _, _ in window], n_cut)
-        window.clear()
+            batches.append(Batch(batch, input_ids, mask, sum(lengths[i] for i in batch)))
+        return Window(shard, [r.id for r in rows], [r.where for r in rows], batches, n_cut, last_in_shard)
 
+    pending: list[Row] = []
+    shard = -1
     for n, row in enumerate(rows):
-        k = n // shard_size
-        if k != shard:
-            if window:
-                yield from flush()
-            if shard in todo:
-                yield ShardDone(shard)
-            shard = k
-        if k not in todo:
+        shard = n // shard_size
+        if shard not in todo:
             continue
-        window.append((row.id, row.text, row.where))
-        if len(window) == cfg.window:
-            yield from flush()
-    if window:
-        yield from flush()
-    if shard in todo:
-        yield ShardDone(shard)
+        pending.append(row)
+        shard_ends = (n + 1) % shard_size == 0
+        if len(pending) == cfg.window or shard_ends:
+            yield window(shard, pending, shard_ends)
+            pending = []
+    if pending:  # the rest of the last shard, which is shorter than shard_size
+        yield window(shard, pending, True)
 
 
 def prefetch(items: Iterator, depth: int) -> Iterator:

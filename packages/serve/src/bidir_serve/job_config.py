@@ -1,0 +1,70 @@
+"""BatchEmbedConfig: the settings of one batch-embed job, each checked where it is declared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bidir_core.embeddings_artifact import EMBEDDING_DTYPES
+from bidir_core.errors import BidirError
+from bidir_serve.backends import BACKENDS, PRECISIONS
+
+PROMPTS = ("passage", "query", "none")
+
+
+@dataclass(frozen=True)
+class BatchEmbedConfig:
+    """One batch-embed job."""
+
+    model: str
+    """A checkpoint folder, a .gguf file, the embedded default 'smollm2-135m', an ONNX export or an engine folder."""
+    input: str
+    """A JSONL, Parquet or plain-text file, or a glob of them (files are taken in sorted order)."""
+    output: str
+    """The embeddings folder to write (created; resumed when it holds an unfinished job with the same fingerprint)."""
+    id_field: str = "id"
+    """JSONL key / Parquet column of the row id (plain text: the line number)."""
+    text_field: str = "text"
+    """JSONL key / Parquet column of the text."""
+    prompt: str = "passage"
+    """Which of the model's prefixes to prepend: passage, query or none."""
+    dim: int | None = None
+    """Matryoshka dimension to truncate to (re-normalized); None keeps the model's full width."""
+    dtype: str = "float32"
+    """Storage dtype of the embeddings: float32 or float16."""
+    shard_size: int = 100_000
+    """Rows per Parquet shard (the unit of resumption and of work split between ranks)."""
+    backend: str = "auto"
+    """auto, torch, onnxruntime or tensorrt (auto: see bidir_serve.backends)."""
+    device: str | None = None
+    """cpu or cuda (None: cuda when available)."""
+    precision: str | None = None
+    """torch backend compute dtype: fp32, bf16 or fp16 (None: bf16 on CUDA, fp32 on CPU)."""
+    compile: bool = False
+    """torch backend: torch.compile the model (dynamic shapes)."""
+    max_batch_tokens: int = 16384
+    """Upper bound on rows x longest row (padded tokens) of a batch."""
+    max_batch_size: int = 128
+    """Upper bound on rows per batch."""
+    window: int = 4096
+    """Rows sorted by length together; memory is bounded by the window, whatever the corpus or shard size."""
+    prefetch: int = 2
+    """Windows tokenized and batched ahead of the model (the bounded queue between the tokenizer thread and the
+    model); one is enough to overlap tokenizing with the model's work."""
+    overwrite: bool = False
+    """Replace existing embeddings in `output` (of other inputs or settings, or complete ones) instead of refusing."""
+    progress: bool = True
+    """Show a progress bar (rank 0 only)."""
+
+    def __post_init__(self):
+        if self.prompt not in PROMPTS:
+            raise BidirError(f"prompt must be one of {', '.join(PROMPTS)}, got {self.prompt!r}")
+        if self.dtype not in EMBEDDING_DTYPES:
+            raise BidirError(f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise BidirError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("shard_size", "max_batch_tokens", "max_batch_size", "window", "prefetch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BidirError(f"{name} must be a positive integer, got {value!r}")

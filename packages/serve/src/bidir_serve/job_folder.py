@@ -1,0 +1,133 @@
+"""The output folder of a batch-embed job: what it will hold (the planned manifest and its fingerprint), whether an
+earlier run left it resumable, which shards are done, and marking it complete.
+
+Shard k holds input rows [k * shard_size, (k + 1) * shard_size) and appears only when complete (temp name + rename),
+so after a kill a rerun skips the shards that exist intact (readable, with their planned row count; a complete job's
+shards are checked too) and computes the others: every id ends up exactly once. The manifest carries a fingerprint
+of the inputs (paths, sizes, mtimes), the settings and the model; a rerun whose fingerprint differs refuses to mix
+its rows with the old ones unless --overwrite is given. Nothing in a folder that is not an embeddings folder is
+touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from bidir_core.embeddings_artifact import (
+    MANIFEST,
+    EmbeddingsManifest,
+    Shard,
+    read_embeddings_manifest,
+    shard_name,
+    write_embeddings_manifest,
+)
+from bidir_core.errors import BidirError
+from bidir_serve.backends import Backend
+from bidir_serve.inputs import input_fingerprint
+from bidir_serve.job_config import BatchEmbedConfig
+
+
+def plan_job(cfg: BatchEmbedConfig, backend: Backend, files: list[Path], n_rows: int) -> EmbeddingsManifest:
+    """The manifest the finished job will have (marked incomplete until every shard is written)."""
+    prefix = {"passage": backend.config.passage_prefix, "query": backend.config.query_prefix, "none": ""}[
+        cfg.prompt
+    ]
+    inputs_fp, described = input_fingerprint(files)
+    # Everything that changes an embedding value or a row's place; batch sizes and device do not.
+    settings = {
+        "inputs": described,
+        "id_field": cfg.id_field,
+        "text_field": cfg.text_field,
+        "prompt": cfg.prompt,
+        "prefix": prefix,
+        "dim": backend.dim,
+        "dtype": cfg.dtype,
+        "shard_size": cfg.shard_size,
+        "backend": backend.name,
+        "precision": backend.precision,
+        "max_length": backend.config.max_length,
+        # the checkpoint behind the model (an export's source): bidir-eval checks it is the model it evaluates
+        "source_fingerprint": backend.source_fingerprint,
+    }
+    n_shards = (n_rows + cfg.shard_size - 1) // cfg.shard_size
+    return EmbeddingsManifest(
+        model=str(cfg.model),
+        model_fingerprint=backend.fingerprint,
+        dim=backend.dim,
+        dtype=cfg.dtype,
+        normalize=backend.config.normalize,
+        prompt=cfg.prompt,
+        prefix=prefix,
+        input_fingerprint=_job_fingerprint(inputs_fp, settings),
+        settings=settings,
+        shards=tuple(
+            Shard(shard_name(k), min(cfg.shard_size, n_rows - k * cfg.shard_size)) for k in range(n_shards)
+        ),
+    )
+
+
+def _job_fingerprint(inputs_fp: str, settings: dict) -> str:
+    blob = json.dumps({"inputs": inputs_fp, "settings": settings}, sort_keys=True).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def _our_files(folder: Path) -> list[Path]:
+    return [*folder.glob("part-*.parquet"), *folder.glob(".part-*.parquet.tmp"), folder / MANIFEST]
+
+
+def prepare_output(out: Path, planned: EmbeddingsManifest, overwrite: bool) -> bool:
+    """Check or create the output folder; write the planned (incomplete) manifest. True if already complete."""
+    if out.exists() and not out.is_dir():
+        raise BidirError(f"{out}: exists and is not a folder")
+    if (out / MANIFEST).is_file():
+        old = read_embeddings_manifest(out)
+        same = (old.input_fingerprint, old.model_fingerprint) == (
+            planned.input_fingerprint,
+            planned.model_fingerprint,
+        )
+        if overwrite:
+            for path in _our_files(out):
+                path.unlink(missing_ok=True)
+        elif not same:
+            what = "model" if old.model_fingerprint != planned.model_fingerprint else "inputs or settings"
+            raise BidirError(
+                f"{out}: holds embeddings of other {what} (fingerprint differs); "
+                "pass --overwrite to replace them, or choose another output folder"
+            )
+        # A rerun checks the shards it claims: one deleted or damaged since is computed again.
+        elif old.complete and all(shard_done(out, s) for s in planned.shards):
+            return True
+    elif out.is_dir() and any(out.iterdir()):
+        raise BidirError(
+            f"{out}: not empty and not an embeddings folder (no {MANIFEST}); choose another folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_embeddings_manifest(out, planned)
+    return False
+
+
+def shard_done(out: Path, shard: Shard) -> bool:
+    """Whether the shard exists, its Parquet footer reads and holds the planned row count (anything else is computed
+    again)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = out / shard.name
+    try:
+        return path.is_file() and pq.read_metadata(path).num_rows == shard.rows
+    except (OSError, pa.ArrowException):  # not Parquet (e.g. damaged by hand): recompute it
+        return False
+
+
+def finish(out: Path, planned: EmbeddingsManifest) -> bool:
+    """Mark the manifest complete if every shard exists (whichever rank finds that after writing its own does it;
+    two doing it write the same file). True if complete."""
+    if not all(shard_done(out, s) for s in planned.shards):
+        return False
+    write_embeddings_manifest(out, dataclasses.replace(planned, complete=True))
+    for tmp in out.glob(".part-*.parquet.tmp"):  # left by a killed run of a shard that is now complete
+        tmp.unlink(missing_ok=True)
+    return True
