@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe value")
     args = parser.parse_args(argv)
     try:
-        from bidir_train.config import load_recipe
+        from bidir_train.recipe import load_recipe
         from bidir_train.trainer import train
 
         train(load_recipe(args.config, args.overrides))
