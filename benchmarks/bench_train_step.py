@@ -9,7 +9,7 @@ passages at temperature 0.02 = MNRL's scale 50).
 - sentence-transformers: SentenceTransformer(checkpoint); per step model.tokenize() the queries and the passages,
   MultipleNegativesRankingLoss(model, scale=50)([q, pos, neg]), backward, clip, AdamW step: the training step its
   trainer runs, without the trainer's bookkeeping.
-- bidir_train: the step `bidir_train.trainer` runs: its TrainingEncoder (one CPU process: unsharded), Collator,
+- bidir_train: the step `bidir_train.trainer` runs: its encoder (load_encoder; one CPU process: unsharded), Collator,
   forward_backward (queries in one forward, positives + negatives in one more), clip, AdamW step.
 
 Each step's first batch checks that the two losses agree (same weights and texts). Steps alternate between the two
@@ -37,11 +37,11 @@ import torch
 from bidir_core.datasets import read_training_examples
 from bidir_core.errors import BidirError
 from bidir_core.sources import resolve_source
-from bidir_train.config import load_recipe
-from bidir_train.data import Collator, EpochSampler
+from bidir_train.contrastive import Collator, EpochSampler, forward_backward
+from bidir_train.distributed import init_distributed
 from bidir_train.loss import info_nce
-from bidir_train.step import forward_backward
-from bidir_train.trainer import init_distributed, load_encoder
+from bidir_train.recipe import load_recipe
+from bidir_train.weights import load_encoder
 
 TEMPERATURE = 0.02
 LR = 1e-5
@@ -216,7 +216,7 @@ def bench_gpu(args) -> dict:
     # Full-length rows: every text is 512 real tokens, so MFU is not flattered or hurt by padding.
     ids = torch.randint(3, tokenizer.vocab_size, (B * 3, 512), generator=g)
     mask = torch.ones_like(ids)
-    from bidir_train.data import MicroBatch
+    from bidir_train.contrastive import MicroBatch
 
     batch = MicroBatch(
         ids[:B],

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from bidir_core.errors import BidirError
-from bidir_train.config import TrainConfig, available_recipes, load_recipe
+from bidir_train.config import TrainConfig
+from bidir_train.recipe import available_recipes, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

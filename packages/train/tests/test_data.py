@@ -6,7 +6,8 @@ import pytest
 
 from bidir_core.datasets import TrainingExample
 from bidir_core.errors import BidirError
-from bidir_train.data import Collator, EpochSampler, rank_micro_batches
+from bidir_train.contrastive import Collator, EpochSampler
+from bidir_train.objective import rank_micro_batches
 
 
 def _examples(n=12, negatives=6):

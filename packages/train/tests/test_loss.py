@@ -12,9 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 
-from bidir_train.data import MicroBatch
+from bidir_train.contrastive import MicroBatch, forward_backward
 from bidir_train.loss import info_nce
-from bidir_train.step import forward_backward
 
 
 def _hand_loss(q, p, group, temperature, mask=None):

@@ -6,6 +6,7 @@ The public API mirrors sentence-transformers where that fits: `encode(texts, bat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Sequence
@@ -29,11 +30,21 @@ from bidir_core.tokenization import load_tokenizer, tokenize
 class BiEncoder(nn.Module):
     """Texts -> embeddings. forward() is the tensor path (what export and training use); encode() is the text API."""
 
-    def __init__(self, model: LlamaBidirectionalModel, tokenizer, config: EncoderConfig | None = None):
+    def __init__(
+        self,
+        model: LlamaBidirectionalModel,
+        tokenizer,
+        config: EncoderConfig | None = None,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EncoderConfig()
+        # A runtime choice, not part of the saved config: training on CPU runs the decoder stack in bf16 autocast
+        # (forward() and so encode(), which the in-loop dev evaluation calls); pooling stays fp32.
+        self.autocast_dtype = autocast_dtype
 
     @classmethod
     def from_pretrained(
@@ -82,7 +93,8 @@ class BiEncoder(nn.Module):
         normalize: bool | None = None,
     ) -> torch.Tensor:
         """input_ids, attention_mask (B, T) -> embeddings (B, dim or H), fp32."""
-        hidden = self.model(input_ids, attention_mask)  # (B, T, H)
+        with self.autocast():
+            hidden = self.model(input_ids, attention_mask)  # (B, T, H)
         # Pool in fp32 even for a bf16 model (float64 stays float64: the export verification's reference).
         emb = pool(
             hidden.to(torch.promote_types(hidden.dtype, torch.float32)), attention_mask, self.config.pooling
@@ -90,6 +102,12 @@ class BiEncoder(nn.Module):
         # Matryoshka: a prefix of the dimensions (all of them by default), normalized as configured.
         normalize = self.config.normalize if normalize is None else normalize
         return truncate(emb, check_dim(dim, self.hidden_size), normalize)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the decoder stack runs in: torch.autocast to autocast_dtype on the model's device, or none."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast_dtype)
 
     # no_grad rather than inference_mode: a model being trained under FSDP2 is evaluated with encode(), and FSDP2
     # cannot unshard its parameters into inference-mode tensors.

@@ -1,10 +1,11 @@
-"""bidir_train: contrastive fine-tuning of bidir models under torchrun + FSDP2, configured by YAML recipes.
+"""bidir_train: fine-tuning of bidir models (contrastive, or MNTP) under torchrun + FSDP2, configured by YAML recipes.
 
 from bidir_train import load_recipe, train
 train(load_recipe("default", ["optim.lr=1e-5"]))
 """
 
-from bidir_train.config import TrainConfig, load_recipe
+from bidir_train.config import TrainConfig
+from bidir_train.recipe import load_recipe
 
 __version__ = "0.1.0"
 __all__ = ["TrainConfig", "load_recipe", "train"]

@@ -6,7 +6,10 @@ import argparse
 import os
 import sys
 
-from bidir_core.errors import BidirError, one_line
+from bidir_core.cli import INTERRUPTED, USER_ERROR, run_cli
+from bidir_core.errors import BidirError
+
+PROG = "bidir_train"
 
 EPILOG = """examples:
   torchrun --nproc-per-node 1 -m bidir_train --config default
@@ -30,15 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe value")
     args = parser.parse_args(argv)
-    try:
-        from bidir_train.config import load_recipe
+
+    def work():
+        # Imported here, so that --help and a bad flag answer without loading torch.
+        from bidir_train.recipe import load_recipe
         from bidir_train.trainer import train
 
         train(load_recipe(args.config, args.overrides))
-    except BidirError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank stops with the same error; one says it
-            print(f"bidir_train: error: {one_line(e)}", file=sys.stderr)
-        return 2
+
+    if os.environ.get("RANK", "0") == "0":
+        return run_cli(PROG, work)
+    # Another rank: a BidirError is raised on every rank alike (bidir_train.distributed.agreed), and rank 0 says it.
+    try:
+        work()
+    except BidirError:
+        return USER_ERROR
+    except KeyboardInterrupt:
+        return INTERRUPTED
     return 0
 
 

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from bidir_core.errors import BidirError, one_line
 from bidir_core.folders import fsync_dir, fsync_file
 from bidir_core.jsonfile import read_json_object, write_json_atomic
+from bidir_train.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -52,6 +53,28 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
         if p.is_dir() and p.name.removeprefix("step-").isdigit()  # not step-N.tmp
     ]
     return sorted(done, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+class Checkpointer:
+    """The training checkpoints of a run: the newest one that loads is resumed from (checkpoint.resume), one is
+    saved every checkpoint.every_steps and at a schedule.stop_at_step stop (never at the end: final/ is written)."""
+
+    def __init__(self, cfg: TrainConfig, model, optimizer, scheduler):
+        self.cfg, self.output_dir = cfg.checkpoint, cfg.output_dir
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+    def load(self) -> dict | None:
+        """The resumed trainer state (step, epoch, step_in_epoch), or None: a fresh start."""
+        if not self.cfg.resume:
+            return None
+        return load_latest(self.output_dir, self.model, self.optimizer, self.scheduler)
+
+    def due(self, step: int, *, stop: int, total: int) -> bool:
+        periodic = self.cfg.every_steps and step % self.cfg.every_steps == 0
+        return step != total and bool(periodic or step == stop)  # a stop_at_step stop always leaves one
+
+    def save(self, state: dict) -> None:
+        save_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler, state, self.cfg.keep)
 
 
 # ------------------------------------------------------------------------------------------------------ save

@@ -1,27 +1,27 @@
-"""Training configuration: frozen dataclasses, and the one loader that fills them from a YAML recipe.
+"""Training configuration: one frozen dataclass per recipe section, each checking its own values.
 
-A recipe is a YAML mapping with one sub-mapping per section (model, data, loss, mntp, optim, schedule, parallel,
-checkpoint, eval, logging), and `objective` (contrastive or mntp). `load_recipe(path_or_name, overrides)` reads it, applies dotted command-line
-overrides (`optim.lr=1e-5`), and builds a `TrainConfig`. Unknown keys are errors that name the nearest valid key;
-every value is checked against its field's type.
+A recipe (bidir_train.recipe) is a YAML mapping with one sub-mapping per section (model, data, loss, mntp, optim,
+schedule, parallel, checkpoint, eval, logging) and `objective`. Field types are what the recipe loader checks a
+value against (a `Literal` lists the choices); each section's `__post_init__` checks the ranges, naming the key as
+a recipe spells it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
+from typing import Literal
 
 from bidir_core.errors import BidirError
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # installed: package data
+
+def _at_least(config, section: str, minimum: int, *names: str) -> None:
+    """Each field in names is None or >= minimum."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise BidirError(f"{section}.{name} must be >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,11 @@ class ModelConfig:
     """Queries are cut to this many tokens (counted and reported)."""
     passage_max_length: int = 256
     """Passages are cut to this many tokens (counted and reported); also the saved checkpoint's max_length."""
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     """Compute dtype: bf16 (FSDP mixed precision on GPU, autocast on CPU; fp32 master weights) or fp32."""
+
+    def __post_init__(self):
+        _at_least(self, "model", 1, "query_max_length", "passage_max_length")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class DataConfig:
     """Hard negatives per query, sampled from the row's neg_doc each epoch (seeded)."""
     max_examples: int | None = None
     """Use only the first N examples of the file (None: all)."""
+
+    def __post_init__(self):
+        _at_least(self, "data", 1, "max_examples")
+        _at_least(self, "data", 0, "num_negatives")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,13 @@ class LossConfig:
     cache_chunk_size: int | None = None
     """GradCache: forward at most this many texts at once, so the batch size is bounded by memory no more."""
 
+    def __post_init__(self):
+        _at_least(self, "loss", 1, "cache_chunk_size")
+        if self.temperature <= 0:
+            raise BidirError(f"loss.temperature must be > 0, got {self.temperature}")
+        if any(d < 1 for d in self.matryoshka_dims):
+            raise BidirError(f"loss.matryoshka_dims must be positive, got {list(self.matryoshka_dims)}")
+
 
 @dataclass(frozen=True)
 class MntpConfig:
@@ -88,6 +102,11 @@ class MntpConfig:
     """The token that replaces a chosen one (None: the tokenizer's mask token, or "_" when it has none)."""
     max_length: int = 128
     """Texts are cut to this many tokens (counted and reported)."""
+
+    def __post_init__(self):
+        _at_least(self, "mntp", 1, "max_length")
+        if not 0 < self.mask_probability < 1:
+            raise BidirError(f"mntp.mask_probability must be in (0, 1), got {self.mask_probability}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +123,16 @@ class OptimConfig:
     """Adam epsilon."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (None: no clipping)."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise BidirError(f"optim.lr must be > 0, got {self.lr}")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise BidirError("optim.eps must be > 0 and optim.weight_decay >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise BidirError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise BidirError(f"optim.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
 
 
 @dataclass(frozen=True)
@@ -123,12 +152,22 @@ class ScheduleConfig:
     """Epochs to train when max_steps is None."""
     warmup_steps: int = 0
     """Linear warmup from 0 to lr over this many steps."""
-    decay: str = "linear"
+    decay: Literal["linear", "cosine", "constant"] = "linear"
     """After warmup: linear (to 0), cosine (to 0) or constant."""
     seed: int = 0
     """Seed for the data order, negative sampling and torch."""
     stop_at_step: int | None = None
     """Stop after this step as if interrupted (time-boxed jobs); the schedule still spans max_steps; rerun resumes."""
+
+    def __post_init__(self):
+        positive = ("global_batch_size", "micro_batch_size", "forward_chunk_size", "max_steps", "epochs")
+        _at_least(self, "schedule", 1, *positive, "stop_at_step")
+        _at_least(self, "schedule", 0, "warmup_steps")
+        if self.global_batch_size % self.micro_batch_size:
+            raise BidirError(
+                f"schedule.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"schedule.micro_batch_size={self.micro_batch_size}"
+            )
 
 
 @dataclass(frozen=True)
@@ -157,6 +196,10 @@ class CheckpointConfig:
     recipe.json up to bidir_train.run_folder.RESUMABLE); false: start over, deleting the folder's earlier
     checkpoints and final/."""
 
+    def __post_init__(self):
+        _at_least(self, "checkpoint", 1, "keep")
+        _at_least(self, "checkpoint", 0, "every_steps")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -173,6 +216,10 @@ class EvalConfig:
     batch_size: int = 32
     """Texts per forward when encoding the dev set."""
 
+    def __post_init__(self):
+        _at_least(self, "eval", 1, "batch_size")
+        _at_least(self, "eval", 0, "every_steps")
+
 
 @dataclass(frozen=True)
 class LoggingConfig:
@@ -185,6 +232,9 @@ class LoggingConfig:
     progress: bool = True
     """Show a progress bar (rank 0)."""
 
+    def __post_init__(self):
+        _at_least(self, "logging", 1, "every_steps")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -192,7 +242,7 @@ class TrainConfig:
 
     name: str = "default"
     """Recipe name (the file's stem): names the default output folder."""
-    objective: str = "contrastive"
+    objective: Literal["contrastive", "mntp"] = "contrastive"
     """contrastive (InfoNCE on query / passage pairs) or mntp (masked next-token prediction on raw text)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model."""
@@ -221,227 +271,3 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-_CHOICES = {
-    ("", "objective"): ("contrastive", "mntp"),
-    ("model", "precision"): ("bf16", "fp32"),
-    ("schedule", "decay"): ("linear", "cosine", "constant"),
-}
-_POSITIVE = {
-    ("model", "query_max_length"),
-    ("model", "passage_max_length"),
-    ("schedule", "global_batch_size"),
-    ("schedule", "micro_batch_size"),
-    ("schedule", "forward_chunk_size"),
-    ("schedule", "max_steps"),
-    ("schedule", "epochs"),
-    ("schedule", "stop_at_step"),
-    ("data", "max_examples"),
-    ("loss", "cache_chunk_size"),
-    ("mntp", "max_length"),
-    ("eval", "batch_size"),
-    ("logging", "every_steps"),
-    ("checkpoint", "keep"),
-}
-
-
-def recipe_path(path_or_name: str | Path) -> Path:
-    """A recipe file path, or the name of a packaged recipe ("default", "tiny", ...)."""
-    path = Path(path_or_name).expanduser()
-    if path.is_file():
-        return path
-    for folder in (RECIPES_DIR, Path(__file__).resolve().parents[2] / "recipes"):  # installed, then the repo
-        candidate = folder / f"{path_or_name}.yaml"
-        if "/" not in str(path_or_name) and candidate.is_file():
-            return candidate
-    known = ", ".join(available_recipes()) or "none found"
-    raise BidirError(f"{path_or_name}: no such recipe file or packaged recipe (packaged: {known})")
-
-
-def available_recipes() -> list[str]:
-    for folder in (RECIPES_DIR, Path(__file__).resolve().parents[2] / "recipes"):
-        if folder.is_dir():
-            return sorted(p.stem for p in folder.glob("*.yaml"))
-    return []
-
-
-def load_recipe(path_or_name: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML recipe (a path or a packaged recipe's name), apply `section.key=value` overrides, and build
-    the TrainConfig. Raises BidirError naming the file and key on an unknown key or a value of the wrong type."""
-    path = recipe_path(path_or_name)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise BidirError(f"{path}: not a readable YAML file ({' '.join(str(e).split())})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise BidirError(f"{path}: a recipe is a mapping of sections, got a {type(raw).__name__}")
-    raw.setdefault("name", path.stem)
-    for override in overrides:
-        _apply_override(raw, override)
-    return _build(TrainConfig, raw, str(path))
-
-
-def _apply_override(raw: dict, override: str) -> None:
-    key, sep, text = override.partition("=")
-    if not sep or not key.strip():
-        raise BidirError(f"override {override!r}: expected section.key=value, e.g. optim.lr=1e-5")
-    value = _Override(text)
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise BidirError(f"override {override!r}: {part} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-class _Override(str):
-    """A command-line value, typed once its field is known: YAML for numbers, lists, booleans and null; the text
-    as typed (trailing spaces included) for a string field."""
-
-    def typed(self, kind):
-        try:
-            parsed = yaml.safe_load(self) if self.strip() else None
-        except yaml.YAMLError:
-            parsed = str(self)  # a plain string that is not valid YAML on its own
-        quoted = self.strip()[:1] in ("'", '"')
-        if parsed is not None and not quoted and _accepts_str(kind):
-            return str(self)
-        return parsed
-
-
-def _accepts_str(kind) -> bool:
-    """str, or a union with str (str | None); not tuple[str, ...], whose override is a YAML list."""
-    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
-    return kind is str or (union and str in typing.get_args(kind))
-
-
-def _build(cls, raw: dict, where: str, prefix: str = ""):
-    if not isinstance(raw, dict):
-        raise BidirError(f"{where}: {prefix.rstrip('.') or 'recipe'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{near[0]}?" if near else f" (valid: {', '.join(names)})"
-            raise BidirError(f"{where}: unknown key {prefix}{key}{hint}")
-    values = {}
-    for name in names:
-        if name not in raw:
-            continue
-        kind, value = hints[name], raw[name]
-        if isinstance(value, _Override):
-            value = value.typed(kind)
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, value or {}, where, f"{prefix}{name}.")
-        else:
-            values[name] = _check_value(kind, value, where, f"{prefix}{name}")
-    config = cls(**values)
-    _check_ranges(config, where, prefix)
-    return config
-
-
-def _check_value(kind, value, where: str, key: str):
-    """value as the field type `kind` (int, float, bool, str, X | None, tuple[X, ...], tuple[X, Y]), or raise."""
-    ok, out = _coerce(kind, value)
-    if not ok:
-        raise BidirError(f"{where}: {key} must be {_type_name(kind)}, got {value!r}")
-    if any(
-        isinstance(v, float) and not math.isfinite(v) for v in (out if isinstance(out, tuple) else (out,))
-    ):
-        raise BidirError(f"{where}: {key} must be a finite number, got {value!r}")
-    return out
-
-
-def _coerce(kind, value):
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            ok, out = _coerce(arg, value)
-            if ok:
-                return True, out
-        return False, None
-    if kind is type(None):
-        return value is None, None
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return False, None
-        items = args if not (len(args) == 2 and args[1] is Ellipsis) else (args[0],) * len(value)
-        if len(items) != len(value):
-            return False, None
-        out = [_coerce(a, v) for a, v in zip(items, value, strict=True)]
-        return all(ok for ok, _ in out), tuple(v for _, v in out)
-    if kind is bool:
-        return isinstance(value, bool), value
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if kind is float:
-        if isinstance(value, bool):
-            return False, None
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        return False, None
-    if kind is str:
-        return isinstance(value, str), value
-    raise TypeError(f"unsupported config field type {kind}")
-
-
-def _type_name(kind) -> str:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if kind is type(None):
-        return "null"
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list [{', '.join(_type_name(a) for a in args)}]"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
-
-
-def _check_ranges(config, where: str, prefix: str) -> None:
-    section = prefix.rstrip(".")
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        choices = _CHOICES.get((section, f.name))
-        if choices and value not in choices:
-            raise BidirError(f"{where}: {prefix}{f.name} must be one of {', '.join(choices)}, got {value!r}")
-        if (section, f.name) in _POSITIVE and value is not None and value < 1:
-            raise BidirError(f"{where}: {prefix}{f.name} must be >= 1, got {value!r}")
-    if section == "loss":
-        if config.temperature <= 0:
-            raise BidirError(f"{where}: loss.temperature must be > 0, got {config.temperature}")
-        if any(d < 1 for d in config.matryoshka_dims):
-            raise BidirError(
-                f"{where}: loss.matryoshka_dims must be positive, got {list(config.matryoshka_dims)}"
-            )
-    if section == "optim":
-        if config.lr <= 0:
-            raise BidirError(f"{where}: optim.lr must be > 0, got {config.lr}")
-        if config.eps <= 0 or config.weight_decay < 0:
-            raise BidirError(f"{where}: optim.eps must be > 0 and optim.weight_decay >= 0")
-        if not all(0 <= b < 1 for b in config.betas):
-            raise BidirError(f"{where}: optim.betas must be in [0, 1), got {list(config.betas)}")
-        if config.max_grad_norm is not None and config.max_grad_norm <= 0:
-            raise BidirError(f"{where}: optim.max_grad_norm must be > 0 or null, got {config.max_grad_norm}")
-    if section == "mntp" and not 0 < config.mask_probability < 1:
-        raise BidirError(f"{where}: mntp.mask_probability must be in (0, 1), got {config.mask_probability}")
-    if section in ("data", "schedule", "checkpoint", "eval"):
-        for name in ("num_negatives", "warmup_steps", "every_steps"):
-            if getattr(config, name, 0) < 0:
-                raise BidirError(f"{where}: {prefix}{name} must be >= 0, got {getattr(config, name)}")
-    if section == "schedule" and config.global_batch_size % config.micro_batch_size:
-        raise BidirError(
-            f"{where}: schedule.global_batch_size={config.global_batch_size} is not a multiple of "
-            f"schedule.micro_batch_size={config.micro_batch_size}"
-        )

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bidir_core.cli import run_cli
 from bidir_core.datasets import TrainingExample, read_training_examples
 from bidir_core.datasets.lines import read_lines
 from bidir_core.datasets.retrieval import read_corpus
-from bidir_core.errors import BidirError, one_line
+from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_jsonl_atomic
 from bidir_core.outputs import check_writable
 from bidir_core.search import exact_search
@@ -309,17 +310,15 @@ def parse_args(argv: list[str] | None = None) -> MineConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        s = mine(parse_args(argv))
-    except (BidirError, OSError) as e:  # OSError: an unreadable input or an unwritable output
-        print(f"bidir-mine: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    return run_cli("bidir-mine", lambda: _report(mine(parse_args(argv))))
+
+
+def _report(s: dict) -> None:
     print(
         f"bidir-mine: {s['rows']} rows -> {s['output']}: {s['negatives_per_row']:.2f} negatives per row, "
         f"{s['dropped_positive']} candidates dropped as positives, {s['dropped_margin']} by the margin, "
         f"{s['short_rows']} short rows, {s['seconds']:.1f} s"
     )
-    return 0
 
 
 if __name__ == "__main__":

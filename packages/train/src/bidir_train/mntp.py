@@ -24,9 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from bidir_core.batching import pad_batch
+from bidir_core.datasets import read_texts
+from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
-from bidir_train.step import sorted_chunks
+from bidir_train.config import TrainConfig
+from bidir_train.objective import first_rows, sorted_chunks, warn_left_out
+from bidir_train.weights import load_untied_head
 
 IGNORE = -100
 """Label of a position that is not scored."""
@@ -49,11 +53,44 @@ class TextBatch:
     truncated: int  # texts cut to max_length
 
 
+class Mntp:
+    """The objective bidir_train.trainer runs for `objective: mntp` (see bidir_train.objective)."""
+
+    @classmethod
+    def sampler(cls, cfg: TrainConfig) -> TextSampler:
+        return TextSampler(
+            first_rows(read_texts(cfg.data.train, cfg.data.text_fields), cfg),
+            global_batch_size=cfg.schedule.global_batch_size,
+            seed=cfg.schedule.seed,
+            where=cfg.data.train,
+        )
+
+    def __init__(self, cfg: TrainConfig, encoder: BiEncoder, device: torch.device):
+        self.cfg, self.encoder, self.device = cfg, encoder, device
+        self.collate = MaskingCollator(
+            encoder.tokenizer,
+            max_length=cfg.mntp.max_length,
+            probability=cfg.mntp.mask_probability,
+            mask_token=cfg.mntp.mask_token,
+        )
+        self.head = load_untied_head(cfg, encoder, device)
+        # An untied checkpoint without its head is refused now, before any step.
+        lm_head_weight(encoder.model, self.head)
+
+    def forward_backward(self, batch: TextBatch, *, scale: float = 1.0) -> float:
+        return mntp_forward_backward(
+            self.encoder.model,
+            batch,
+            device=self.device,
+            autocast=self.encoder.autocast,
+            head=self.head,
+            scale=scale,
+            chunk=self.cfg.schedule.forward_chunk_size,
+        )
+
+
 class TextSampler:
     """Texts -> the rows of (epoch, step): a fresh seeded permutation per epoch, global_batch_size rows a step."""
-
-    num_negatives = 0
-    short_of_negatives = 0  # (what bidir_train.data.warn_about reports besides left-out rows)
 
     def __init__(self, texts: Sequence[str], *, global_batch_size: int, seed: int, where: str):
         self.examples = list(texts)
@@ -67,6 +104,9 @@ class TextSampler:
         self.steps_per_epoch = len(self.examples) // global_batch_size
         self.unused_per_epoch = len(self.examples) - self.steps_per_epoch * global_batch_size
         self._epoch, self._order = None, None
+
+    def warn(self, full_epochs: bool = True) -> None:
+        warn_left_out(self, full_epochs)
 
     def rows(self, epoch: int, step: int) -> list[TextRow]:
         if self._epoch != epoch:
@@ -156,7 +196,7 @@ def mask_token_id(tokenizer, mask_token: str | None) -> int:
 
 
 def lm_head_weight(model, head: torch.Tensor | None = None) -> torch.Tensor:
-    """The LM head (V, H): `head` when the checkpoint has its own (untied, loaded by the trainer, frozen), else the
+    """The LM head (V, H): `head` when the checkpoint has its own (untied, loaded by bidir_train.weights, frozen), else the
     model's input embeddings, which a tied checkpoint (SmolLM2, Llama 3.2) uses as its head and trains with them.
 
     Under FSDP2, call this after the model's forward: the root's parameters (embeddings included) stay gathered

@@ -1,26 +1,97 @@
-"""Training examples -> per-rank micro-batches, deterministically from (seed, epoch, step).
+"""The contrastive objective: (query, positive, hard negatives) rows -> InfoNCE (bidir_train.loss).
 
-Every epoch draws a fresh permutation of the examples, and for each example one of its positives and
+Data. Every epoch draws a fresh permutation of the examples, and for each example one of its positives and
 `num_negatives` of its hard negatives, from a RNG seeded by (seed, epoch): not always the first ones, yet the same
 on every rank and after a resume. A step takes the next `global_batch_size` examples of the permutation; micro-batch
 k of rank r is the contiguous block [(k * W + r) * m, (k * W + r + 1) * m) of the step's rows (m = micro batch size,
 W = world size), so a micro-batch group (m x W rows, the in-batch negatives) is the same rows whatever W is.
 The data position of a run is just (epoch, step in epoch): nothing else to save for a resume.
+
+Step: forward + backward of one micro-batch, plain or with GradCache. Plain: embed the queries and the passages, loss, backward. With `forward_chunk`, each side is embedded in
+length-sorted chunks, each padded only to its own longest text: the same embeddings (attention never reads padding)
+for much less compute when lengths vary (2.6x fewer padded tokens on the SNLI + MRPC + STS-B mixture).
+
+GradCache (Gao et al., 2021): the contrastive loss couples every query with every passage, so the batch cannot
+simply be split. Instead (1) embed everything without autograd, `cache_chunk` texts at a time; (2) compute the loss
+on those embeddings as leaves and backward to get d loss / d embedding; (3) re-embed each chunk with autograd and
+backward the cached embedding gradient through it. The parameter gradients equal the plain loss's, while only one
+chunk's activations are alive at a time.
 """
 
 from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from bidir_core.batching import pad_batch
+from bidir_core.datasets import read_training_examples
+from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
-from bidir_train.loss import doc_key
+from bidir_train.config import TrainConfig
+from bidir_train.loss import doc_key, info_nce
+from bidir_train.objective import first_rows, sorted_chunks, warn_left_out
+
+
+class Contrastive:
+    """The objective bidir_train.trainer runs for `objective: contrastive` (see bidir_train.objective)."""
+
+    @classmethod
+    def sampler(cls, cfg: TrainConfig) -> EpochSampler:
+        if cfg.data.text_fields:
+            raise BidirError("data.text_fields is for objective: mntp (contrastive rows have fixed fields)")
+        return EpochSampler(
+            first_rows(read_training_examples(cfg.data.train), cfg),
+            global_batch_size=cfg.schedule.global_batch_size,
+            num_negatives=cfg.data.num_negatives,
+            seed=cfg.schedule.seed,
+            where=cfg.data.train,
+        )
+
+    def __init__(self, cfg: TrainConfig, encoder: BiEncoder, device: torch.device):
+        self.cfg, self.encoder, self.device = cfg, encoder, device
+        self.collate = Collator(
+            encoder.tokenizer,
+            query_prefix=cfg.model.query_prefix,
+            passage_prefix=cfg.model.passage_prefix,
+            query_max=cfg.model.query_max_length,
+            passage_max=cfg.model.passage_max_length,
+        )
+
+    def forward_backward(self, batch: MicroBatch, *, scale: float = 1.0) -> float:
+        return forward_backward(
+            self.embed,
+            self.loss,
+            batch,
+            scale=scale,
+            cache_chunk=self.cfg.loss.cache_chunk_size,
+            forward_chunk=self.cfg.schedule.forward_chunk_size,
+        )
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Raw (un-normalized) embeddings: info_nce normalizes after each Matryoshka truncation."""
+        return self.encoder(ids.to(self.device), mask.to(self.device), normalize=False)
+
+    def loss(self, q: torch.Tensor, p: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+        cfg, mask = self.cfg.loss, self.cfg.loss.mask_false_negatives
+        return info_nce(
+            q,
+            p,
+            num_negatives=self.cfg.data.num_negatives,
+            temperature=cfg.temperature,
+            in_batch_negatives=cfg.in_batch_negatives,
+            gather=cfg.gather_across_ranks,
+            passage_keys=batch.passage_keys.to(self.device) if mask else None,
+            positive_keys=batch.positive_keys.to(self.device) if mask else None,
+            dims=cfg.matryoshka_dims,
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ data
 
 
 @dataclass(frozen=True)
@@ -116,18 +187,22 @@ class EpochSampler:
             picks += rng.sample(range(available), available)
         return picks[:n]
 
+    def warn(self, full_epochs: bool = True) -> None:
+        """Say (once) what an epoch leaves out or repeats, so nothing is dropped silently."""
+        warn_left_out(self, full_epochs)
+        if self.short_of_negatives:
+            warnings.warn(
+                f"{self.short_of_negatives} examples have fewer than data.num_negatives={self.num_negatives} "
+                "hard negatives; theirs are repeated",
+                stacklevel=2,
+            )
+
     def rows(self, epoch: int, step: int) -> list[Sample]:
         """All global_batch_size rows of a step, in micro-batch-group order."""
         if self._epoch != epoch:
             self._epoch, self._order = epoch, self._draw(epoch)
         start = step * self.global_batch_size
         return self._order[start : start + self.global_batch_size]
-
-
-def rank_micro_batches(rows: list[Sample], micro: int, rank: int, world: int) -> list[list[Sample]]:
-    """The micro-batches of this rank: block (k * world + rank) of `micro` rows, for k = 0, 1, ..."""
-    groups = len(rows) // (micro * world)
-    return [rows[(k * world + rank) * micro : (k * world + rank + 1) * micro] for k in range(groups)]
 
 
 class Collator:
@@ -164,18 +239,50 @@ class Collator:
         )
 
 
-def warn_about(sampler: EpochSampler, full_epochs: bool = True) -> None:
-    """Say (once) what an epoch leaves out or repeats, so nothing is dropped silently. (A run shorter than an
-    epoch never reaches the remainder: nothing to say about it then.)"""
-    if sampler.unused_per_epoch and full_epochs:
-        warnings.warn(
-            f"{sampler.unused_per_epoch} of {len(sampler.examples)} examples do not fill a global batch and are "
-            "left out of each epoch (a different random set each epoch)",
-            stacklevel=2,
-        )
-    if sampler.short_of_negatives:
-        warnings.warn(
-            f"{sampler.short_of_negatives} examples have fewer than data.num_negatives={sampler.num_negatives} "
-            "hard negatives; theirs are repeated",
-            stacklevel=2,
-        )
+# ------------------------------------------------------------------------------------------------------ step
+
+
+Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) (n, T) -> embeddings (n, D) fp32
+Loss = Callable[[torch.Tensor, torch.Tensor, MicroBatch], torch.Tensor]  # (q, p, batch) -> scalar
+
+
+def forward_backward(
+    embed: Embed,
+    loss_fn: Loss,
+    batch: MicroBatch,
+    *,
+    scale: float = 1.0,
+    cache_chunk: int | None = None,
+    forward_chunk: int | None = None,
+) -> float:
+    """Backward `scale * loss` of the micro-batch into the parameters' .grad; return the (unscaled) loss."""
+    sides = [(batch.query_ids, batch.query_mask), (batch.passage_ids, batch.passage_mask)]
+    if cache_chunk is None:
+        q, p = (embed_sorted(embed, ids, mask, forward_chunk) for ids, mask in sides)  # (B, D), (B*(1+N), D)
+        loss = loss_fn(q, p, batch)
+        (loss * scale).backward()
+        return loss.item()
+
+    with torch.no_grad():
+        q, p = (embed_sorted(embed, ids, mask, cache_chunk) for ids, mask in sides)
+    q.requires_grad_(True)
+    p.requires_grad_(True)
+    loss = loss_fn(q, p, batch)
+    (loss * scale).backward()  # only into q.grad, p.grad: no parameter is in this graph
+    for (ids, mask), grad in zip(sides, (q.grad, p.grad), strict=True):
+        for rows, i, m in sorted_chunks(mask, cache_chunk, ids):
+            # d(sum(e * g)) / d params = g^T de/dparams: the chain rule through the cached embedding gradient.
+            (embed(i, m) * grad[rows]).sum().backward()
+    return loss.item()
+
+
+def embed_sorted(embed: Embed, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """embed(ids, mask) (n, D), computed `chunk` length-sorted rows at a time (None: in one forward)."""
+    if chunk is None or chunk >= ids.shape[0]:
+        return embed(ids, mask)
+    parts, order = [], []
+    for rows, i, m in sorted_chunks(mask, chunk, ids):
+        parts.append(embed(i, m))
+        order.append(rows)
+    inverse = torch.argsort(torch.cat(order))  # row r of the batch is row inverse[r] of the concatenation
+    return torch.cat(parts)[inverse]

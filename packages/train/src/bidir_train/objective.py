@@ -1,0 +1,97 @@
+"""What the training loop needs from an objective, and the pieces both objectives share.
+
+An objective (bidir_train.contrastive, bidir_train.mntp) is a class with
+- `sampler(cfg)`, called before the model loads: the run's data as a Sampler, which hands out the rows of
+  (epoch, step in epoch) deterministically, so the data position of a run is just those two numbers;
+- `__init__(cfg, encoder, device)`, once the model is loaded and sharded;
+- `collate(rows)`: one rank's rows -> a tokenized micro-batch;
+- `forward_backward(batch, scale=...)`: backward `scale * loss` of the micro-batch into the parameters' .grad and
+  return the (unscaled) loss.
+The loop (bidir_train.trainer) picks one by the recipe's `objective` and knows nothing else about it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from bidir_core.encoder import BiEncoder
+from bidir_core.errors import BidirError
+from bidir_train.config import TrainConfig
+
+
+class Sampler(Protocol):
+    examples: list
+    steps_per_epoch: int
+    unused_per_epoch: int
+
+    def rows(self, epoch: int, step: int) -> list:
+        """All global_batch_size rows of a step, in micro-batch-group order (the same on every rank)."""
+        ...
+
+    def warn(self, full_epochs: bool) -> None:
+        """Say (once, rank 0) what an epoch leaves out or repeats."""
+        ...
+
+
+class Batch(Protocol):
+    tokens: int  # real (non-pad) tokens in the micro-batch
+    truncated: int  # texts cut to their max length
+
+
+class Objective(Protocol):
+    @classmethod
+    def sampler(cls, cfg: TrainConfig) -> Sampler: ...
+
+    def __init__(self, cfg: TrainConfig, encoder: BiEncoder, device: torch.device): ...
+
+    def collate(self, rows: list) -> Batch: ...
+
+    def forward_backward(self, batch: Batch, *, scale: float = 1.0) -> float: ...
+
+
+def first_rows(rows: Iterable, cfg: TrainConfig) -> list:
+    """The first data.max_examples rows (all: None), at least one and at least one per rank."""
+    where, world = cfg.data.train, dist.get_world_size()
+    rows = list(itertools.islice(rows, cfg.data.max_examples))
+    if not rows:
+        raise BidirError(f"{where}: no training examples")
+    if world > len(rows):
+        raise BidirError(f"{where}: {len(rows)} examples for {world} ranks: more ranks than rows")
+    return rows
+
+
+def rank_micro_batches(rows: list, micro: int, rank: int, world: int) -> list[list]:
+    """The micro-batches of this rank: block (k * world + rank) of `micro` rows, for k = 0, 1, ... So a micro-batch
+    group (micro x world rows, the in-batch negatives) is the same rows whatever the world size."""
+    groups = len(rows) // (micro * world)
+    return [rows[(k * world + rank) * micro : (k * world + rank + 1) * micro] for k in range(groups)]
+
+
+def warn_left_out(sampler: Sampler, full_epochs: bool) -> None:
+    """The rows that do not fill a global batch, so none is dropped silently. (A run shorter than an epoch never
+    reaches the remainder: nothing to say about it then.)"""
+    if sampler.unused_per_epoch and full_epochs:
+        warnings.warn(
+            f"{sampler.unused_per_epoch} of {len(sampler.examples)} examples do not fill a global batch and are "
+            "left out of each epoch (a different random set each epoch)",
+            stacklevel=3,
+        )
+
+
+def sorted_chunks(
+    mask: torch.Tensor, size: int, *tensors: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(rows, *tensors[rows], mask[rows]) per chunk of `size` rows, longest rows first, each trimmed to its own
+    longest row (right padding), so a chunk of short texts does not pay for the batch's longest one."""
+    lengths = mask.sum(-1)  # (n,)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
+        width = max(int(lengths[rows].max()), 1)
+        yield (rows, *(t[rows, :width] for t in tensors), mask[rows, :width])
