@@ -16,12 +16,11 @@ import numpy as np
 import torch
 
 from bidir_core.datasets import (
-    STDLIB_DOCSTRINGS,
     RetrievalDataset,
     StsPair,
+    builtin_counts,
     load_retrieval,
     read_sts,
-    stdlib_counts,
 )
 from bidir_core.embeddings_artifact import Embeddings, read_embeddings
 from bidir_core.errors import BidirError
@@ -227,8 +226,8 @@ def evaluate_model(
             "documents": len(data.corpus),
             "judgments": sum(map(len, data.qrels.values())),
         }
-        if str(retrieval) == STDLIB_DOCSTRINGS:
-            counts["mined"] = stdlib_counts()
+        if (mined := builtin_counts(retrieval)) is not None:
+            counts["mined"] = mined
         written = read_embeddings(corpus_embeddings) if corpus_embeddings is not None else None
     else:
         pairs, written = read_sts(sts), None
