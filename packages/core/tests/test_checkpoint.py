@@ -42,6 +42,15 @@ def test_round_trip_is_bit_exact(saved):
     assert np.array_equal(loaded.encode(TEXTS), encoder.encode(TEXTS))
 
 
+def test_given_config_replaces_the_stored_one_whole(saved):
+    """from_pretrained(config=...) (an export manifest's settings) ignores bidir.json; arguments still override."""
+    _, folder = saved
+    given = EncoderConfig(pooling="last", normalize=False, query_prefix="q ", max_length=16)
+    assert BiEncoder.from_pretrained(folder, config=given).config == given
+    loaded = BiEncoder.from_pretrained(folder, config=given, pooling="cls")
+    assert loaded.config == EncoderConfig(pooling="cls", normalize=False, query_prefix="q ", max_length=16)
+
+
 def test_files_and_config(saved):
     encoder, folder = saved
     for name in ("config.json", "model.safetensors", "tokenizer.json", "bidir.json", "modules.json"):
