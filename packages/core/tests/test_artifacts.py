@@ -11,7 +11,10 @@ from bidir_core.artifacts import (
     OnnxManifest,
     Profile,
     Verification,
+    artifact_files,
     checkpoint_fingerprint,
+    export_source,
+    find_manifest,
     read_manifest,
     write_manifest,
 )
@@ -79,6 +82,26 @@ def test_bad_manifests(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(BidirError, match="hidden_size"):
         read_manifest(tmp_path)
+
+
+def test_find_manifest_and_export_source(tmp_path):
+    """An export folder gives its manifest, anything else None; the export's source is refused once it changed."""
+    encoder = tiny_encoder()
+    ckpt = encoder.save_pretrained(tmp_path / "ckpt")
+    assert find_manifest(ckpt) is None and find_manifest("smollm2-135m-not-a-folder") is None
+    export = tmp_path / "onnx"
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"")
+    manifest = _onnx_manifest(source=str(ckpt), source_fingerprint=checkpoint_fingerprint(ckpt))
+    write_manifest(export, manifest)
+    assert find_manifest(export, "onnx") == manifest
+    with pytest.raises(BidirError, match="expected tensorrt"):
+        find_manifest(export, "tensorrt")
+    assert artifact_files(manifest) >= {"manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert export_source(manifest) == ckpt
+    tiny_encoder(seed=1).save_pretrained(ckpt, overwrite=True)
+    with pytest.raises(BidirError, match=r"^m.json: source .* has changed since the export"):
+        export_source(manifest, where="m.json")
 
 
 def test_fingerprint_follows_the_weights(tmp_path):

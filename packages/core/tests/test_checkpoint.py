@@ -13,6 +13,7 @@ from safetensors import safe_open
 from bidir_core import BiEncoder, EncoderConfig, LlamaBidirectionalModel
 from bidir_core.batching import pad_batch
 from bidir_core.checkpoint import read_encoder_config, write_checkpoint
+from bidir_core.sources import load_model
 from bidir_core.testing import tiny_encoder
 
 TEXTS = [
@@ -39,6 +40,15 @@ def test_round_trip_is_bit_exact(saved):
     for key in want:
         assert torch.equal(got[key], want[key]), key
     assert np.array_equal(loaded.encode(TEXTS), encoder.encode(TEXTS))
+
+
+def test_given_config_replaces_the_stored_one_whole(saved):
+    """from_pretrained(config=...) (an export manifest's settings) ignores bidir.json; arguments still override."""
+    _, folder = saved
+    given = EncoderConfig(pooling="last", normalize=False, query_prefix="q ", max_length=16)
+    assert BiEncoder.from_pretrained(folder, config=given).config == given
+    loaded = BiEncoder.from_pretrained(folder, config=given, pooling="cls")
+    assert loaded.config == EncoderConfig(pooling="cls", normalize=False, query_prefix="q ", max_length=16)
 
 
 def test_files_and_config(saved):
@@ -68,7 +78,7 @@ def test_sharded_and_bf16(tmp_path):
     assert len(shards) > 1
     with safe_open(folder / shards[0], framework="pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
-    loaded = LlamaBidirectionalModel.from_pretrained(folder, dtype=torch.bfloat16)
+    loaded = load_model(folder, dtype=torch.bfloat16)
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
 
@@ -155,8 +165,8 @@ def test_pytorch_bin_folder_loads_like_safetensors(tmp_path):
     torch.save(model.state_dict(), bin_folder / "pytorch_model.bin")
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (bin_folder / name).write_bytes((folder / name).read_bytes())
-    want = LlamaBidirectionalModel.from_pretrained(folder).state_dict()
-    got = LlamaBidirectionalModel.from_pretrained(bin_folder).state_dict()
+    want = load_model(folder).state_dict()
+    got = load_model(bin_folder).state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
 

@@ -16,9 +16,8 @@ from bidir_core.datasets import (
     load_retrieval,
     read_sts,
     read_training_examples,
-    stdlib_docstrings,
 )
-from bidir_core.datasets.stdlib import _build, stdlib_counts
+from bidir_core.datasets.stdlib import _build, stdlib_counts, stdlib_dev, stdlib_train
 from bidir_core.errors import BidirError
 
 
@@ -241,10 +240,10 @@ def test_sts_bad_rows(tmp_path, line, message):
 
 
 def test_stdlib_docstrings_deterministic_and_sane():
-    train, dev = stdlib_docstrings("train"), stdlib_docstrings("dev")
+    train, dev = stdlib_train(), stdlib_dev()
     counts = stdlib_counts()
     _build.cache_clear()  # mine again from scratch: the same pairs and the same split
-    assert stdlib_docstrings("train") == train and stdlib_docstrings("dev") == dev
+    assert stdlib_train() == train and stdlib_dev() == dev
     assert counts == stdlib_counts()
     assert len(train) >= 1000 and 150 <= len(dev.queries) <= 800, counts
     assert counts["train"] + counts["dev"] + counts["trivial"] + counts["duplicate"] == counts["docstrings"]
@@ -266,8 +265,10 @@ def test_stdlib_docstrings_deterministic_and_sane():
         assert files and files[0] not in train_files, doc_id
     assert not {e.query for e in train} & set(dev.queries.values())
     assert len({e.positives[0] for e in train} | set(dev.corpus.values())) == len(train) + len(dev.corpus)
-    with pytest.raises(BidirError, match="'train' and 'dev', not 'test'"):
-        stdlib_docstrings("test")
+    # One function per split now (stdlib_train / stdlib_dev): the split a caller can still get wrong is the one
+    # load_retrieval is given with the dataset's name.
+    with pytest.raises(BidirError, match="one evaluation split, 'dev', not 'train'"):
+        load_retrieval("stdlib-docstrings", split="train")
 
 
 SHARED_DATA = Path(

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import AutoModel, LlamaConfig, LlamaModel
 
-from bidir_core import BiEncoder, LlamaBidirectionalModel
+from bidir_core import BiEncoder
 from bidir_core.batching import pad_batch
+from bidir_core.sources import load_model
 from bidir_core.testing import tiny_model, write_hf_llama
 
 ATOL = 1e-5
@@ -78,7 +79,7 @@ def test_hidden_states_match_transformers(tmp_path, variant):
     folder = write_hf_llama(tmp_path / variant, **VARIANTS[variant])
     if variant == "sharded":
         assert (folder / "model.safetensors.index.json").is_file()
-    ours = LlamaBidirectionalModel.from_pretrained(folder)
+    ours = load_model(folder)
     oracle = _oracle(folder)
     for padding_side in ("right", "left"):
         ids, mask = _batch(padding_side)
@@ -119,7 +120,7 @@ def test_llama_bidirec_folder_loads_with_its_pooling(tmp_path):
     config["pooling"] = "mean"  # NeMo's name for avg
     (folder / "config.json").write_text(json.dumps(config))
     assert BiEncoder.from_pretrained(folder).config.pooling == "avg"
-    ref = LlamaBidirectionalModel.from_pretrained(write_hf_llama(tmp_path / "hf", causal_lm=False))
+    ref = load_model(write_hf_llama(tmp_path / "hf", causal_lm=False))
     for name, tensor in ref.state_dict().items():
         assert torch.equal(tensor, encoder.model.state_dict()[name]), name
 
@@ -158,8 +159,8 @@ def test_bf16_close_to_fp32(tmp_path):
     folder = write_hf_llama(tmp_path / "m")
     ids, mask = _batch("right")
     with torch.no_grad():
-        fp32 = LlamaBidirectionalModel.from_pretrained(folder)(ids, mask)
-        bf16 = LlamaBidirectionalModel.from_pretrained(folder, dtype=torch.bfloat16)(ids, mask)
+        fp32 = load_model(folder)(ids, mask)
+        bf16 = load_model(folder, dtype=torch.bfloat16)(ids, mask)
     assert bf16.dtype == torch.bfloat16
     real = mask.bool()
     cos = torch.nn.functional.cosine_similarity(fp32[real], bf16[real].float(), dim=-1)
@@ -169,7 +170,7 @@ def test_bf16_close_to_fp32(tmp_path):
 def test_embedded_default_matches_transformers_gguf_loading(embedded_gguf):
     """Our GGUF import (own dequantization and Q/K un-permutation) against transformers' GGUF loader. 1e-4: both
     dequantize to the same fp32 values, and 30 layers of fp32 accumulate a little more rounding than 2."""
-    ours = LlamaBidirectionalModel.from_pretrained(embedded_gguf)
+    ours = load_model(embedded_gguf)
     oracle = AutoModel.from_pretrained(
         embedded_gguf.parent, gguf_file=embedded_gguf.name, dtype=torch.float32
     )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bidir_core.datasets import read_texts, stdlib_docstrings
+from bidir_core.datasets import read_texts, stdlib_train
 from bidir_core.errors import BidirError
 
 
@@ -45,7 +45,7 @@ def test_training_rows_give_queries_positives_and_negatives(tmp_path):
 
 def test_stdlib_passages():
     texts = read_texts("stdlib-docstrings")
-    passages = list(dict.fromkeys(p for ex in stdlib_docstrings("train") for p in ex.positives))
+    passages = list(dict.fromkeys(p for ex in stdlib_train() for p in ex.positives))
     assert texts == passages and len(texts) > 1000
     with pytest.raises(BidirError, match="has no fields"):
         read_texts("stdlib-docstrings", ["text"])

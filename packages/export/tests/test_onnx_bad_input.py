@@ -217,7 +217,7 @@ def test_files_added_to_the_target_during_an_export_are_never_deleted(tmp_path, 
     """The target is checked again just before it is replaced: an export can take many minutes."""
     import shutil
 
-    from bidir_export.folders import staged_folder
+    from bidir_export.output_folder import staged_folder
 
     good, _ = exported("avg")
     target = tmp_path / "target"

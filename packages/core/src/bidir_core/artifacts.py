@@ -17,7 +17,9 @@ from pathlib import Path
 
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.errors import BidirError
-from bidir_core.jsonfile import read_json_object, write_json_atomic
+from bidir_core.folders import TOKENIZER_FILES
+from bidir_core.jsonfile import parse_fields, read_versioned_json, write_json_atomic
+from bidir_core.sources import resolve_source
 
 ARTIFACT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -202,24 +204,45 @@ def read_manifest(folder: str | Path, kind: str | None = None) -> OnnxManifest |
     path = folder / MANIFEST
     if not path.is_file():
         raise BidirError(f"{folder}: no {MANIFEST} (not an ONNX export or TensorRT engine folder)")
-    raw = read_json_object(path)
-    version = raw.pop("format_version", None)
-    if version != ARTIFACT_FORMAT_VERSION:
-        raise BidirError(f"{path}: format_version {version!r} is not one this bidir-core reads")
+    raw = read_versioned_json(path, ARTIFACT_FORMAT_VERSION)
     found = raw.pop("kind", None)
     if found not in _PARSE:
         raise BidirError(f"{path}: kind {found!r} is not onnx or tensorrt")
     if kind is not None and found != kind:
         raise BidirError(f"{path}: is a {found} artifact, expected {kind}")
-    try:
-        manifest = _PARSE[found](raw)
-    except KeyError as e:
-        raise BidirError(f"{path}: missing key {e.args[0]!r}") from None
-    except TypeError as e:  # unknown or missing dataclass field
-        raise BidirError(f"{path}: {e}") from None
-    except BidirError as e:
-        raise BidirError(f"{path}: {e}") from None
+    manifest = parse_fields(path, lambda: _PARSE[found](raw))
     artifact = manifest.model_file if isinstance(manifest, OnnxManifest) else manifest.engine_file
     if not (folder / artifact).is_file():
         raise BidirError(f"{folder}: manifest names {artifact}, which is missing")
     return manifest
+
+
+def find_manifest(path: str | Path, kind: str | None = None) -> OnnxManifest | EngineManifest | None:
+    """read_manifest(path, kind) when path is a folder with a manifest.json (an export), None otherwise (a
+    checkpoint, a .gguf file or a name)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir() and (folder / MANIFEST).is_file():
+        return read_manifest(folder, kind)
+    return None
+
+
+def artifact_files(manifest: OnnxManifest | EngineManifest) -> frozenset[str]:
+    """The files an export folder holds: the manifest, the graph (and its external data) or the engine, and the
+    tokenizer files. A folder holding anything else is not one to replace."""
+    if isinstance(manifest, OnnxManifest):
+        return TOKENIZER_FILES | {MANIFEST, manifest.model_file, manifest.model_file + ".data"}
+    return TOKENIZER_FILES | {MANIFEST, manifest.engine_file}
+
+
+def export_source(manifest: OnnxManifest, where: str | Path | None = None) -> Path:
+    """The checkpoint an ONNX export (or the engine built from it) was made from, resolved; a BidirError (prefixed
+    by where) when its fingerprint has changed since the export, as the export no longer computes its embeddings."""
+    source = resolve_source(manifest.source)
+    fingerprint = checkpoint_fingerprint(source)
+    if fingerprint != manifest.source_fingerprint:
+        raise BidirError(
+            (f"{where}: " if where is not None else "")
+            + f"source {manifest.source} has changed since the export (fingerprint {fingerprint[:19]}..., "
+            f"manifest {manifest.source_fingerprint[:19]}...); export again"
+        )
+    return source

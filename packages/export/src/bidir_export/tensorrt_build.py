@@ -27,13 +27,12 @@ import torch
 
 from bidir_core.artifacts import (
     DTYPES,
-    MANIFEST,
     EngineManifest,
     OnnxManifest,
     Profile,
     Verification,
-    checkpoint_fingerprint,
-    read_manifest,
+    export_source,
+    find_manifest,
     write_manifest,
 )
 from bidir_core.checkpoint import EncoderConfig, read_encoder_config
@@ -42,10 +41,16 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.folders import TOKENIZER_FILES
 from bidir_core.sources import resolve_source
-from bidir_export.folders import check_target, staged_folder
 from bidir_export.onnx_export import DEFAULT_OPSET, Progress, describe, export_onnx
+from bidir_export.output_folder import check_target, staged_folder
 from bidir_export.profiles import check_profiles
-from bidir_export.verification import Batch, compare, reference_outputs, verification_batches
+from bidir_export.verification import (
+    Batch,
+    compare,
+    reference_outputs,
+    verification_batches,
+    verified_dims,
+)
 
 ENGINE_FILE = "model.engine"
 TENSORRT_HELP = (
@@ -111,7 +116,7 @@ def build_engine(
         raise BidirError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     if workspace_gb is not None and not workspace_gb > 0:
         raise BidirError(f"workspace must be a positive number of GB, got {workspace_gb!r}")
-    onnx_manifest = _onnx_source(source)
+    onnx_manifest = find_manifest(source, "onnx")  # None: a checkpoint
     max_length = onnx_manifest.encoder.max_length if onnx_manifest else _checkpoint_max_length(source)
     check_profiles(profiles, max_length)
     check_target(Path(out_dir).expanduser().absolute(), overwrite, "tensorrt")
@@ -169,14 +174,6 @@ def build_engine(
     return manifest
 
 
-def _onnx_source(source: str | Path) -> OnnxManifest | None:
-    """The manifest when source is an ONNX export folder, None for anything else (a checkpoint)."""
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / MANIFEST).is_file():
-        return read_manifest(path, "onnx")
-    return None
-
-
 def _checkpoint_max_length(source: str | Path) -> int:
     folder = resolve_source(source)
     stored = read_encoder_config(folder) if folder.is_dir() else None
@@ -185,7 +182,7 @@ def _checkpoint_max_length(source: str | Path) -> int:
 
 def _copy_tokenizer(onnx_dir: Path, target: Path) -> None:
     """The tokenizer files only: anything else in the ONNX folder would make the engine folder one that
-    export-trt --overwrite refuses to replace (bidir_export.folders.check_target)."""
+    export-trt --overwrite refuses to replace (bidir_export.output_folder.check_target)."""
     for path in onnx_dir.iterdir():
         if path.is_file() and path.name in TOKENIZER_FILES:
             shutil.copy2(path, target / path.name)
@@ -290,24 +287,11 @@ def verify_engine(trt, engine_bytes: bytes, manifest: EngineManifest) -> Verific
     """The engine vs PyTorch on CUDA (float64 and the engine's precision; verification.py's rule): per profile,
     the fixed batches that fit it plus its min and max shapes."""
     onnx_manifest = manifest.onnx
-    enc = onnx_manifest.encoder
-    source = resolve_source(onnx_manifest.source)
-    if checkpoint_fingerprint(source) != onnx_manifest.source_fingerprint:
-        raise BidirError(f"{onnx_manifest.source} has changed since the ONNX export; export it again")
-    encoder = BiEncoder.from_pretrained(
-        source,
-        pooling=enc.pooling,
-        normalize=enc.normalize,
-        max_length=enc.max_length,
-        matryoshka_dims=enc.matryoshka_dims,
-        device="cuda",
-    ).eval()
+    source = export_source(onnx_manifest)
+    encoder = BiEncoder.from_pretrained(source, config=onnx_manifest.encoder, device="cuda").eval()
     reference = EmbeddingGraph(encoder, onnx_manifest.with_dims)
     runner = EngineRunner(trt, engine_bytes)
-    H = onnx_manifest.hidden_size
-    dims = None
-    if onnx_manifest.with_dims:
-        dims = [d for d in enc.matryoshka_dims if d <= H] or [H, max(1, H // 2)]
+    dims = verified_dims(onnx_manifest) if onnx_manifest.with_dims else None
     # The fixed batches of every profile that fit it plus its min and max shapes, each run on its own profile.
     batches, profile_of = [], []
     for index, profile in enumerate(manifest.profiles):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bidir_core.artifacts import Verification
+from bidir_core.artifacts import OnnxManifest, Verification
 
 # Measured (export/README.md): onnxruntime graphs sit at 0.4..2.0x PyTorch's own distance from float64 in the same
 # precision (fp32 0.4..0.9, fp16 0.7..2.0). 4 (two bits) leaves room for other kernels and accumulation orders
@@ -72,6 +72,13 @@ def tolerance_rule(dtype: str) -> str:
         f"error <= min({FACTOR:g} x max(PyTorch {dtype} error, {UNIT_ROUNDOFF[dtype]:.1e}), {MAX_ERROR:g}); "
         "error = max row ||x - x64|| / ||x64|| against float64 PyTorch"
     )
+
+
+def verified_dims(manifest: OnnxManifest) -> list[int]:
+    """The dimensions a graph with the `dimensions` input is verified at (rows cycle through them): the model's
+    Matryoshka dims that fit its width, else the full width, a half and a quarter."""
+    H = manifest.hidden_size
+    return [d for d in manifest.encoder.matryoshka_dims if d <= H] or [H, max(1, H // 2), max(1, H // 4)]
 
 
 def verification_batches(

@@ -1,4 +1,5 @@
 """Retrieval evaluation data: a BEIR-style folder (DESIGN section 7), read whole into memory and validated.
+(sources.load_retrieval takes a folder or the built-in dataset's name.)
 
 corpus.jsonl        {"_id": str, "title": str (optional), "text": str}
 queries.jsonl       {"_id": str, "text": str}
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bidir_core.datasets.lines import id_field, read_jsonl, read_lines, text_field
-from bidir_core.datasets.training import STDLIB_DOCSTRINGS
 from bidir_core.errors import BidirError
 
 
@@ -30,25 +30,12 @@ class RetrievalDataset:
     """Query id -> {document id: graded relevance}; relevance <= 0 means judged non-relevant."""
 
 
-def load_retrieval(source: str | Path, split: str = "test") -> RetrievalDataset:
-    """A BEIR folder's corpus, the queries judged in qrels/<split>.tsv and those judgments; or the embedded
-    dataset's dev split by its name "stdlib-docstrings" (split "dev", or the default "test", which names it too).
+def load_beir(folder: Path, split: str = "test") -> RetrievalDataset:
+    """A BEIR folder's corpus, the queries judged in qrels/<split>.tsv and those judgments.
 
     Queries without judgments in this split are left out (as BEIR does); qrels naming an unknown query or document,
     a duplicate id or a malformed row is a BidirError naming the file and line.
     """
-    if str(source) == STDLIB_DOCSTRINGS:
-        if split not in ("dev", "test"):
-            raise BidirError(f"{STDLIB_DOCSTRINGS} has one evaluation split, 'dev', not {split!r}")
-        from bidir_core.datasets.stdlib import stdlib_docstrings
-
-        return stdlib_docstrings("dev")
-    folder = Path(source)
-    if not folder.is_dir():
-        raise BidirError(
-            f"{folder}: not a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), nor the "
-            f"name {STDLIB_DOCSTRINGS!r}"
-        )
     qrels_path = folder / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))

@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bidir_core.datasets.retrieval import RetrievalDataset
-from bidir_core.datasets.training import STDLIB_DOCSTRINGS, TrainingExample
+from bidir_core.datasets.training import TrainingExample
 from bidir_core.errors import BidirError
+
+STDLIB_DOCSTRINGS = "stdlib-docstrings"
+"""The dataset's name, accepted wherever a data path is (datasets/sources.py resolves it)."""
 
 # Packages that are tests, GUIs, demos or bundled wheels rather than library code; private modules (a leading
 # underscore in any dotted part) are skipped too.
@@ -53,15 +56,15 @@ class _Pair:
     passage: str
 
 
-def stdlib_docstrings(split: str) -> list[TrainingExample] | RetrievalDataset:
-    """ "train" -> TrainingExample list (positive_ids are qualified names); "dev" -> a RetrievalDataset whose corpus
-    is the dev passages, each query having exactly one relevant document."""
-    train, dev, _ = _build()
-    if split == "train":
-        return list(train)
-    if split == "dev":
-        return dev
-    raise BidirError(f"{STDLIB_DOCSTRINGS} has the splits 'train' and 'dev', not {split!r}")
+def stdlib_train() -> list[TrainingExample]:
+    """The train split: one TrainingExample per pair (positive_ids are qualified names)."""
+    return list(_build()[0])
+
+
+def stdlib_dev() -> RetrievalDataset:
+    """The dev split: a RetrievalDataset whose corpus is the dev passages, each query having exactly one relevant
+    document."""
+    return _build()[1]
 
 
 def stdlib_counts() -> dict[str, int]:

@@ -1,4 +1,5 @@
 """Training data (DESIGN section 7): JSONL rows or TSV pairs/triplets, streamed and validated row by row.
+(sources.read_training_examples picks the reader by suffix, or the built-in dataset by name.)
 
 JSONL, one object per line (NeMo AutoModel's inline format)::
 
@@ -28,9 +29,6 @@ from pathlib import Path
 from bidir_core.datasets.lines import read_jsonl, read_lines, text_field
 from bidir_core.errors import BidirError
 
-STDLIB_DOCSTRINGS = "stdlib-docstrings"
-"""The name of the embedded default dataset, accepted wherever a data path is."""
-
 _JSONL_KEYS = {"query", "question", "pos_doc", "neg_doc", "pos_id", "pos_ids", "neg_id", "neg_ids"}
 _ANCHOR_NAMES = {"anchor", "query", "question"}
 _POSITIVE_NAMES = {"positive", "pos", "pos_doc"}
@@ -54,30 +52,8 @@ class TrainingExample:
     """Where the row came from ("path:line"), for error messages."""
 
 
-def read_training_examples(source: str | Path) -> Iterator[TrainingExample]:
-    """Stream the examples of a .jsonl / .tsv file, or of the embedded dataset's train split by its name.
-
-    A bad row stops the stream with a BidirError("path:line: what is wrong"); no row is skipped silently.
-    """
-    if str(source) == STDLIB_DOCSTRINGS:
-        from bidir_core.datasets.stdlib import stdlib_docstrings
-
-        yield from stdlib_docstrings("train")
-        return
-    path = Path(source)
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        yield from _read_jsonl(path)
-    elif suffix in (".tsv", ".txt"):
-        yield from _read_tsv(path)
-    else:
-        raise BidirError(
-            f"{path}: unknown training data format {suffix or '(no suffix)'!r}: expected .jsonl, .tsv or the "
-            f"name {STDLIB_DOCSTRINGS!r}"
-        )
-
-
-def _read_jsonl(path: Path) -> Iterator[TrainingExample]:
+def read_jsonl_examples(path: Path) -> Iterator[TrainingExample]:
+    """The examples of a JSONL file; a bad row stops the stream with a BidirError("path:line: what is wrong")."""
     unknown_keys: set[str] = set()
     for number, row in read_jsonl(path):
         where = f"{path}:{number}"
@@ -144,7 +120,8 @@ def _ids(row: dict, keys: tuple[str, str], count: int, docs_key: str, where: str
     return tuple(ids)
 
 
-def _read_tsv(path: Path) -> Iterator[TrainingExample]:
+def read_tsv_examples(path: Path) -> Iterator[TrainingExample]:
+    """The examples of a TSV file (an optional header names the columns); a bad row is a BidirError as above."""
     negative_columns: list[int] | None = None  # with a header: which columns are negatives
     width = 0
     for number, text in read_lines(path):

@@ -1,4 +1,6 @@
-"""Output folders that appear complete or not at all: built under a temporary name, then renamed into place."""
+"""The output folder of an export (ONNX or TensorRT): never a folder that is not an earlier export of the same kind
+(check_target), and complete or absent (staged_folder: built under a temporary name, then renamed into place with
+bidir_core.folders)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from bidir_core.artifacts import MANIFEST, OnnxManifest, read_manifest
+from bidir_core.artifacts import artifact_files, read_manifest
 from bidir_core.errors import BidirError, one_line
-from bidir_core.folders import (
-    TOKENIZER_FILES,
-    publish_folder,
-    start_writing,
-    unknown_files,
-)
+from bidir_core.folders import publish_folder, start_writing, unknown_files
 
 KINDS = {"onnx": "an ONNX export", "tensorrt": "a TensorRT engine folder"}
 
@@ -39,7 +36,7 @@ def check_target(target: Path, overwrite: bool, kind: str) -> None:
         raise BidirError(
             f"{target}: exists, is not empty and is not {what} ({one_line(e)}); refusing to replace it"
         ) from None
-    if unknown := unknown_files(target, _artifact_files(manifest)):
+    if unknown := unknown_files(target, artifact_files(manifest)):
         raise BidirError(
             f"{target}: holds {unknown[0]}"
             + (f" and {len(unknown) - 1} more file(s)" if len(unknown) > 1 else "")
@@ -47,14 +44,6 @@ def check_target(target: Path, overwrite: bool, kind: str) -> None:
         )
     if not overwrite:
         raise BidirError(f"{target}: {what} is already there (pass --overwrite to replace it)")
-
-
-def _artifact_files(manifest) -> frozenset[str]:
-    """What export_onnx / build_engine write: the manifest, the graph (and its external data) or the engine, and
-    the tokenizer files."""
-    if isinstance(manifest, OnnxManifest):
-        return TOKENIZER_FILES | {MANIFEST, manifest.model_file, manifest.model_file + ".data"}
-    return TOKENIZER_FILES | {MANIFEST, manifest.engine_file}
 
 
 @contextlib.contextmanager
