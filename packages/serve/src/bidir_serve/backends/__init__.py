@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bidir_core.artifacts import MANIFEST, EngineManifest, OnnxManifest, read_manifest
+from bidir_core.artifacts import EngineManifest, OnnxManifest, find_manifest
 from bidir_core.errors import BidirError
 from bidir_serve.backends.base import Backend, export_fingerprint, model_fingerprint
 from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend
@@ -57,11 +57,10 @@ class ModelKind:
 
 def model_kind(model: str | Path) -> ModelKind:
     """What a --model argument names: an export folder (by its manifest.json) or a checkpoint."""
-    path = Path(model).expanduser()
-    if path.is_dir() and (path / MANIFEST).is_file():
-        manifest = read_manifest(path)
-        return ModelKind("onnx" if isinstance(manifest, OnnxManifest) else "tensorrt", manifest)
-    return ModelKind("checkpoint")
+    manifest = find_manifest(model)
+    if manifest is None:
+        return ModelKind("checkpoint")
+    return ModelKind("onnx" if isinstance(manifest, OnnxManifest) else "tensorrt", manifest)
 
 
 def auto_backend(kind: str) -> str:
