@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
@@ -39,9 +38,3 @@ def train_jsonl(tmp_path_factory):
         )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
