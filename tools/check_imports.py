@@ -120,8 +120,8 @@ def _imported_source_modules(
         if level:  # relative: `from .. import x` in a.b.c (a module) starts from a
             base = ".".join(package.split(".")[: len(package.split(".")) - level + 1])
             module = ".".join(filter(None, (base, module)))
-        for name in names or (None,):  # `from a import b`: the module a.b where there is one, else a itself
-            target = f"{module}.{name}" if f"{module}.{name}" in modules else longest(module)
+        for alias in names or ("",):  # `from a import b`: the module a.b where there is one, else a itself
+            target = f"{module}.{alias}" if f"{module}.{alias}" in modules else longest(module)
             if target:
                 yield line, target
 
