@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
-import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -34,8 +30,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
-from bench_encode import busy_cores  # benchmarks/ is on sys.path when a script here runs
+from harness import agreement, append_jsonl, environment, interleaved, medians, warn_if_busy
 
 from bidir_core.artifacts import read_manifest
 from bidir_core.encoder import BiEncoder
@@ -117,9 +112,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, onnxruntime {ort.__version__}, {threads} CPU threads, CUDA: {cuda or 'none'}"
     )
-    busy = busy_cores()  # on a small machine another busy process skews every figure: say so
-    if busy > 0.3:
-        print(f"warning: {busy:.1f} cores busy with other processes; timings will be skewed")
+    busy = warn_if_busy()
 
     work = Path(
         tempfile.mkdtemp(prefix="bench-backends-")
@@ -180,19 +173,12 @@ def main() -> None:
         checks = {}
         for name, run in backends.items():
             out = reference if name == "torch fp32" else run(ids, mask)  # warm-up + correctness
-            checks[name] = {
-                "max_abs_diff": float((out - reference).abs().max()),
-                "min_cosine": float(F.cosine_similarity(out, reference, dim=-1).min()),
-            }
+            agree = agreement(out, reference)
+            checks[name] = {"max_abs_diff": agree["max_abs_diff"], "min_cosine": agree["min_cosine"]}
         if checks["onnxruntime fp32"]["max_abs_diff"] > 1e-4:
             sys.exit(f"bench_backends: onnxruntime fp32 disagrees with torch fp32 at {key}: {checks}")
-        times = {name: [] for name in backends}
-        for _ in range(args.repeats):
-            for name, run in backends.items():  # interleaved: machine noise hits every backend alike
-                t0 = time.perf_counter()
-                run(ids, mask)
-                times[name].append(time.perf_counter() - t0)
-        med = {name: statistics.median(t) for name, t in times.items()}
+        times = interleaved(backends, [(ids, mask)] * args.repeats)  # each CUDA runner synchronizes itself
+        med = medians(times)
         results[key] = {
             name: {
                 "median_s": med[name],
@@ -222,30 +208,14 @@ def main() -> None:
     if args.json:
         record = {
             "benchmark": "bench_backends",
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "hardware": {
-                "busy_cores_start": busy,
-                "busy_cores_end": busy_cores(),
-                "cpu_threads": threads,
-                "cuda": cuda,
-                "machine": platform.machine(),
-                "cpus": os.cpu_count(),
-            },
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "onnxruntime": ort.__version__,
-            },
+            **environment(busy_cores_start=busy),
             "model": MODEL,
             "repeats": args.repeats,
             "results": results,
             "skipped": skipped,
             "onnx_nodes": manifest.node_count,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with args.json.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"appended to {args.json}")
+        append_jsonl(args.json, record)
 
 
 if __name__ == "__main__":

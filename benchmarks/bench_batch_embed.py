@@ -28,20 +28,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from harness import agreement, append_jsonl, check, data_file, environment, interleaved, medians
 
 from bidir_core.embeddings_artifact import read_embeddings
 from bidir_core.errors import BidirError
@@ -52,18 +50,9 @@ from bidir_serve import BatchEmbedConfig, embed_corpus
 PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("BIDIR_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data")
-
-
 def load_texts(limit: int, seed: int = 0) -> list[str]:
-    data = data_dir()
-    corpus, sts = data / "cranfield" / "corpus.jsonl", data / "stsb" / "sts-train.tsv"
-    for path in (corpus, sts):
-        if not path.is_file():
-            sys.exit(
-                f"bench_batch_embed: {path} not found (set BIDIR_DATA to the folder holding cranfield/, stsb/)"
-            )
+    corpus = data_file("bench_batch_embed", "cranfield", "corpus.jsonl")
+    sts = data_file("bench_batch_embed", "stsb", "sts-train.tsv")
     docs = []
     for line in corpus.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
@@ -141,42 +130,39 @@ def bench_throughput(args, ckpt: Path, texts: list[str], tokens: int, tmp: Path)
         embed_corpus(cfg)
         return read_embeddings(tmp / "out").embeddings()
 
-    times: dict[str, list[float]] = {"sentence-transformers": [], "batch-embed": []}
     runs = {"sentence-transformers": run_st, "batch-embed": run_ours}
-    check = {}
-    for r in range(args.repeats):
-        outs = {}
-        for name, run in runs.items():  # interleaved: drift on a noisy machine hits both alike
-            t0 = time.perf_counter()
-            outs[name] = run()
-            times[name].append(time.perf_counter() - t0)
-            print(f"  run {r + 1} {name}: {times[name][-1]:.1f} s", flush=True)
-        if r == 0:
-            a, b = outs["batch-embed"], outs["sentence-transformers"].astype(np.float32)
-            cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            check = {
-                "max_abs_diff": float(np.abs(a - b).max()),
-                "min_cosine": float(cos.min()),
-                "median_cosine": float(np.median(cos)),
-            }
+    check_first, outs = {}, {}
+
+    def after(r: int, name: str, seconds: float, out) -> None:
+        print(f"  run {r + 1} {name}: {seconds:.1f} s", flush=True)
+        outs[name] = out
+        if r == 0 and len(outs) == len(runs):  # the first round: both embeddings, before timing counts
+            check_first.update(agreement(outs["batch-embed"], outs["sentence-transformers"]))
             # fp32: the same math on both sides. bf16: sentence-transformers mean-pools in bf16, whose sums over
             # hundreds of tokens drift (min cosine down to ~0.93 on long rows), while bidir pools in fp32; so the
             # bf16 check is on the median row.
-            ok = check["min_cosine"] >= 0.9999 if args.dtype == "fp32" else check["median_cosine"] >= 0.99
-            print(
-                f"  check: max |diff| {check['max_abs_diff']:.2e}, min cosine {check['min_cosine']:.6f}, "
-                f"median cosine {check['median_cosine']:.6f}: {'OK' if ok else 'MISMATCH'}"
+            ok = (
+                check_first["min_cosine"] >= 0.9999
+                if args.dtype == "fp32"
+                else check_first["median_cosine"] >= 0.99
             )
-            if not ok:
-                sys.exit("bench_batch_embed: batch-embed and sentence-transformers disagree")
-    med = {name: statistics.median(t) for name, t in times.items()}
+            check(
+                "  check",
+                f"max |diff| {check_first['max_abs_diff']:.2e}, min cosine {check_first['min_cosine']:.6f}, "
+                f"median cosine {check_first['median_cosine']:.6f}",
+                ok,
+                "bench_batch_embed: batch-embed and sentence-transformers disagree",
+            )
+
+    times = interleaved(runs, [()] * args.repeats, after=after)
+    med = medians(times)
     print(f"\n{'path':<22} {'median s':>9} {'rows/s':>9} {'tokens/s':>9}")
     for name, s in med.items():
         print(f"{name:<22} {s:>9.1f} {len(texts) / s:>9.1f} {tokens / s:>9.0f}")
     ratio = med["sentence-transformers"] / med["batch-embed"]
     print(f"speed ratio batch-embed / sentence-transformers: {ratio:.2f}x (target >= 1.5x)")
 
-    return times, med, ratio, check
+    return times, med, ratio, check_first
 
 
 def bench_memory(args, texts: list[str], tmp: Path) -> dict[int, float]:
@@ -257,18 +243,16 @@ def main() -> None:
     )
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_batch_embed."))
-    times, med, ratio, check, memory = {}, None, None, {}, {}
+    times, med, ratio, agree, memory = {}, None, None, {}, {}
     if args.only != "memory":
-        times, med, ratio, check = bench_throughput(args, ckpt, texts, tokens, tmp)
+        times, med, ratio, agree = bench_throughput(args, ckpt, texts, tokens, tmp)
     if args.only != "throughput":
         memory = bench_memory(args, texts, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         record = {
             "benchmark": "bench_batch_embed",
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "hardware": {"device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor()},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "st": st_version},
+            **environment(),
             "shapes": {
                 "texts": len(texts),
                 "tokens": tokens,
@@ -279,14 +263,11 @@ def main() -> None:
             "seconds": times,
             "median_s": med,
             "ratio": ratio,
-            "check": check,
+            "check": agree,
             "peak_rss_mib": memory,
             "self_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with args.json.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"appended to {args.json}")
+        append_jsonl(args.json, record)
 
 
 if __name__ == "__main__":

@@ -21,17 +21,23 @@ Runs on CUDA when available, else on CPU, and says which.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers
+from harness import (
+    agreement,
+    append_jsonl,
+    check,
+    cpu_name,
+    data_file,
+    environment,
+    interleaved,
+    medians,
+    warn_if_busy,
+)
 from transformers import AutoModel, AutoTokenizer
 
 from bidir_core.batching import length_sorted_batches, pad_batch
@@ -46,10 +52,7 @@ PATHS = ("transformers loop", "bidir unsorted", "bidir encode")
 
 
 def load_sentences(limit: int | None) -> list[str]:
-    data = Path(os.environ.get("BIDIR_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data")
-    tsv = data / "stsb" / "sts-dev.tsv"
-    if not tsv.is_file():
-        sys.exit(f"bench_encode: {tsv} not found (set BIDIR_DATA to the folder that holds stsb/sts-dev.tsv)")
+    tsv = data_file("bench_encode", "stsb", "sts-dev.tsv")
     rows = [line.rstrip("\n").split("\t") for line in tsv.read_text(encoding="utf-8").splitlines()[1:]]
     return [s for row in rows for s in (row[1], row[2])][:limit]
 
@@ -80,18 +83,6 @@ def bidir_unsorted(encoder: BiEncoder, texts: list[str], batch_size: int, device
     return torch.cat(out)
 
 
-def busy_cores(seconds: float = 1.0) -> float:
-    """Cores kept busy by other processes while this one sleeps, from /proc/stat; 0.0 where unreadable."""
-    stat = Path("/proc/stat")
-    if not stat.is_file():
-        return 0.0
-    a = [int(v) for v in stat.read_text().split("\n")[0].split()[1:]]
-    time.sleep(seconds)
-    b = [int(v) for v in stat.read_text().split("\n")[0].split()[1:]]
-    idle = (b[3] + b[4]) - (a[3] + a[4])  # idle + iowait jiffies
-    return round((1 - idle / max(sum(b) - sum(a), 1)) * (os.cpu_count() or 1), 2)
-
-
 def bench_dtype(
     name: str, ckpt: Path, tokenizer, texts: list[str], bs: int, repeats: int, device: str
 ) -> dict:
@@ -104,28 +95,21 @@ def bench_dtype(
         PATHS[1]: lambda t: bidir_unsorted(encoder, t, bs, device),
         PATHS[2]: lambda t: torch.from_numpy(encoder.encode(t, batch_size=bs)),
     }
-    check, times = {}, {path: [] for path in PATHS}
+    check_first = {}
     with torch.inference_mode():
         first = {path: run(texts[:bs]) for path, run in runs.items()}  # warm-up, and the correctness check
         for path in PATHS[1:]:
-            diff = (first[path] - first[PATHS[0]]).abs().max().item()
-            cos = F.cosine_similarity(first[path], first[PATHS[0]], dim=-1).min().item()
-            ok = diff <= 1e-4 if dtype == torch.float32 else cos >= 0.99
-            check[path] = {"max_abs_diff": diff, "min_cosine": cos}
-            verdict = "OK" if ok else "MISMATCH"
-            print(
-                f"{name} {path} vs transformers loop: max |diff| {diff:.2e}, min cosine {cos:.6f}: {verdict}"
+            agree = agreement(first[path], first[PATHS[0]])
+            diff, cos = agree["max_abs_diff"], agree["min_cosine"]
+            check_first[path] = {"max_abs_diff": diff, "min_cosine": cos}
+            check(
+                f"{name} {path} vs transformers loop",
+                f"max |diff| {diff:.2e}, min cosine {cos:.6f}",
+                diff <= 1e-4 if dtype == torch.float32 else cos >= 0.99,
+                f"bench_encode: {name} {path} disagrees with the transformers baseline",
             )
-            if not ok:
-                sys.exit(f"bench_encode: {name} {path} disagrees with the transformers baseline")
-        for _ in range(repeats):
-            for path, run in runs.items():  # interleaved, so drift on a noisy machine hits every path alike
-                t0 = time.perf_counter()
-                run(texts)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times[path].append(time.perf_counter() - t0)
-    med = {path: statistics.median(t) for path, t in times.items()}
+        times = interleaved(runs, [(texts,)] * repeats, device=device)
+    med = medians(times)
     return {
         "seconds": times,
         "median_s": med,
@@ -133,7 +117,7 @@ def bench_dtype(
         "encode_vs_transformers": med[PATHS[0]] / med[PATHS[2]],
         "encode_vs_unsorted": med[PATHS[1]] / med[PATHS[2]],
         "unsorted_vs_transformers": med[PATHS[0]] / med[PATHS[1]],
-        "check_first_batch": check,
+        "check_first_batch": check_first,
     }
 
 
@@ -165,18 +149,13 @@ def main() -> None:
         ckpt = resolve_source(args.model)
     except BidirError as e:
         sys.exit(f"bench_encode: {e}")
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = torch.cuda.get_device_name(0) if device == "cuda" else None
-    threads = torch.get_num_threads()
+    print(f"measuring on CUDA: {cuda}" if cuda else f"no CUDA: measuring on CPU: {cpu_name()}")
     print(
-        f"measuring on CUDA: {cuda}" if cuda else f"no CUDA: measuring on CPU: {cpu or platform.processor()}"
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} CPU threads"
     )
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} CPU threads")
-    busy = busy_cores()  # on a small machine another busy process skews every figure: say so
-    if busy > 0.3:
-        print(f"warning: {busy:.1f} cores busy with other processes; timings will be skewed")
+    busy = warn_if_busy()
 
     bs = args.batch_size
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
@@ -210,23 +189,14 @@ def main() -> None:
             f"unsorted/transformers {r['unsorted_vs_transformers']:.2f}x"
         )
     if args.json:
-        hardware = {"device": device, "cpu": cpu, "threads": threads, "cuda": cuda}
-        hardware |= {"busy_cores_start": busy, "busy_cores_end": busy_cores()}
-        versions = {"python": platform.python_version(), "torch": torch.__version__}
-        versions |= {"transformers": transformers.__version__}
         record = {
             "benchmark": "bench_encode",
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "hardware": hardware,
-            "versions": versions,
+            **environment(busy_cores_start=busy),
             "model": str(args.model),
             "shapes": {**shapes, "max_length": max_length, "repeats": args.repeats},
             "results": results,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with args.json.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"appended to {args.json}")
+        append_jsonl(args.json, record)
 
 
 if __name__ == "__main__":

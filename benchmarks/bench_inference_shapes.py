@@ -17,66 +17,15 @@ it prints the rows as skipped: at these shapes a CPU run says nothing about a GP
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 import transformers
+from harness import SHAPES, agreement, append_jsonl, environment, interleaved, medians
 from transformers import LlamaConfig, LlamaModel
 
 from bidir_core.encoder import BiEncoder
 from bidir_core.model import LlamaBidirectionalModel
-
-SHAPES = {
-    "llama-3.2-1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        rope_parameters=dict(
-            rope_type="llama3",
-            rope_theta=500000.0,
-            factor=32.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-    ),
-    "smollm2-135m": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        rope_parameters=dict(rope_type="default", rope_theta=100000.0),
-    ),
-}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def bench_shape(name: str, batch: int, seq: int, repeats: int, device: torch.device) -> dict:
@@ -103,14 +52,11 @@ def bench_shape(name: str, batch: int, seq: int, repeats: int, device: torch.dev
         return encoder(ids, mask)
 
     with torch.inference_mode():
-        cosine = F.cosine_similarity(run_theirs(), run_ours()).min().item()
+        cosine = agreement(run_theirs(), run_ours())["min_cosine"]  # the first run of each: also a warm-up
         for _ in range(2):
             run_theirs(), run_ours()
-        times = {"transformers": [], "bidir": []}
-        for _ in range(repeats):
-            times["transformers"].append(_timed(run_theirs, device))
-            times["bidir"].append(_timed(run_ours, device))
-    med = {k: statistics.median(v) for k, v in times.items()}
+        times = interleaved({"transformers": run_theirs, "bidir": run_ours}, [()] * repeats, device=device)
+    med = medians(times)
     return {
         "shape": name,
         "batch": batch,
@@ -155,9 +101,9 @@ def main() -> None:
             f" {row['ratio']:5.2f}x {row['min_cosine_vs_transformers']:8.5f}"
         )
         if args.json:
-            with open(args.json, "a") as f:
-                row.update(gpu=gpu, torch=torch.__version__, transformers=transformers.__version__)
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(
+                args.json, {"benchmark": "bench_inference_shapes", **environment(), **row}, say=False
+            )
 
 
 if __name__ == "__main__":

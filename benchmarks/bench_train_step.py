@@ -24,15 +24,13 @@ Llama-3.2-1B-shaped model at sequence length 512.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from harness import SHAPES, append_jsonl, check, data_file, environment, interleaved, medians
 
 from bidir_core.datasets import read_training_examples
 from bidir_core.errors import BidirError
@@ -48,10 +46,7 @@ LR = 1e-5
 
 
 def load_triplets():
-    data = Path(os.environ.get("BIDIR_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data")
-    tsv = data / "snli_pairs" / "snli_triplets.tsv"
-    if not tsv.is_file():
-        sys.exit(f"bench_train_step: {tsv} not found (set BIDIR_DATA to the folder that holds snli_pairs/)")
+    tsv = data_file("bench_train_step", "snli_pairs", "snli_triplets.tsv")
     return tsv, list(read_training_examples(tsv))
 
 
@@ -142,23 +137,20 @@ def bench_cpu(args) -> dict:
     # Warm-up and check: both start from the same weights, so the first losses agree (bf16: loosely).
     first_st = st.step(data[0], prefixes)
     first_ours, _ = ours.step(data[0])
-    ok = abs(first_st - first_ours) <= (1e-3 if args.dtype == "fp32" else 0.05) * max(abs(first_st), 1.0)
-    print(
-        f"first-step loss: sentence-transformers {first_st:.4f}, bidir {first_ours:.4f}: {'OK' if ok else 'MISMATCH'}"
+    check(
+        "first-step loss",
+        f"sentence-transformers {first_st:.4f}, bidir {first_ours:.4f}",
+        abs(first_st - first_ours) <= (1e-3 if args.dtype == "fp32" else 0.05) * max(abs(first_st), 1.0),
+        "bench_train_step: the two training steps disagree on the first loss",
     )
-    if not ok:
-        sys.exit("bench_train_step: the two training steps disagree on the first loss")
-    times = {"sentence-transformers": [], "bidir_train": []}
-    tokens = []
-    for rows in data[1:]:
-        t0 = time.perf_counter()
-        st.step(rows, prefixes)
-        times["sentence-transformers"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        _, n = ours.step(rows)
-        times["bidir_train"].append(time.perf_counter() - t0)
-        tokens.append(n)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = []  # real tokens per bidir step (the same batches on both paths)
+    runs = {"sentence-transformers": lambda rows: st.step(rows, prefixes), "bidir_train": ours.step}
+    times = interleaved(
+        runs,
+        [(rows,) for rows in data[1:]],
+        after=lambda _, name, s, out: tokens.append(out[1]) if name == "bidir_train" else None,
+    )
+    med = medians(times)
     tok = statistics.median(tokens)
     tps = {k: tok / s for k, s in med.items()}
     ratio = tps["bidir_train"] / tps["sentence-transformers"]
@@ -190,19 +182,9 @@ def bench_gpu(args) -> dict:
 
     from bidir_core.testing import tiny_tokenizer, write_hf_llama
 
-    shape = dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
     _, device = init_distributed()
     folder = Path(tempfile.mkdtemp()) / "llama-1b-shaped"
-    write_hf_llama(folder, causal_lm=False, **shape)
+    write_hf_llama(folder, causal_lm=False, **SHAPES["llama-3.2-1b"])
     overrides = [
         f"parallel.activation_checkpointing={str(args.checkpointing).lower()}",
         "parallel.compile=" + str(args.compile).lower(),
@@ -295,8 +277,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import sentence_transformers
-    import transformers
 
     try:
         record = {} if args.gpu_only else {"cpu": bench_cpu(args)}
@@ -306,24 +286,16 @@ def main() -> None:
             print("\nno CUDA: the GPU part (tokens/s/GPU, MFU at seq 512) was not run")
     except BidirError as e:
         sys.exit(f"bench_train_step: {e}")
-    record.update(
-        bench="train_step",
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        dtype=args.dtype,
-        threads=torch.get_num_threads(),
-        machine=platform.machine(),
-        processor=platform.processor(),
-        versions={
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "sentence_transformers": sentence_transformers.__version__,
-        },
-    )
+    record = {
+        "benchmark": "bench_train_step",
+        **environment(),
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "dtype": args.dtype,
+        **record,
+    }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with args.json.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(args.json, record, say=False)
 
 
 if __name__ == "__main__":

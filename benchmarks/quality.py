@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import data_dir
 from quality_data import limit_retrieval, write_training_rows
 
 from bidir_core.datasets import load_retrieval, read_sts
@@ -42,10 +42,6 @@ from bidir_core.jsonfile import write_jsonl_atomic
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("BIDIR_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data")
 
 
 class SentenceTransformerEncoder:

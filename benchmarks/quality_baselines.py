@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import sys
 import time
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from harness import data_file, environment
 from quality_data import limit_retrieval
 from rank_bm25 import BM25Okapi
 
@@ -128,18 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_dir = Path(
-        os.environ.get("BIDIR_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data"
-    )
-    if not (data_dir / "cranfield").is_dir():
-        sys.exit(
-            f"quality_baselines: {data_dir}/cranfield not found (set BIDIR_DATA to the shared data folder)"
-        )
-
-    cranfield_full = load_retrieval(data_dir / "cranfield")
+    cranfield_full = load_retrieval(data_file("quality_baselines", "cranfield"))
     tasks = {
         "cranfield": limit_retrieval(cranfield_full, args.cranfield_queries, args.cranfield_docs),
-        "stsb-dev": read_sts(data_dir / "stsb" / "sts-dev.tsv")[: args.sts_limit],
+        "stsb-dev": read_sts(data_file("quality_baselines", "stsb", "sts-dev.tsv"))[: args.sts_limit],
         "stdlib-dev": limit_retrieval(
             load_retrieval("stdlib-docstrings"), args.stdlib_limit, args.stdlib_limit
         ),
@@ -194,15 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "sizes": sizes,
             "results": [{"system": s, "task": t, **r} for (s, t), r in results.items()],
             "bm25_full_cranfield": bm25_full,
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
-            "machine": {
-                "cpu": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(),
-            },
+            **environment(),
         }
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

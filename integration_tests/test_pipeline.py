@@ -89,7 +89,7 @@ def test_tiny_model_two_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_default_chain(tmp_path, needs_embedded_default):
+def test_embedded_default_chain(tmp_path, embedded_default):
     _, beir = write_data(tmp_path, n_train=0, n_queries=16)
     run("torchrun", "--nproc-per-node", "1", "-m", "bidir_train", "--config", "default",
         f"logging.output_dir={tmp_path / 'run'}", "schedule.max_steps=2", "eval.dev=null")  # fmt: skip

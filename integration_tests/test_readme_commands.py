@@ -111,7 +111,7 @@ def _embed_and_score(production, *, backend: str, model: str, out: str) -> None:
     assert 0 <= json.loads(report.read_text())["metrics"]["ndcg@10"] <= 1
 
 
-def test_readme_python_api(tmp_path, needs_embedded_default):
+def test_readme_python_api(tmp_path, embedded_default):
     (snippet,) = blocks("README.md", "python")
     (tmp_path / "api.py").write_text(snippet)
     output = run("python", tmp_path / "api.py", cwd=tmp_path)

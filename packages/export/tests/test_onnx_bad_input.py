@@ -28,34 +28,34 @@ def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
-def test_missing_source_and_bad_options(tmp_path, tiny_checkpoint):
+def test_missing_source_and_bad_options(tmp_path, make_tiny_checkpoint):
     with pytest.raises(BidirError, match="no such file or folder"):
         export_onnx(tmp_path / "nothing", tmp_path / "out")
     with pytest.raises(BidirError, match="opset must be"):
-        export_onnx(tiny_checkpoint("avg"), tmp_path / "out", opset=9)
+        export_onnx(make_tiny_checkpoint("avg"), tmp_path / "out", opset=9)
     with pytest.raises(BidirError, match="dtype must be one of"):
-        export_onnx(tiny_checkpoint("avg"), tmp_path / "out", dtype="int8")
+        export_onnx(make_tiny_checkpoint("avg"), tmp_path / "out", dtype="int8")
 
 
-def test_unwritable_output(tmp_path, tiny_checkpoint):
+def test_unwritable_output(tmp_path, make_tiny_checkpoint):
     (tmp_path / "file").write_text("x")
     with pytest.raises(BidirError, match="cannot write there"):
-        export_onnx(tiny_checkpoint("avg"), tmp_path / "file" / "out")  # a path under a regular file
+        export_onnx(make_tiny_checkpoint("avg"), tmp_path / "file" / "out")  # a path under a regular file
 
 
-def test_existing_folders_are_not_replaced(tmp_path, tiny_checkpoint, exported):
+def test_existing_folders_are_not_replaced(tmp_path, make_tiny_checkpoint, exported):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
     with pytest.raises(BidirError, match="is not an ONNX export .*refusing to replace it"):
-        export_onnx(tiny_checkpoint("avg"), mine, overwrite=True)
+        export_onnx(make_tiny_checkpoint("avg"), mine, overwrite=True)
     assert (mine / "thesis.tex").read_text() == "precious"
     out, _ = exported("avg")
     with pytest.raises(BidirError, match="pass --overwrite"):
-        export_onnx(tiny_checkpoint("avg"), out)
+        export_onnx(make_tiny_checkpoint("avg"), out)
 
 
-def test_failed_verification_writes_nothing(tmp_path, tiny_checkpoint, monkeypatch):
+def test_failed_verification_writes_nothing(tmp_path, make_tiny_checkpoint, monkeypatch):
     # Corrupt the graph between export and verification (as a wrong export would be): the check must catch it.
     import bidir_export.onnx_export as onnx_export
 
@@ -72,7 +72,7 @@ def test_failed_verification_writes_nothing(tmp_path, tiny_checkpoint, monkeypat
 
     monkeypatch.setattr(onnx_export, "_check_onnx", corrupting)
     with pytest.raises(BidirError, match="not written: verification FAILED"):
-        export_onnx(tiny_checkpoint("avg"), tmp_path / "out", verify_shape=(2, 8))
+        export_onnx(make_tiny_checkpoint("avg"), tmp_path / "out", verify_shape=(2, 8))
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -139,9 +139,9 @@ def _embeddings_folder(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_overwrite_replaces_only_an_earlier_export(tmp_path, tiny_checkpoint, exported, capsys):
+def test_overwrite_replaces_only_an_earlier_export(tmp_path, make_tiny_checkpoint, exported, capsys):
     # Issue 14.1: any folder with a manifest.json was deleted by --overwrite.
-    ckpt = str(tiny_checkpoint("avg"))
+    ckpt = str(make_tiny_checkpoint("avg"))
     embeddings = tmp_path / "embeddings"
     before = _embeddings_folder(embeddings)
     mine = tmp_path / "mine"
@@ -173,7 +173,7 @@ def test_overwrite_replaces_only_an_earlier_export(tmp_path, tiny_checkpoint, ex
     assert _leftovers(tmp_path) == []
 
 
-def test_stale_temp_folders_are_cleaned_at_start(tmp_path, tiny_checkpoint):
+def test_stale_temp_folders_are_cleaned_at_start(tmp_path, make_tiny_checkpoint):
     # Issue 14.11: a killed export left .out.tmp-*/ (with the multi-GB graph) beside the target, forever.
     import os
     import subprocess
@@ -196,18 +196,18 @@ def test_stale_temp_folders_are_cleaned_at_start(tmp_path, tiny_checkpoint):
     elsewhere.mkdir()
     other = tmp_path / ".outside.tmp-abcdefgh"  # another target's name: kept
     other.mkdir()
-    export_onnx(tiny_checkpoint("avg"), out, verify=False)
+    export_onnx(make_tiny_checkpoint("avg"), out, verify=False)
     assert not killed.exists() and live.is_dir() and elsewhere.is_dir() and other.is_dir()
     assert (out / "manifest.json").is_file()
 
 
-def test_huge_verify_shape_is_refused_before_the_export(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+def test_huge_verify_shape_is_refused_before_the_export(tmp_path, make_tiny_checkpoint, capsys, monkeypatch):
     # Issue 14.12: --verify-shape 99999999999x1 exported, then tried an 800 GB allocation with a traceback.
     import bidir_export.onnx_export as onnx_export
 
     monkeypatch.setattr(onnx_export, "_export_graph", lambda *a: pytest.fail("exported before the check"))
     out = tmp_path / "out"
-    assert onnx_main([str(tiny_checkpoint("avg")), str(out), "--verify-shape", "99999999999x1"]) == 2
+    assert onnx_main([str(make_tiny_checkpoint("avg")), str(out), "--verify-shape", "99999999999x1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "verify shape 99999999999x1: at most 65536 tokens" in err
     assert not out.exists() and _leftovers(tmp_path) == []

@@ -49,8 +49,8 @@ def test_manifest_is_complete_and_round_trips(exported):
     assert AutoTokenizer.from_pretrained(out)(texts)["input_ids"] == encoder.tokenizer(texts)["input_ids"]
 
 
-def test_older_opset_spells_attention_out_and_still_verifies(tiny_checkpoint, tmp_path):
-    manifest = export_onnx(tiny_checkpoint("avg"), tmp_path / "o18", opset=18, verify_shape=SMALL_VERIFY)
+def test_older_opset_spells_attention_out_and_still_verifies(make_tiny_checkpoint, tmp_path):
+    manifest = export_onnx(make_tiny_checkpoint("avg"), tmp_path / "o18", opset=18, verify_shape=SMALL_VERIFY)
     assert manifest.opset == 18 and "Attention" not in manifest.op_histogram
     assert manifest.op_histogram.get("Softmax", 0) >= tiny_config().num_hidden_layers
     assert manifest.verification.passed
@@ -69,7 +69,7 @@ def test_verify_only_rechecks_and_updates_the_manifest(exported, tmp_path, capsy
     assert "verification passed" in capsys.readouterr().err
 
 
-def test_verify_only_notices_a_changed_source(tiny_checkpoint, tmp_path):
+def test_verify_only_notices_a_changed_source(make_tiny_checkpoint, tmp_path):
     import shutil
 
     from bidir_core import BidirError
@@ -77,7 +77,7 @@ def test_verify_only_notices_a_changed_source(tiny_checkpoint, tmp_path):
     from bidir_core.testing import tiny_encoder
 
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint("avg"), ckpt)
+    shutil.copytree(make_tiny_checkpoint("avg"), ckpt)
     export_onnx(ckpt, tmp_path / "onnx", verify=False)
     assert read_manifest(tmp_path / "onnx").verification is None
     tiny_encoder(EncoderConfig(), seed=1).save_pretrained(ckpt, overwrite=True)  # other weights, same place
@@ -85,13 +85,13 @@ def test_verify_only_notices_a_changed_source(tiny_checkpoint, tmp_path):
         verify_export(tmp_path / "onnx")
 
 
-def test_large_models_use_external_data(tiny_checkpoint, tmp_path, monkeypatch):
+def test_large_models_use_external_data(make_tiny_checkpoint, tmp_path, monkeypatch):
     # The 2 GB switch, lowered so the tiny model takes the large-model path: weights next to the graph, the
     # checker, shape inference and onnxruntime still find them.
     import bidir_export.onnx_export as onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
-    manifest = export_onnx(tiny_checkpoint("avg"), tmp_path / "big", verify_shape=SMALL_VERIFY)
+    manifest = export_onnx(make_tiny_checkpoint("avg"), tmp_path / "big", verify_shape=SMALL_VERIFY)
     files = {p.name: p.stat().st_size for p in (tmp_path / "big").iterdir()}
     data = [name for name in files if name.startswith("model.onnx") and name != "model.onnx"]
     assert len(data) == 1

@@ -79,7 +79,7 @@ def test_bidirectionality_survives_export(exported):
     assert (before - after).abs().max() > 1e-3
 
 
-def test_fp16_parity(exported, tiny_checkpoint):
+def test_fp16_parity(exported, make_tiny_checkpoint):
     out, ckpt = exported("avg", True, "fp16")
     manifest = read_manifest(out, "onnx")
     assert manifest.dtype == "fp16" and manifest.verification.passed

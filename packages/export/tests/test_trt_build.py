@@ -63,7 +63,7 @@ def test_precision_plans_for_tensorrt_10_and_11():
         precision_plan(10, "fp32", "int8")
 
 
-def test_profiles_are_checked_before_any_work(tiny_checkpoint, tmp_path, monkeypatch):
+def test_profiles_are_checked_before_any_work(make_tiny_checkpoint, tmp_path, monkeypatch):
     # A profile longer than the checkpoint's max_length (512) fails before TensorRT or an export is touched.
     import bidir_export.tensorrt_build as trt_build
 
@@ -72,12 +72,12 @@ def test_profiles_are_checked_before_any_work(tiny_checkpoint, tmp_path, monkeyp
         trt_build, "tensorrt_missing_message", lambda: pytest.fail("looked for TensorRT first")
     )
     with pytest.raises(BidirError, match="max_length 512"):
-        build_engine(tiny_checkpoint("avg"), tmp_path / "e", profiles=[parse_profile("1x1,1x8,2x600")])
+        build_engine(make_tiny_checkpoint("avg"), tmp_path / "e", profiles=[parse_profile("1x1,1x8,2x600")])
     assert not (tmp_path / "e").exists()
 
 
-def test_cli_profile_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
-    ckpt = str(tiny_checkpoint("avg"))
+def test_cli_profile_errors_are_one_line(make_tiny_checkpoint, tmp_path, capsys):
+    ckpt = str(make_tiny_checkpoint("avg"))
     cases = [
         (["--min", "1x1", "--max", "8x64"], "--min, --opt and --max go together"),
         (["--min", "1x1", "--opt", "9x8", "--max", "8x64"], "batch needs min <= opt <= max"),
@@ -123,13 +123,13 @@ def test_missing_tensorrt_is_one_clear_line(exported, tmp_path, capsys):
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_engine_from_checkpoint_matches_pytorch(tiny_checkpoint, tmp_path, precision):
+def test_engine_from_checkpoint_matches_pytorch(make_tiny_checkpoint, tmp_path, precision):
     import tensorrt as trt
 
     from bidir_core import BiEncoder
     from bidir_export.tensorrt_build import EngineRunner
 
-    ckpt = tiny_checkpoint("last")
+    ckpt = make_tiny_checkpoint("last")
     cache = tmp_path / "timing.cache"
     manifest = build_engine(
         ckpt,

@@ -76,8 +76,8 @@ def _other_pooling(encoder: BiEncoder) -> EmbeddingGraph:
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_checkpoint) -> BiEncoder:
-    return BiEncoder.from_pretrained(tiny_checkpoint("avg")).eval()
+def encoder(make_tiny_checkpoint) -> BiEncoder:
+    return BiEncoder.from_pretrained(make_tiny_checkpoint("avg")).eval()
 
 
 def test_intact_graph_passes_in_fp32_and_fp16(encoder):
@@ -126,7 +126,7 @@ def test_fp16_overflow_fails_and_writes_nothing(tmp_path):
     export_onnx(ckpt, tmp_path / "fp32", verify_shape=SMALL_VERIFY)  # the same model in fp32 verifies
 
 
-def test_broken_onnx_graph_fails_on_onnxruntime(exported, tiny_checkpoint, tmp_path):
+def test_broken_onnx_graph_fails_on_onnxruntime(exported, make_tiny_checkpoint, tmp_path):
     """End to end: an ONNX graph exported from the model without its last layer, checked against the model."""
     good, ckpt = exported("avg")
     manifest = read_manifest(good, "onnx")

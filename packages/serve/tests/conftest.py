@@ -10,23 +10,8 @@ import torch
 from bidir_core.artifacts import OnnxManifest, checkpoint_fingerprint, write_manifest
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.embedding_graph import EmbeddingGraph
+from bidir_core.pytest_plugin import *  # noqa: F403 (the cache, hardware skips, embedded default: see there)
 from bidir_core.testing import tiny_encoder
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    """Imports of the embedded default go to a per-run cache, never to the user's ~/.cache/bidir."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BIDIR_CACHE", str(tmp_path_factory.mktemp("bidir-cache")))
-    yield
-    mp.undo()
-
-
-def pytest_collection_modifyitems(config, items):
-    from bidir_core.testing import skip_missing_hardware
-
-    skip_missing_hardware(items)
-
 
 WORDS = [
     "the",
@@ -66,7 +51,7 @@ def encoder():
 
 
 @pytest.fixture(scope="session")
-def checkpoint(encoder, tmp_path_factory):
+def tiny_checkpoint(encoder, tmp_path_factory):
     return encoder.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
@@ -76,7 +61,7 @@ def texts():
 
 
 @pytest.fixture(scope="session")
-def onnx_export(encoder, checkpoint, tmp_path_factory):
+def onnx_export(encoder, tiny_checkpoint, tmp_path_factory):
     """onnx_export(with_dims) -> an ONNX export folder of the tiny encoder: the artifact's graph (core's
     EmbeddingGraph) through a minimal stand-in for export-onnx, which bidir-serve must not import; the real exporter
     is tested in bidir-export and the integration tests."""
@@ -113,8 +98,8 @@ def onnx_export(encoder, checkpoint, tmp_path_factory):
             hidden_size=encoder.hidden_size,
             dtype="fp32",
             opset=18,
-            source=str(checkpoint),
-            source_fingerprint=checkpoint_fingerprint(checkpoint),
+            source=str(tiny_checkpoint),
+            source_fingerprint=checkpoint_fingerprint(tiny_checkpoint),
             inputs=tuple(names),
         )
         write_manifest(folder, manifest)

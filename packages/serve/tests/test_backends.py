@@ -30,8 +30,8 @@ def _embed_all(backend, texts, batch_size=7):
 
 
 @pytest.mark.parametrize("dim", [None, 16])
-def test_torch_backend_matches_encode(checkpoint, encoder, texts, dim):
-    backend = load_backend(checkpoint, "torch", dim=dim, device="cpu")
+def test_torch_backend_matches_encode(tiny_checkpoint, encoder, texts, dim):
+    backend = load_backend(tiny_checkpoint, "torch", dim=dim, device="cpu")
     assert backend.name == "torch" and backend.precision == "fp32" and backend.dim == (dim or 64)
     with pytest.warns(UserWarning, match="truncated"):
         expected = encoder.encode(texts, dim=dim)
@@ -51,17 +51,17 @@ def test_onnxruntime_backend_matches_encode(onnx_export, encoder, texts, with_di
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-def test_auto_rule(checkpoint, onnx_export):
-    assert model_kind(checkpoint).kind == "checkpoint"
-    assert load_backend(checkpoint).name == "torch"
+def test_auto_rule(tiny_checkpoint, onnx_export):
+    assert model_kind(tiny_checkpoint).kind == "checkpoint"
+    assert load_backend(tiny_checkpoint).name == "torch"
     assert load_backend(onnx_export(False)).name == "onnxruntime"
     expected_device = "cuda" if torch.cuda.is_available() else "cpu"
-    auto = load_backend(checkpoint)
+    auto = load_backend(tiny_checkpoint)
     assert auto.device.type == expected_device
     assert auto.precision == ("bf16" if expected_device == "cuda" else "fp32")
 
 
-def test_backend_artifact_mismatch(checkpoint, onnx_export):
+def test_backend_artifact_mismatch(tiny_checkpoint, onnx_export):
     with pytest.raises(
         BidirError, match="the torch backend needs a checkpoint, this is an ONNX export folder"
     ):
@@ -69,20 +69,20 @@ def test_backend_artifact_mismatch(checkpoint, onnx_export):
     with pytest.raises(
         BidirError, match="the onnxruntime backend needs an ONNX export folder, this is a checkpoint"
     ):
-        load_backend(checkpoint, "onnxruntime")
-    missing = checkpoint.parent / "engines" / "1b"  # e.g. an engine that was never built
+        load_backend(tiny_checkpoint, "onnxruntime")
+    missing = tiny_checkpoint.parent / "engines" / "1b"  # e.g. an engine that was never built
     with pytest.raises(
         BidirError, match=r"engines/1b: no such folder \(the tensorrt backend needs a TensorRT engine"
     ):
         load_backend(missing, "tensorrt")
     with pytest.raises(BidirError, match="dim=65 is larger than the model's embedding size 64"):
-        load_backend(checkpoint, "torch", dim=65)
+        load_backend(tiny_checkpoint, "torch", dim=65)
     with pytest.raises(BidirError, match="backend must be one of"):
-        load_backend(checkpoint, "tflite")
+        load_backend(tiny_checkpoint, "tflite")
 
 
 @pytest.mark.gpu
-def test_torch_backend_cuda(checkpoint, encoder, texts, tmp_path):
+def test_torch_backend_cuda(tiny_checkpoint, encoder, texts, tmp_path):
     """On CUDA: fp32 equals the CPU encoder (1e-4: different kernels, same math); the default bf16 stays within
     cosine 0.99 (bf16 keeps ~3 significant digits); batch-embed's pinned, non-blocking path gives the same rows."""
     import json
@@ -92,10 +92,10 @@ def test_torch_backend_cuda(checkpoint, encoder, texts, tmp_path):
 
     with pytest.warns(UserWarning, match="truncated"):
         expected = encoder.encode(texts)
-    fp32 = load_backend(checkpoint, "torch", device="cuda", precision="fp32")
+    fp32 = load_backend(tiny_checkpoint, "torch", device="cuda", precision="fp32")
     assert fp32.pin_memory
     np.testing.assert_allclose(_embed_all(fp32, texts), expected, atol=ATOL, rtol=0)
-    bf16 = load_backend(checkpoint, device="cuda")
+    bf16 = load_backend(tiny_checkpoint, device="cuda")
     assert bf16.precision == "bf16"
     got = _embed_all(bf16, texts)
     assert (np.sum(got * expected, axis=1) >= 0.99).all()
@@ -103,7 +103,7 @@ def test_torch_backend_cuda(checkpoint, encoder, texts, tmp_path):
     inp.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
     with pytest.warns(UserWarning, match="truncated"):
         cfg = BatchEmbedConfig(
-            str(checkpoint), str(inp), str(tmp_path / "out"), device="cuda", precision="fp32"
+            str(tiny_checkpoint), str(inp), str(tmp_path / "out"), device="cuda", precision="fp32"
         )
         embed_corpus(cfg)
     with pytest.warns(UserWarning, match="truncated"):

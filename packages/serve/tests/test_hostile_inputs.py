@@ -38,9 +38,9 @@ def _texts(n):
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "other rows"])
-def test_missing_or_damaged_shard_is_recomputed(checkpoint, tmp_path, damage):
+def test_missing_or_damaged_shard_is_recomputed(tiny_checkpoint, tmp_path, damage):
     inp, out = _jsonl(tmp_path / "in.jsonl", _texts(10)), tmp_path / "out"
-    _run(checkpoint, inp, out, shard_size=4)
+    _run(tiny_checkpoint, inp, out, shard_size=4)
     first = read_embeddings(out).embeddings()
     shard = out / "part-00001.parquet"
     if damage == "delete":
@@ -49,7 +49,7 @@ def test_missing_or_damaged_shard_is_recomputed(checkpoint, tmp_path, damage):
         shard.write_bytes(shard.read_bytes()[:-20])  # the footer is gone
     else:
         pq.write_table(pq.read_table(shard).slice(0, 2), shard)  # readable, 2 rows where the manifest says 4
-    again = _run(checkpoint, inp, out, shard_size=4)
+    again = _run(tiny_checkpoint, inp, out, shard_size=4)
     assert again.complete and again.rows_embedded == 4 and again.shards_written == 1
     np.testing.assert_array_equal(read_embeddings(out).embeddings(), first)
 
@@ -76,26 +76,26 @@ def test_nan_model_stops_naming_shard_and_row(tmp_path, capsys):
 # --- item 6, 9, 12: bad rows are one line naming where ---------------------------------------------------------------
 
 
-def test_lone_surrogate_is_reported_at_its_line_before_any_work(checkpoint, tmp_path):
+def test_lone_surrogate_is_reported_at_its_line_before_any_work(tiny_checkpoint, tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"id": "a", "text": "ok"}\n{"id": "b", "text": "cut emoji \\ud83d"}\n')
     with pytest.raises(BidirError, match=r"in\.jsonl:2: field 'text' holds a lone surrogate"):
-        _run(checkpoint, inp, tmp_path / "out")
+        _run(tiny_checkpoint, inp, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-def test_deeply_nested_json_line(checkpoint, tmp_path):
+def test_deeply_nested_json_line(tiny_checkpoint, tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"id": "a", "text": "x", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     with pytest.raises(BidirError, match=r"in\.jsonl:1: JSON nested too deeply"):
-        _run(checkpoint, inp, tmp_path / "out")
+        _run(tiny_checkpoint, inp, tmp_path / "out")
 
 
-def test_invalid_utf8_in_a_parquet_string_column(checkpoint, tmp_path):
+def test_invalid_utf8_in_a_parquet_string_column(tiny_checkpoint, tmp_path):
     text = pa.array([b"fine", b"\xff not utf-8"], type=pa.binary()).view(pa.string())
     pq.write_table(pa.table({"id": ["a", "b"], "text": text}), tmp_path / "bad.parquet")
     with pytest.raises(BidirError, match=r"bad\.parquet rows 1\.\.4096: cannot read .*utf-8"):
-        _run(checkpoint, tmp_path / "bad.parquet", tmp_path / "out")
+        _run(tiny_checkpoint, tmp_path / "bad.parquet", tmp_path / "out")
 
 
 def test_truncated_onnx_model_is_one_line(onnx_export, tmp_path, capsys):
@@ -119,7 +119,7 @@ def test_unwritable_output_is_refused_before_the_model_loads(tmp_path):
         _run(tmp_path / "no-such-model", inp, tmp_path / "afile" / "out")
 
 
-def test_disk_full_names_the_file(checkpoint, tmp_path, monkeypatch):
+def test_disk_full_names_the_file(tiny_checkpoint, tmp_path, monkeypatch):
     inp, out = _jsonl(tmp_path / "in.jsonl", _texts(6)), tmp_path / "out"
 
     def full(self, table, *a, **k):
@@ -127,24 +127,24 @@ def test_disk_full_names_the_file(checkpoint, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
     with pytest.raises(BidirError, match=r"out/\.part-00000\.parquet\.tmp: cannot write .*No space left"):
-        _run(checkpoint, inp, out, shard_size=4)
+        _run(tiny_checkpoint, inp, out, shard_size=4)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # no temp file, no shard
 
 
 # --- item 13 ---------------------------------------------------------------------------------------------------------
 
 
-def test_text_files_of_one_name_in_two_folders_get_distinct_ids(checkpoint, tmp_path):
+def test_text_files_of_one_name_in_two_folders_get_distinct_ids(tiny_checkpoint, tmp_path):
     for folder in ("docs", "notes"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "a.txt").write_text(f"first of {folder}\nsecond of {folder}\n")
     (tmp_path / "docs" / "b.txt").write_text("only line\n")
-    _run(checkpoint, tmp_path / "*" / "*.txt", tmp_path / "out")
+    _run(tiny_checkpoint, tmp_path / "*" / "*.txt", tmp_path / "out")
     ids = read_embeddings(tmp_path / "out").ids()
     assert ids == ["docs/a.txt:1", "docs/a.txt:2", "docs/b.txt:1", "notes/a.txt:1", "notes/a.txt:2"]
 
 
-def test_shard_and_manifest_are_fsynced_before_they_count(checkpoint, tmp_path, monkeypatch):
+def test_shard_and_manifest_are_fsynced_before_they_count(tiny_checkpoint, tmp_path, monkeypatch):
     import os
     import re
 
@@ -156,7 +156,7 @@ def test_shard_and_manifest_are_fsynced_before_they_count(checkpoint, tmp_path, 
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
-    _run(checkpoint, _jsonl(tmp_path / "in.jsonl", _texts(3)), tmp_path / "out")
+    _run(tiny_checkpoint, _jsonl(tmp_path / "in.jsonl", _texts(3)), tmp_path / "out")
     # each file's data under its temp name (before the rename that publishes it), then its folder (the rename):
     # the planned manifest, the shard, the complete manifest
     manifest_tmp = r"\.manifest\.json\..*\.tmp"

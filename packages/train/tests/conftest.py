@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    """Imports of the embedded default go to a per-run cache, never to the user's ~/.cache/bidir."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BIDIR_CACHE", str(tmp_path_factory.mktemp("bidir-cache")))
-    yield
-    mp.undo()
-
-
-def pytest_collection_modifyitems(config, items):
-    from bidir_core.testing import skip_missing_hardware
-
-    skip_missing_hardware(items)
+from bidir_core.pytest_plugin import *  # noqa: F403 (the cache, hardware skips, embedded default: see there)
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def tiny_checkpoint(tmp_path_factory):
     """A tiny random bidir checkpoint folder (hidden 64, 2 layers)."""
     from bidir_core.testing import tiny_encoder
 
@@ -52,9 +38,3 @@ def train_jsonl(tmp_path_factory):
         )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -39,18 +39,18 @@ def _args(model, data, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_model_dir, train_jsonl, tmp_path_factory):
+def straight(tiny_checkpoint, train_jsonl, tmp_path_factory):
     """4 uninterrupted steps: the reference of every resumed run here."""
     out = tmp_path_factory.mktemp("straight")
-    train_recipe(_args(tiny_model_dir, train_jsonl, out))
+    train_recipe(_args(tiny_checkpoint, train_jsonl, out))
     return out
 
 
 @pytest.fixture
-def stopped(tiny_model_dir, train_jsonl, tmp_path):
+def stopped(tiny_checkpoint, train_jsonl, tmp_path):
     """A run stopped after step 2, checkpoints step-1 and step-2; returns (args to resume it, output_dir)."""
     out = tmp_path / "run"
-    args = _args(tiny_model_dir, train_jsonl, out)
+    args = _args(tiny_checkpoint, train_jsonl, out)
     train_recipe([*args, "schedule.stop_at_step=2"])
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
     return args, out
@@ -119,10 +119,10 @@ def test_trainer_and_rng_state_hold_no_pickle(stopped):
 # ------------------------------------------------------------------------------------------ 3: changed recipe
 
 
-def test_resume_refuses_another_recipe(stopped, tiny_model_dir, tmp_path):
+def test_resume_refuses_another_recipe(stopped, tiny_checkpoint, tmp_path):
     args, out = stopped
     other = tmp_path / "other-model"
-    shutil.copytree(tiny_model_dir, other)
+    shutil.copytree(tiny_checkpoint, other)
     recipe = (out / "recipe.json").read_bytes()
     changed = [a for a in args if not a.startswith("model.path=")] + [f"model.path={other}", "optim.lr=0.01"]
     with pytest.raises(BidirError) as e:
@@ -170,12 +170,12 @@ def test_non_finite_or_out_of_range_config_value(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_diverging_run_stops_before_nan_weights(tiny_model_dir, train_jsonl, tmp_path):
+def test_diverging_run_stops_before_nan_weights(tiny_checkpoint, train_jsonl, tmp_path):
     from bidir_train.checkpoints import SafeReader
 
     out = tmp_path / "run"
     with pytest.raises(BidirError, match=r"^step \d: the loss is (nan|inf)") as e:
-        train_recipe(_args(tiny_model_dir, train_jsonl, out, "optim.lr=1e30", "schedule.warmup_steps=0"))
+        train_recipe(_args(tiny_checkpoint, train_jsonl, out, "optim.lr=1e30", "schedule.warmup_steps=0"))
     assert "\n" not in str(e.value)
     assert not (out / "final").exists()
     assert list((out / "checkpoints").iterdir())
@@ -237,7 +237,7 @@ def test_empty_trainer_state_names_the_file(stopped):
 
 
 def test_stale_temp_folders_are_removed_and_checkpoints_fsynced(
-    tiny_model_dir, train_jsonl, tmp_path, monkeypatch
+    tiny_checkpoint, train_jsonl, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
     out.mkdir()
@@ -256,7 +256,7 @@ def test_stale_temp_folders_are_removed_and_checkpoints_fsynced(
     monkeypatch.setattr(
         os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))
     )
-    train_recipe(_args(tiny_model_dir, train_jsonl, out, "schedule.max_steps=2"))
+    train_recipe(_args(tiny_checkpoint, train_jsonl, out, "schedule.max_steps=2"))
     assert sorted(p.name for p in out.iterdir()) == [
         ".not-ours",
         "checkpoints",
@@ -301,10 +301,10 @@ def test_disk_full_while_saving_a_checkpoint(stopped, monkeypatch):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
 
 
-def test_a_config_error_leaves_nothing_behind(tiny_model_dir, train_jsonl, tmp_path):
+def test_a_config_error_leaves_nothing_behind(tiny_checkpoint, train_jsonl, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(BidirError):
-        train_recipe(_args(tiny_model_dir, train_jsonl, out, "loss.matryoshka_dims=[9999]"))
+        train_recipe(_args(tiny_checkpoint, train_jsonl, out, "loss.matryoshka_dims=[9999]"))
     assert not out.exists()
 
 
@@ -327,7 +327,7 @@ def test_recipe_differences_lists_dotted_keys():
     assert recipe_differences(old, {**old, "mntp": {"max_length": 3}}) == ["mntp.max_length"]
 
 
-def test_disk_full_while_writing_the_final_model(tiny_model_dir, train_jsonl, tmp_path, monkeypatch):
+def test_disk_full_while_writing_the_final_model(tiny_checkpoint, train_jsonl, tmp_path, monkeypatch):
     import bidir_core.checkpoint
 
     def full(tensors, filename, metadata=None):
@@ -336,15 +336,15 @@ def test_disk_full_while_writing_the_final_model(tiny_model_dir, train_jsonl, tm
     monkeypatch.setattr(bidir_core.checkpoint, "save_file", full)
     out = tmp_path / "run"
     with pytest.raises(BidirError) as e:
-        train_recipe(_args(tiny_model_dir, train_jsonl, out, "schedule.max_steps=1"))
+        train_recipe(_args(tiny_checkpoint, train_jsonl, out, "schedule.max_steps=1"))
     # bidir_core.checkpoint names what was not written (final/) and why, in one line
     assert str(e.value) == f"{out / 'final'}: not written: No space left on device"
     assert not (out / "final").exists() and not list(out.glob(".final.*"))
 
 
-def test_two_ranks_fall_back_together(tiny_model_dir, train_jsonl, tmp_path):
+def test_two_ranks_fall_back_together(tiny_checkpoint, train_jsonl, tmp_path):
     """Rank 1's shard of the newest checkpoint is truncated: both ranks skip it and resume from the one before."""
-    args = [*_args(tiny_model_dir, train_jsonl, tmp_path / "run"), "schedule.micro_batch_size=1"]
+    args = [*_args(tiny_checkpoint, train_jsonl, tmp_path / "run"), "schedule.micro_batch_size=1"]
     torchrun_train(2, [*args, "schedule.stop_at_step=2"])
     shard = tmp_path / "run" / "checkpoints" / "step-00000002" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])

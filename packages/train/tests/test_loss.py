@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from train_testing import free_port
 
 from bidir_train.contrastive import MicroBatch, forward_backward
 from bidir_train.loss import info_nce

@@ -158,11 +158,11 @@ def test_bad_input(tmp_path, train_jsonl):
 
 
 @pytest.mark.filterwarnings("ignore:.*rows have fewer than")
-def test_cli(tmp_path, tiny_model_dir, train_jsonl, capsys):
+def test_cli(tmp_path, tiny_checkpoint, train_jsonl, capsys):
     corpus = tmp_path / "passages.txt"
     corpus.write_text("".join(f"passage about topic {i}\n" for i in range(12)))
     out = tmp_path / "mined.jsonl"
-    args = [str(tiny_model_dir), "--train", str(train_jsonl), "--output", str(out), "--corpus", str(corpus)]
+    args = [str(tiny_checkpoint), "--train", str(train_jsonl), "--output", str(out), "--corpus", str(corpus)]
     assert main([*args, "--no-keep-existing", "--num-negatives", "2", "--no-progress"]) == 0
     assert "24 rows" in capsys.readouterr().out
     mined = list(read_training_examples(out))

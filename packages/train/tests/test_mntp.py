@@ -29,7 +29,7 @@ TEXTS = [f"the {w} of item {i} is {w}ed by the parser" for i in range(20) for w 
 
 
 @pytest.fixture(scope="module")
-def tied_model_dir(tmp_path_factory):
+def tied_checkpoint(tmp_path_factory):
     """A tiny random checkpoint whose LM head is its input embeddings (as SmolLM2's)."""
     folder = tmp_path_factory.mktemp("tied") / "model"
     tiny_encoder(tie_word_embeddings=True).save_pretrained(folder)
@@ -139,17 +139,19 @@ def test_sampler_rows_do_not_depend_on_world_size_or_resume():
     assert len({r.seed for e in range(2) for s in range(7) for r in sampler.rows(e, s)}) == 2 * 7 * 8
 
 
-def test_stage_lowers_the_loss_and_resumes_exactly(tied_model_dir, texts_txt, tmp_path):
+def test_stage_lowers_the_loss_and_resumes_exactly(tied_checkpoint, texts_txt, tmp_path):
     straight = tmp_path / "straight"
     summary = train(
-        load_recipe("tiny", _mntp_args(tied_model_dir, texts_txt, straight, "schedule.max_steps=12")[1:])
+        load_recipe("tiny", _mntp_args(tied_checkpoint, texts_txt, straight, "schedule.max_steps=12")[1:])
     )
     losses = loss_curve(straight)
     assert summary["steps"] == 12 and len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3  # it learns
 
     resumed = tmp_path / "resumed"
-    args = _mntp_args(tied_model_dir, texts_txt, resumed, "schedule.max_steps=12", "checkpoint.every_steps=5")
+    args = _mntp_args(
+        tied_checkpoint, texts_txt, resumed, "schedule.max_steps=12", "checkpoint.every_steps=5"
+    )
     first = train(load_recipe("tiny", [*args[1:], "schedule.stop_at_step=7"]))
     assert first["final"] is None
     train(load_recipe("tiny", args[1:]))
@@ -162,14 +164,14 @@ def test_stage_lowers_the_loss_and_resumes_exactly(tied_model_dir, texts_txt, tm
         assert torch.equal(a[key], b[key]), key
 
 
-def test_checkpoint_starts_a_contrastive_run(tied_model_dir, texts_txt, train_jsonl, tmp_path):
+def test_checkpoint_starts_a_contrastive_run(tied_checkpoint, texts_txt, train_jsonl, tmp_path):
     mntp = train(
         load_recipe(
-            "tiny", _mntp_args(tied_model_dir, texts_txt, tmp_path / "mntp", "schedule.max_steps=3")[1:]
+            "tiny", _mntp_args(tied_checkpoint, texts_txt, tmp_path / "mntp", "schedule.max_steps=3")[1:]
         )
     )
     adapted = BiEncoder.from_pretrained(mntp["final"])
-    before = BiEncoder.from_pretrained(tied_model_dir)
+    before = BiEncoder.from_pretrained(tied_checkpoint)
     assert abs(adapted.encode_queries(["sort"]) - before.encode_queries(["sort"])).max() > 1e-4
 
     out = tmp_path / "contrastive"
@@ -180,10 +182,10 @@ def test_checkpoint_starts_a_contrastive_run(tied_model_dir, texts_txt, train_js
     ).shape == (1, 64)
 
 
-def test_two_ranks_match_one(tied_model_dir, texts_txt, tmp_path):
+def test_two_ranks_match_one(tied_checkpoint, texts_txt, tmp_path):
     """FSDP2 over 2 gloo ranks: the tied LM head is used after the sharded forward; same losses and weights."""
     one, two = tmp_path / "one", tmp_path / "two"
-    args = _mntp_args(tied_model_dir, texts_txt, one, "schedule.max_steps=4", "checkpoint.every_steps=0")
+    args = _mntp_args(tied_checkpoint, texts_txt, one, "schedule.max_steps=4", "checkpoint.every_steps=0")
     train(load_recipe("tiny", args[1:]))
     torchrun_train(2, [a.replace(str(one), str(two)) for a in args])
     assert loss_curve(two) == pytest.approx(loss_curve(one), abs=1e-5)
@@ -192,9 +194,9 @@ def test_two_ranks_match_one(tied_model_dir, texts_txt, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
 
 
-def test_bad_input(tied_model_dir, tiny_model_dir, texts_txt, tmp_path):
+def test_bad_input(tied_checkpoint, tiny_checkpoint, texts_txt, tmp_path):
     with pytest.raises(BidirError, match="untied and was not found"):
-        train(load_recipe("tiny", _mntp_args(tiny_model_dir, texts_txt, tmp_path / "a")[1:]))
+        train(load_recipe("tiny", _mntp_args(tiny_checkpoint, texts_txt, tmp_path / "a")[1:]))
     assert not (tmp_path / "a" / "final").exists()
     with pytest.raises(BidirError, match="objective must be one of contrastive, mntp"):
         load_recipe("tiny", ["objective=mlm"])
@@ -203,13 +205,13 @@ def test_bad_input(tied_model_dir, tiny_model_dir, texts_txt, tmp_path):
     with pytest.raises(BidirError, match="is 4 tokens for this tokenizer"):
         train(
             load_recipe(
-                "tiny", [*_mntp_args(tied_model_dir, texts_txt, tmp_path / "b")[1:], "mntp.mask_token=ab cd"]
+                "tiny", [*_mntp_args(tied_checkpoint, texts_txt, tmp_path / "b")[1:], "mntp.mask_token=ab cd"]
             )
         )
     with pytest.raises(BidirError, match="text_fields is for objective: mntp"):
         train(
             load_recipe(
-                "tiny", [f"model.path={tied_model_dir}", f"data.train={texts_txt}", "data.text_fields=[x]"]
+                "tiny", [f"model.path={tied_checkpoint}", f"data.train={texts_txt}", "data.text_fields=[x]"]
             )
         )
 

@@ -15,10 +15,10 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 
 
-def _recipe(tiny_model_dir, train_jsonl, out, *extra):
+def _recipe(tiny_checkpoint, train_jsonl, out, *extra):
     return [
         "tiny",
-        f"model.path={tiny_model_dir}",
+        f"model.path={tiny_checkpoint}",
         f"data.train={train_jsonl}",
         f"logging.output_dir={out}",
         *extra,
@@ -26,17 +26,17 @@ def _recipe(tiny_model_dir, train_jsonl, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_model_dir, train_jsonl, tmp_path_factory):
+def straight(tiny_checkpoint, train_jsonl, tmp_path_factory):
     """The reference: 6 steps on one process (global batch 4 = 2 micro-batches of 2)."""
     out = tmp_path_factory.mktemp("straight")
-    summary = train_recipe(_recipe(tiny_model_dir, train_jsonl, out))
+    summary = train_recipe(_recipe(tiny_checkpoint, train_jsonl, out))
     assert summary["steps"] == 6
     return out
 
 
-def test_two_ranks_match_one(straight, tiny_model_dir, train_jsonl, tmp_path):
+def test_two_ranks_match_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
     """FSDP2 over 2 gloo ranks, micro-batch 1 per rank, same global batch and groups: same losses (fp32)."""
-    torchrun_train(2, _recipe(tiny_model_dir, train_jsonl, tmp_path, "schedule.micro_batch_size=1"))
+    torchrun_train(2, _recipe(tiny_checkpoint, train_jsonl, tmp_path, "schedule.micro_batch_size=1"))
     one, two = loss_curve(straight), loss_curve(tmp_path)
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, abs=1e-5)
@@ -49,9 +49,9 @@ def test_two_ranks_match_one(straight, tiny_model_dir, train_jsonl, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
 
 
-def test_resume_is_exact(straight, tiny_model_dir, train_jsonl, tmp_path):
+def test_resume_is_exact(straight, tiny_checkpoint, train_jsonl, tmp_path):
     """3 steps, stop, rerun -> resumes from the step-3 checkpoint: identical losses and final weights."""
-    args = _recipe(tiny_model_dir, train_jsonl, tmp_path)
+    args = _recipe(tiny_checkpoint, train_jsonl, tmp_path)
     first = train_recipe([*args, "schedule.stop_at_step=3"])
     assert first["steps"] == 3 and first["final"] is None
     assert (tmp_path / "checkpoints" / "step-00000003").is_dir()
@@ -68,20 +68,22 @@ def test_resume_is_exact(straight, tiny_model_dir, train_jsonl, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_final_checkpoint_loads_and_embeds(straight, tiny_model_dir):
+def test_final_checkpoint_loads_and_embeds(straight, tiny_checkpoint):
     trained = BiEncoder.from_pretrained(straight / "final")
     assert trained.config.query_prefix == "query: " and trained.config.max_length == 48
     emb = trained.encode_queries(["how do i sort item 3", "open a file"])
     assert emb.shape == (2, 64)
     assert abs(float((emb**2).sum(-1)[0]) - 1.0) < 1e-5
-    before = BiEncoder.from_pretrained(tiny_model_dir).encode_queries(["how do i sort item 3", "open a file"])
+    before = BiEncoder.from_pretrained(tiny_checkpoint).encode_queries(
+        ["how do i sort item 3", "open a file"]
+    )
     assert abs(emb - before).max() > 1e-3  # trained weights, not the initial ones
 
 
-def test_gradcache_and_matryoshka_in_the_loop(tiny_model_dir, train_jsonl, tmp_path):
+def test_gradcache_and_matryoshka_in_the_loop(tiny_checkpoint, train_jsonl, tmp_path):
     """loss.cache_chunk_size changes memory, not the result."""
     base = _recipe(
-        tiny_model_dir,
+        tiny_checkpoint,
         train_jsonl,
         tmp_path / "plain",
         "schedule.max_steps=2",
@@ -117,31 +119,31 @@ def _cli_error(args, nproc=1):
     return errors[0]
 
 
-def test_malformed_jsonl_row(tiny_model_dir, train_jsonl, tmp_path):
+def test_malformed_jsonl_row(tiny_checkpoint, train_jsonl, tmp_path):
     bad = tmp_path / "bad.jsonl"
     lines = train_jsonl.read_text().splitlines()
     lines[4] = '{"query": "unterminated'
     bad.write_text("\n".join(lines) + "\n")
-    message = _cli_error(_recipe(tiny_model_dir, bad, tmp_path / "out"))
+    message = _cli_error(_recipe(tiny_checkpoint, bad, tmp_path / "out"))
     assert f"{bad}:5" in message
 
 
-def test_empty_dataset(tiny_model_dir, tmp_path):
+def test_empty_dataset(tiny_checkpoint, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(BidirError, match="no training examples"):
-        train_recipe(_recipe(tiny_model_dir, empty, tmp_path / "out"))
+        train_recipe(_recipe(tiny_checkpoint, empty, tmp_path / "out"))
 
 
-def test_fewer_rows_than_a_batch(tiny_model_dir, train_jsonl, tmp_path):
+def test_fewer_rows_than_a_batch(tiny_checkpoint, train_jsonl, tmp_path):
     with pytest.raises(BidirError, match="fewer than one global batch of 4"):
-        train_recipe(_recipe(tiny_model_dir, train_jsonl, tmp_path / "out", "data.max_examples=3"))
+        train_recipe(_recipe(tiny_checkpoint, train_jsonl, tmp_path / "out", "data.max_examples=3"))
 
 
-def test_more_ranks_than_rows(tiny_model_dir, train_jsonl, tmp_path):
+def test_more_ranks_than_rows(tiny_checkpoint, train_jsonl, tmp_path):
     message = _cli_error(
         _recipe(
-            tiny_model_dir,
+            tiny_checkpoint,
             train_jsonl,
             tmp_path / "out",
             "data.max_examples=1",

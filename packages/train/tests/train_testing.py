@@ -1,9 +1,11 @@
-"""Helpers for the bidir-train tests: a recipe run in this process, the same under torchrun, and its losses."""
+"""Helpers for the bidir-train tests: a recipe run in this process, the same under torchrun, its losses, and a free
+port for a process group."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +35,10 @@ def loss_curve(out: Path) -> list[float]:
     """The per-step losses of the run in out, from its metrics.jsonl."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test's own process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

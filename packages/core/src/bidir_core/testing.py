@@ -136,19 +136,3 @@ def write_nvidia_llama_bidirec(
         f"{trap}raise RuntimeError('the folder code of {folder.name} was run')\n"
     )
     return folder
-
-
-def skip_missing_hardware(items) -> None:
-    """For a pytest_collection_modifyitems hook: tests marked `gpu` skip without CUDA and tests marked `tensorrt`
-    skip without an importable tensorrt and a GPU, each with the reason; they never fail for lack of hardware."""
-    import importlib.util
-
-    import pytest
-
-    has_cuda = torch.cuda.is_available()
-    has_trt = has_cuda and importlib.util.find_spec("tensorrt") is not None
-    for item in items:
-        if "gpu" in item.keywords and not has_cuda:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
-        if "tensorrt" in item.keywords and not has_trt:
-            item.add_marker(pytest.mark.skip(reason="needs an importable tensorrt and a CUDA GPU"))
