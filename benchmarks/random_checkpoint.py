@@ -15,7 +15,7 @@ from pathlib import Path
 from harness import random_llama
 
 from bidir_core.checkpoint import EncoderConfig, read_encoder_config, write_checkpoint
-from bidir_core.sources import load_llama_config
+from bidir_core.hf_folder import load_llama_config
 from bidir_core.tokenization import load_tokenizer
 
 

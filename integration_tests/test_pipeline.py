@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from clis import run
 
-from bidir_core.datasets import stdlib_docstrings
+from bidir_core.datasets import stdlib_dev, stdlib_train
 from bidir_core.embeddings_artifact import read_embeddings
 from bidir_core.testing import tiny_encoder
 
@@ -28,14 +28,14 @@ def _write_jsonl(path: Path, rows) -> Path:
 def write_data(root: Path, n_train: int, n_queries: int) -> tuple[Path, Path]:
     """Training JSONL (stdlib docstring pairs, another row's passage as the hard negative) and a BEIR folder
     (a slice of the stdlib dev split)."""
-    train = stdlib_docstrings("train")[:n_train]
+    train = stdlib_train()[:n_train]
     rows = [
         {"query": ex.query, "pos_doc": ex.positives[0], "neg_doc": [train[(i + 1) % len(train)].positives[0]]}
         for i, ex in enumerate(train)
     ]
     train_file = _write_jsonl(root / "train.jsonl", rows)
 
-    dev = stdlib_docstrings("dev")
+    dev = stdlib_dev()
     qids = sorted(dev.qrels)[:n_queries]
     dids = sorted({d for q in qids for d in dev.qrels[q]})
     beir = root / "beir"

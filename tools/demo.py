@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bidir_core.datasets import stdlib_docstrings
+from bidir_core.datasets import stdlib_dev
 
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map@100")
 
@@ -57,7 +57,7 @@ def has_tensorrt() -> bool:
 def write_corpus(path: Path) -> int:
     """The dev split's passages as the JSONL batch-embed reads (id + text); the ids are the dataset's own, so
     bidir-eval can match the written embeddings to its qrels."""
-    dev = stdlib_docstrings("dev")
+    dev = stdlib_dev()
     with path.open("w", encoding="utf-8") as f:
         for doc_id, text in dev.corpus.items():
             f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
@@ -115,7 +115,7 @@ def main() -> None:
         "--json", out / "eval.json")  # fmt: skip
     seconds = time.perf_counter() - start
     after = json.loads((out / "eval.json").read_text())["metrics"]
-    n_queries = len(stdlib_docstrings("dev").queries)
+    n_queries = len(stdlib_dev().queries)
     stages.append(("bidir-eval", seconds, f"{n_queries} queries vs {n_docs} written embeddings"))
 
     print("\n== stdlib-docstrings dev retrieval (SmolLM2-135M, bidirectional)")
