@@ -23,8 +23,8 @@ def device():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_load_encoder_autocast(tiny_model_dir, device, precision):
-    cfg = load_recipe("tiny", [f"model.path={tiny_model_dir}", f"model.precision={precision}"])
+def test_load_encoder_autocast(tiny_checkpoint, device, precision):
+    cfg = load_recipe("tiny", [f"model.path={tiny_checkpoint}", f"model.precision={precision}"])
     encoder = load_encoder(cfg, device)
     assert encoder.training
     assert encoder.autocast_dtype == (
