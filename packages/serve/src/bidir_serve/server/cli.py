@@ -96,9 +96,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
 
 
 def serve(cfg: ServerConfig, log_level: str = "info") -> None:
+    level = getattr(logging, log_level.upper())
+    # debug is for the server's own lines (one per request), not every library's
     logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=max(level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
+    logging.getLogger("bidir_serve").setLevel(level)
     Runner(cfg, log_level=log_level).run()
 
 
