@@ -89,7 +89,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(ApiError(exc.status_code, str(exc.detail), code="not_found"))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(ApiError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -121,6 +122,10 @@ def create_app(
                 response, what = await _embed(request, state)
         except ApiError as e:
             response, what, error_type = error_response(e), e.message, e.type
+        except Exception as e:  # a bug, not the request's fault: logged with its traceback, answered 500
+            log.exception("POST /v1/embeddings failed")
+            response = error_response(ApiError(500, f"internal error ({type(e).__name__})", type="server_error"))
+            what, error_type = "internal error", "server_error"
         if response.status_code == CLIENT_GONE:
             error_type = "client_disconnected"
         seconds = time.perf_counter() - start
