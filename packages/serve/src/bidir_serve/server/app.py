@@ -124,7 +124,9 @@ def create_app(
             response, what, error_type = error_response(e), e.message, e.type
         except Exception as e:  # a bug, not the request's fault: logged with its traceback, answered 500
             log.exception("POST /v1/embeddings failed")
-            response = error_response(ApiError(500, f"internal error ({type(e).__name__})", type="server_error"))
+            response = error_response(
+                ApiError(500, f"internal error ({type(e).__name__})", type="server_error")
+            )
             what, error_type = "internal error", "server_error"
         if response.status_code == CLIENT_GONE:
             error_type = "client_disconnected"
