@@ -1,4 +1,5 @@
-"""bidir-serve: batch embedding with bidir models over torch, onnxruntime and TensorRT backends.
+"""bidir-serve: batch embedding and an OpenAI-compatible embedding server (bidir_serve.server, the bidir-server
+command) for bidir models over torch, onnxruntime and TensorRT backends.
 
 from bidir_serve import BatchEmbedConfig, embed_corpus, load_backend
 """

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from bidir_core.embeddings_artifact import EMBEDDING_DTYPES
 from bidir_core.errors import BidirError
 from bidir_serve.backends import BACKENDS, PRECISIONS
-
-PROMPTS = ("passage", "query", "none")
+from bidir_serve.prompts import PROMPTS
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,12 @@ from bidir_core.errors import BidirError
 from bidir_serve.backends import Backend
 from bidir_serve.inputs import input_fingerprint
 from bidir_serve.job_config import BatchEmbedConfig
+from bidir_serve.prompts import prompt_prefix
 
 
 def plan_job(cfg: BatchEmbedConfig, backend: Backend, files: list[Path], n_rows: int) -> EmbeddingsManifest:
     """The manifest the finished job will have (marked incomplete until every shard is written)."""
-    prefix = {"passage": backend.config.passage_prefix, "query": backend.config.query_prefix, "none": ""}[
-        cfg.prompt
-    ]
+    prefix = prompt_prefix(backend.config, cfg.prompt)
     inputs_fp, described = input_fingerprint(files)
     # Everything that changes an embedding value or a row's place; batch sizes and device do not.
     settings = {

@@ -1,0 +1,255 @@
+"""The FastAPI app: POST /v1/embeddings, GET /health, GET /v1/models, GET /metrics, and OpenAI-style error JSON for
+every refusal (`{"error": {"message", "type", "param", "code"}}`).
+
+A request goes: admitted (or 429 at once: batcher.slot) -> body read up to --max-request-bytes (413) -> validated
+(schema.py, 400/404) -> tokenized on the one tokenizer thread (tokens.py) -> queued for the model thread
+(batcher.py), while a watcher notices a client that disconnects and takes its job off the queue -> Matryoshka cut
+(bidir_core.matryoshka, from the full-width output) -> JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bidir_core.matryoshka import truncate_array
+from bidir_serve.backends import Backend, load_backend
+from bidir_serve.server.batcher import Batcher
+from bidir_serve.server.config import ServerConfig
+from bidir_serve.server.errors import ApiError, bad_request, unavailable
+from bidir_serve.server.metrics import Metrics
+from bidir_serve.server.schema import EmbeddingRequest, embedding_response, parse_request
+from bidir_serve.server.tokens import input_ids
+
+log = logging.getLogger("bidir_serve.server")
+
+CLIENT_GONE = 499
+"""Recorded (nginx's convention) for a request whose client disconnected before its answer; nothing is sent."""
+
+
+@dataclass
+class ServerState:
+    cfg: ServerConfig
+    batcher: Batcher
+    metrics: Metrics
+    tokenizer_thread: ThreadPoolExecutor
+    started: int
+
+
+def create_app(
+    cfg: ServerConfig,
+    load: Callable[[], Backend] | None = None,
+    on_fatal: Callable[[BaseException], None] = lambda e: None,
+) -> FastAPI:
+    """The app serving cfg.model; `load` builds the backend (default: load_backend with cfg's settings), on the
+    model thread once the app starts, and `on_fatal` is called there when that fails."""
+    if load is None:
+
+        def load() -> Backend:
+            return load_backend(
+                cfg.model, cfg.backend, device=cfg.device, precision=cfg.precision, compile=cfg.compile
+            )
+
+    metrics = Metrics()
+    state = ServerState(
+        cfg,
+        Batcher(cfg, load, metrics, on_fatal),
+        metrics,
+        ThreadPoolExecutor(1, thread_name_prefix="bidir-tokenize"),
+        int(time.time()),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.batcher.start()
+        summaries = asyncio.create_task(_summaries(state))
+        try:
+            yield
+        finally:
+            summaries.cancel()
+            # every connection is closed by now (uvicorn waits for in-flight requests), so nothing is left queued
+            await asyncio.to_thread(state.batcher.stop)
+            state.tokenizer_thread.shutdown()
+            if line := metrics.summary():
+                log.info(line)
+
+    app = FastAPI(title="bidir-server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(ApiError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(ApiError(500, f"internal error ({type(exc).__name__})", type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        status = {"ready": 200, "loading": 503, "failed": 503, "stopped": 503}[state.batcher.state]
+        return JSONResponse({"status": state.batcher.state}, status_code=status)
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": cfg.model_id, "object": "model", "created": state.started, "owned_by": "bidir"}],
+        }
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        start = time.perf_counter()
+        error_type = None
+        try:
+            with state.batcher.slot():
+                response, what = await _embed(request, state)
+        except ApiError as e:
+            response, what, error_type = error_response(e), e.message, e.type
+        except Exception as e:  # a bug, not the request's fault: logged with its traceback, answered 500
+            log.exception("POST /v1/embeddings failed")
+            response = error_response(
+                ApiError(500, f"internal error ({type(e).__name__})", type="server_error")
+            )
+            what, error_type = "internal error", "server_error"
+        if response.status_code == CLIENT_GONE:
+            error_type = "client_disconnected"
+        seconds = time.perf_counter() - start
+        metrics.request(response.status_code, seconds, error_type)
+        log.debug("POST /v1/embeddings %d %.1f ms: %s", response.status_code, seconds * 1e3, what)
+        return response
+
+    return app
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _embed(request: Request, state: ServerState) -> tuple[Response, str]:
+    cfg, batcher = state.cfg, state.batcher
+    if batcher.state != "ready":
+        message = "the model is still loading (GET /health answers 200 once it is ready)"
+        raise unavailable(
+            message if batcher.state == "loading" else "the server is shutting down", batcher.state
+        )
+    backend = batcher.backend
+    req = parse_request(await _read_body(request, cfg.max_request_bytes))
+    if req.model is not None and req.model not in (cfg.model_id, cfg.model):
+        raise ApiError(
+            404,
+            f"the model {req.model!r} is not served here; this server serves {cfg.model_id!r}",
+            param="model",
+            code="model_not_found",
+        )
+    inputs = [req.input] if isinstance(req.input, str) else req.input
+    if isinstance(inputs[0], int):  # one token id list
+        inputs = [inputs]
+    if len(inputs) > cfg.max_inputs:
+        raise bad_request(
+            f"input has {len(inputs)} items, more than the limit of {cfg.max_inputs} per request",
+            "input",
+            code="too_many_inputs",
+        )
+    dim = _dimensions(req, backend)
+    loop = asyncio.get_running_loop()
+    ids = await loop.run_in_executor(
+        state.tokenizer_thread,
+        input_ids,
+        inputs,
+        req.input_type,
+        req.truncate,
+        backend.tokenizer,
+        backend.config,
+    )
+    tokens = sum(map(len, ids))
+    if tokens > cfg.max_request_tokens:
+        raise bad_request(
+            f"the inputs have {tokens} tokens, more than the limit of {cfg.max_request_tokens} per request",
+            "input",
+            code="too_many_tokens",
+        )
+    emb = await _run(request, batcher, ids)
+    if emb is None:
+        return Response(status_code=CLIENT_GONE), f"{len(ids)} inputs dropped: the client disconnected"
+    emb = truncate_array(emb, dim, backend.config.normalize)  # (N, dim)
+    body = embedding_response(emb, req.encoding_format, cfg.model_id, tokens)
+    return JSONResponse(body), f"{len(ids)} inputs, {tokens} tokens, {req.input_type}, dim {dim}"
+
+
+def _dimensions(req: EmbeddingRequest, backend: Backend) -> int:
+    """The requested Matryoshka width: any 1..width for a model whose config lists Matryoshka dimensions (it was
+    trained to be cut); only its full width for one that lists none (a cut of it is not an embedding)."""
+    width = backend.dim
+    if req.dimensions is None or req.dimensions == width:
+        return width
+    if req.dimensions > width:
+        raise bad_request(
+            f"dimensions={req.dimensions} is larger than the model's embedding width {width}", "dimensions"
+        )
+    if not backend.config.matryoshka_dims:
+        raise bad_request(
+            f"dimensions={req.dimensions}: this model was not trained for Matryoshka truncation (its config lists "
+            f"no matryoshka_dims), so dimensions can only be its width {width}",
+            "dimensions",
+        )
+    return req.dimensions
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_big = f"the request body is larger than the limit of {limit} bytes"
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"{too_big} ({declared} bytes)", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a body without (or lying about) its length is counted as it comes
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, too_big, code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _run(request: Request, batcher: Batcher, ids: list[list[int]]) -> np.ndarray | None:
+    """The embeddings of ids from the model thread, or None when the client disconnected first (its job is then
+    dropped, so no work is left queued for nobody)."""
+    job = batcher.submit(ids)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.future.done():
+            batcher.cancel(job)
+            job.future.cancel()
+    return job.future.result() if job.future in done else None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body is read, so receive() now waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _summaries(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(state.cfg.log_interval)
+        if line := state.metrics.summary():
+            log.info(line)

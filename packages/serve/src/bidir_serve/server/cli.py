@@ -1,0 +1,118 @@
+"""bidir-server: the command line over Runner (runner.py): parse, configure logging, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from bidir_core.cli import run_cli
+from bidir_serve.backends import BACKENDS, PRECISIONS
+from bidir_serve.server.config import ServerConfig
+from bidir_serve.server.runner import Runner
+
+EXAMPLES = """examples:
+  bidir-server smollm2-135m
+  bidir-server ./ckpt --host 0.0.0.0 --port 9000 --served-model-name my-embedder
+  bidir-server ./onnx-export --backend onnxruntime --max-batch-tokens 32768 --max-wait-ms 5
+  curl -s localhost:8080/v1/embeddings -H 'Content-Type: application/json' -d '{"input": ["hello"]}'"""
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
+    d = ServerConfig("")
+    p = argparse.ArgumentParser(
+        prog="bidir-server",
+        description="Serve a bidir model over an OpenAI-compatible HTTP API: POST /v1/embeddings (with NVIDIA NIM's "
+        "input_type and truncate), GET /health, GET /v1/models, GET /metrics. Concurrent requests are merged into "
+        "token-budget batches.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="checkpoint folder, .gguf, 'smollm2-135m', ONNX export or engine folder")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
+    p.add_argument(
+        "--served-model-name", help="the model id clients send and /v1/models lists (default: MODEL)"
+    )
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="runtime (default auto)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        help="torch compute dtype (default bf16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=d.max_batch_tokens,
+        help=f"padded tokens per model batch (default {d.max_batch_tokens})",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=d.max_batch_size,
+        help=f"rows per batch (default {d.max_batch_size})",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=d.max_wait_ms,
+        help=f"longest wait for more requests to fill a batch (default {d.max_wait_ms})",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=d.max_concurrency,
+        help=f"requests in progress at once; more get 429 (default {d.max_concurrency})",
+    )
+    p.add_argument(
+        "--max-inputs", type=int, default=d.max_inputs, help=f"inputs per request (default {d.max_inputs})"
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=d.max_request_bytes,
+        help=f"request body size (default {d.max_request_bytes})",
+    )
+    p.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=d.max_request_tokens,
+        help=f"tokens per request (default {d.max_request_tokens})",
+    )
+    p.add_argument(
+        "--log-interval",
+        type=float,
+        default=d.log_interval,
+        help=f"seconds between info summaries (default {d.log_interval:g})",
+    )
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="debug logs one line per request")
+    a = vars(p.parse_args(argv))
+    log_level = a.pop("log_level")
+    return ServerConfig(**a), log_level
+
+
+def serve(cfg: ServerConfig, log_level: str = "info") -> None:
+    level = getattr(logging, log_level.upper())
+    # debug is for the server's own lines (one per request), not every library's
+    logging.basicConfig(
+        level=max(level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("bidir_serve").setLevel(level)
+    Runner(cfg, log_level=log_level).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    def work() -> None:
+        serve(*parse_args(argv))
+
+    return run_cli("bidir-server", work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""ApiError: a request the server refuses, carried to the client as OpenAI's error JSON
+`{"error": {"message", "type", "param", "code"}}` with its HTTP status."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """A refused request: status, one-line message, OpenAI error type, the offending field (param) and a code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def overloaded(message: str) -> ApiError:
+    """429: the queue is full; the client should retry later (OpenAI's clients do, with backoff)."""
+    return ApiError(429, message, type="rate_limit_error", code="queue_full")
+
+
+def unavailable(message: str, code: str) -> ApiError:
+    """503: the model is still loading, or the server is shutting down."""
+    return ApiError(503, message, type="service_unavailable", code=code)
