@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from bidir_export.tensorrt_build import tensorrt_missing_message
@@ -43,3 +49,47 @@ def _run(argv, timeout: float, cwd: Path | None) -> tuple[int, str]:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     return proc.returncode, proc.stdout + proc.stderr
+
+
+@contextlib.contextmanager
+def serving(*argv: str | Path, port: int, cwd: Path | None = None, timeout: float = 120) -> Iterator[str]:
+    """Start a server CLI (as run() starts a CLI) and yield its base URL once GET /health answers 200; on leaving,
+    SIGTERM it, which must end it with exit 0 (graceful shutdown)."""
+    argv = [str(a) for a in argv]
+    script = Path(sys.executable).parent / argv[0]
+    if script.is_file():
+        argv[0] = str(script)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, (
+                f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout.read()[-4000:]}"
+            )
+            assert time.monotonic() < deadline, f"{' '.join(argv)}: not ready after {timeout} s"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:  # not listening yet, or 503 while loading
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+    assert proc.returncode == 0, f"{' '.join(argv)} exited {proc.returncode} on SIGTERM:\n{output[-4000:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -43,6 +43,15 @@ def command(readme: str, start: str) -> list[str]:
     return shlex.split(matches[0])
 
 
+def shell_command(readme: str, start: str) -> list[str]:
+    """command(), but the words exactly as the shell splits them (command() normalizes spaces, which loses the
+    quotes of a word holding spaces, such as curl's JSON body)."""
+    lines = [line for body in blocks(readme, "bash") for line in body.replace("\\\n", " ").splitlines()]
+    matches = [shlex.split(line, comments=True) for line in lines if line.strip().startswith(start)]
+    assert len(matches) == 1, f"{readme}: {len(matches)} commands start with {start!r}"
+    return matches[0]
+
+
 def miniature(
     words: list[str],
     paths: dict[str, str | Path] | None = None,

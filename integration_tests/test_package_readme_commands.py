@@ -10,13 +10,14 @@ import json
 import re
 import shlex
 import shutil
+import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from clis import TENSORRT_HERE, TENSORRT_MISSING, fails, run
-from readme import ROOT, blocks, command, commands, miniature
+from clis import TENSORRT_HERE, TENSORRT_MISSING, fails, free_port, run, serving
+from readme import ROOT, blocks, command, commands, miniature, shell_command
 from test_pipeline import write_data
 
 from bidir_core.checkpoint import EncoderConfig
@@ -77,6 +78,11 @@ ACCOUNTED = {
         "--output emb/": "test_serve (2 ranks, a checkpoint for ./engine), test_export_trt (the engine)",
         "pip install ./packages/core ./packages/serve[test]": "noxfile.py test-serve session",
         "pytest packages/serve/tests": "noxfile.py test-serve session",
+        "bidir-server smollm2-135m": "test_server",
+        "bidir-server ./ckpt --host 0.0.0.0 --port 9000 --served-model-name my-embedder": "test_server",
+        "bidir-server ./onnx-export --max-batch-tokens 32768 --max-wait-ms 5 --max-concurrency 512": "test_server",
+        "curl -s localhost:8080/v1/embeddings -H Content-Type: application/json -d "
+        '{"model": "smollm2-135m", "input": ["how do I sort a list?"], "input_type": "query"}': "test_server",
     },
     "containers/README.md": {
         **{
@@ -293,10 +299,56 @@ def test_serve(work):
     assert sorted(read_embeddings(ranks / "emb").ids()) == sorted(f"d{i}" for i in range(12))
 
     python = _folder(work, "serve-python")
-    (script,) = blocks(SERVE, "python")
+    script = blocks(SERVE, "python")[0]  # the second is the server's client: test_server
     assert f'"{SMOLLM2}"' in script
     (python / "snippet.py").write_text(script.replace(f'"{SMOLLM2}"', repr(str(work / "ckpt"))))
     run("python", python / "snippet.py", cwd=python)
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url + "/v1/embeddings", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_server(work):
+    """The README's server commands on the tiny checkpoint, each on a free port; the curl and openai examples
+    against the first (served under the README's name, as the embedded default would be)."""
+    cwd = _folder(work, "server")
+    port = free_port()
+    words = [
+        *miniature(command(SERVE, "bidir-server smollm2-135m"), {SMOLLM2: "./ckpt"}),
+        "--port",
+        str(port),
+    ]
+    with serving(*words, "--served-model-name", SMOLLM2, port=port, cwd=cwd) as url:
+        curl = shell_command(SERVE, "curl -s localhost:8080/v1/embeddings")
+        curl = [w.replace("localhost:8080", f"127.0.0.1:{port}") for w in curl]
+        reply = json.loads(run(*curl, cwd=cwd))
+        assert len(reply["data"]) == 1 and len(reply["data"][0]["embedding"]) == 256, reply
+
+        client = blocks(SERVE, "python")[1]
+        assert "http://localhost:8080/v1" in client
+        script = client.replace("http://localhost:8080/v1", f"{url}/v1")
+        (cwd / "client.py").write_text(script + "\nassert len(vectors) == 2 and len(query.data) == 1\n")
+        run("python", cwd / "client.py", cwd=cwd)
+
+    port = free_port()
+    words = miniature(
+        command(SERVE, "bidir-server ./ckpt --host"), options={"--host": "127.0.0.1", "--port": str(port)}
+    )
+    with serving(*words, port=port, cwd=cwd) as url:
+        assert _post(url, {"model": "my-embedder", "input": "a passage"})["model"] == "my-embedder"
+
+    onnx = _folder(work, "server-onnx")
+    run("export-onnx", "./ckpt", "./onnx-export", cwd=onnx)
+    port = free_port()
+    words = [*command(SERVE, "bidir-server ./onnx-export"), "--port", str(port)]
+    with serving(*words, port=port, cwd=onnx) as url:
+        reply = _post(url, {"input": ["one", "two"], "dimensions": 256})
+        assert [d["index"] for d in reply["data"]] == [0, 1]
 
 
 # -- containers/README.md: the arguments after the image name, given to the image's ENTRYPOINT -------------------

