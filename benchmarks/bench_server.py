@@ -13,7 +13,8 @@ default) or its queries (~13 tokens), in id order; each request takes the next t
                 of the first pool texts must equal the ceiling's (min cosine >= 0.9999, fp32): a fast wrong answer
                 is no result.
 - infinity-emb: the same cells against --infinity (a command, e.g. the infinity_emb executable of another venv, with
-                {checkpoint} {host} {port}). It runs the checkpoint as a causal Llama (it knows nothing of the
+                {checkpoint} {host} {port}; {checkpoint} is a copy of the model that transformers 4 reads, see
+                transformers4_copy). It runs the checkpoint as a causal Llama (it knows nothing of the
                 bidirectional attention), so its vectors differ and only its throughput compares; the texts it gets
                 carry the passage prefix, so both embed the same tokens.
 
@@ -107,6 +108,23 @@ def ceiling(args, model: str, texts: list[str], tmp: Path) -> tuple[float, dict,
     )
     med = medians(times)
     return (len(texts) - 1) / max(med["pool"] - med["one"], 1e-9), times, out["pool"]
+
+
+def transformers4_copy(checkpoint: Path, tmp: Path) -> Path:
+    """The checkpoint as transformers 4 reads it (infinity-emb 0.0.78 needs transformers < 5): links to its files,
+    except tokenizer_config.json, whose tokenizer_class "TokenizersBackend" (transformers 5's name) transformers 4
+    refuses ("Tokenizer class TokenizersBackend does not exist"); PreTrainedTokenizerFast reads the same
+    tokenizer.json."""
+    out = tmp / "checkpoint-transformers4"
+    out.mkdir()
+    for item in checkpoint.iterdir():
+        if item.name != "tokenizer_config.json":
+            (out / item.name).symlink_to(item.resolve())
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out
 
 
 # --- a server under test -----------------------------------------------------------------------------------------
@@ -428,9 +446,10 @@ def main() -> None:
             ep = Endpoint(ours.url, args.path, args.model, "", args.encoding_format)
             results["bidir-server"] = measure("bidir-server", ep, texts, want, args, strict=True)
         if args.infinity:
-            inf = Server("infinity-emb", args.infinity, {"checkpoint": checkpoint}, log=tmp / "infinity.log")
+            copy = transformers4_copy(checkpoint, tmp)
+            inf = Server("infinity-emb", args.infinity, {"checkpoint": copy}, log=tmp / "infinity.log")
             with inf:
-                ep = Endpoint(inf.url, args.infinity_path, str(checkpoint), prefix, args.encoding_format)
+                ep = Endpoint(inf.url, args.infinity_path, str(copy), prefix, args.encoding_format)
                 results["infinity-emb"] = measure("infinity-emb", ep, texts, want, args, strict=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
