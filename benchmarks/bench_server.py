@@ -7,13 +7,13 @@ default) or its queries (~13 tokens), in id order; each request takes the next t
 - ceiling:      embed_corpus(BatchEmbedConfig) on the pool in this process, same model, same passage prefix, same
                 token budget. Its rows/s leaves out the fixed cost (reading, model load, fingerprint) by timing a
                 one-row job too: rows/s = (pool - 1) / (t_pool - t_one), medians over --repeats interleaved runs.
-- bidir-server: started as a subprocess (--server, a command with {model} {host} {port} {max_batch_tokens}), ready
-                when GET /health answers 200; then, per cell (texts per request x concurrency), `concurrency`
-                workers of one httpx.AsyncClient send `requests` POSTs back to back. Before timing, its embeddings
-                of the first pool texts must equal the ceiling's (min cosine >= 0.9999, fp32): a fast wrong answer
-                is no result.
+- bidir-server: started as a subprocess by http_load.py (--server, a command with {model} {host} {port} {device}
+                {precision} {max_batch_tokens}; or --url, one already running), ready when GET /health answers 200;
+                then, per cell (texts per request x concurrency), `concurrency` workers of one httpx.AsyncClient
+                send `requests` POSTs back to back. Before timing, its embeddings of the first pool texts must equal
+                the ceiling's (min cosine >= 0.9999): a fast wrong answer is no result.
 - infinity-emb: the same cells against --infinity (a command, e.g. the infinity_emb executable of another venv, with
-                {checkpoint} {host} {port}; {checkpoint} is a copy of the model that transformers 4 reads, see
+                {checkpoint} {host} {port} {device}; {checkpoint} is a copy of the model that transformers 4 reads, see
                 transformers4_copy). It runs the checkpoint as a causal Llama (it knows nothing of the
                 bidirectional attention), so its vectors differ and only its throughput compares; the texts it gets
                 carry the passage prefix, so both embed the same tokens.
@@ -24,33 +24,29 @@ answers; then rows/s over the ceiling's (goal: >= 0.70 at concurrency 32) and ov
 
     python benchmarks/bench_server.py [--model smollm2-135m] [--texts passages|queries] [--limit N]
         [--concurrency 1,8,32] [--sizes 1,32] [--rows 256] [--repeats 3] [--server CMD] [--url URL]
-        [--infinity CMD] [--max-batch-tokens N] [--threads N] [--quick] [--json PATH]
+        [--infinity CMD] [--device cpu|cuda] [--precision fp32|bf16|fp16] [--max-batch-tokens N] [--threads N]
+        [--quick] [--json PATH]
+
+--quick is a smoke run (64 queries, concurrency 1 and 8, one round; about 30 s here without infinity).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import math
 import os
-import shlex
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 from harness import agreement, append_jsonl, check, environment, interleaved, medians, warn_if_busy
+from http_load import Endpoint, Server, drive, embed_once
 
 from bidir_core.checkpoint import read_encoder_config
 from bidir_core.datasets import stdlib_dev
@@ -62,9 +58,9 @@ from bidir_serve import BatchEmbedConfig, embed_corpus
 
 PROG = "bench_server"
 SERVER = (
-    "bidir-server {model} --host {host} --port {port} --backend torch --max-batch-tokens {max_batch_tokens}"
+    "bidir-server {model} --host {host} --port {port} --backend torch --device {device} --precision {precision} "
+    "--max-batch-tokens {max_batch_tokens}"
 )
-HOST = "127.0.0.1"
 
 
 # --- texts and the offline ceiling -------------------------------------------------------------------------------
@@ -90,6 +86,8 @@ def ceiling(args, model: str, texts: list[str], tmp: Path) -> tuple[float, dict,
             model,
             str(inputs[name]),
             str(tmp / f"out-{name}"),
+            device=args.device,
+            precision=args.precision,
             max_batch_tokens=args.max_batch_tokens,
             overwrite=True,
             progress=False,
@@ -125,149 +123,6 @@ def transformers4_copy(checkpoint: Path, tmp: Path) -> Path:
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out
-
-
-# --- a server under test -----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """A command started as a subprocess (or an already running URL), ready once GET /health answers 200."""
-
-    name: str
-    command: str | None
-    fields: dict
-    url: str | None = None
-    log: Path | None = None
-    proc: subprocess.Popen | None = field(default=None, repr=False)
-
-    def __enter__(self) -> Server:
-        if self.command is None:
-            wait_ready(self.name, self.url, None, None, 30)
-            return self
-        port = free_port()
-        argv = shlex.split(self.command.format(host=HOST, port=port, **self.fields))
-        self.url = f"http://{HOST}:{port}"
-        print(f"{self.name}: starting {shlex.join(argv)}", flush=True)
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        start = time.perf_counter()
-        wait_ready(self.name, self.url, self.proc, self.log, 600)
-        print(f"{self.name}: ready at {self.url} after {time.perf_counter() - start:.1f} s", flush=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # a graceful stop first; then the process group, if it hangs
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-def log_tail(log: Path | None, lines: int = 15) -> str:
-    if log is None or not log.is_file():
-        return ""
-    return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-
-
-def wait_ready(name: str, url: str, proc, log, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            sys.exit(
-                f"{PROG}: {name} exited with code {proc.returncode} before it was ready:\n{log_tail(log)}"
-            )
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    if proc is not None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    sys.exit(f"{PROG}: {name} not ready at {url}/health after {timeout:.0f} s:\n{log_tail(log)}")
-
-
-# --- the load ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    url: str
-    path: str
-    model: str
-    prefix: str
-    """Prepended by the client (for a server that does not apply the model's passage prefix itself)."""
-    encoding_format: str
-
-
-def vectors(body: dict) -> np.ndarray:
-    """The (rows, dim) float32 embeddings of an OpenAI response, in index order, float or base64."""
-    rows = sorted(body["data"], key=lambda d: d["index"])
-    return np.stack(
-        [
-            np.frombuffer(base64.b64decode(r["embedding"]), "<f4")
-            if isinstance(r["embedding"], str)
-            else np.asarray(r["embedding"], np.float32)
-            for r in rows
-        ]
-    )
-
-
-async def post(client: httpx.AsyncClient, ep: Endpoint, texts: list[str]) -> httpx.Response:
-    payload = {
-        "input": [ep.prefix + t for t in texts],
-        "model": ep.model,
-        "encoding_format": ep.encoding_format,
-    }
-    return await client.post(ep.url + ep.path, json=payload)
-
-
-async def drive(ep: Endpoint, pool: list[str], size: int, concurrency: int, requests: int) -> dict:
-    """`concurrency` workers send `requests` POSTs of `size` texts each, back to back; request k takes the pool's
-    texts k*size .. k*size+size-1 (cycling). Returns wall seconds, latencies and rows of the 200s, other statuses."""
-    latencies, statuses, rows = [], {}, 0
-    next_request = iter(range(requests))
-
-    async def worker(client):
-        nonlocal rows
-        for k in next_request:  # one shared iterator: each request goes to whichever worker is free
-            texts = [pool[(k * size + j) % len(pool)] for j in range(size)]
-            start = time.perf_counter()
-            try:
-                response = await post(client, ep, texts)
-                code = response.status_code
-            except httpx.HTTPError as e:
-                code = type(e).__name__
-            if code == 200:
-                latencies.append(time.perf_counter() - start)
-                rows += size
-            else:
-                statuses[str(code)] = statuses.get(str(code), 0) + 1
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0)) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "latencies": latencies, "rows": rows, "errors": statuses}
-
-
-async def embed_once(ep: Endpoint, texts: list[str]) -> np.ndarray:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        response = await post(client, ep, texts)
-    if response.status_code != 200:
-        sys.exit(f"{PROG}: {ep.url}{ep.path} answered {response.status_code}: {response.text[:300]}")
-    return vectors(response.json())
 
 
 def cells(args) -> list[tuple[int, int, int]]:
@@ -381,7 +236,7 @@ def main() -> None:
         default=None,
         help="an infinity-emb command with {checkpoint} {host} {port}, e.g. "
         "'/venv/bin/infinity_emb v2 --model-id {checkpoint} --host {host} --port {port} --engine torch "
-        "--device cpu' (default: no infinity baseline)",
+        "--device {device} --dtype float32' (default: no infinity baseline)",
     )
     ap.add_argument("--infinity-path", default="/embeddings", help="infinity's embeddings route")
     ap.add_argument(
@@ -395,6 +250,10 @@ def main() -> None:
         type=int,
         default=BatchEmbedConfig("", "", "").max_batch_tokens,
         help="padded-token budget per batch, batch-embed's and the server's (default: the library's)",
+    )
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="batch-embed's and the server's")
+    ap.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="the same, both sides"
     )
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads here and OMP_NUM_THREADS of servers"
@@ -440,14 +299,24 @@ def main() -> None:
         ceiling_rows, ceiling_times, want = ceiling(args, args.model, texts, tmp)
         print(f"batch-embed (offline ceiling): {ceiling_rows:.1f} rows/s")
         results = {}
-        fields = {"model": args.model, "max_batch_tokens": args.max_batch_tokens}
+        fields = {
+            "model": args.model,
+            "device": args.device,
+            "precision": args.precision,
+            "max_batch_tokens": args.max_batch_tokens,
+        }
         ours = Server("bidir-server", None if args.url else args.server, fields, args.url, tmp / "server.log")
         with ours:
             ep = Endpoint(ours.url, args.path, args.model, "", args.encoding_format)
             results["bidir-server"] = measure("bidir-server", ep, texts, want, args, strict=True)
         if args.infinity:
             copy = transformers4_copy(checkpoint, tmp)
-            inf = Server("infinity-emb", args.infinity, {"checkpoint": copy}, log=tmp / "infinity.log")
+            inf = Server(
+                "infinity-emb",
+                args.infinity,
+                {"checkpoint": copy, "device": args.device},
+                log=tmp / "infinity.log",
+            )
             with inf:
                 ep = Endpoint(inf.url, args.infinity_path, str(copy), prefix, args.encoding_format)
                 results["infinity-emb"] = measure("infinity-emb", ep, texts, want, args, strict=False)
