@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -263,6 +264,8 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line with all figures")
     args = ap.parse_args()
+    # A SIGTERM (a timeout, a Ctrl-C'd parent) unwinds like an exit, so the servers started here are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"{PROG}: terminated"))
     if args.quick:
         args.texts, args.limit, args.concurrency, args.rows, args.repeats = "queries", 64, "1,8", 16, 1
     try:
