@@ -42,15 +42,30 @@ def main(argv: list[str] | None = None) -> int:
         train(load_recipe(args.config, args.overrides))
 
     if os.environ.get("RANK", "0") == "0":
-        return run_cli(PROG, work)
-    # Another rank: a BidirError is raised on every rank alike (bidir_train.distributed.agreed), and rank 0 says it.
-    try:
-        work()
-    except BidirError:
-        return USER_ERROR
-    except KeyboardInterrupt:
-        return INTERRUPTED
-    return 0
+        code = run_cli(PROG, work)
+    else:
+        # Another rank: a BidirError is raised on every rank alike (bidir_train.distributed.agreed), and rank 0
+        # says it.
+        try:
+            work()
+            code = 0
+        except BidirError:
+            code = USER_ERROR
+        except KeyboardInterrupt:
+            code = INTERRUPTED
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_without_destructors(code)
+    return code
+
+
+def _exit_without_destructors(code: int) -> None:
+    """End a torchrun rank here. After a complete multi-rank gloo run (everything written, fsynced and closed, the
+    process group destroyed), about one exit in five aborted in a C++ destructor ("terminate called without an
+    active exception", SIGABRT), and torchrun then reported the whole run failed; skipping interpreter teardown
+    avoids it (12 of 12 clean exits against 1 abort in 5 before). The root cause is not known yet."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
