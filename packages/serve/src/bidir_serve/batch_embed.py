@@ -11,7 +11,7 @@ import sys
 
 from bidir_core.cli import run_cli
 from bidir_core.embeddings_artifact import EMBEDDING_DTYPES
-from bidir_serve.backends import BACKENDS, PRECISIONS
+from bidir_serve.backend_args import add_backend_arguments
 from bidir_serve.embed_job import embed_corpus
 from bidir_serve.job_config import PROMPTS, BatchEmbedConfig
 
@@ -48,14 +48,7 @@ def parse_args(argv: list[str] | None = None) -> BatchEmbedConfig:
     p.add_argument(
         "--shard-size", type=int, default=d.shard_size, help=f"rows per shard (default {d.shard_size})"
     )
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="runtime (default auto)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument(
-        "--precision",
-        choices=tuple(PRECISIONS),
-        help="torch compute dtype (default bf16 on CUDA, fp32 on CPU)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model")
+    add_backend_arguments(p, d.backend)
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per batch")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="rows per batch")
     p.add_argument("--window", type=int, default=d.window, help="rows sorted by length together")

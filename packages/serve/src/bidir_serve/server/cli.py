@@ -7,7 +7,7 @@ import logging
 import sys
 
 from bidir_core.cli import run_cli
-from bidir_serve.backends import BACKENDS, PRECISIONS
+from bidir_serve.backend_args import add_backend_arguments
 from bidir_serve.server.config import ServerConfig
 from bidir_serve.server.runner import Runner
 
@@ -36,14 +36,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     p.add_argument(
         "--served-model-name", help="the model id clients send and /v1/models lists (default: MODEL)"
     )
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="runtime (default auto)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument(
-        "--precision",
-        choices=tuple(PRECISIONS),
-        help="torch compute dtype (default bf16 on CUDA, fp32 on CPU)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model")
+    add_backend_arguments(p, d.backend)
     p.add_argument(
         "--max-batch-tokens",
         type=int,
