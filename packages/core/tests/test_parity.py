@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from parity_testing import first_token_shift, oracle_hidden, oracle_rows, padded_batch
 from transformers import AutoModel, LlamaConfig, LlamaModel
 
 from bidir_core import BiEncoder
@@ -45,33 +46,10 @@ VARIANTS = {
 }
 
 
-def _batch(padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    lengths = [17, 9, 3]
-    rows = [torch.randint(3, 320, (n,), generator=g).tolist() for n in lengths]
-    return pad_batch(rows, pad_id=0, padding_side=padding_side)
-
-
 def _oracle(folder) -> LlamaModel:
     config = LlamaConfig.from_pretrained(folder)
     config.is_causal = False
     return AutoModel.from_pretrained(folder, config=config, dtype=torch.float32).eval()
-
-
-def _oracle_rows(oracle: LlamaModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The oracle on each row alone (batch size 1, no padding), placed back into the padded layout."""
-    out = torch.zeros(*ids.shape, oracle.config.hidden_size)
-    for row in range(ids.shape[0]):
-        real = mask[row].bool()
-        out[row, real] = _oracle_hidden(oracle, ids[row : row + 1, real], mask[row : row + 1, real])[0]
-    return out
-
-
-def _oracle_hidden(oracle: LlamaModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # The oracle is given the positions of real tokens explicitly (its default is arange(T) whatever the padding).
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        return oracle(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -82,23 +60,23 @@ def test_hidden_states_match_transformers(tmp_path, variant):
     ours = load_model(folder)
     oracle = _oracle(folder)
     for padding_side in ("right", "left"):
-        ids, mask = _batch(padding_side)
+        ids, mask = padded_batch(padding_side)
         with torch.no_grad():
             got = ours(ids, mask)
         real = mask.bool()
         # Every row against the oracle on that row alone; for dynamic NTK that is the only comparison, since
         # transformers stretches RoPE by the batch's longest row while bidir uses each row's own length.
-        assert torch.allclose(got[real], _oracle_rows(oracle, ids, mask)[real], atol=ATOL), (
+        assert torch.allclose(got[real], oracle_rows(oracle, ids, mask)[real], atol=ATOL), (
             variant,
             padding_side,
         )
         if variant != "dynamic_rope":
-            want = _oracle_hidden(oracle, ids, mask)
+            want = oracle_hidden(oracle, ids, mask)
             assert torch.allclose(got[real], want[real], atol=ATOL), (variant, padding_side)
     # batch size 1, no padding
     ids, mask = ids[:1, -17:], mask[:1, -17:]
     with torch.no_grad():
-        assert torch.allclose(ours(ids, mask), _oracle_hidden(oracle, ids, mask), atol=ATOL)
+        assert torch.allclose(ours(ids, mask), oracle_hidden(oracle, ids, mask), atol=ATOL)
 
 
 def test_llama_bidirec_folder_loads_with_its_pooling(tmp_path):
@@ -125,23 +103,12 @@ def test_llama_bidirec_folder_loads_with_its_pooling(tmp_path):
         assert torch.equal(tensor, encoder.model.state_dict()[name]), name
 
 
-def _first_token_shift(forward, ids: torch.Tensor, mask: torch.Tensor, row: int) -> float:
-    """How much the first token's state of `row` moves when its last real token is replaced."""
-    last = int(mask[row].nonzero().max())
-    changed = ids.clone()
-    changed[row, last] = 3 + (int(ids[row, last]) - 2) % 300
-    with torch.no_grad():
-        a, b = forward(ids, mask), forward(changed, mask)
-    first = int(mask[row].nonzero().min())
-    return float((a[row, first] - b[row, first]).abs().max())
-
-
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_bidirectional_first_token_sees_last(tmp_path, padding_side):
-    ids, mask = _batch(padding_side)
+    ids, mask = padded_batch(padding_side)
     model = tiny_model()
-    assert _first_token_shift(model, ids[:1, -17:], mask[:1, -17:], row=0) > 1e-3  # batch size 1
-    assert _first_token_shift(model, ids, mask, row=1) > 1e-3  # a padded row of a batch
+    assert first_token_shift(model, ids[:1, -17:], mask[:1, -17:], row=0) > 1e-3  # batch size 1
+    assert first_token_shift(model, ids, mask, row=1) > 1e-3  # a padded row of a batch
 
     # The same check fails on a causal model: transformers' LlamaModel with its default causal mask.
     folder = write_hf_llama(tmp_path / "causal", causal_lm=False)
@@ -149,15 +116,15 @@ def test_bidirectional_first_token_sees_last(tmp_path, padding_side):
     assert causal.config.is_causal is not False
 
     def causal_forward(i, m):
-        return _oracle_hidden(causal, i, m)
+        return oracle_hidden(causal, i, m)
 
-    assert _first_token_shift(causal_forward, ids[:1, -17:], mask[:1, -17:], row=0) < 1e-6
-    assert _first_token_shift(causal_forward, ids, mask, row=1) < 1e-6
+    assert first_token_shift(causal_forward, ids[:1, -17:], mask[:1, -17:], row=0) < 1e-6
+    assert first_token_shift(causal_forward, ids, mask, row=1) < 1e-6
 
 
 def test_bf16_close_to_fp32(tmp_path):
     folder = write_hf_llama(tmp_path / "m")
-    ids, mask = _batch("right")
+    ids, mask = padded_batch("right")
     with torch.no_grad():
         fp32 = load_model(folder)(ids, mask)
         bf16 = load_model(folder, dtype=torch.bfloat16)(ids, mask)
@@ -182,7 +149,7 @@ def test_embedded_default_matches_transformers_gguf_loading(embedded_gguf):
         ids, mask = pad_batch(rows, pad_id=2, padding_side=padding_side)
         with torch.no_grad():
             got = ours(ids, mask)
-        want = _oracle_hidden(oracle, ids, mask)
+        want = oracle_hidden(oracle, ids, mask)
         real = mask.bool()
         assert (got[real] - want[real]).abs().max() < 1e-4
 

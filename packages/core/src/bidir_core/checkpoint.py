@@ -1,9 +1,9 @@
-"""The checkpoint artifact (DESIGN section 3): a Hugging Face Llama folder plus bidir.json and
-sentence-transformers metadata, so the folder loads in bidir, in transformers (`AutoModel`, a bidirectional
-LlamaModel) and in sentence-transformers without bidir.
+"""The checkpoint artifact (DESIGN section 3): a Hugging Face decoder folder plus bidir.json and
+sentence-transformers metadata, so the folder loads in bidir, in transformers (`AutoModel`: a LlamaModel,
+MistralModel, Qwen2Model, ... that attends as bidir does) and in sentence-transformers without bidir.
 
-    config.json                 stock Llama fields, is_causal: false
-    model.safetensors           LlamaModel keys (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+    config.json                 the family's stock fields; is_causal: false (or true, for attention "causal")
+    model.safetensors           {Family}Model keys (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
     tokenizer files
     bidir.json                  EncoderConfig + format_version
     modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/, [2_Normalize/]
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from bidir_core.errors import BidirError, one_line
+from bidir_core.families import check_attention, family_of
 from bidir_core.folders import (
     TOKENIZER_FILES,
     publish_folder,
@@ -54,9 +55,14 @@ class EncoderConfig:
     """Dimensions the model was trained to be truncated to (informational; encode(dim=...) takes any <= hidden)."""
     max_length: int = 512
     """Texts longer than this many tokens are truncated (and counted)."""
+    attention: str = "bidirectional"
+    """bidirectional (every token sees the whole text) or causal (each token sees the ones before it, as the
+    model was pretrained: Qwen3-Embedding, e5-mistral; pair it with pooling "last"). config.json's is_causal says
+    the same, for transformers and sentence-transformers."""
 
     def __post_init__(self):
         check_pooling(self.pooling)
+        check_attention(self.attention)
         if not isinstance(self.normalize, bool):
             raise BidirError(f"normalize must be true or false, got {self.normalize!r}")
         for name in ("query_prefix", "passage_prefix"):
@@ -93,10 +99,13 @@ def read_encoder_config(folder: Path) -> EncoderConfig | None:
 
 
 def _config_json(model) -> dict:
-    # The Llama fields only (no generic runtime switches such as return_dict or output_attentions); use_cache off:
-    # an encoder has no generation cache, and transformers would otherwise build one on every forward.
+    # The family's fields only (no generic runtime switches such as return_dict or output_attentions); use_cache
+    # off: an encoder has no generation cache, and transformers would otherwise build one on every forward.
+    # is_causal is transformers' own switch (it picks the mask), so AutoModel attends as the model does.
     config = model.config.to_diff_dict()
-    config.update(model_type="llama", architectures=["LlamaModel"], is_causal=False, use_cache=False)
+    model_type = "llama" if model.config.model_type == "llama_bidirec" else model.config.model_type
+    architectures = [family_of(model.config).hf_model]
+    config.update(model_type=model_type, architectures=architectures, is_causal=model.causal, use_cache=False)
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     # transformers >= 5 reads rope_parameters; older readers (and other tools) read rope_theta / rope_scaling and
     # would silently fall back to theta=10000 without them.
@@ -206,6 +215,11 @@ def write_checkpoint(
         raise BidirError(f"{target}: exists and is not empty (pass overwrite to replace it)")
     if occupied:
         check_replaceable(target)
+    if model.causal != (encoder_config.attention == "causal"):
+        raise BidirError(
+            f"{target}: not written: the model attends {'causally' if model.causal else 'bidirectionally'} "
+            f"but the encoder config says attention={encoder_config.attention!r}"
+        )
 
     tmp = start_writing(target)
     try:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from bidir_core.batching import length_sorted_batches, pad_batch
 from bidir_core.checkpoint import EncoderConfig, read_encoder_config, write_checkpoint
 from bidir_core.errors import BidirError
-from bidir_core.hf_folder import load_llama_config, read_config_dict
+from bidir_core.families import check_max_length
+from bidir_core.hf_folder import load_config, read_config_dict
 from bidir_core.matryoshka import check_dim, truncate
 from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.pooling import pool
@@ -42,7 +43,13 @@ class BiEncoder(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.config = config or EncoderConfig()
+        self.config = config or EncoderConfig(attention="causal" if model.causal else "bidirectional")
+        if model.causal != (self.config.attention == "causal"):
+            raise BidirError(
+                f"the model attends {'causally' if model.causal else 'bidirectionally'} but the encoder config "
+                f"says attention={self.config.attention!r}"
+            )
+        check_max_length(model.config, self.config.max_length)
         # A runtime choice, not part of the saved config: training on CPU runs the decoder stack in bf16 autocast
         # (forward() and so encode(), which the in-loop dev evaluation calls); pooling stays fp32.
         self.autocast_dtype = autocast_dtype
@@ -59,13 +66,14 @@ class BiEncoder(nn.Module):
         passage_prefix: str | None = None,
         max_length: int | None = None,
         matryoshka_dims: Sequence[int] | None = None,
+        attention: str | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
     ) -> BiEncoder:
         """Load any source bidir_core.sources.load_model accepts. Settings come from config when given (e.g. an
         export manifest's), else from the checkpoint's bidir.json (an NVIDIA llama_bidirec config's `pooling`
-        otherwise, in NeMo's meaning: see _nemo_pooling; else the defaults); arguments that are not None override
-        them."""
+        otherwise, in NeMo's meaning: see _nemo_pooling; else the defaults, with pooling "last" for
+        attention="causal"); arguments that are not None override them."""
         source = resolve_source(path_or_name)
         overrides = {
             "pooling": pooling,
@@ -74,6 +82,7 @@ class BiEncoder(nn.Module):
             "passage_prefix": passage_prefix,
             "max_length": max_length,
             "matryoshka_dims": tuple(matryoshka_dims) if matryoshka_dims is not None else None,
+            "attention": attention,
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
         # Settings and tokenizer are checked before the (possibly large) weights are read.
@@ -81,10 +90,15 @@ class BiEncoder(nn.Module):
             _stored_config(source, overrides) if config is None else dataclasses.replace(config, **overrides)
         )
         if source.is_dir():
-            # A bad config.json is reported as such, not by the tokenizer, which reads it too.
-            load_llama_config(source)
+            # A bad config.json is reported as such, not by the tokenizer, which reads it too; so is a max_length
+            # the config's attention cannot cover (a sliding window).
+            model_config = load_config(source, config.attention)
+            try:
+                check_max_length(model_config, config.max_length)
+            except BidirError as e:
+                raise BidirError(f"{source / 'config.json'}: {e}") from None
         tokenizer = load_tokenizer(source)
-        model = load_model(source, dtype=dtype, device=device)
+        model = load_model(source, dtype=dtype, device=device, attention=config.attention)
         return cls(model, tokenizer, config)
 
     @property
@@ -193,6 +207,9 @@ def _stored_config(source: Path, overrides: dict) -> EncoderConfig:
         if pooling is not None:
             where = source / "config.json"
             fields["pooling"] = _nemo_pooling(pooling, fields.get("normalize", True), where)
+    if fields.get("attention") == "causal":
+        # Under causal attention only the last token has seen the whole text (Qwen3-Embedding, e5-mistral).
+        fields.setdefault("pooling", "last")
     try:
         return EncoderConfig(**fields)
     except BidirError as e:

@@ -1,8 +1,8 @@
-"""Reading a Hugging Face Llama folder: its config.json and its weights, under `LlamaModel` key names.
+"""Reading a Hugging Face decoder folder: its config.json and its weights, under `LlamaModel` key names.
 
-Covers LlamaForCausalLM and LlamaModel folders (one or sharded safetensors, or pytorch_model.bin), NVIDIA
-`llama_bidirec` folders and bidir checkpoints, which are Llama folders too. sources.py picks this reader or
-gguf_import.py's for a source.
+Covers the ForCausalLM and base-model folders of every family in families.py (Llama, Mistral, Ministral,
+Ministral3, Qwen2, Qwen3; one or sharded safetensors, or pytorch_model.bin), NVIDIA `llama_bidirec` folders and
+bidir checkpoints, which are such folders too. sources.py picks this reader or gguf_import.py's for a source.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import LlamaConfig
 
+from bidir_core.checkpoint import BIDIR_JSON, read_encoder_config
 from bidir_core.errors import BidirError, one_line
+from bidir_core.families import FAMILIES, check_attention, config_class
 from bidir_core.jsonfile import read_json_object
 from bidir_core.model import check_config
 
-LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
-# config.json keys that describe an architecture or a training recipe, not the Llama stack itself.
+# config.json keys that describe an architecture or a training recipe, not the decoder stack itself.
 _NON_LLAMA_CONFIG_KEYS = (
     "model_type",
     "auto_map",
@@ -36,26 +37,51 @@ def read_config_dict(folder: Path) -> dict:
         raise BidirError(f"{folder}: no config.json (not a Hugging Face model folder)")
     config = read_json_object(path)
     model_type = config.get("model_type")
-    if model_type not in LLAMA_MODEL_TYPES:
+    if model_type not in FAMILIES:
         raise BidirError(
-            f"{path}: model_type {model_type!r} is not a Llama model (bidir loads model_type 'llama' or 'llama_bidirec')"
+            f"{path}: model_type {model_type!r} is not a supported decoder (bidir loads model_type "
+            f"{', '.join(repr(t) for t in sorted(FAMILIES))})"
         )
     return config
 
 
-def load_llama_config(folder: Path) -> LlamaConfig:
-    """config.json of a Llama or llama_bidirec folder as a bidirectional LlamaConfig."""
+def stored_attention(folder: Path, raw: dict) -> str:
+    """The attention mode a folder asks for: a bidir checkpoint's bidir.json `attention`, whose config.json must say
+    the same (is_causal); any other folder is bidirectional (bidir's default, whatever its config.json says)."""
+    stored = read_encoder_config(folder)
+    if stored is None:
+        return "bidirectional"
+    is_causal = raw.get("is_causal")
+    if is_causal is not None and is_causal != (stored.attention == "causal"):
+        raise BidirError(
+            f"{folder / 'config.json'}: is_causal={str(is_causal).lower()} contradicts {BIDIR_JSON}'s "
+            f"attention={stored.attention!r}"
+        )
+    return stored.attention
+
+
+def load_config(folder: Path, attention: str | None = None) -> LlamaConfig:
+    """config.json of a supported folder as its family's transformers config (LlamaConfig, Qwen2Config, ...), with
+    is_causal set for the attention mode: the one given, else the folder's own (stored_attention)."""
     raw = read_config_dict(folder)
+    stored = stored_attention(folder, raw)  # also checks that a checkpoint's two files agree
+    attention = stored if attention is None else check_attention(attention)
     fields = {k: v for k, v in raw.items() if k not in _NON_LLAMA_CONFIG_KEYS}
+    fields["is_causal"] = attention == "causal"
     try:
-        config = LlamaConfig(**fields)  # also upgrades legacy rope_theta / rope_scaling into rope_parameters
-        config.is_causal = False
+        # also upgrades legacy rope_theta / rope_scaling into rope_parameters
+        config = config_class(raw["model_type"])(**fields)
         check_config(config)
     except BidirError as e:
         raise BidirError(f"{folder / 'config.json'}: {e}") from None
     except Exception as e:  # transformers' validation raises several types, some multi-line
-        raise BidirError(f"{folder / 'config.json'}: not a valid Llama config ({one_line(e)})") from None
+        raise BidirError(
+            f"{folder / 'config.json'}: not a valid {raw['model_type']} config ({one_line(e)})"
+        ) from None
     return config
+
+
+load_llama_config = load_config  # the name from when every folder was a Llama one
 
 
 def _hf_key(key: str) -> str | None:

@@ -1,8 +1,12 @@
-"""The Llama decoder stack with bidirectional attention.
+"""The Llama decoder stack with bidirectional (or causal) attention, for Llama, Mistral, Qwen2 and Qwen3.
 
 A compact re-implementation of transformers' `LlamaModel` whose attention sees every real token of the sequence
-(a padding mask, never a causal mask). Parameter names are the Hugging Face `LlamaModel` keys, so any Llama
-checkpoint loads into it. The forward pass has no `.item()`, no branch on tensor values and nothing distributed,
+(a padding mask, no causal mask), or in causal mode (`config.is_causal` true, as for Qwen3-Embedding or
+e5-mistral) the real tokens up to each query. The other families differ only in a few details (families.py): bias
+on q/k/v (Qwen2), an RMSNorm over each head's q and k (Qwen3). Sliding-window attention is off in both modes: the
+model attends over the whole text, and an encoder whose max_length exceeds a config's window is refused
+(families.check_max_length). Parameter names are the Hugging Face `{Llama,Mistral,Qwen2,Qwen3}Model` keys, so those
+checkpoints load into it. The forward pass has no `.item()`, no branch on tensor values and nothing distributed,
 so it exports (torch.export / ONNX) and shards (FSDP2 per layer) cleanly.
 
 Shapes: B batch, T sequence, H hidden, N query heads, K key/value heads, D head dim.
@@ -17,6 +21,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from bidir_core.errors import BidirError
+from bidir_core.families import family_of, is_causal_config, projection_bias
 
 # rope_types a Llama config can carry. longrope/proportional belong to other architectures.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
@@ -38,6 +43,7 @@ class RMSNorm(nn.Module):
 
 def check_config(config: LlamaConfig) -> None:
     """Reject a config this model cannot represent, with a one-line reason (before any weights are read)."""
+    family_of(config)  # a model_type bidir runs
     for name in (
         "vocab_size",
         "hidden_size",
@@ -140,20 +146,27 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads or config.num_attention_heads
         self.head_dim = _head_dim(config)
-        bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias, o_bias = projection_bias(config)  # Qwen2: q/k/v only; Llama: attention_bias on all four
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=o_bias)
+        self.q_norm = self.k_norm = None
+        if family_of(config).qk_norm:  # Qwen3: RMSNorm over each head's D features of q and k
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """x (B, T, H); mask (B, 1, 1 or T, T) bool, True where the key is a real token."""
+        """x (B, T, H); mask (B, 1, 1 or T, T) bool, True where the query may attend to the key."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, N, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, N, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, N, T, D), (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.n_kv_heads != self.n_heads:
@@ -170,7 +183,7 @@ class Attention(nn.Module):
                 .expand(B, self.n_kv_heads, rep, T, self.head_dim)
                 .reshape(B, self.n_heads, T, -1)
             )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # no is_causal: every token sees all
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # causality, if any, is in the mask
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -202,12 +215,14 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaBidirectionalModel(nn.Module):
-    """Llama decoder stack with bidirectional attention: (input_ids, attention_mask) -> hidden states (B, T, H)."""
+    """Decoder stack (Llama, Mistral, Qwen2, Qwen3: families.py) with bidirectional attention, or causal attention
+    when config.is_causal is true: (input_ids, attention_mask) -> hidden states (B, T, H)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         check_config(config)
         self.config = config
+        self.causal = is_causal_config(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -228,6 +243,13 @@ class LlamaBidirectionalModel(nn.Module):
         # everything instead. Its output is never read, but NaNs must not reach the pooled batch.
         key_mask = real | ~real.any(dim=-1, keepdim=True)
         mask = key_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
+        if self.causal:
+            # Each real query sees the real keys at or before it (never empty: itself). A padding query would see
+            # none with left padding (NaN); it attends to every key instead, and its output is never read.
+            T = input_ids.shape[1]
+            index = torch.arange(T, device=input_ids.device)
+            earlier = index[None, :] <= index[:, None]  # (T query, T key)
+            mask = (mask & earlier) | ~real[:, None, :, None]  # (B, 1, T, T)
         if torch.compiler.is_exporting():
             # (B, 1, T, T) in exported graphs: onnxruntime's Attention op (ONNX opset 23) does not broadcast the
             # query axis of a mask. Eager PyTorch keeps the broadcast mask, which its SDPA kernels run faster.

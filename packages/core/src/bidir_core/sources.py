@@ -1,7 +1,7 @@
 """What a model argument can name, and loading it: the one dispatch over bidir's input formats.
 
-Sources: a Hugging Face Llama folder (LlamaForCausalLM or LlamaModel; one or sharded safetensors, or
-pytorch_model.bin), an NVIDIA `llama_bidirec` folder, a bidir checkpoint (which is a Llama folder too), a .gguf file,
+Sources: a Hugging Face folder of a supported family (families.py: Llama, Mistral, Ministral, Ministral3, Qwen2,
+Qwen3; ForCausalLM or the base model; one or sharded safetensors, or pytorch_model.bin), an NVIDIA `llama_bidirec` folder, a bidir checkpoint (which is a Llama folder too), a .gguf file,
 or the name of the embedded default model. Each format has its reader (hf_folder.py, gguf_import.py, embedded.py);
 a new input format gets its own reader module and a branch here.
 """
@@ -15,8 +15,9 @@ from transformers import LlamaConfig
 
 from bidir_core.embedded import EMBEDDED_DEFAULT, embedded_checkpoint
 from bidir_core.errors import BidirError
+from bidir_core.families import check_attention
 from bidir_core.gguf_import import read_gguf, read_gguf_tensor
-from bidir_core.hf_folder import load_llama_config, read_lm_head, read_state_dict
+from bidir_core.hf_folder import load_config, read_lm_head, read_state_dict
 from bidir_core.model import LlamaBidirectionalModel
 
 
@@ -47,7 +48,9 @@ def check_state_dict(
     unexpected = [k for k in state_dict if k not in expected]
     if unexpected:
         folder = where if isinstance(where, Path) else where[unexpected[0]]
-        raise BidirError(f"{folder}: unexpected weights for a Llama model, e.g. {', '.join(unexpected[:3])}")
+        raise BidirError(
+            f"{folder}: unexpected weights for a {config.model_type} model, e.g. {', '.join(unexpected[:3])}"
+        )
     for key, shape in expected.items():
         got = tuple(state_dict[key].shape)
         if got != shape:
@@ -58,15 +61,18 @@ def check_state_dict(
 
 
 def load_model_weights(
-    path_or_name: str | Path, dtype: torch.dtype
+    path_or_name: str | Path, dtype: torch.dtype, attention: str | None = None
 ) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """(bidirectional LlamaConfig, LlamaModel state dict in dtype) from any supported source, validated."""
+    """(config, state dict in dtype under {Family}Model keys) from any supported source, validated. The config's
+    is_causal is the attention mode: the one given, else the source's own (a bidir checkpoint's bidir.json; any
+    other source is bidirectional)."""
     path = resolve_source(path_or_name)
     if path.suffix == ".gguf":
         config, state_dict = read_gguf(path, dtype)
+        config.is_causal = attention is not None and check_attention(attention) == "causal"
         check_state_dict(config, state_dict, path)
         return config, state_dict
-    config = load_llama_config(path)
+    config = load_config(path, attention)
     state_dict, origin = read_state_dict(path, dtype)
     check_state_dict(config, state_dict, origin if origin else path)
     return config, state_dict
@@ -76,10 +82,12 @@ def load_model(
     path_or_name: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    attention: str | None = None,
 ) -> LlamaBidirectionalModel:
-    """The LlamaBidirectionalModel of any supported source: a Hugging Face Llama folder, an NVIDIA llama_bidirec
-    folder, a bidir checkpoint, a .gguf file, or the name of the embedded default model ("smollm2-135m")."""
-    config, state_dict = load_model_weights(path_or_name, dtype=dtype)
+    """The LlamaBidirectionalModel of any supported source: a Hugging Face folder of a supported family, an NVIDIA
+    llama_bidirec folder, a bidir checkpoint, a .gguf file, or the name of the embedded default model
+    ("smollm2-135m"); attention "bidirectional" or "causal" (None: the source's own, see load_model_weights)."""
+    config, state_dict = load_model_weights(path_or_name, dtype=dtype, attention=attention)
     return LlamaBidirectionalModel.from_state_dict(config, state_dict, device=device)
 
 

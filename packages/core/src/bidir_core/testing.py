@@ -1,4 +1,5 @@
-"""Tiny random Llama models and a tiny tokenizer, built locally (no download), for every package's tests."""
+"""Tiny random models of every supported family (Llama, Mistral, Ministral, Ministral3, Qwen2, Qwen3) and a tiny
+tokenizer, built locally (no download), for every package's tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.encoder import BiEncoder
+from bidir_core.families import config_class
 from bidir_core.model import LlamaBidirectionalModel
 
 # A fixed corpus for the tiny tokenizer's BPE merges: any text still tokenizes (byte-level fallback).
@@ -43,8 +45,31 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(**overrides) -> LlamaConfig:
-    """A 2-layer Llama with grouped-query attention (4 query heads, 2 KV heads), hidden 64."""
+# What a family's tiny config sets beyond the shared fields (transformers' defaults are sized for the real models).
+FAMILY_OVERRIDES = {
+    "llama": {},
+    "mistral": {"sliding_window": 4096},  # as e5-mistral / Mistral-7B-v0.1: longer than any tiny text
+    "ministral": {"head_dim": 16, "sliding_window": 4096},
+    # Ministral3's yarn RoPE with its Llama-4 query scale, which starts after original_max_position_embeddings
+    "ministral3": {
+        "head_dim": 16,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 1000000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 512,
+            "llama_4_scaling_beta": 0.1,
+        },
+    },
+    "qwen2": {},  # q/k/v bias is the family's own
+    "qwen3": {"head_dim": 32},  # N x D = 128, wider than hidden 64, as in the real Qwen3 models
+}
+
+
+def tiny_config(family: str = "llama", *, causal: bool = False, **overrides) -> LlamaConfig:
+    """A 2-layer model of family (a model_type of families.FAMILIES) with grouped-query attention (4 query heads,
+    2 KV heads), hidden 64; is_causal as given (bidirectional by default)."""
     fields = dict(
         vocab_size=TINY_VOCAB_SIZE,
         hidden_size=64,
@@ -59,9 +84,9 @@ def tiny_config(**overrides) -> LlamaConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
-    fields.update(overrides)
-    config = LlamaConfig(**fields)
-    config.is_causal = False
+    fields.update(FAMILY_OVERRIDES[family], **overrides)
+    config = config_class(family)(**fields)
+    config.is_causal = causal
     return config
 
 
@@ -73,27 +98,34 @@ def tiny_model(config: LlamaConfig | None = None, seed: int = 0) -> LlamaBidirec
     return model.eval()
 
 
-def tiny_encoder(config: EncoderConfig | None = None, seed: int = 0, **model_overrides) -> BiEncoder:
-    return BiEncoder(tiny_model(tiny_config(**model_overrides), seed=seed), tiny_tokenizer(), config)
+def tiny_encoder(
+    config: EncoderConfig | None = None, seed: int = 0, family: str = "llama", **model_overrides
+) -> BiEncoder:
+    """A tiny BiEncoder of family; its attention mode is config's (bidirectional by default)."""
+    causal = config is not None and config.attention == "causal"
+    model = tiny_model(tiny_config(family, causal=causal, **model_overrides), seed=seed)
+    return BiEncoder(model, tiny_tokenizer(), config)
 
 
-def write_hf_llama(
+def write_hf_model(
     folder: str | Path,
     *,
+    family: str = "llama",
     causal_lm: bool = True,
     max_shard_size: str | None = None,
     seed: int = 0,
     **config_overrides,
 ) -> Path:
-    """A random transformers LlamaForCausalLM (or LlamaModel) saved with its tokenizer, as a user's folder would
-    be: the source side of every loading test. Returns the folder."""
-    from transformers import LlamaForCausalLM, LlamaModel
+    """A random transformers {Family}ForCausalLM (or {Family}Model) saved with its tokenizer, as a user's folder
+    would be: the source side of every loading test. Returns the folder."""
+    import transformers
 
     folder = Path(folder)
-    config = tiny_config(**config_overrides)
+    config = tiny_config(family, **config_overrides)
     config.is_causal = True  # as a stock causal checkpoint says
     torch.manual_seed(seed)
-    model = (LlamaForCausalLM if causal_lm else LlamaModel)(config)
+    name = config_class(family).__name__.removesuffix("Config")
+    model = getattr(transformers, f"{name}ForCausalLM" if causal_lm else f"{name}Model")(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -102,6 +134,9 @@ def write_hf_llama(
     model.save_pretrained(folder, **kwargs)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+write_hf_llama = write_hf_model  # family="llama" by default
 
 
 def write_nvidia_llama_bidirec(
