@@ -227,3 +227,17 @@ def test_console_script(console_script, hf_folder, tmp_path):
     assert len(result.stdout.strip().splitlines()) == 1
     assert _safetensors_dtypes(out) == {torch.bfloat16}
     assert BiEncoder.from_pretrained(out).config.pooling == "cls"
+
+
+def test_convert_causal_qwen3(tmp_path, capsys):
+    """--attention causal: bidir.json and config.json say causal, and the pooling defaults to last."""
+    from bidir_core.testing import write_hf_model
+
+    source = write_hf_model(tmp_path / "qwen3", family="qwen3")
+    out = tmp_path / "qwen3-bidir"
+    capsys.readouterr()
+    assert main([str(source), str(out), "--attention", "causal"]) == 0
+    assert "causal attention, pooling=last" in capsys.readouterr().out
+    assert json.loads((out / "bidir.json").read_text())["attention"] == "causal"
+    assert json.loads((out / "config.json").read_text())["is_causal"] is True
+    assert BiEncoder.from_pretrained(out).model.causal
