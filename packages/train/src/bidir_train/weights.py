@@ -51,6 +51,8 @@ def load_encoder(cfg: TrainConfig, device: torch.device) -> BiEncoder:
         passage_prefix=cfg.model.passage_prefix,
         matryoshka_dims=cfg.loss.matryoshka_dims,
         max_length=cfg.model.passage_max_length,
+        # the source's attention mode: a causal checkpoint (its bidir.json) trains causally
+        attention="causal" if model.causal else "bidirectional",
     )
     cpu_bf16 = cfg.model.precision == "bf16" and device.type == "cpu"
     encoder = BiEncoder(model, tokenizer, encoder_config, autocast_dtype=torch.bfloat16 if cpu_bf16 else None)
