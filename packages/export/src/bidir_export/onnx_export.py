@@ -5,7 +5,9 @@
 
 The exporter is torch.onnx's dynamo exporter (torch.export + onnxscript): at opset >= 23 each attention becomes
 one ONNX `Attention` node and each RMSNorm one `RMSNormalization` node, which onnxruntime runs directly and
-TensorRT recognizes; at opsets 18..22 attention is spelled out as MatMul / Softmax.
+TensorRT recognizes; at opsets 18..22 attention is spelled out as MatMul / Softmax. The attention mode
+(bidirectional or causal: the mask is part of the graph) is recorded in the manifest (encoder.attention) and in the
+graph's own metadata (`bidir.attention`), which check_interface compares.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ DEFAULT_VERIFY_SHAPE = (4, 128)
 # protobuf cannot hold a model over 2 GiB: above this many weight bytes they go to model.onnx.data.
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
 MODEL_FILE = "model.onnx"
+ATTENTION_KEY = "bidir.attention"  # the ONNX model's metadata_props entry naming the attention mode
 
 Progress = Callable[[str], None]
 
@@ -86,10 +89,13 @@ def export_onnx(
     with staged_folder(out_dir, "onnx", overwrite=overwrite) as tmp:
         encoder = BiEncoder.from_pretrained(source).eval()  # fp32: also the PyTorch reference
         verify_shape = (verify_shape[0], min(verify_shape[1], encoder.config.max_length))
-        say(f"exporting {checkpoint} ({dtype}, opset {opset}{', with dimensions' if with_dims else ''})")
+        say(
+            f"exporting {checkpoint} ({dtype}, opset {opset}, {encoder.config.attention} attention"
+            f"{', with dimensions' if with_dims else ''})"
+        )
         exported = encoder if dtype == "fp32" else copy.deepcopy(encoder).to(TORCH_DTYPES[dtype])
         graph = EmbeddingGraph(exported, with_dims).eval()
-        _export_graph(graph, tmp / MODEL_FILE, opset)
+        _export_graph(graph, tmp / MODEL_FILE, opset, {ATTENTION_KEY: encoder.config.attention})
         input_names = graph.input_names
         del graph, exported  # a low-precision copy is not needed past the export; verification makes its own
         histogram = _check_onnx(tmp / MODEL_FILE)
@@ -199,8 +205,9 @@ def _source_name(given: str | Path, resolved: Path) -> str:
     return EMBEDDED_DEFAULT if str(given) == EMBEDDED_DEFAULT else str(resolved.absolute())
 
 
-def _export_graph(graph: EmbeddingGraph, path: Path, opset: int) -> None:
-    """torch.onnx dynamo export with named dynamic batch / sequence axes, optimized, saved to path."""
+def _export_graph(graph: EmbeddingGraph, path: Path, opset: int, metadata: dict[str, str]) -> None:
+    """torch.onnx dynamo export with named dynamic batch / sequence axes, optimized, saved to path with metadata
+    in the model's metadata_props."""
     H = graph.encoder.hidden_size
     # An example with padding and batch, seq > 1: torch.export specializes a dimension whose example size is 1.
     ids = torch.full((2, 8), 3, dtype=torch.long)
@@ -234,6 +241,7 @@ def _export_graph(graph: EmbeddingGraph, path: Path, opset: int) -> None:
             )
         except Exception as e:  # the exporter raises many types; name the step, fold to one line
             raise BidirError(f"torch.onnx export failed ({one_line(e)[:500]})") from None
+        program.model.metadata_props.update(metadata)
         program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
 
 
@@ -255,13 +263,15 @@ _INT64, _FLOAT = 7, 1  # onnx.TensorProto.INT64 / FLOAT
 
 
 def check_interface(path: Path, manifest: OnnxManifest) -> None:
-    """The graph's inputs and output are the ones the manifest promises (names, order, types, ranks, width)."""
+    """The graph's inputs and output are the ones the manifest promises (names, order, types, ranks, width), and
+    so is its attention mode where the graph records one (exports before the causal mode did not)."""
     import onnx
 
     if not path.is_file():
         raise BidirError(f"{path}: missing")
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
+        model = onnx.load(str(path), load_external_data=False)
+        graph = model.graph
     except Exception as e:
         raise BidirError(f"{path}: not a readable ONNX model ({one_line(e)[:300]})") from None
 
@@ -269,6 +279,12 @@ def check_interface(path: Path, manifest: OnnxManifest) -> None:
         t = value.type.tensor_type
         return t.elem_type, tuple(d.dim_param or d.dim_value for d in t.shape.dim)
 
+    graph_attention = {p.key: p.value for p in model.metadata_props}.get(ATTENTION_KEY)
+    if graph_attention is not None and graph_attention != manifest.encoder.attention:
+        raise BidirError(
+            f"{path}: the graph's attention is {graph_attention} ({ATTENTION_KEY}), the manifest's "
+            f"{manifest.encoder.attention}"
+        )
     inputs = [i.name for i in graph.input]
     if tuple(inputs) != manifest.inputs:
         raise BidirError(f"{path}: graph inputs {inputs} do not match the manifest's {list(manifest.inputs)}")

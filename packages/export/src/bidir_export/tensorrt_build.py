@@ -137,7 +137,10 @@ def build_engine(
                 source, onnx_dir, dtype=precision, opset=opset, with_dims=with_dims, verify=False
             )
         plan = precision_plan(major, onnx_manifest.dtype, precision)
-        say(f"building a {precision} TensorRT {trt.__version__} engine ({plan}), {len(profiles)} profile(s)")
+        say(
+            f"building a {precision} TensorRT {trt.__version__} engine ({plan}, "
+            f"{onnx_manifest.encoder.attention} attention), {len(profiles)} profile(s)"
+        )
         engine_bytes = _build(
             trt,
             onnx_dir / onnx_manifest.model_file,
