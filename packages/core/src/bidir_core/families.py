@@ -4,9 +4,9 @@ One model (model.py) runs them all; a family is a row of this table, read where 
 
     family      config.json model_type     difference from the Llama stack
     Llama       llama, llama_bidirec       (the reference)
-    Mistral     mistral                    none in the weights; a sliding window on every layer when sliding_window is set
+    Mistral     mistral                    a sliding window on every layer when sliding_window is set
     Ministral   ministral                  per-layer sliding window (layer_types)
-    Ministral3  ministral3                 a query scale that grows past rope_parameters.original_max_position_embeddings
+    Ministral3  ministral3                 a query scale growing past rope original_max_position_embeddings
     Qwen2       qwen2                      bias on q/k/v (not on o); per-layer sliding window (use_sliding_window)
     Qwen3       qwen3                      RMSNorm over each head's q and k (q_norm, k_norm), before RoPE
 

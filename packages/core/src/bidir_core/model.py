@@ -1,13 +1,13 @@
-"""The Llama decoder stack with bidirectional (or causal) attention, for Llama, Mistral, Qwen2 and Qwen3.
+"""The Llama decoder stack with bidirectional (or causal) attention: Llama, Mistral, Ministral(3), Qwen2, Qwen3.
 
 A compact re-implementation of transformers' `LlamaModel` whose attention sees every real token of the sequence
 (a padding mask, no causal mask), or in causal mode (`config.is_causal` true, as for Qwen3-Embedding or
 e5-mistral) the real tokens up to each query. The other families differ only in a few details (families.py): bias
 on q/k/v (Qwen2), an RMSNorm over each head's q and k (Qwen3). Sliding-window attention is off in both modes: the
 model attends over the whole text, and an encoder whose max_length exceeds a config's window is refused
-(families.check_max_length). Parameter names are the Hugging Face `{Llama,Mistral,Qwen2,Qwen3}Model` keys, so those
-checkpoints load into it. The forward pass has no `.item()`, no branch on tensor values and nothing distributed,
-so it exports (torch.export / ONNX) and shards (FSDP2 per layer) cleanly.
+(families.check_max_length). Parameter names are the Hugging Face `{Family}Model` keys (LlamaModel,
+Qwen2Model, ...), so those checkpoints load into it. The forward pass has no `.item()`, no branch on tensor
+values and nothing distributed, so it exports (torch.export / ONNX) and shards (FSDP2 per layer) cleanly.
 
 Shapes: B batch, T sequence, H hidden, N query heads, K key/value heads, D head dim.
 """
@@ -215,8 +215,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaBidirectionalModel(nn.Module):
-    """Decoder stack (Llama, Mistral, Qwen2, Qwen3: families.py) with bidirectional attention, or causal attention
-    when config.is_causal is true: (input_ids, attention_mask) -> hidden states (B, T, H)."""
+    """Decoder stack (Llama, Mistral, Ministral(3), Qwen2, Qwen3: families.py) with bidirectional attention, or
+    causal attention when config.is_causal is true: (input_ids, attention_mask) -> hidden states (B, T, H)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()

@@ -1,8 +1,9 @@
 """What a model argument can name, and loading it: the one dispatch over bidir's input formats.
 
 Sources: a Hugging Face folder of a supported family (families.py: Llama, Mistral, Ministral, Ministral3, Qwen2,
-Qwen3; ForCausalLM or the base model; one or sharded safetensors, or pytorch_model.bin), an NVIDIA `llama_bidirec` folder, a bidir checkpoint (which is a Llama folder too), a .gguf file,
-or the name of the embedded default model. Each format has its reader (hf_folder.py, gguf_import.py, embedded.py);
+Qwen3; ForCausalLM or the base model; one or sharded safetensors, or pytorch_model.bin), an NVIDIA
+`llama_bidirec` folder, a bidir checkpoint (a Hugging Face folder too), a .gguf file, or the name of the embedded
+default model. Each format has its reader (hf_folder.py, gguf_import.py, embedded.py);
 a new input format gets its own reader module and a branch here.
 """
 
