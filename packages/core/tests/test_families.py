@@ -217,3 +217,33 @@ def test_causal_source_defaults_to_last_pooling(tmp_path):
     causal = BiEncoder.from_pretrained(folder, attention="causal")
     assert causal.config.attention == "causal" and causal.config.pooling == "last" and causal.model.causal
     assert BiEncoder.from_pretrained(folder, attention="causal", pooling="avg").config.pooling == "avg"
+
+
+def test_attention_span_reads_the_layers_that_slide():
+    """Qwen2/Qwen3/Ministral slide only on layers layer_types marks; Mistral on every layer when sliding_window
+    is set; no window, no limit."""
+    from bidir_core.families import attention_span
+    from bidir_core.testing import tiny_config
+
+    # use_sliding_window, but max_window_layers = every layer: no layer slides
+    assert (
+        attention_span(tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2))
+        is None
+    )
+    assert attention_span(
+        tiny_config("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    ) == (
+        8,
+        "sliding_window",
+    )
+    assert attention_span(tiny_config("qwen2", sliding_window=8)) is None  # use_sliding_window false
+    assert attention_span(tiny_config("mistral", sliding_window=None)) is None
+    assert attention_span(tiny_config("mistral", sliding_window=8)) == (8, "sliding_window")
+    assert (
+        attention_span(tiny_config("ministral", sliding_window=8, layer_types=["full_attention"] * 2)) is None
+    )
+    assert attention_span(tiny_config("llama")) is None
+    assert attention_span(tiny_config("ministral3")) == (
+        512,
+        "rope_parameters.original_max_position_embeddings",
+    )
