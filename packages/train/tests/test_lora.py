@@ -200,3 +200,41 @@ def test_resume_is_exact(tiny_checkpoint, train_jsonl, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_activation_checkpointing_gives_the_same_run(tiny_checkpoint, train_jsonl, tmp_path):
+    """checkpoint_wrapper around decoder layers with PEFT's LoRA layers inside: the same losses."""
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        train_recipe(
+            _recipe(
+                tiny_checkpoint,
+                train_jsonl,
+                out,
+                "schedule.max_steps=2",
+                f"parallel.activation_checkpointing={flag}",
+            )
+        )
+        runs[flag] = loss_curve(out)
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-6)
+
+
+def test_mntp_with_lora(train_jsonl, tmp_path):
+    """MNTP reads the (frozen) tied embeddings as its LM head: it trains the adapters, and final/ keeps the
+    embeddings bit-identical."""
+    tied_checkpoint = tmp_path / "tied"
+    tiny_encoder(tie_word_embeddings=True).save_pretrained(tied_checkpoint)
+    out = tmp_path / "mntp"
+    summary = train_recipe(
+        [
+            *_recipe(tied_checkpoint, train_jsonl, out, "schedule.max_steps=2"),
+            "objective=mntp",
+            "data.num_negatives=0",
+        ]
+    )
+    assert summary["steps"] == 2 and all(loss > 0 for loss in loss_curve(out))
+    base = load_file(tied_checkpoint / "model.safetensors")
+    final = load_file(out / "final" / "model.safetensors")
+    assert torch.equal(final["embed_tokens.weight"], base["embed_tokens.weight"])
+    assert not torch.equal(final["layers.0.mlp.down_proj.weight"], base["layers.0.mlp.down_proj.weight"])
