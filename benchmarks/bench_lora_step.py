@@ -5,8 +5,8 @@ max length and dtype as benchmarks/bench_train_step.py (whose bidir step, BidirP
 the trainer's own (bidir_train.optim.make_optimizer: fused AdamW over the trainable parameters only). Steps
 alternate between the two paths (noise hits both alike). Reported per path: trainable parameters, the training
 state a step keeps (parameters + gradients + AdamW state, counted from the tensors), median s/step, and peak memory
-(CUDA: peak allocated during a step; CPU: peak RSS of a child process that runs that path alone, as a process's
-peak cannot be split between two models), and the LoRA / full ratios.
+(CUDA: peak allocated during a step; CPU: peak RSS during the steps of a child process that runs that path alone
+(Linux), as a process's peak cannot be split between two models), and the LoRA / full ratios.
 
     python benchmarks/bench_lora_step.py [--lora-rank 16] [--batch-size 8] [--max-length 64] [--steps 5] [--json PATH]
 """
@@ -51,16 +51,24 @@ def _lora_path(ckpt: Path, args, device, lora_rank: int | None):
 
 
 def _peak_rss_child(args) -> None:
-    """--peak-of: load one path alone, run the warm-up and the timed batches, print its peak RSS (MB)."""
-    import resource
+    """--peak-of: load one path alone, then print the peak RSS (MB) of its training steps: after loading, the
+    memory the loader freed is given back (malloc_trim) and the kernel's high-water mark reset (clear_refs 5),
+    so the peak is the model, its training state and the step's activations, not the checkpoint loader's."""
+    import ctypes
+    import gc
 
     _, examples = load_triplets()
     _, device = init_distributed()
     rank = None if args.peak_of == "full" else args.lora_rank
     path = _lora_path(resolve_source(args.model), args, device, rank)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
     for rows in batches(examples, args.batch_size, args.steps):
         path.step(rows)
-    print(f"peak_rss_mb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
+    status = Path("/proc/self/status").read_text()
+    peak_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    print(f"peak_rss_mb {peak_kb / 1024:.1f}")
 
 
 def _peak_rss(args, which: str) -> float:
@@ -125,7 +133,7 @@ def bench_lora(args) -> dict:
             "train_state_mb": _state_bytes(model, path.opt) / 2**20,
             "s_per_step": med[name],
             "peak_mb": peak,
-            "peak_kind": "cuda max_memory_allocated" if peaks[name] else "process peak RSS",
+            "peak_kind": "cuda max_memory_allocated" if peaks[name] else "peak RSS of its steps, own process",
             "first_loss": first[name],
         }
     print(
