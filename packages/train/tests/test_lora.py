@@ -238,3 +238,14 @@ def test_mntp_with_lora(train_jsonl, tmp_path):
     final = load_file(out / "final" / "model.safetensors")
     assert torch.equal(final["embed_tokens.weight"], base["embed_tokens.weight"])
     assert not torch.equal(final["layers.0.mlp.down_proj.weight"], base["layers.0.mlp.down_proj.weight"])
+
+
+def test_foreign_adapter_folder_is_refused_before_training(tiny_checkpoint, train_jsonl, tmp_path):
+    """output_dir/adapter/ holding a file PEFT does not write is never replaced: refused before the model loads."""
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "notes.txt").write_text("mine")
+    with pytest.raises(BidirError, match=r"adapter: holds notes.txt, which a PEFT adapter folder does not"):
+        train_recipe(_recipe(tiny_checkpoint, train_jsonl, out))
+    assert [p.name for p in out.iterdir()] == ["adapter"]
+    assert (out / "adapter" / "notes.txt").read_text() == "mine"
