@@ -51,6 +51,9 @@ ACCOUNTED = {
         "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b objective=mntp "
         "model.path=/models/Llama-3.2-1B data.train=/data/corpus.txt eval.dev=null "
         "logging.output_dir=runs/mntp-1b": "test_readme_commands.py production fixture (README.md step 0)",
+        "torchrun --nproc-per-node 1 -m bidir_train --config default_lora": "test_train_lora",
+        "torchrun --nproc-per-node 1 -m bidir_train --config default lora.rank=16 optim.lr=5e-4 "
+        "lora.target_modules=[q_proj,v_proj] logging.output_dir=runs/lora-qv": "test_train_lora",
         "bidir-mine smollm2-135m --train pairs.jsonl --output mined.jsonl": "test_train_mntp_default_mine",
         "bidir-mine runs/default/final --train train.tsv --corpus ../shared/data/cranfield --output mined.jsonl": (
             "test_train_mntp_default_mine"
@@ -242,6 +245,36 @@ def test_train_mntp_default_mine(work):
     assert (single / "runs" / "default" / "final" / "bidir.json").is_file()
     run(*miniature(command(readme, "bidir-mine smollm2-135m"), {SMOLLM2: "./ckpt"}), cwd=single)
     assert (single / "mined.jsonl").read_text().count("\n") == 12
+
+
+def test_train_lora(work):
+    """The LoRA commands: final/ (merged) and adapter/ (PEFT's format), from the LoRA recipe and from default."""
+    readme = "packages/train/README.md"
+    cwd = _folder(work, "train-lora")
+    tiny = f"model.path={work.parent / 'llama'}"
+    short = [
+        "schedule.max_steps=2",
+        "schedule.global_batch_size=4",
+        "schedule.micro_batch_size=2",
+        "eval.dev=null",
+    ]
+    run(
+        *command(readme, "torchrun --nproc-per-node 1 -m bidir_train --config default_lora"),
+        tiny,
+        *short,
+        cwd=cwd,
+    )
+    run(
+        *command(readme, "torchrun --nproc-per-node 1 -m bidir_train --config default lora."),
+        tiny,
+        *short,
+        cwd=cwd,
+    )
+    for run_dir in ("default_lora", "lora-qv"):
+        assert (cwd / "runs" / run_dir / "final" / "bidir.json").is_file()
+        assert (cwd / "runs" / run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((cwd / "runs" / "lora-qv" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
 
 
 # -- packages/export/README.md --------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Training checkpoints under output_dir/checkpoints/step-NNNNNNNN/: written, published, found and loaded.
 
-A checkpoint holds the sharded model and optimizer (DCP: `.metadata` + `*.distcp`), `trainer_state.json` (step,
-data position, learning-rate scheduler: JSON, it cannot carry code) and `rng-rank<R>.safetensors` (each rank's RNG
+A checkpoint holds the sharded model (its trainable parameters: with LoRA, the adapters) and optimizer (DCP:
+`.metadata` + `*.distcp`), `trainer_state.json` (step, data position, learning-rate scheduler: JSON, it cannot
+carry code) and `rng-rank<R>.safetensors` (each rank's RNG
 state: tensors only). Nothing loaded from a run folder can run code: DCP's own reader unpickles `.metadata` with
 plain `pickle.load` and its default planner reads non-tensor values with `torch.load(weights_only=False)` (torch
 2.13, torch/distributed/checkpoint/filesystem.py and default_planner.py), so both are replaced here by readers that
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from bidir_core.errors import BidirError, one_line
 from bidir_core.folders import fsync_dir, fsync_file
@@ -93,7 +94,7 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, 
     dist.barrier()
     error = None
     try:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # fsyncs its files (sync_files)
         # Per-rank RNG (no dropout in the model today, but a resumed run must continue exactly as the straight one).
         rng = {"torch": torch.get_rng_state()}
@@ -181,10 +182,17 @@ def _try_load(path: Path, model, optimizer, scheduler) -> tuple[dict | None, str
     if problem is not None:
         return None, problem
     try:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        options = _options(model)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         loaded = {"model": model_sd, "optim": optim_sd}
         dcp.load(loaded, checkpoint_id=path, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
-        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=loaded["model"],
+            optim_state_dict=loaded["optim"],
+            options=options,
+        )
         scheduler.load_state_dict(state.pop("scheduler"))
     except (Exception, CheckpointException) as e:  # whatever fails, this checkpoint is unusable
         local = _load_error(e, path)
@@ -196,6 +204,14 @@ def _try_load(path: Path, model, optimizer, scheduler) -> tuple[dict | None, str
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state, None
+
+
+def _options(model) -> StateDictOptions:
+    """Only trainable parameters are checkpointed: with LoRA the frozen base is read from model.path again on
+    resume (recipe.json pins it), and a checkpoint holds the adapters and their optimizer state. (dcp.load fills
+    every key asked for, so nothing trainable can be missing; the frozen ones are left as loaded.)"""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
 def _check_sizes(path: Path, metadata: Metadata) -> None:

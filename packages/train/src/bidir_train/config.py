@@ -1,7 +1,7 @@
 """Training configuration: one frozen dataclass per recipe section, each checking its own values.
 
-A recipe (bidir_train.recipe) is a YAML mapping with one sub-mapping per section (model, data, loss, mntp, optim,
-schedule, parallel, checkpoint, eval, logging) and `objective`. Field types are what the recipe loader checks a
+A recipe (bidir_train.recipe) is a YAML mapping with one sub-mapping per section (model, data, loss, mntp, lora,
+optim, schedule, parallel, checkpoint, eval, logging) and `objective`. Field types are what the recipe loader checks a
 value against (a `Literal` lists the choices); each section's `__post_init__` checks the ranges, naming the key as
 a recipe spells it.
 """
@@ -107,6 +107,36 @@ class MntpConfig:
         _at_least(self, "mntp", 1, "max_length")
         if not 0 < self.mask_probability < 1:
             raise BidirError(f"mntp.mask_probability must be in (0, 1), got {self.mask_probability}")
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every Linear module of a decoder layer (attention and MLP), the usual LoRA targets for embedders."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters through PEFT (bidir_train.lora): the base weights stay frozen, only the adapters train. The
+    section is off unless given (`lora: {rank: 16}`, or `lora.rank=16` on the command line); `lora: null` turns
+    it off again."""
+
+    rank: int = 16
+    """Rank r of each adapter (PEFT's `r`): B (out, r) @ A (r, in) is added to a frozen Linear's weight."""
+    alpha: float = 32.0
+    """Scaling numerator: the adapter's update is scaled by alpha / rank (PEFT's `lora_alpha`)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (PEFT's `lora_dropout`). Above 0 it draws from each rank's own RNG, so the
+    losses depend on the number of ranks (resume stays exact)."""
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    """Names of the Linear modules that get an adapter (the last part of the module name, as PEFT matches them)."""
+
+    def __post_init__(self):
+        _at_least(self, "lora", 1, "rank")
+        if self.alpha <= 0:
+            raise BidirError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise BidirError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise BidirError("lora.target_modules must name at least one Linear module")
 
 
 @dataclass(frozen=True)
@@ -252,6 +282,8 @@ class TrainConfig:
     """The contrastive loss."""
     mntp: MntpConfig = field(default_factory=MntpConfig)
     """The MNTP objective."""
+    lora: LoraConfig | None = None
+    """LoRA adapters instead of full fine-tuning (None: every weight trains); final/ holds the merged weights."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """The optimizer."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -12,8 +12,9 @@ from bidir_train.config import OptimConfig, ScheduleConfig
 
 
 def make_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (with LoRA: the adapters; the frozen base holds no state)."""
     return torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,

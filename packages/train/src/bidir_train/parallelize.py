@@ -16,16 +16,20 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from bidir_train.config import ParallelConfig
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, *, device: torch.device, bf16: bool) -> nn.Module:
+def parallelize(
+    model: nn.Module, cfg: ParallelConfig, *, device: torch.device, bf16: bool, dropout: bool = False
+) -> nn.Module:
     """Shard `model` (a LlamaBidirectionalModel, possibly on the meta device) in place over the default process
     group and return it (a single CPU process is left unsharded). bf16 on CUDA: parameters are all-gathered in bf16, gradients reduced in fp32, and the
-    sharded master weights stay fp32. (On CPU bf16 comes from autocast in the training step instead.)"""
+    sharded master weights stay fp32. (On CPU bf16 comes from autocast in the training step instead.) `dropout`:
+    the model draws random numbers in forward (LoRA dropout), which activation checkpointing must replay.
+    Frozen parameters (LoRA's base weights) are sharded like the others; FSDP2 reduces gradients only for the
+    trainable ones."""
     layers = model.layers
     for i, layer in enumerate(layers):
         if cfg.activation_checkpointing:
-            layer = checkpoint_wrapper(
-                layer, preserve_rng_state=False
-            )  # no dropout: nothing random to replay
+            # Without dropout there is nothing random to replay, and saving the RNG state costs time.
+            layer = checkpoint_wrapper(layer, preserve_rng_state=dropout)
         if cfg.compile:
             layer.compile(dynamic=True)  # in place: parameter names (and so checkpoints) are unchanged
         layers[i] = layer

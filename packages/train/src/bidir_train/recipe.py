@@ -118,14 +118,27 @@ def _build(cls, raw: dict, where: str, prefix: str = ""):
         kind, value = hints[name], raw[name]
         if isinstance(value, _Override):
             value = value.typed(kind)
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, value or {}, where, f"{prefix}{name}.")
+        section = _section_type(kind)
+        if section is not None and (value is not None or section is kind):
+            values[name] = _build(section, value or {}, where, f"{prefix}{name}.")
+        elif section is not None:  # an optional section set to null: off
+            values[name] = None
         else:
             values[name] = _check_value(kind, value, where, f"{prefix}{name}")
     try:
         return cls(**values)  # the section's own range checks (__post_init__)
     except BidirError as e:
         raise BidirError(f"{where}: {e}") from None
+
+
+def _section_type(kind):
+    """The dataclass of a section field (`LossConfig`, or `LoraConfig | None`: an optional section), else None."""
+    if dataclasses.is_dataclass(kind):
+        return kind
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0] if dataclasses.is_dataclass(args[0]) else None
+    return None
 
 
 def _check_value(kind, value, where: str, key: str):

@@ -22,6 +22,7 @@ from bidir_core.jsonfile import read_json_object, write_json_atomic, write_jsonl
 from bidir_core.outputs import check_writable
 from bidir_train.checkpoints import CHECKPOINTS, START_OVER, checkpoint_dirs
 from bidir_train.config import TrainConfig
+from bidir_train.lora import ADAPTER, check_adapter_replaceable
 
 RECIPE = "recipe.json"
 METRICS = "metrics.jsonl"
@@ -54,6 +55,8 @@ def check_run_folder(cfg: TrainConfig) -> None:
         # The run ends by replacing final/: refuse now, not after hours of training, when that would be refused
         # (a folder that is not a bidir checkpoint, or one holding a file we did not write).
         check_replaceable(final)
+    if cfg.lora is not None:
+        check_adapter_replaceable(cfg.output_dir / ADAPTER)
     if cfg.checkpoint.resume:
         _check_same_recipe(cfg)
 
@@ -144,6 +147,9 @@ class RunFolder:
             if (self.dir / FINAL).exists():
                 check_replaceable(self.dir / FINAL)  # a user's files in final/ are never deleted
                 shutil.rmtree(self.dir / FINAL)
+            if (self.dir / ADAPTER).exists():
+                check_adapter_replaceable(self.dir / ADAPTER)
+                shutil.rmtree(self.dir / ADAPTER)
         write_json_atomic(self.dir / RECIPE, recipe_json(self.cfg))
         self.metrics.write_text("")
 

@@ -104,7 +104,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     final = None
     if step == total:
         folder.open()
-        save_final(encoder, cfg.output_dir / FINAL)
+        save_final(encoder, cfg.output_dir / FINAL, cfg)
         final = str(cfg.output_dir / FINAL)
     return log.summary(step, validator.scores, final, elapsed)
 

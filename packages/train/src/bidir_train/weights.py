@@ -1,5 +1,6 @@
 """Weights in and out of the sharded model: rank 0 reads a checkpoint and every rank receives its shards; at the end
-the shards are gathered to rank 0, which writes final/. No rank but 0 ever holds the whole model.
+the shards are gathered to rank 0, which writes final/. No rank but 0 ever holds the whole model. With a `lora`
+section the model gets PEFT adapters (bidir_train.lora) and final/ holds the merged weights.
 
 (Training checkpoints, sharded as they are, are bidir_train.checkpoints.)
 """
@@ -21,6 +22,7 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.sources import load_lm_head, load_model_weights, resolve_source
 from bidir_core.tokenization import load_tokenizer
+from bidir_train import lora
 from bidir_train.config import TrainConfig
 from bidir_train.distributed import agreed, from_rank0
 from bidir_train.parallelize import parallelize
@@ -38,7 +40,12 @@ def load_encoder(cfg: TrainConfig, device: torch.device) -> BiEncoder:
     config = from_rank0(config)
     with torch.device("meta"):
         model = LlamaBidirectionalModel(config)
-    parallelize(model, cfg.parallel, device=device, bf16=cfg.model.precision == "bf16")
+    if cfg.lora is not None:  # adapters in, base frozen; rank 0 draws their initial values
+        agreed(lora.add_adapters, model, cfg.lora)
+        if rank == 0:
+            state_dict = lora.initial_state_dict(config, state_dict, cfg.lora, cfg.schedule.seed)
+    dropout = cfg.lora is not None and cfg.lora.dropout > 0
+    parallelize(model, cfg.parallel, device=device, bf16=cfg.model.precision == "bf16", dropout=dropout)
     model.to_empty(device=device)  # also recomputes the (non-persistent) RoPE frequencies
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state_dict, options=options)
@@ -76,15 +83,24 @@ def load_untied_head(cfg: TrainConfig, encoder: BiEncoder, device: torch.device)
     return head
 
 
-def save_final(encoder: BiEncoder, target: Path) -> None:
-    """Gather the full state dict to rank 0 and write the bidir checkpoint there (atomically)."""
+def save_final(encoder: BiEncoder, target: Path, cfg: TrainConfig) -> None:
+    """Gather the full state dict to rank 0 and write the bidir checkpoint there (atomically). With LoRA, the
+    adapters are merged into the base weights first, and the adapter alone goes to output_dir/adapter/ (PEFT's
+    format)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state_dict = get_model_state_dict(encoder.model, options=options)  # collective: every rank calls it
-    agreed(_write_final, encoder, state_dict, target, run=dist.get_rank() == 0)
+    agreed(_write_final, encoder, state_dict, target, cfg, run=dist.get_rank() == 0)
 
 
-def _write_final(encoder: BiEncoder, state_dict: dict, target: Path) -> None:
-    model = LlamaBidirectionalModel.from_state_dict(encoder.model.config, state_dict)
+def _write_final(encoder: BiEncoder, state_dict: dict, target: Path, cfg: TrainConfig) -> None:
+    config = encoder.model.config
+    if cfg.lora is None:
+        model = LlamaBidirectionalModel.from_state_dict(config, state_dict)
+    else:
+        adapted = lora.with_adapters(config, state_dict, cfg.lora)
+        adapted.peft_config["default"].base_model_name_or_path = cfg.model.path
+        lora.write_adapter(adapted, target.parent / lora.ADAPTER)
+        model = lora.merge(adapted)
     # A full disk is one line naming target from write_checkpoint, which removes its temporary folder; an earlier
     # final/ stays as it was.
     write_checkpoint(target, model, encoder.tokenizer, encoder.config, overwrite=True)
