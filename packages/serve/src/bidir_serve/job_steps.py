@@ -5,6 +5,7 @@ plan the input and prepare the output folder, embed one window, and the job's su
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,22 +65,27 @@ class Job:
     """Whether the folder already holds the complete job."""
 
 
-def prepare_job(cfg: BatchEmbedConfig, rank: int = 0, world: int = 1) -> Job:
+def load_job_backend(cfg: BatchEmbedConfig) -> Backend:
+    return load_backend(
+        cfg.model, cfg.backend, dim=cfg.dim, device=cfg.device, precision=cfg.precision, compile=cfg.compile
+    )
+
+
+def prepare_job(
+    cfg: BatchEmbedConfig,
+    rank: int = 0,
+    world: int = 1,
+    load: Callable[[BatchEmbedConfig], Backend] = load_job_backend,
+) -> Job:
     """Plan the input (rank 0; file list and metadata only, or the whole input read once with
-    --check-unique-ids), load the model, and prepare the output folder (rank 0)."""
+    --check-unique-ids), load the model (`load`: the Ray engine describes it from a worker), and prepare the output
+    folder (rank 0)."""
     out = Path(cfg.output).expanduser()
     files = resolve_inputs(cfg.input)
     check_writable(out / MANIFEST)  # before the plan and the model load, not after
     with process_group(world):
         plan = on_rank_zero(rank, world, lambda: _plan(cfg, files))
-        backend = load_backend(
-            cfg.model,
-            cfg.backend,
-            dim=cfg.dim,
-            device=cfg.device,
-            precision=cfg.precision,
-            compile=cfg.compile,
-        )
+        backend = load(cfg)
         planned = plan_job(cfg, backend, files, plan.rows)
         already = on_rank_zero(rank, world, lambda: prepare_output(out, planned, cfg.overwrite))
     return Job(out, plan, backend, planned, already)
