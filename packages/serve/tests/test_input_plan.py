@@ -126,7 +126,8 @@ def test_memory_stays_bounded_as_the_corpus_grows(tmp_path, monkeypatch):
     import bidir_serve.unique_ids as unique_ids
 
     monkeypatch.setattr(unique_ids, "BUCKET_ROWS", 5_000)  # both corpora: buckets of 5,000 ids
+    monkeypatch.setattr(unique_ids, "BUFFERED", 2_000)  # and 2,000 records held before they are spilled
     small, large = _peak_bytes(20_000, tmp_path / "small"), _peak_bytes(100_000, tmp_path / "large")
-    # One shard's id set (2,000 ids), one bucket (5,000) and a Parquet batch bound both; a set of the 100,000 ids
-    # alone is about 9 MB.
+    # One shard's id set (2,000 ids), the spill buffer, one bucket (5,000 ids) and a Parquet batch bound both; a
+    # set of the 100,000 ids alone is about 9 MB.
     assert large < 1.2 * small and large < 4_000_000, (small, large)

@@ -125,21 +125,22 @@ def _count_lines(path: Path, jsonl: bool, first_row: int, shard_size: int):
     return rows, tuple(starts)
 
 
-def _file_rows(f: FilePlan, lo: int, id_field: str, text_field: str) -> Iterator[Row]:
-    """Rows of file f from its row `lo` (a shard boundary or 0) on."""
+def _file_rows(f: FilePlan, lo: int, hi: int, id_field: str, text_field: str) -> Iterator[Row]:
+    """Rows [lo, hi) of file f (lo a shard boundary or 0); Parquet: only the row groups that hold them are read."""
     if f.fmt == "parquet":
         ends = list(itertools.accumulate(f.row_groups))
         g = bisect.bisect_right(ends, lo)  # the row group holding row lo
+        last = bisect.bisect_left(ends, hi)  # the row group holding row hi - 1
         begin = ends[g - 1] if g else 0
-        rows = parquet_rows(f.path, list(range(g, len(f.row_groups))), begin, id_field, text_field)
-        return itertools.islice(rows, lo - begin, None)
+        rows = parquet_rows(f.path, list(range(g, last + 1)), begin, id_field, text_field)
+        return itertools.islice(rows, lo - begin, hi - begin)
     i = bisect.bisect_right([s[0] for s in f.starts], lo) - 1
     row, offset, line = f.starts[i]
     if f.fmt == "jsonl":
         rows = jsonl_rows(f.path, offset, line, id_field, text_field)
     else:
         rows = text_rows(f.path, offset, line, f.id_prefix)
-    return itertools.islice(rows, lo - row, None)
+    return itertools.islice(rows, lo - row, hi - row)
 
 
 def shard_rows(plan: InputPlan, k: int, id_field: str, text_field: str) -> Iterator[Row]:
@@ -148,7 +149,7 @@ def shard_rows(plan: InputPlan, k: int, id_field: str, text_field: str) -> Itera
     seen: dict[str, str] = {}  # id -> where, for this shard only (at most shard_size entries)
     for f, lo, hi in plan.slices(k):
         n = 0
-        for row in itertools.islice(_file_rows(f, lo, id_field, text_field), hi - lo):
+        for row in _file_rows(f, lo, hi, id_field, text_field):
             if row.id in seen:
                 raise BidirError(
                     f"duplicate id {row.id!r} again at {row.where} (first at {seen[row.id]}); "
