@@ -82,7 +82,10 @@ def test_duplicate_ids_within_a_shard_and_across_shards(tiny_checkpoint, tmp_pat
 def test_unique_id_check_reports_the_first_repeat_in_input_order(tmp_path, monkeypatch):
     import bidir_serve.unique_ids as unique_ids
 
-    monkeypatch.setattr(unique_ids, "BUCKET_ROWS", 3)  # several buckets: the first repeat must still win
+    monkeypatch.setattr(
+        unique_ids, "BUCKET_ROWS", 3
+    )  # buckets split in two, again and again: the first repeat
+    monkeypatch.setattr(unique_ids, "FANOUT", 2)  # in input order must still win
     ids = [f"x{i}" for i in range(30)] + ["x7", "x2", "x7"]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "text": "t"}) + "\n" for i in ids))
     plan = plan_inputs([tmp_path / "in.jsonl"], "id", "text", 4)
@@ -126,8 +129,14 @@ def test_memory_stays_bounded_as_the_corpus_grows(tmp_path, monkeypatch):
     import bidir_serve.unique_ids as unique_ids
 
     monkeypatch.setattr(unique_ids, "BUCKET_ROWS", 5_000)  # both corpora: buckets of 5,000 ids
-    monkeypatch.setattr(unique_ids, "BUFFERED", 2_000)  # and 2,000 records held before they are spilled
     small, large = _peak_bytes(20_000, tmp_path / "small"), _peak_bytes(100_000, tmp_path / "large")
-    # One shard's id set (2,000 ids), the spill buffer, one bucket (5,000 ids) and a Parquet batch bound both; a
-    # set of the 100,000 ids alone is about 9 MB.
-    assert large < 1.2 * small and large < 4_000_000, (small, large)
+    tracemalloc.start()
+    try:  # what the scan this replaced held at the end: a set of every id of the large corpus
+        ids = {f"doc-{f}-{i}" for f in range(5) for i in range(20_000)}
+        one_set = tracemalloc.get_traced_memory()[1]
+        del ids
+    finally:
+        tracemalloc.stop()
+    # 80,000 more rows add under a fifth of what their ids alone would take in one set; the bound (one shard's id
+    # set, one bucket of 5,000 ids, 64 file buffers, a Parquet batch) is under half of that set.
+    assert large - small < 0.2 * one_set and large < 0.5 * one_set, (small, large, one_set)
