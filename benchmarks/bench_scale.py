@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 FILES = 8
-ROW_GROUP = 50_000
+ROW_GROUP = 10_000
 SHARD = 100_000
 
 

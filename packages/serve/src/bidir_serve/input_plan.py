@@ -146,16 +146,18 @@ def _file_rows(f: FilePlan, lo: int, hi: int, id_field: str, text_field: str) ->
 def shard_rows(plan: InputPlan, k: int, id_field: str, text_field: str) -> Iterator[Row]:
     """The rows of shard k, reading only its slices; a duplicate id inside the shard, or a file whose rows no
     longer match the plan (changed during the job), is an error naming file and line."""
-    seen: dict[str, str] = {}  # id -> where, for this shard only (at most shard_size entries)
+    seen: set[str] = (
+        set()
+    )  # this shard's ids only (at most shard_size); places are found again on a duplicate
     for f, lo, hi in plan.slices(k):
         n = 0
         for row in _file_rows(f, lo, hi, id_field, text_field):
             if row.id in seen:
+                first = next(r.where for r in _slices_rows(plan, k, id_field, text_field) if r.id == row.id)
                 raise BidirError(
-                    f"duplicate id {row.id!r} again at {row.where} (first at {seen[row.id]}); "
-                    "every id must be unique"
+                    f"duplicate id {row.id!r} again at {row.where} (first at {first}); every id must be unique"
                 )
-            seen[row.id] = row.where
+            seen.add(row.id)
             n += 1
             yield row
         if n != hi - lo:
@@ -163,3 +165,8 @@ def shard_rows(plan: InputPlan, k: int, id_field: str, text_field: str) -> Itera
                 f"{f.path}: fewer rows than the {f.rows} it had when the job was planned (it changed during "
                 "the job); rerun to plan it again"
             )
+
+
+def _slices_rows(plan: InputPlan, k: int, id_field: str, text_field: str) -> Iterator[Row]:
+    for f, lo, hi in plan.slices(k):
+        yield from _file_rows(f, lo, hi, id_field, text_field)
