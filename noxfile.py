@@ -106,7 +106,7 @@ def integration(session: nox.Session) -> None:
         "./packages/core[test]",
         "./packages/train[test]",
         "./packages/export[test]",
-        "./packages/serve[test]",
+        "./packages/serve[test,ray]",  # README batch-embed --engine ray commands (a local Ray cluster)
     )
     _install_default_model(session)
     session.run(*PYTEST, "integration_tests", *session.posargs, env=ENV)
