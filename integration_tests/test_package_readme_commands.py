@@ -79,7 +79,9 @@ ACCOUNTED = {
         "batch-embed --model ./onnx-export --input lines.txt --output emb/ --prompt query --dim 256": "test_serve",
         "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed --model ./engine --input shards/*.jsonl "
         "--output emb/": "test_serve (2 ranks, a checkpoint for ./engine), test_export_trt (the engine)",
-        "pip install ./packages/core ./packages/serve[test]": "noxfile.py test-serve session",
+        "batch-embed --engine ray --model ./ckpt --input docs/*.parquet --id-field doc_id --text-field body "
+        "--output emb-ray/": "test_serve (a local Ray cluster)",
+        "pip install ./packages/core ./packages/serve[test,ray]": "noxfile.py test-serve session",
         "pytest packages/serve/tests": "noxfile.py test-serve session",
         "bidir-server smollm2-135m": "test_server",
         "bidir-server ./ckpt --host 0.0.0.0 --port 9000 --served-model-name my-embedder": "test_server",
@@ -319,6 +321,9 @@ def test_serve(work):
     run(*command(SERVE, "batch-embed --model ./ckpt"), cwd=cwd)
     emb = read_embeddings(cwd / "emb")
     assert str(emb.embeddings().dtype) == "float16" and emb.ids()[0].startswith("d")
+    run(*command(SERVE, "batch-embed --engine ray"), cwd=cwd)  # starts a local Ray cluster
+    ray = read_embeddings(cwd / "emb-ray")
+    assert ray.ids() == read_embeddings(cwd / "emb").ids() and ray.manifest.complete
 
     onnx = _folder(work, "serve-onnx")
     run("export-onnx", "./ckpt", "./onnx-export", "--with-dims", cwd=onnx)

@@ -46,6 +46,12 @@ ACCOUNTED = {
         "--dtype float16": "test_production_embed_and_score_*",
         "bidir-eval runs/1b/final --retrieval /data/beir/nq "
         "--corpus-embeddings /data/corpus-emb": "test_production_embed_and_score_*",
+        "ray start --head --port 6379": "not run: a cluster daemon (the batch-embed --engine ray command runs on a "
+        "local cluster, --ray-address local, in test_production_embed_and_score_with_onnxruntime)",
+        "ray start --address HEAD:6379": "not run: joins the head node's cluster (see ray start --head)",
+        "batch-embed --engine ray --ray-address auto --model engines/1b --backend tensorrt "
+        "--input /data/corpus/*.parquet --id-field doc_id --text-field text --output /data/corpus-emb "
+        "--dtype float16": "test_production_embed_and_score_with_onnxruntime",
     },
 }
 
@@ -94,6 +100,12 @@ def test_production_embed_and_score_with_onnxruntime(production):
     work = production["work"]
     run("export-onnx", "runs/1b/final", "onnx/1b", cwd=work)
     _embed_and_score(production, backend="onnxruntime", model="onnx/1b", out="corpus-emb")
+    # step 3 on Ray: the same job on a local cluster (--ray-address local) gives the same artifact
+    ray_words = command("README.md", "batch-embed --engine ray")
+    paths = {**production["paths"], "/data/corpus-emb": work / "corpus-emb-ray"}
+    options = {"--ray-address": "local", "--backend": "onnxruntime", "--model": "onnx/1b"}
+    run(*miniature(ray_words, paths, options), cwd=work)
+    assert read_embeddings(work / "corpus-emb-ray").ids() == read_embeddings(work / "corpus-emb").ids()
     words = command("README.md", "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed")
     if TENSORRT_HERE:
         return  # the tensorrt test runs the command in full

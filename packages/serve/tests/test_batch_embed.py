@@ -159,7 +159,14 @@ def test_bad_input_names_file_and_line(tiny_checkpoint, tmp_path, name, content,
     (tmp_path / name).write_bytes(content)
     with pytest.raises(BidirError, match=message):
         _run(tiny_checkpoint, tmp_path / name, tmp_path / "out")
-    assert not (tmp_path / "out").exists()  # refused before any work
+    # Validation streams: the row is met while its shard is read; that shard is never published.
+    assert (
+        not list((tmp_path / "out").glob("part-*"))
+        and not read_embeddings_manifest(tmp_path / "out").complete
+    )
+    with pytest.raises(BidirError, match=message):  # --check-unique-ids reads everything before any work
+        _run(tiny_checkpoint, tmp_path / name, tmp_path / "out2", check_unique_ids=True)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_bad_parquet(tiny_checkpoint, tmp_path):

@@ -1,7 +1,8 @@
 """batch-embed: embed a corpus (JSONL, Parquet or plain text) into the embeddings artifact, resumably.
 
 The command line over embed_corpus (embed_job.py): `batch-embed ...` or `python -m bidir_serve.batch_embed ...`;
-under `torchrun --nproc-per-node N -m bidir_serve.batch_embed ...` the shards are split by global rank (ranks.py).
+under `torchrun --nproc-per-node N -m bidir_serve.batch_embed ...` the shards are split by global rank (ranks.py);
+with `--engine ray` a Ray cluster runs them (ray_engine.py).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from bidir_core.cli import run_cli
 from bidir_core.embeddings_artifact import EMBEDDING_DTYPES
 from bidir_serve.backend_args import add_backend_arguments
 from bidir_serve.embed_job import embed_corpus
-from bidir_serve.job_config import PROMPTS, BatchEmbedConfig
+from bidir_serve.job_config import ENGINES, PROMPTS, BatchEmbedConfig
 
 EXAMPLES = """examples:
   batch-embed --model smollm2-135m --input corpus.jsonl --output corpus-emb/
   batch-embed --model ./ckpt --input 'docs/*.parquet' --id-field doc_id --text-field body --output emb/ --dtype float16
   batch-embed --model ./onnx-export --input lines.txt --output emb/ --prompt query --dim 256
-  torchrun --nproc-per-node 8 -m bidir_serve.batch_embed --model ./engine --input 'shards/*.jsonl' --output emb/"""
+  torchrun --nproc-per-node 8 -m bidir_serve.batch_embed --model ./engine --input 'shards/*.jsonl' --output emb/
+  batch-embed --engine ray --ray-address auto --model ./ckpt --input 'docs/*.parquet' --output /shared/emb/"""
 
 
 def parse_args(argv: list[str] | None = None) -> BatchEmbedConfig:
@@ -52,6 +54,20 @@ def parse_args(argv: list[str] | None = None) -> BatchEmbedConfig:
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per batch")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="rows per batch")
     p.add_argument("--window", type=int, default=d.window, help="rows sorted by length together")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=d.engine,
+        help="local: this process (or torchrun ranks); ray: a Ray cluster (pip install 'bidir-serve[ray]')",
+    )
+    p.add_argument(
+        "--ray-address", help="--engine ray: the cluster to join (default: a local one, or RAY_ADDRESS)"
+    )
+    p.add_argument(
+        "--check-unique-ids",
+        action="store_true",
+        help="read the whole input before any work: validate every row, check ids unique across shards",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace embeddings of other inputs/settings in --output"
     )

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bidir_core.datasets.lines import read_jsonl, read_lines
+from bidir_core.datasets.lines import _SURROGATE_ESCAPE, _check_surrogates
 from bidir_core.errors import BidirError, one_line
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -64,19 +64,6 @@ def input_fingerprint(files: list[Path]) -> tuple[str, list[dict]]:
     return "sha256:" + digest, described
 
 
-def iter_rows(files: list[Path], id_field: str = "id", text_field: str = "text") -> Iterator[Row]:
-    """Every row of every file, in file order then line order."""
-    prefixes = text_id_prefixes([p for p in files if _format(p) == "text"])
-    for path in files:
-        fmt = _format(path)
-        if fmt == "jsonl":
-            yield from _jsonl_rows(path, id_field, text_field)
-        elif fmt == "parquet":
-            yield from _parquet_rows(path, id_field, text_field)
-        else:
-            yield from _text_rows(path, prefixes[path])
-
-
 def text_id_prefixes(text_files: list[Path]) -> dict[Path, str]:
     """The id prefix of each plain-text file's line numbers: none for a single file; the file name when the names
     differ (the common case, and the ids earlier versions gave); else the path relative to the folder the files
@@ -90,7 +77,8 @@ def text_id_prefixes(text_files: list[Path]) -> dict[Path, str]:
     return {p: a.relative_to(common).as_posix() + ":" for p, a in zip(text_files, absolute, strict=True)}
 
 
-def _format(path: Path) -> str:
+def file_format(path: Path) -> str:
+    """jsonl, parquet or text, by suffix."""
     suffix = path.suffix.lower()
     return "jsonl" if suffix in JSONL_SUFFIXES else "parquet" if suffix in PARQUET_SUFFIXES else "text"
 
@@ -101,9 +89,56 @@ def _check_text(text: str, where: str) -> str:
     return text
 
 
-def _jsonl_rows(path: Path, id_field: str, text_field: str) -> Iterator[Row]:
-    for n, obj in read_jsonl(path):  # UTF-8, JSON and object checks per line; blank lines are not rows
+def _lines_from(path: Path, offset: int, first_line: int) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line ending) from byte `offset` on, which starts line `first_line`: what
+    bidir_core.datasets.lines.read_lines gives from the top of the file, but starting mid-file, so a rank reads
+    only its own slice. Invalid UTF-8 is reported at its line."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            for number, raw in enumerate(f, start=first_line):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BidirError(f"{path}:{number}: invalid UTF-8 ({one_line(e)})") from None
+                if number == 1:
+                    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the first field
+                yield number, text.rstrip("\r\n")
+    except OSError as e:
+        raise BidirError(f"{path}: cannot read ({one_line(e)})") from None
+
+
+def _json_object(text: str, where: str) -> dict:
+    # The checks of bidir_core.datasets.lines.read_jsonl, for one line (that reader starts at the top of a file).
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BidirError(f"{where}: not valid JSON ({one_line(e)})") from None
+    except RecursionError:
+        raise BidirError(f"{where}: JSON nested too deeply to read") from None
+    if not isinstance(obj, dict):
+        raise BidirError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(text):
+        _check_surrogates(obj, where)
+    return obj
+
+
+def is_blank_jsonl_line(raw: bytes, number: int) -> bool:
+    """Whether a raw line of a JSONL file is blank (not a row), exactly as the reader decides it."""
+    head = raw.lstrip(b" \t")
+    if head[:1] == b"{":  # the common case, decided without decoding
+        return False
+    text = raw.decode("utf-8", "replace")
+    return not (text.removeprefix("\ufeff") if number == 1 else text).strip()
+
+
+def jsonl_rows(path: Path, offset: int, first_line: int, id_field: str, text_field: str) -> Iterator[Row]:
+    """The rows of a JSONL file from byte `offset` (the start of line `first_line`) on; blank lines are not rows."""
+    for n, text in _lines_from(path, offset, first_line):
+        if not text.strip():
+            continue
         where = f"{path}:{n}"
+        obj = _json_object(text, where)
         for field in (id_field, text_field):
             if field not in obj:
                 raise BidirError(
@@ -126,7 +161,8 @@ def _id(value, id_field: str, where: str) -> str:
     raise BidirError(f"{where}: {id_field!r} is a {type(value).__name__}, not a string or integer")
 
 
-def _parquet_rows(path: Path, id_field: str, text_field: str) -> Iterator[Row]:
+def open_parquet(path: Path, id_field: str, text_field: str):
+    """The pyarrow ParquetFile, its schema checked (columns present, of the right types) from the footer alone."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -144,8 +180,22 @@ def _parquet_rows(path: Path, id_field: str, text_field: str) -> Iterator[Row]:
         if not ok(schema.field(field).type):
             kind = "string or integer" if field == id_field else "string"
             raise BidirError(f"{path}: column {field!r} is {schema.field(field).type}, not a {kind}")
-    row = 0
-    batches = pf.iter_batches(batch_size=4096, columns=[id_field, text_field])
+    return pf
+
+
+PARQUET_BATCH = 4096
+
+
+def parquet_rows(
+    path: Path, groups: list[int], first_row: int, id_field: str, text_field: str
+) -> Iterator[Row]:
+    """The rows of row groups `groups` (consecutive) of a Parquet file, whose first row is file row `first_row`
+    (0-based); only those row groups are read."""
+    import pyarrow as pa
+
+    pf = open_parquet(path, id_field, text_field)
+    row = first_row
+    batches = pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=groups, columns=[id_field, text_field])
     while True:
         try:
             batch = next(batches, None)
@@ -156,7 +206,7 @@ def _parquet_rows(path: Path, id_field: str, text_field: str) -> Iterator[Row]:
             texts = batch.column(1).to_pylist()
         except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
             raise BidirError(
-                f"{path} rows {row + 1}..{row + 4096}: cannot read ({one_line(e)}); "
+                f"{path} rows {row + 1}..{row + PARQUET_BATCH}: cannot read ({one_line(e)}); "
                 "e.g. a string column holding invalid UTF-8"
             ) from None
         for id_, text in zip(ids, texts, strict=True):
@@ -167,29 +217,7 @@ def _parquet_rows(path: Path, id_field: str, text_field: str) -> Iterator[Row]:
             yield Row(_id(id_, id_field, where), _check_text(text, where), where)
 
 
-def _text_rows(path: Path, id_prefix: str) -> Iterator[Row]:
-    for n, text in read_lines(path):  # UTF-8 checked per line, line endings removed
+def text_rows(path: Path, offset: int, first_line: int, id_prefix: str) -> Iterator[Row]:
+    """The rows of a plain-text file from byte `offset` (the start of line `first_line`) on: every line is one."""
+    for n, text in _lines_from(path, offset, first_line):  # UTF-8 checked per line, line endings removed
         yield Row(f"{id_prefix}{n}", _check_text(text, f"{path}:{n}"), f"{path}:{n}")
-
-
-def scan(files: list[Path], id_field: str, text_field: str) -> int:
-    """Read every row once before any work: bad rows and duplicate ids are reported now, not hours into a job.
-    Returns the number of rows."""
-    seen: set[str] = set()
-    duplicates: list[Row] = []
-    n = 0
-    for row in iter_rows(files, id_field, text_field):
-        n += 1
-        if row.id in seen:
-            duplicates.append(row)
-        else:
-            seen.add(row.id)
-    if duplicates:
-        first = duplicates[0]
-        raise BidirError(
-            f"{len(duplicates)} duplicate id(s) in the input, the first {first.id!r} again at {first.where} "
-            "(every id must be unique)"
-        )
-    if n == 0:
-        raise BidirError(f"{files[0] if len(files) == 1 else 'the inputs'}: no rows to embed")
-    return n

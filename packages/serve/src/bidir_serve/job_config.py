@@ -9,6 +9,8 @@ from bidir_core.errors import BidirError
 from bidir_serve.backends import BACKENDS, PRECISIONS
 from bidir_serve.prompts import PROMPTS
 
+ENGINES = ("local", "ray")
+
 
 @dataclass(frozen=True)
 class BatchEmbedConfig:
@@ -49,6 +51,13 @@ class BatchEmbedConfig:
     prefetch: int = 2
     """Windows tokenized and batched ahead of the model (the bounded queue between the tokenizer thread and the
     model); one is enough to overlap tokenizing with the model's work."""
+    engine: str = "local"
+    """local (this process, or torchrun ranks) or ray (a Ray cluster: bidir_serve.ray_engine)."""
+    ray_address: str | None = None
+    """engine ray: the cluster to join (ray.init(address=...)); None starts a local one, or joins RAY_ADDRESS."""
+    check_unique_ids: bool = False
+    """Before any work, read the whole input once: every row validated and every id checked unique across all
+    shards, in bounded memory (ids spilled to disk by hash). Without it ids are checked unique within each shard."""
     overwrite: bool = False
     """Replace existing embeddings in `output` (of other inputs or settings, or complete ones) instead of refusing."""
     progress: bool = True
@@ -59,6 +68,8 @@ class BatchEmbedConfig:
             raise BidirError(f"prompt must be one of {', '.join(PROMPTS)}, got {self.prompt!r}")
         if self.dtype not in EMBEDDING_DTYPES:
             raise BidirError(f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype!r}")
+        if self.engine not in ENGINES:
+            raise BidirError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.backend not in BACKENDS:
             raise BidirError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.precision is not None and self.precision not in PRECISIONS:

@@ -1,12 +1,12 @@
 """The output folder of a batch-embed job: what it will hold (the planned manifest and its fingerprint), whether an
 earlier run left it resumable, which shards are done, and marking it complete.
 
-Shard k holds input rows [k * shard_size, (k + 1) * shard_size) and appears only when complete (temp name + rename),
-so after a kill a rerun skips the shards that exist intact (readable, with their planned row count; a complete job's
-shards are checked too) and computes the others: every id ends up exactly once. The manifest carries a fingerprint
+Shard k holds input rows [k * shard_size, (k + 1) * shard_size) (bidir_serve.input_plan) and appears only when
+complete (temp name + rename), so after a kill a rerun skips the shards that exist intact (readable, with their
+planned row count; a complete job's shards are checked too) and computes the others: every id ends up exactly once. The manifest carries a fingerprint
 of the inputs (paths, sizes, mtimes), the settings and the model; a rerun whose fingerprint differs refuses to mix
-its rows with the old ones unless --overwrite is given. Nothing in a folder that is not an embeddings folder is
-touched.
+its rows with the old ones unless --overwrite is given (an unfinished folder with no shard yet holds nothing to mix,
+and is taken over). Nothing in a folder that is not an embeddings folder is touched.
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ def prepare_output(out: Path, planned: EmbeddingsManifest, overwrite: bool) -> b
             planned.input_fingerprint,
             planned.model_fingerprint,
         )
-        if overwrite:
+        # An unfinished job that published no shard yet (e.g. stopped by a bad row that was fixed since) holds
+        # nothing to lose: a new plan takes it over.
+        fresh = not old.complete and not any(out.glob("part-*.parquet"))
+        if overwrite or (fresh and not same):
             for path in _our_files(out):
                 path.unlink(missing_ok=True)
         elif not same:

@@ -1,10 +1,10 @@
 """Rows -> windows of padded token batches, made on a background thread so tokenization overlaps the model's compute.
 
-Rows are cut into shards (shard k = rows [k * shard_size, (k + 1) * shard_size) of the input, so a shard's content
-does not depend on how many processes run or which shards were already done). Within a shard, rows are taken in
-windows of `window` rows; each window is tokenized, sorted by token length and grouped into token-budget batches by
-bidir_core.batching, so padding stays small while memory stays bounded by the window, whatever the corpus or shard
-size. A Window is the one message from the tokenizer to the model: its rows' ids (in input order) and their batches
+Rows come shard by shard (shard k = rows [k * shard_size, (k + 1) * shard_size) of the input, bidir_serve.input_plan,
+so a shard's content does not depend on how many processes run or which shards were already done). Within a shard,
+rows are taken in windows of `window` rows; each window is tokenized, sorted by token length and grouped into
+token-budget batches by bidir_core.batching, so padding stays small while memory stays bounded by the window,
+whatever the corpus or shard size. A Window is the one message from the tokenizer to the model: its rows' ids (in input order) and their batches
 together; each batch carries its rows' positions inside the window, which is how the consumer restores input order
 before it appends the window to its shard.
 
@@ -75,40 +75,46 @@ class BatchingConfig:
 
 
 def shard_windows(
-    rows: Iterable[Row],
-    shard_size: int,
-    todo: set[int],
+    shards: Iterable[tuple[int, Iterable[Row]]],
     tokenizer,
     prefix: str,
     cfg: BatchingConfig,
 ) -> Iterator[Window]:
-    """The windows of the shards in `todo`, in input order; other shards' rows are skipped. A window ends when it
-    is full or its shard ends (windows never span shards)."""
+    """The windows of each (shard index, its rows), in order. A window ends when it is full or its shard ends
+    (windows never span shards)."""
+    for shard, rows in shards:
+        pending: list[Row] = []
+        for row in rows:
+            if len(pending) == cfg.window:
+                yield make_window(shard, pending, False, tokenizer, prefix, cfg)
+                pending = []
+            pending.append(row)
+        yield make_window(shard, pending, True, tokenizer, prefix, cfg)
 
-    def window(shard: int, rows: list[Row], last_in_shard: bool) -> Window:
-        token_ids, n_cut = tokenize(tokenizer, [prefix + row.text for row in rows], cfg.max_length)
-        lengths = [len(t) for t in token_ids]
-        batches = []
-        for batch in length_sorted_batches(lengths, cfg.max_batch_size, cfg.max_batch_tokens):
-            input_ids, mask = pad_batch([token_ids[i] for i in batch], cfg.pad_id)  # (B, T) each
-            if cfg.pin_memory:
-                input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
-            batches.append(Batch(batch, input_ids, mask, sum(lengths[i] for i in batch)))
-        return Window(shard, [r.id for r in rows], [r.where for r in rows], batches, n_cut, last_in_shard)
 
-    pending: list[Row] = []
-    shard = -1
-    for n, row in enumerate(rows):
-        shard = n // shard_size
-        if shard not in todo:
-            continue
-        pending.append(row)
-        shard_ends = (n + 1) % shard_size == 0
-        if len(pending) == cfg.window or shard_ends:
-            yield window(shard, pending, shard_ends)
-            pending = []
-    if pending:  # the rest of the last shard, which is shorter than shard_size
-        yield window(shard, pending, True)
+def tokenize_rows(rows: list[Row], tokenizer, prefix: str, max_length: int) -> tuple[list[list[int]], int]:
+    """Each row's token ids (prefix prepended, truncated to max_length) and how many rows were cut."""
+    return tokenize(tokenizer, [prefix + row.text for row in rows], max_length)
+
+
+def batch_window(token_ids: list[list[int]], cfg: BatchingConfig) -> list[Batch]:
+    """A window's rows sorted by length and grouped into padded batches (each row in exactly one)."""
+    lengths = [len(t) for t in token_ids]
+    batches = []
+    for batch in length_sorted_batches(lengths, cfg.max_batch_size, cfg.max_batch_tokens):
+        input_ids, mask = pad_batch([token_ids[i] for i in batch], cfg.pad_id)  # (B, T) each
+        if cfg.pin_memory:
+            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
+        batches.append(Batch(batch, input_ids, mask, sum(lengths[i] for i in batch)))
+    return batches
+
+
+def make_window(
+    shard: int, rows: list[Row], last: bool, tokenizer, prefix: str, cfg: BatchingConfig
+) -> Window:
+    token_ids, n_cut = tokenize_rows(rows, tokenizer, prefix, cfg.max_length)
+    batches = batch_window(token_ids, cfg)
+    return Window(shard, [r.id for r in rows], [r.where for r in rows], batches, n_cut, last)
 
 
 def prefetch(items: Iterator, depth: int) -> Iterator:

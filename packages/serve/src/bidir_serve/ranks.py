@@ -5,8 +5,9 @@ barrier, the only message between processes: shards go through the filesystem)."
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from bidir_core.errors import BidirError
@@ -17,6 +18,22 @@ T = TypeVar("T")
 def rank_world() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) for a single process."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def process_group(world: int) -> Iterator[None]:
+    """A gloo process group for the setup steps of a job of `world` ranks (none for one process): one for several
+    on_rank_zero calls, since a second group made after the first is destroyed can fail to connect."""
+    import torch.distributed as dist
+
+    own = world > 1 and not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        if own:
+            dist.destroy_process_group()
 
 
 def on_rank_zero(rank: int, world: int, prepare: Callable[[], T]) -> T:

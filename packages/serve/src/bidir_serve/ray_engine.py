@@ -1,0 +1,280 @@
+"""batch-embed --engine ray: the same job on a Ray cluster (Ray Data), for more than one machine.
+
+The driver plans the input and prepares the output folder exactly as the local engine does (embed_job.prepare_job),
+so the folder is the same embeddings artifact, shard for shard. Then a Ray dataset of the shards still to do (missing
+or incomplete: a rerun after a kill plans only those) flows through two stages:
+
+1. CPU tasks (map_batches with a function, one shard per call): read the shard's slice of the input
+   (input_plan.shard_rows: only its files / row groups / byte range, validated as read, with the same one-line
+   errors as local), and tokenize it (prefix, truncation).
+2. An actor pool (map_batches with a class): one backend per actor (load_backend, any backend; num_gpus=1 per actor
+   on a GPU cluster) embeds the shard window by window in length-sorted batches and writes it with the same
+   ShardWriter (temp name, fsync, rename), so every worker writes its shards to the shared output folder itself.
+
+The reading is ours, not read_parquet / read_json / read_text: a shard must be a fixed slice of the input (the same
+whatever the cluster), with file:line in every error, which Ray's readers do not give. Actor failures are Ray's
+to retry: an actor that dies is restarted (max_restarts) and its shard retried (max_task_retries); an error raised
+in the actor that is not ours (a RuntimeError such as a CUDA fault, an OSError) is retried too; a BidirError (bad
+input, non-finite embeddings) is not, and ends the job with its one line. A killed driver is recovered by
+rerunning the command: finished shards are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bidir_core.errors import BidirError
+from bidir_serve.backends import load_backend
+from bidir_serve.input_plan import InputPlan, shard_rows
+from bidir_serve.job_config import BatchEmbedConfig
+from bidir_serve.job_folder import finish, shard_done
+from bidir_serve.job_steps import (
+    EmbedSummary,
+    batching_config,
+    embed_window,
+    prepare_job,
+    warn_truncated,
+)
+from bidir_serve.pipeline import BatchingConfig, Window, batch_window, tokenize_rows
+from bidir_serve.ranks import rank_world
+
+RETRIES = 3
+"""Restarts of a dead actor, and retries of a shard whose actor died or raised a retried error."""
+
+INSTALL = "--engine ray needs Ray: pip install 'bidir-serve[ray]'"
+
+
+def import_ray():
+    """The ray module, or a one-line BidirError naming the package to install."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise BidirError(INSTALL) from None
+    return ray
+
+
+def embed_corpus_ray(cfg: BatchEmbedConfig, *, _load_backend: Callable = load_backend) -> EmbedSummary:
+    """embed_corpus on a Ray cluster: cfg.ray_address, or the cluster this process is connected to, or a new local
+    one. (_load_backend: what each actor loads its model with; tests inject failures there.)"""
+    ray = import_ray()
+    start = time.perf_counter()
+    if rank_world()[1] > 1:
+        raise BidirError("--engine ray runs from one driver process, not under torchrun")
+    own = not ray.is_initialized()
+    if own:
+        ray.init(address=cfg.ray_address, log_to_driver=False)
+    try:
+        return _run(ray, cfg, start, _load_backend)
+    finally:
+        if own:
+            ray.shutdown()
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What the driver needs of the model (the manifest's fingerprints and settings, the tokenizer), described by a
+    worker with the actors' resources, so a GPU cluster's precision (bf16 under auto) is the one recorded and the
+    driver needs no GPU."""
+
+    name: str
+    precision: str
+    description: str
+    config: object
+    tokenizer: object
+    dim: int
+    fingerprint: str
+    source_fingerprint: str
+    pin_memory: bool
+
+
+def _describe(cfg: BatchEmbedConfig, load: Callable) -> BackendInfo:
+    b = load(
+        cfg.model, cfg.backend, dim=cfg.dim, device=cfg.device, precision=cfg.precision, compile=cfg.compile
+    )
+    fields = (
+        "name",
+        "precision",
+        "description",
+        "config",
+        "tokenizer",
+        "dim",
+        "fingerprint",
+        "source_fingerprint",
+    )
+    return BackendInfo(**{f: getattr(b, f) for f in fields}, pin_memory=b.pin_memory)
+
+
+def _run(ray, cfg: BatchEmbedConfig, start: float, load: Callable) -> EmbedSummary:
+    gpus = _wants_gpu(ray, cfg)
+    n_gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus and not n_gpus:
+        raise BidirError("--device cuda: the Ray cluster has no GPU (ray status lists its resources)")
+    resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+    describe = ray.remote(**resources)(_describe)
+    job = prepare_job(cfg, load=lambda cfg: ray.get(describe.remote(cfg, load)))
+    out, planned, backend = job.out, job.planned, job.backend
+    summary = dict(output=out, rows=job.plan.rows, rows_embedded=0, tokens=0, truncated=0, shards_written=0)
+    todo = [] if job.already else [k for k, s in enumerate(planned.shards) if not shard_done(out, s)]
+    context = ray.data.DataContext.get_current()
+    retried = context.actor_task_retry_on_errors
+    try:
+        context.actor_task_retry_on_errors = [RuntimeError, OSError]  # not BidirError: bad input stays bad
+        _embed_shards(ray, cfg, job, todo, gpus, n_gpus, load, summary)
+    finally:
+        context.actor_task_retry_on_errors = retried
+    warn_truncated(summary["truncated"], backend)
+    complete = job.already or finish(out, planned)
+    return EmbedSummary(**summary, seconds=time.perf_counter() - start, complete=complete)
+
+
+def _embed_shards(
+    ray, cfg: BatchEmbedConfig, job, todo: list[int], gpus: bool, n_gpus: int, load, summary
+) -> None:
+    """Stage 1 and 2 over the shards in `todo`; summary's counts added up from what the actors report."""
+    out, planned, backend = job.out, job.planned, job.backend
+    if todo:
+        batching = batching_config(cfg, backend)
+        actors = n_gpus if gpus else max(1, int(ray.cluster_resources()["CPU"]) // 2)
+        ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            _tokenize_shards,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs=dict(
+                plan=job.plan,
+                cfg=cfg,
+                tokenizer=backend.tokenizer,
+                prefix=planned.prefix,
+                max_length=batching.max_length,
+            ),
+            num_cpus=1,
+        )
+        ds = ds.map_batches(
+            _EmbedShards,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_constructor_kwargs=dict(cfg=cfg, out=str(out), batching=batching, load=load),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(todo)))),
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+            # the actors' own Ray options (Ray Data passes them on)
+            max_restarts=RETRIES,
+            max_task_retries=RETRIES,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                if (error := row.pop("error")) is not None:
+                    raise BidirError(error)  # the first bad shard met; the dataset stops
+                for key, value in row.items():
+                    summary[key] += value
+
+
+def _wants_gpu(ray, cfg: BatchEmbedConfig) -> bool:
+    if cfg.device is not None:
+        return cfg.device.startswith("cuda")
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _tokenize_shards(
+    batch, *, plan: InputPlan, cfg: BatchEmbedConfig, tokenizer, prefix: str, max_length: int
+):
+    """Stage 1 (a CPU task): each shard's rows read, validated and tokenized; one output row per shard. A bad row is
+    passed on as the shard's `error` (Ray keeps only the text of a raised exception, and would retry it)."""
+    import pyarrow as pa
+
+    out = []
+    for k in batch.column("shard").to_pylist():
+        try:
+            rows = list(shard_rows(plan, k, cfg.id_field, cfg.text_field))
+            token_ids, cut = tokenize_rows(rows, tokenizer, prefix, max_length)
+        except BidirError as e:
+            out.append(
+                {"shard": k, "ids": [], "wheres": [], "token_ids": [], "truncated": 0, "error": str(e)}
+            )
+            continue
+        ids, wheres = [r.id for r in rows], [r.where for r in rows]
+        out.append(
+            {
+                "shard": k,
+                "ids": ids,
+                "wheres": wheres,
+                "token_ids": token_ids,
+                "truncated": cut,
+                "error": None,
+            }
+        )
+    return pa.Table.from_pylist(out, schema=_schemas()[0])
+
+
+class _EmbedShards:
+    """Stage 2 (an actor): one backend, loaded once; each call embeds and writes whole shards."""
+
+    def __init__(self, cfg: BatchEmbedConfig, out: str, batching: BatchingConfig, load: Callable):
+        self.cfg, self.out, self.batching = cfg, Path(out), batching
+        self.backend = load(
+            cfg.model,
+            cfg.backend,
+            dim=cfg.dim,
+            device=cfg.device,
+            precision=cfg.precision,
+            compile=cfg.compile,
+        )
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        stats = []
+        for shard in batch.to_pylist():
+            row = {
+                "rows_embedded": 0,
+                "tokens": 0,
+                "truncated": 0,
+                "shards_written": 0,
+                "error": shard["error"],
+            }
+            if row["error"] is None:
+                try:
+                    row.update(self._write(shard))
+                except BidirError as e:  # non-finite embeddings, a full disk: reported, not retried
+                    row["error"] = str(e)
+            stats.append(row)
+        return pa.Table.from_pylist(stats, schema=_schemas()[1])
+
+    def _write(self, shard: dict) -> dict:
+        from bidir_core.embeddings_artifact import ShardWriter
+
+        k, ids, wheres, token_ids = shard["shard"], shard["ids"], shard["wheres"], shard["token_ids"]
+        size, tokens = self.batching.window, 0
+        with ShardWriter(self.out, k, self.backend.dim, self.cfg.dtype) as writer:  # renamed when complete
+            for lo in range(0, len(ids), size):
+                batches = batch_window(token_ids[lo : lo + size], self.batching)
+                window = Window(k, ids[lo : lo + size], wheres[lo : lo + size], batches, 0, False)
+                writer.write(window.ids, embed_window(self.backend, window, self.out, self.cfg.model))
+                tokens += sum(b.tokens for b in batches)
+        return {
+            "rows_embedded": len(ids),
+            "tokens": tokens,
+            "truncated": shard["truncated"],
+            "shards_written": 1,
+        }
+
+
+def _schemas():
+    import pyarrow as pa
+
+    tokenized = pa.schema(
+        [
+            ("shard", pa.int64()),
+            ("ids", pa.list_(pa.string())),
+            ("wheres", pa.list_(pa.string())),
+            ("token_ids", pa.list_(pa.list_(pa.int32()))),
+            ("truncated", pa.int64()),
+            ("error", pa.string()),
+        ]
+    )
+    counts = ["rows_embedded", "tokens", "truncated", "shards_written"]
+    return tokenized, pa.schema([*((c, pa.int64()) for c in counts), ("error", pa.string())])
