@@ -117,7 +117,7 @@ ALL_PACKAGES = ("./packages/core", "./packages/train", "./packages/export", "./p
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    _install(session, *ALL_PACKAGES)
+    _install(session, *ALL_PACKAGES, "rank-bm25")  # BM25 on the same dev split, printed beside ours
     _install_default_model(session)
     session.run("python", "tools/demo.py", *session.posargs, env=ENV)
 
