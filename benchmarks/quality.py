@@ -25,6 +25,7 @@ torchrun exactly as a user runs a recipe; wall times are measured around each st
 
     python benchmarks/quality.py                       # everything, about 4 hours on 2 cores
     python benchmarks/quality.py --only best           # the headline row alone: best's stages, then its scores
+    python benchmarks/quality.py --only peer           # best, then the sentence-transformers peer at its budget
     python benchmarks/quality.py --out runs/quality-smoke --rows-per-source 64 --train-override \\
         schedule.max_steps=2 --mntp-override schedule.max_steps=2 --cosent-override schedule.max_steps=2 \\
         --peer-steps 2 --sts-limit 50 --cranfield-queries 5 --cranfield-docs 100 --stdlib-limit 20
@@ -58,6 +59,7 @@ BM25, MINILM = "BM25 (reference)", "all-MiniLM-L6-v2 (reference)"
 BEST = "best: MNTP + contrastive + CoSENT on STS-B train"
 PEER = "sentence-transformers 6 peer (MNRL, same rows / batch / budget)"
 BEST_STAGES = ("best/stages/mntp", "best/stages/contrastive", "best")
+BEST_2 = "best without its CoSENT stage (MNTP + contrastive)"
 
 
 class SentenceTransformerEncoder:
@@ -205,6 +207,17 @@ class Pipeline:
         self.data()
         if a.only == "best":
             return self.evaluate({BEST: self.best()})
+        if a.only == "peer":  # best (its stages are skipped when done), then the peer at best's budget
+            best = self.best()
+            return self.evaluate(
+                {
+                    "SmolLM2-135M untrained": a.model,
+                    BEST_2: self.out / BEST_STAGES[1] / "final",
+                    BEST: best,
+                    PEER: self.peer(),
+                    BM25: BM25,
+                }
+            )
         rows = f"data.train={self.rows}"
         none = (rows, "data.num_negatives=0")
         contrastive = self.train(
@@ -302,6 +315,7 @@ TRAIN_TIME = {
     "MNTP + contrastive (in-batch negatives)": ("mntp", "mntp_contrastive"),
     "contrastive + mined negatives": ("contrastive", "mine", "contrastive_mined"),
     BEST: BEST_STAGES,
+    BEST_2: BEST_STAGES[:2],
     PEER: ("peer",),
 }
 
@@ -329,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-override", nargs="*", default=(), help="key=value for every contrastive run")
     p.add_argument("--mntp-override", nargs="*", default=(), help="key=value for the MNTP run")
     p.add_argument("--cosent-override", nargs="*", default=(), help="key=value for the CoSENT stage of best")
-    p.add_argument("--only", choices=("best",), help="best: train and evaluate only the best recipe")
+    p.add_argument(
+        "--only",
+        choices=("best", "peer"),
+        help="best: train and evaluate only the best recipe; peer: best, then the sentence-transformers peer",
+    )
     p.add_argument(
         "--model", default=EMBEDDED_DEFAULT, help="base model of every chain (default smollm2-135m)"
     )
