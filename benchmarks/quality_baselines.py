@@ -2,7 +2,7 @@
 
 Three systems on three tasks, all scored by bidir_core.evaluation (the same metrics bidir-eval reports):
 
-- BM25:          rank_bm25's BM25Okapi over lowercase word tokens (\\w+). For STS, the BM25 score of each sentence
+- BM25 (bm25.py): rank_bm25's BM25Okapi over lowercase word tokens (\\w+). For STS, the BM25 score of each sentence
                  against the other (both directions averaged) over an index of all STS sentences.
 - bidir:         the embedded default SmolLM2-135M loaded bidirectionally (BiEncoder.from_pretrained), untrained
                  as an embedder: avg pooling, L2-normalized, "query: " / "passage: " prefixes.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -31,49 +30,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from bm25 import bm25_retrieval, bm25_sts
 from harness import data_file, environment
 from quality_data import limit_retrieval
-from rank_bm25 import BM25Okapi
 
 from bidir_core.batching import length_sorted_batches, pad_batch
-from bidir_core.datasets import RetrievalDataset, StsPair, load_retrieval, read_sts
+from bidir_core.datasets import RetrievalDataset, load_retrieval, read_sts
 from bidir_core.embedded import embedded_checkpoint
 from bidir_core.encoder import BiEncoder
-from bidir_core.evaluation import TOP_K, evaluate_retrieval, evaluate_sts
-from bidir_core.metrics import retrieval_metrics, spearman
+from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
 from bidir_core.tokenization import tokenize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def bm25_retrieval(data: RetrievalDataset) -> dict[str, float]:
-    doc_ids = list(data.corpus)
-    index = BM25Okapi([words(data.corpus[d]) or [""] for d in doc_ids])
-    run = {}
-    for query_id in data.qrels:
-        scores = index.get_scores(words(data.queries[query_id]))
-        top = np.argsort(-scores, kind="stable")[:TOP_K]
-        run[query_id] = {doc_ids[i]: float(scores[i]) for i in top}
-    return retrieval_metrics(run, data.qrels)
-
-
-def bm25_sts(pairs: list[StsPair]) -> dict[str, float]:
-    sentences = list(dict.fromkeys(s for p in pairs for s in (p.sentence1, p.sentence2)))
-    row = {s: i for i, s in enumerate(sentences)}
-    index = BM25Okapi([words(s) or [""] for s in sentences])
-    sims = [
-        (
-            index.get_scores(words(p.sentence1))[row[p.sentence2]]
-            + index.get_scores(words(p.sentence2))[row[p.sentence1]]
-        )
-        / 2
-        for p in pairs
-    ]
-    return {"spearman": spearman(sims, [p.score for p in pairs])}
 
 
 class CausalEncoder(torch.nn.Module):

@@ -11,7 +11,8 @@ Each stage runs through its installed command, exactly as a user would:
 3. embed    batch-embed of the dev corpus with the exported model (onnxruntime, or the engine)
 4. eval     bidir-eval of the trained model on the dev queries against the corpus embeddings from step 3
 
-Ends with a before/after table of the dev metrics and the time and throughput of every stage.
+Ends with a before/after table of the dev metrics, BM25's on the same dev split beside them (benchmarks/bm25.py:
+the lexical baseline a user should judge the trained model against), and the time and throughput of every stage.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import time
 from pathlib import Path
 
 from bidir_core.datasets import stdlib_dev
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bm25 import bm25_retrieval  # noqa: E402 (benchmarks/ is a folder of scripts, not a package)
 
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map@100")
 
@@ -118,12 +122,15 @@ def main() -> None:
     n_queries = len(stdlib_dev().queries)
     stages.append(("bidir-eval", seconds, f"{n_queries} queries vs {n_docs} written embeddings"))
 
-    print("\n== stdlib-docstrings dev retrieval (SmolLM2-135M, bidirectional)")
+    bm25 = bm25_retrieval(stdlib_dev())
+    print("\n== stdlib-docstrings dev retrieval (SmolLM2-135M, bidirectional; BM25 on the same split)")
     before = {k.removeprefix("dev/"): v for k, v in dev_rows[0].items()} if dev_rows else {}
-    print(f"{'metric':12s} {'untrained':>10s} {'trained':>10s}")
+    print(f"{'metric':12s} {'untrained':>10s} {'trained':>10s} {'BM25':>10s}")
     for key in METRICS:
         b = f"{before[key]:.4f}" if key in before else "-"
-        print(f"{key:12s} {b:>10s} {after[key]:10.4f}")
+        print(f"{key:12s} {b:>10s} {after[key]:10.4f} {bm25[key]:10.4f}")
+    verdict = "above" if after["ndcg@10"] > bm25["ndcg@10"] else "below"
+    print(f"trained nDCG@10 is {verdict} BM25's ({after['ndcg@10']:.4f} vs {bm25['ndcg@10']:.4f})")
     print("\n== stages")
     for stage, seconds, note in stages:
         print(f"{stage:12s} {seconds:7.1f} s   {note}")

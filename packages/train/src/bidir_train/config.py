@@ -69,7 +69,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """InfoNCE over positive, hard negatives, in-batch (and optionally all ranks') passages."""
+    """InfoNCE over positive, hard negatives, in-batch (and optionally all ranks') passages; CoSENT's scale."""
 
     temperature: float = 0.02
     """Softmax temperature on cosine similarities."""
@@ -83,11 +83,16 @@ class LossConfig:
     """Average the loss over embeddings truncated to these dims (empty: full dimension only)."""
     cache_chunk_size: int | None = None
     """GradCache: forward at most this many texts at once, so the batch size is bounded by memory no more."""
+    cosent_scale: float = 20.0
+    """objective: cosent: the scale on cosine differences in CoSENT (20, i.e. a temperature of 0.05, as in the
+    paper and in sentence-transformers' CoSENTLoss)."""
 
     def __post_init__(self):
         _at_least(self, "loss", 1, "cache_chunk_size")
         if self.temperature <= 0:
             raise BidirError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.cosent_scale <= 0:
+            raise BidirError(f"loss.cosent_scale must be > 0, got {self.cosent_scale}")
         if any(d < 1 for d in self.matryoshka_dims):
             raise BidirError(f"loss.matryoshka_dims must be positive, got {list(self.matryoshka_dims)}")
 
@@ -272,8 +277,9 @@ class TrainConfig:
 
     name: str = "default"
     """Recipe name (the file's stem): names the default output folder."""
-    objective: Literal["contrastive", "mntp"] = "contrastive"
-    """contrastive (InfoNCE on query / passage pairs) or mntp (masked next-token prediction on raw text)."""
+    objective: Literal["contrastive", "mntp", "cosent"] = "contrastive"
+    """contrastive (InfoNCE on query / passage pairs), mntp (masked next-token prediction on raw text) or cosent
+    (CoSENT on graded pairs: an STS-style score, sentence1, sentence2 TSV)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model."""
     data: DataConfig = field(default_factory=DataConfig)

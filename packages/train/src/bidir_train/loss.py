@@ -7,6 +7,9 @@ ranks (rank 0's first), so query i of rank r has its positive at column (r * B +
 
 Shapes: q (B, D), p (B * (1 + N), D); scores (B, C) with C = W * B * (1 + N) (gathered), B * (1 + N) (in-batch)
 or 1 + N (own passages only).
+
+Also CoSENT, the score-aware loss on graded pairs (sentence1, sentence2, gold score) that objective: cosent
+(bidir_train.graded) trains with.
 """
 
 from __future__ import annotations
@@ -123,3 +126,32 @@ def _scores(q, p, group, in_batch, gather, passage_keys, positive_keys):
     # ...and is not the labelled column itself.
     same[torch.arange(B, device=q.device), labels if in_batch else 0] = False
     return logits, labels, same
+
+
+def cosent(
+    a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, *, scale: float = 20.0, dims: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """CoSENT (Su, 2022; the ranking term of AnglE): every pair of pairs whose gold scores are ordered should have
+    its cosines ordered the same way. With s_i = cos(a_i, b_i) and y_i the gold score of pair i,
+
+        loss = log(1 + sum over (i, j) with y_i > y_j of exp(scale * (s_j - s_i)))
+
+    a, b (P, D): raw embeddings of the two sides (L2-normalized here, after Matryoshka truncation); scores (P,): the
+    gold similarity of each pair (any scale: only their order counts). A micro-batch whose scores are all equal has
+    no ordered pair: its loss is log(1) = 0. dims: averaged over these truncations (empty: the full dimension).
+    """
+    if a.shape != b.shape or scores.shape != (a.shape[0],):
+        raise BidirError(
+            f"cosent: {tuple(a.shape)} and {tuple(b.shape)} embeddings for {tuple(scores.shape)} scores"
+        )
+    losses = []
+    for dim in dims or (a.shape[1],):
+        if dim > a.shape[1]:
+            raise BidirError(f"loss.matryoshka_dims: {dim} is larger than the embedding size {a.shape[1]}")
+        s = (F.normalize(a[:, :dim], dim=-1) * F.normalize(b[:, :dim], dim=-1)).sum(-1) * scale  # (P,)
+        diff = s[None, :] - s[:, None]  # (P, P): [i, j] = scale * (s_j - s_i)
+        ordered = scores[:, None] > scores[None, :]  # (P, P): pair i should score above pair j
+        # The leading 0 is the "1 +" inside the log; logsumexp keeps exp(scale * ...) from overflowing.
+        terms = torch.cat([diff.new_zeros(1), diff[ordered]])
+        losses.append(torch.logsumexp(terms, dim=0))
+    return torch.stack(losses).mean()

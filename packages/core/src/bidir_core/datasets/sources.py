@@ -1,7 +1,8 @@
 """What a data argument can name, and reading it: the one place that knows the built-in datasets by name and picks
 the reader of a file by its suffix.
 
-A data argument is the name of a built-in dataset ("stdlib-docstrings", mined by stdlib.py) or a path. A new
+A data argument is the name of a built-in dataset ("stdlib-docstrings", mined by stdlib.py; "installed-docstrings",
+mined by installed.py) or a path. A new
 built-in dataset gets its module (like stdlib.py) and a branch here; a new file format gets its reader beside the
 others (training.py, retrieval.py, texts.py) and an entry here. The readers never import this module.
 """
@@ -11,6 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from bidir_core.datasets.installed import (
+    INSTALLED_DOCSTRINGS,
+    installed_counts,
+    installed_dev,
+    installed_train,
+)
 from bidir_core.datasets.retrieval import RetrievalDataset, load_beir
 from bidir_core.datasets.stdlib import STDLIB_DOCSTRINGS, stdlib_counts, stdlib_dev, stdlib_train
 from bidir_core.datasets.texts import distinct_texts, jsonl_fields, text_lines
@@ -24,6 +31,12 @@ TRAINING_READERS = {
     ".txt": read_tsv_examples,
 }
 """Training file suffix -> reader."""
+BUILTIN = {
+    STDLIB_DOCSTRINGS: (stdlib_train, stdlib_dev, stdlib_counts),
+    INSTALLED_DOCSTRINGS: (installed_train, installed_dev, installed_counts),
+}
+"""A built-in dataset's name -> (its train examples, its dev split, its mining counts)."""
+_NAMES = " or ".join(repr(name) for name in BUILTIN)
 
 
 def read_training_examples(source: str | Path) -> Iterator[TrainingExample]:
@@ -31,44 +44,43 @@ def read_training_examples(source: str | Path) -> Iterator[TrainingExample]:
 
     A bad row stops the stream with a BidirError("path:line: what is wrong"); no row is skipped silently.
     """
-    if str(source) == STDLIB_DOCSTRINGS:
-        yield from stdlib_train()
+    if str(source) in BUILTIN:
+        yield from BUILTIN[str(source)][0]()
         return
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix not in TRAINING_READERS:
         raise BidirError(
             f"{path}: unknown training data format {suffix or '(no suffix)'!r}: expected .jsonl, .tsv or the "
-            f"name {STDLIB_DOCSTRINGS!r}"
+            f"name {_NAMES}"
         )
     yield from TRAINING_READERS[suffix](path)
 
 
 def load_retrieval(source: str | Path, split: str = "test") -> RetrievalDataset:
     """A BEIR folder's corpus, the queries judged in qrels/<split>.tsv and those judgments (retrieval.load_beir); or
-    the built-in dataset's dev split by its name "stdlib-docstrings" (split "dev", or the default "test", which
-    names it too)."""
-    if str(source) == STDLIB_DOCSTRINGS:
+    a built-in dataset's dev split by its name (split "dev", or the default "test", which names it too)."""
+    if str(source) in BUILTIN:
         if split not in ("dev", "test"):
-            raise BidirError(f"{STDLIB_DOCSTRINGS} has one evaluation split, 'dev', not {split!r}")
-        return stdlib_dev()
+            raise BidirError(f"{source} has one evaluation split, 'dev', not {split!r}")
+        return BUILTIN[str(source)][1]()
     folder = Path(source)
     if not folder.is_dir():
         raise BidirError(
             f"{folder}: not a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), nor the "
-            f"name {STDLIB_DOCSTRINGS!r}"
+            f"name {_NAMES}"
         )
     return load_beir(folder, split)
 
 
 def read_texts(source: str | Path, fields: Sequence[str] = ()) -> list[str]:
-    """The distinct non-blank texts of a source, in the order first seen: the passages of the built-in dataset's
+    """The distinct non-blank texts of a source, in the order first seen: the passages of a built-in dataset's
     train split; the lines of a .txt file; the named fields of a .jsonl file; or, without fields, every query,
     positive and negative of a training file."""
-    if str(source) == STDLIB_DOCSTRINGS:
+    if str(source) in BUILTIN:
         if fields:
-            raise BidirError(f"{STDLIB_DOCSTRINGS}: has no fields to choose ({', '.join(fields)} given)")
-        texts = (p for ex in stdlib_train() for p in ex.positives)
+            raise BidirError(f"{source}: has no fields to choose ({', '.join(fields)} given)")
+        texts = (p for ex in BUILTIN[str(source)][0]() for p in ex.positives)
     else:
         path = Path(source)
         if path.suffix.lower() == ".txt":
@@ -83,5 +95,6 @@ def read_texts(source: str | Path, fields: Sequence[str] = ()) -> list[str]:
 
 
 def builtin_counts(source: str | Path) -> dict[str, int] | None:
-    """How a built-in dataset was mined (stdlib.stdlib_counts); None for a file or folder."""
-    return stdlib_counts() if str(source) == STDLIB_DOCSTRINGS else None
+    """How a built-in dataset was mined (stdlib.stdlib_counts, installed.installed_counts); None for a file or
+    folder."""
+    return BUILTIN[str(source)][2]() if str(source) in BUILTIN else None
