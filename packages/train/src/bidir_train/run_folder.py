@@ -73,7 +73,7 @@ def _check_same_recipe(cfg: TrainConfig) -> None:
         old = read_json_object(path)
     except BidirError as e:
         raise BidirError(f"{e}; {START_OVER}") from None
-    differ = recipe_differences(old, recipe_json(cfg))
+    differ = recipe_differences(old, recipe_json(cfg), defaults=recipe_json(TrainConfig()))
     if differ:
         raise BidirError(
             f"{path}: this run folder holds a run of another recipe (it differs in {', '.join(differ)}); "
@@ -86,9 +86,14 @@ def recipe_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(cfg.to_dict()))
 
 
-def recipe_differences(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two recipes (missing on one side counts), RESUMABLE ones left out."""
+def recipe_differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two recipes (missing on one side counts), RESUMABLE ones left out.
+
+    With defaults (a default recipe), a key the old recipe lacks counts as its default value: a recipe.json written
+    before a field existed still resumes when the new recipe leaves that field at its default."""
     a, b = _flatten(old), _flatten(new)
+    if defaults is not None:
+        a = {**_flatten(defaults), **a}
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k, _MISSING) != b.get(k, _MISSING) and not _resumable(k)]
 
