@@ -68,6 +68,33 @@ def test_resume_is_exact(straight, tiny_checkpoint, train_jsonl, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_packed_two_ranks_match_padded_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
+    """Packed forwards (at most 40 real tokens each, no padding) under FSDP2 over 2 gloo ranks: the losses and
+    final weights of the padded single-process run (fp32)."""
+    args = _recipe(tiny_checkpoint, train_jsonl, tmp_path, "schedule.micro_batch_size=1")
+    torchrun_train(2, [*args, "schedule.max_tokens_per_forward=40"])
+    assert loss_curve(tmp_path) == pytest.approx(loss_curve(straight), abs=1e-5)
+    a, b = (
+        load_file(straight / "final" / "model.safetensors"),
+        load_file(tmp_path / "final" / "model.safetensors"),
+    )
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+
+
+def test_packed_resume_is_exact(tiny_checkpoint, train_jsonl, tmp_path):
+    """Packed: 3 steps, stop, rerun -> the same losses and final weights, bit for bit, as 6 steps straight."""
+    packed = "schedule.max_tokens_per_forward=40"
+    whole = train_recipe(_recipe(tiny_checkpoint, train_jsonl, tmp_path / "whole", packed))
+    args = _recipe(tiny_checkpoint, train_jsonl, tmp_path / "resumed", packed)
+    assert train_recipe([*args, "schedule.stop_at_step=3"])["steps"] == 3
+    assert train_recipe(args)["steps"] == whole["steps"] == 6
+    assert loss_curve(tmp_path / "resumed") == loss_curve(tmp_path / "whole")
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("whole", "resumed"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_final_checkpoint_loads_and_embeds(straight, tiny_checkpoint):
     trained = BiEncoder.from_pretrained(straight / "final")
     assert trained.config.query_prefix == "query: " and trained.config.max_length == 48

@@ -146,6 +146,9 @@ class ScheduleConfig:
     forward_chunk_size: int | None = None
     """Embed a micro-batch's texts in length-sorted chunks of this many, each padded only to its own longest
     text: the same result, far fewer padded tokens when lengths vary (None: one forward per side)."""
+    max_tokens_per_forward: int | None = None
+    """Pack each forward's texts into one token stream of at most this many real tokens, no padding (and at most
+    forward_chunk_size / loss.cache_chunk_size texts when those are set): the same result (None: padded)."""
     max_steps: int | None = None
     """Optimizer steps to train (None: `epochs` epochs)."""
     epochs: int = 1
@@ -161,7 +164,7 @@ class ScheduleConfig:
 
     def __post_init__(self):
         positive = ("global_batch_size", "micro_batch_size", "forward_chunk_size", "max_steps", "epochs")
-        _at_least(self, "schedule", 1, *positive, "stop_at_step")
+        _at_least(self, "schedule", 1, *positive, "stop_at_step", "max_tokens_per_forward")
         _at_least(self, "schedule", 0, "warmup_steps")
         if self.global_batch_size % self.micro_batch_size:
             raise BidirError(
