@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import resource
 import shutil
 import subprocess
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import agreement, append_jsonl, check, data_file, environment, interleaved, medians
+from harness import agreement, append_jsonl, check, environment, interleaved, medians, mixed_corpus
 
 from bidir_core.embeddings_artifact import read_embeddings
 from bidir_core.errors import BidirError
@@ -48,25 +47,6 @@ from bidir_core.tokenization import load_tokenizer, tokenize
 from bidir_serve import BatchEmbedConfig, embed_corpus
 
 PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def load_texts(limit: int, seed: int = 0) -> list[str]:
-    corpus = data_file("bench_batch_embed", "cranfield", "corpus.jsonl")
-    sts = data_file("bench_batch_embed", "stsb", "sts-train.tsv")
-    docs = []
-    for line in corpus.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        text = f"{row.get('title', '')} {row.get('text', '')}".strip()
-        if text:
-            docs.append(text)
-    sentences = []
-    for line in sts.read_text(encoding="utf-8").splitlines()[1:]:
-        cols = line.split("\t")
-        sentences += [s for s in cols[1:3] if s.strip()]
-    n_docs = min(len(docs), round(limit * 0.28))
-    texts = docs[:n_docs] + sentences[: limit - n_docs]
-    random.Random(seed).shuffle(texts)
-    return texts
 
 
 def write_jsonl(path: Path, texts: list[str], rows: int | None = None) -> Path:
@@ -232,7 +212,7 @@ def main() -> None:
     if torch.cuda.is_available():
         print("note: CUDA is present but this benchmark measures on CPU")
 
-    texts = load_texts(args.limit)
+    texts = mixed_corpus("bench_batch_embed", args.limit)
     tokenizer = load_tokenizer(ckpt)
     ids, n_cut = tokenize(tokenizer, texts, 512)
     tokens = sum(len(r) for r in ids)
