@@ -162,9 +162,6 @@ def bench_cpu(args) -> dict:
 
     ckpt = resolve_source(args.model)
     _, device = init_distributed()
-    ours = BidirPath(ckpt, args.max_length, args.dtype, device)
-    prefixes = (ours.cfg.model.query_prefix, ours.cfg.model.passage_prefix)
-    st = StPath(ckpt, args.max_length, args.dtype)
     # One bidir model for the three bidir paths: they differ only in how a micro-batch is cut into forwards.
     variants = {
         "bidir padded": {},
@@ -176,6 +173,11 @@ def bench_cpu(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             where, examples, negatives = load_examples(name.strip(), Path(tmp))
         data = batches(examples, args.batch_size, args.steps, negatives)
+        # Fresh models per data set (the previous one's steps moved the weights, by different updates per path).
+        ours = st = None
+        ours = BidirPath(ckpt, args.max_length, args.dtype, device)
+        prefixes = (ours.cfg.model.query_prefix, ours.cfg.model.passage_prefix)
+        st = StPath(ckpt, args.max_length, args.dtype)
         # Warm-up and check, before any weight moves, in fp32 (bf16 rounding differs between padded and packed
         # kernels and between the two libraries, and InfoNCE at temperature 0.02 amplifies it): the same weights
         # and texts give the same loss on every path. Then one more warm-up step per path in the benchmark's dtype.
@@ -195,8 +197,8 @@ def bench_cpu(args) -> dict:
             ours.step(data[0], **kw, update=False)
         st.step(data[0], prefixes)
         tokens = []  # real tokens per step (the same batches on every path)
-        runs = {"sentence-transformers": lambda rows: st.step(rows, prefixes)}
-        runs |= {path: (lambda rows, kw=kw: ours.step(rows, **kw)) for path, kw in variants.items()}
+        runs = {"sentence-transformers": lambda rows, st=st, pre=prefixes: st.step(rows, pre)}
+        runs |= {path: (lambda rows, kw=kw, m=ours: m.step(rows, **kw)) for path, kw in variants.items()}
         times = interleaved(
             runs,
             [(rows,) for rows in data[1:]],

@@ -28,9 +28,10 @@ from bidir_core.pooling import pool, pool_packed
 from bidir_core.sources import load_model, resolve_source
 from bidir_core.tokenization import load_tokenizer, tokenize
 
-PACKED_DEFAULT = {"cpu": True, "cuda": True}
-"""Whether encode() packs by default, per device type: the faster path by benchmarks/bench_encode.py (see the core
-README). CUDA: not measured in this session (no GPU lent); packing there is what TEI and vLLM do."""
+PACKED_DEFAULT = {"cpu": True, "cuda": False}
+"""Whether encode() (and the serve torch backend) packs by default, per device type: the faster path by
+benchmarks/bench_encode.py and bench_batch_embed.py (see the core README). CUDA: padded until gpu_suite.sh's packed
+rows are measured (no GPU was lent to the session that added packing)."""
 PACKED_TOKENS = 4096
 """encode()'s default real-token budget per packed batch."""
 

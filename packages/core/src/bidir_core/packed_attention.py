@@ -2,6 +2,9 @@
 
 Kernels (q, k, v are (1, heads, N, D), N the packed tokens; the output has q's shape):
 
+- "gathered": q, k, v gathered into a (B, heads, L_max, D) layout (an index per text and position), one
+              scaled_dot_product_attention with a key mask, the real positions gathered back. Costs B x L_max^2
+              attention and three copies, in one call per layer; the projections and MLP still see real tokens only.
 - "segments": scaled_dot_product_attention on each text's slice, one call per text. Costs sum(L_i^2), no mask.
 - "dense":    one scaled_dot_product_attention over all N tokens with a block-diagonal (N, N) boolean mask.
               Costs N^2 whatever the texts: the reference, and only fast for few, long texts.
@@ -11,11 +14,14 @@ Kernels (q, k, v are (1, heads, N, D), N the packed tokens; the output has q's s
               variable-length kernel call (flash / memory-efficient) on CUDA. PyTorch has no CPU kernel for it.
 - "varlen":   flash-attn's flash_attn_varlen_func (CUDA, fp16 / bf16, when the flash-attn package is installed).
 
-Which one "auto" picks per device is measured (benchmarks/bench_packed_attention.py, CPU, SmolLM2-135M-shaped heads,
-a mixed batch of 32 texts from 12 to 250 tokens, 2268 tokens; see the core README): segments 14 ms, flex compiled
-81 ms (plus ~19 s of compilation, again for every new N unless compiled dynamic), dense 117 ms, flex eager 1.6 s,
-jagged: no CPU kernel. So CPU uses "segments". On CUDA, "varlen" when flash-attn is importable, else "jagged"
-(both are one variable-length kernel launch per layer; not measured in this session, which had no GPU).
+Which one "auto" picks per device is measured. CPU (this workplace's, SmolLM2-135M, bf16 autocast, forward and
+backward of 64 texts cut to 64 tokens): padded batch 10.96 s, segments 16.11 s, gathered 9.82 s on stdlib-docstrings
+passages (all near 64 tokens); on the mixed corpus (12..64 tokens) padded 15.42 s, segments 11.15 s, gathered
+10.38 s. segments pays autograd's per-call cost 30 layers x 64 texts times; flex compiled costs ~19 s of
+compilation and ran 6x slower than segments on one mixed layer (81 vs 14 ms, fp32, forward; dense 117 ms, flex
+eager 1.6 s); jagged has no CPU kernel in torch 2.13 (benchmarks/bench_packed_attention.py). So CPU uses
+"gathered". On CUDA, "varlen" when flash-attn is importable, else "jagged" (one variable-length kernel launch per
+layer, no padding at all): not measured in this session, which had no GPU.
 """
 
 from __future__ import annotations
@@ -29,14 +35,14 @@ import torch.nn.functional as F
 from bidir_core.errors import BidirError
 from bidir_core.packed import PackedBatch
 
-KERNELS = ("auto", "segments", "dense", "flex", "jagged", "varlen")
+KERNELS = ("auto", "gathered", "segments", "dense", "flex", "jagged", "varlen")
 
 
 def default_kernel(device: torch.device | str) -> str:
     """The kernel "auto" means on this device (see the module docstring for the measurements behind it)."""
     if torch.device(device).type == "cuda":
         return "varlen" if importlib.util.find_spec("flash_attn") is not None else "jagged"
-    return "segments"
+    return "gathered"
 
 
 class PackedAttention:
@@ -66,9 +72,27 @@ class PackedAttention:
             self.mask = mask[None, None]  # (1, 1, N, N)
         elif self.kernel == "flex":
             self.block_mask = _document_block_mask(packed, causal)
+        elif self.kernel == "gathered":
+            self._gather_index(packed, causal)
+
+    def _gather_index(self, packed: PackedBatch, causal: bool) -> None:
+        device = packed.input_ids.device
+        lengths = torch.as_tensor(packed.lengths, dtype=torch.long, device=device)  # (B,)
+        B, L = packed.num_texts, max(packed.max_seqlen, 1)
+        pos = torch.arange(L, device=device)[None].expand(B, L)
+        real = pos < lengths[:, None]  # (B, L)
+        # Token index of (text b, position l); a padding slot reads token 0 (never a key: masked; never output).
+        self.source = (packed.cu_seqlens[:-1, None] + pos).masked_fill(~real, 0).flatten()  # (B * L,)
+        self.target = real.flatten().nonzero().squeeze(1)  # (N,): the real slots, in the packed order
+        # An empty text's row attends to everything rather than to nothing (NaN); it is never read.
+        keys = (real | ~real.any(-1, keepdim=True))[:, None, None, :]  # (B, 1, 1, L)
+        self.mask = keys & torch.ones(L, L, dtype=torch.bool, device=device).tril() if causal else keys
+        self.shape = (B, L)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v (1, heads, N, D) -> (1, heads, N, D)."""
+        if self.kernel == "gathered":
+            return self._gathered(q, k, v)
         if self.kernel == "segments":
             return _segments(q, k, v, self.spans, self.causal)
         if self.kernel == "dense":
@@ -78,6 +102,17 @@ class PackedAttention:
         if self.kernel == "jagged":
             return _jagged(q, k, v, self.packed, self.causal)
         return _varlen(q, k, v, self.packed, self.causal)
+
+    def _gathered(self, q, k, v) -> torch.Tensor:
+        if not self.spans:
+            return torch.zeros_like(q)
+        (B, L), heads, D = self.shape, q.shape[1], q.shape[3]
+
+        def padded(x):  # (1, heads, N, D) -> (B, heads, L, D)
+            return x[0][:, self.source].view(heads, B, L, D).transpose(0, 1)
+
+        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=self.mask)
+        return out.transpose(0, 1).reshape(heads, B * L, D)[:, self.target][None]
 
 
 def _starts(lengths: tuple[int, ...]) -> list[int]:
@@ -131,7 +166,8 @@ def _jagged(q, k, v, packed: PackedBatch, causal: bool) -> torch.Tensor:
     # Nested jagged tensors (B, j, heads, D) -> transpose to (B, heads, j, D), SDPA's layout.
     offsets = packed.cu_seqlens
     nq, nk, nv = (
-        torch.nested.nested_tensor_from_jagged(_as_tokens(x), offsets).transpose(1, 2) for x in (q, k, v)
+        torch.nested.nested_tensor_from_jagged(_as_tokens(x).contiguous(), offsets).transpose(1, 2)
+        for x in (q, k, v)
     )
     out = F.scaled_dot_product_attention(nq, nk, nv, is_causal=causal)
     return _from_tokens(out.transpose(1, 2).values())

@@ -10,7 +10,7 @@ The data position of a run is just (epoch, step in epoch): nothing else to save 
 Step: forward + backward of one micro-batch, plain or with GradCache. Plain: embed the queries and the passages, loss, backward. With `forward_chunk`, each side is embedded in
 length-sorted chunks, each padded only to its own longest text: the same embeddings (attention never reads padding)
 for much less compute when lengths vary (2.6x fewer padded tokens on the SNLI + MRPC + STS-B mixture). With
-`max_tokens` (schedule.max_tokens_per_forward), each forward is a packed batch (bidir_core.packed) of at most that
+`max_tokens` (schedule.packing packed, the CPU default: schedule.max_tokens_per_forward), each forward is a packed batch (bidir_core.packed) of at most that
 many real tokens: no padding at all, the same embeddings again. The micro-batch, and so the loss and its in-batch
 negatives, is the same rows either way.
 
@@ -38,7 +38,7 @@ from bidir_core.packed import PackedBatch
 from bidir_core.tokenization import tokenize
 from bidir_train.config import TrainConfig
 from bidir_train.loss import doc_key, info_nce
-from bidir_train.objective import first_rows, input_chunks, warn_left_out
+from bidir_train.objective import first_rows, input_chunks, packed_tokens, warn_left_out
 
 
 class Contrastive:
@@ -74,7 +74,7 @@ class Contrastive:
             scale=scale,
             cache_chunk=self.cfg.loss.cache_chunk_size,
             forward_chunk=self.cfg.schedule.forward_chunk_size,
-            max_tokens=self.cfg.schedule.max_tokens_per_forward,
+            max_tokens=packed_tokens(self.cfg.schedule, self.device),
         )
 
     def embed(self, ids: torch.Tensor | PackedBatch, mask: torch.Tensor | None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
 from bidir_train.config import TrainConfig
-from bidir_train.objective import first_rows, input_chunks, warn_left_out
+from bidir_train.objective import first_rows, input_chunks, packed_tokens, warn_left_out
 from bidir_train.weights import load_untied_head
 
 IGNORE = -100
@@ -86,7 +86,7 @@ class Mntp:
             head=self.head,
             scale=scale,
             chunk=self.cfg.schedule.forward_chunk_size,
-            max_tokens=self.cfg.schedule.max_tokens_per_forward,
+            max_tokens=packed_tokens(self.cfg.schedule, self.device),
         )
 
 

@@ -24,7 +24,7 @@ from bidir_core.batching import length_sorted_batches
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.packed import pack_padded
-from bidir_train.config import TrainConfig
+from bidir_train.config import ScheduleConfig, TrainConfig
 
 
 class Sampler(Protocol):
@@ -113,3 +113,12 @@ def input_chunks(
     for chunk in length_sorted_batches(lengths, rows or len(lengths), max_tokens, padded=False):
         chunk_rows = torch.tensor(chunk, dtype=torch.long)
         yield chunk_rows, (pack_padded(ids[chunk_rows], mask[chunk_rows]), None)
+
+
+def packed_tokens(schedule: ScheduleConfig, device: torch.device) -> int | None:
+    """The real-token budget of a packed forward, or None for padded forwards (schedule.packing; auto: packed on
+    CPU, padded on CUDA)."""
+    packing = schedule.packing
+    if packing == "auto":
+        packing = "padded" if device.type == "cuda" else "packed"
+    return schedule.max_tokens_per_forward if packing == "packed" else None
