@@ -170,10 +170,8 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)  # (B, N, T, D) each
         if isinstance(mask, PackedAttention):
             out = mask(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask
-            )  # no is_causal: every token sees all
+        else:  # no is_causal: every token sees all
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def project(
