@@ -17,10 +17,11 @@ Kernels (q, k, v are (1, heads, N, D), N the packed tokens; the output has q's s
 Which one "auto" picks per device is measured. CPU (this workplace's, SmolLM2-135M, bf16 autocast, forward and
 backward of 64 texts cut to 64 tokens): padded batch 10.96 s, segments 16.11 s, gathered 9.82 s on stdlib-docstrings
 passages (all near 64 tokens); on the mixed corpus (12..64 tokens) padded 15.42 s, segments 11.15 s, gathered
-10.38 s. segments pays autograd's per-call cost 30 layers x 64 texts times; flex compiled costs ~19 s of
-compilation and ran 6x slower than segments on one mixed layer (81 vs 14 ms, fp32, forward; dense 117 ms, flex
-eager 1.6 s); jagged has no CPU kernel in torch 2.13 (benchmarks/bench_packed_attention.py). So CPU uses
-"gathered". On CUDA, "varlen" when flash-attn is importable, else "jagged" (one variable-length kernel launch per
+10.38 s. segments pays autograd's per-call cost 30 layers x 64 texts times. One mixed layer's attention alone,
+forward, fp32 (benchmarks/bench_packed_attention.py: 32 texts of 12..250 tokens, 2,268 tokens): segments 19 ms,
+gathered 94 ms (it computes B x L_max^2), dense 120 ms, flex 1.17 s compiled with dynamic shapes (no faster than
+uncompiled, 1.15 s; a static-shape compile ran 81 ms but recompiles, ~19 s, for every new token count); jagged has
+no CPU kernel in torch 2.13. So CPU uses "gathered". On CUDA, "varlen" when flash-attn is importable, else "jagged" (one variable-length kernel launch per
 layer, no padding at all): not measured in this session, which had no GPU.
 """
 
