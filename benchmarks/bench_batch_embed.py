@@ -9,7 +9,9 @@ in sentence-transformers), the same dtype, the same batch size and no prompt:
   loaded beforehand (its own length sorting, padding to the longest row of each batch).
 - batch-embed:           embed_corpus(BatchEmbedConfig(...)) from a JSONL file to Parquet shards, end to end: reading
                          and checking the input, loading the model, fingerprinting it, tokenizing (on a background
-                         thread), token-budget batches of at most the same batch size, writing the shards.
+                         thread), token-budget batches of at most the same batch size, writing the shards. The
+                         torch backend runs each batch packed (no padding: its default on CPU).
+- batch-embed padded:    the same with the backend's batches padded (today's path), for the packed / padded ratio.
 
 So batch-embed's time includes work sentence-transformers' does not do. The embeddings of both are compared (cosine)
 before timing counts. Runs are interleaved, --repeats each; medians, rows/s, tokens/s (real tokens after truncation,
@@ -27,9 +29,9 @@ smollm2-135m uses the real one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
-import random
 import resource
 import shutil
 import subprocess
@@ -39,9 +41,10 @@ import time
 from pathlib import Path
 
 import torch
-from harness import agreement, append_jsonl, check, data_file, environment, interleaved, medians
+from harness import agreement, append_jsonl, check, environment, interleaved, medians, mixed_corpus
 
 from bidir_core.embeddings_artifact import read_embeddings
+from bidir_core.encoder import PACKED_DEFAULT
 from bidir_core.errors import BidirError
 from bidir_core.sources import resolve_source
 from bidir_core.tokenization import load_tokenizer, tokenize
@@ -50,23 +53,16 @@ from bidir_serve import BatchEmbedConfig, embed_corpus
 PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def load_texts(limit: int, seed: int = 0) -> list[str]:
-    corpus = data_file("bench_batch_embed", "cranfield", "corpus.jsonl")
-    sts = data_file("bench_batch_embed", "stsb", "sts-train.tsv")
-    docs = []
-    for line in corpus.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        text = f"{row.get('title', '')} {row.get('text', '')}".strip()
-        if text:
-            docs.append(text)
-    sentences = []
-    for line in sts.read_text(encoding="utf-8").splitlines()[1:]:
-        cols = line.split("\t")
-        sentences += [s for s in cols[1:3] if s.strip()]
-    n_docs = min(len(docs), round(limit * 0.28))
-    texts = docs[:n_docs] + sentences[: limit - n_docs]
-    random.Random(seed).shuffle(texts)
-    return texts
+@contextlib.contextmanager
+def packing(on: bool):
+    """The torch backend's default (packed or padded batches, bidir_core.encoder.PACKED_DEFAULT), set for one run:
+    batch-embed has no switch of its own for it."""
+    saved = dict(PACKED_DEFAULT)
+    PACKED_DEFAULT.update(dict.fromkeys(saved, on))
+    try:
+        yield
+    finally:
+        PACKED_DEFAULT.update(saved)
 
 
 def write_jsonl(path: Path, texts: list[str], rows: int | None = None) -> Path:
@@ -114,7 +110,11 @@ def bench_throughput(args, ckpt: Path, texts: list[str], tokens: int, tmp: Path)
     def run_st():
         return st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)
 
-    def run_ours():
+    def run_ours(packed: bool = True):
+        with packing(packed):
+            return _run_ours()
+
+    def _run_ours():
         cfg = BatchEmbedConfig(
             str(ckpt),
             str(inp),
@@ -130,13 +130,27 @@ def bench_throughput(args, ckpt: Path, texts: list[str], tokens: int, tmp: Path)
         embed_corpus(cfg)
         return read_embeddings(tmp / "out").embeddings()
 
-    runs = {"sentence-transformers": run_st, "batch-embed": run_ours}
+    runs = {
+        "sentence-transformers": run_st,
+        "batch-embed": run_ours,
+        "batch-embed padded": lambda: run_ours(False),
+    }
     check_first, outs = {}, {}
 
     def after(r: int, name: str, seconds: float, out) -> None:
         print(f"  run {r + 1} {name}: {seconds:.1f} s", flush=True)
         outs[name] = out
-        if r == 0 and len(outs) == len(runs):  # the first round: both embeddings, before timing counts
+        if r == 0 and len(outs) == len(runs):  # the first round: every embedding, before timing counts
+            packed_vs_padded = agreement(outs["batch-embed"], outs["batch-embed padded"])
+            check(
+                "  check packed vs padded",
+                f"max |diff| {packed_vs_padded['max_abs_diff']:.2e}, median cosine "
+                f"{packed_vs_padded['median_cosine']:.6f}",
+                packed_vs_padded["min_cosine"] >= 0.9999
+                if args.dtype == "fp32"
+                else packed_vs_padded["median_cosine"] >= 0.99,
+                "bench_batch_embed: batch-embed packed and padded disagree",
+            )
             check_first.update(agreement(outs["batch-embed"], outs["sentence-transformers"]))
             # fp32: the same math on both sides. bf16: sentence-transformers mean-pools in bf16, whose sums over
             # hundreds of tokens drift (min cosine down to ~0.93 on long rows), while bidir pools in fp32; so the
@@ -161,6 +175,7 @@ def bench_throughput(args, ckpt: Path, texts: list[str], tokens: int, tmp: Path)
         print(f"{name:<22} {s:>9.1f} {len(texts) / s:>9.1f} {tokens / s:>9.0f}")
     ratio = med["sentence-transformers"] / med["batch-embed"]
     print(f"speed ratio batch-embed / sentence-transformers: {ratio:.2f}x (target >= 1.5x)")
+    print(f"speed ratio batch-embed packed / padded: {med['batch-embed padded'] / med['batch-embed']:.2f}x")
 
     return times, med, ratio, check_first
 
@@ -232,7 +247,7 @@ def main() -> None:
     if torch.cuda.is_available():
         print("note: CUDA is present but this benchmark measures on CPU")
 
-    texts = load_texts(args.limit)
+    texts = mixed_corpus("bench_batch_embed", args.limit)
     tokenizer = load_tokenizer(ckpt)
     ids, n_cut = tokenize(tokenizer, texts, 512)
     tokens = sum(len(r) for r in ids)

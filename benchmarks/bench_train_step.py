@@ -1,23 +1,35 @@
-"""Training-step speed: bidir_train's step vs sentence-transformers' MultipleNegativesRankingLoss step.
+"""Training-step speed: bidir_train's step, padded, in sorted chunks and packed, vs sentence-transformers' MNRL step.
 
-Same model (the embedded default checkpoint, which loads in sentence-transformers too), same data (SNLI
-(anchor, entailment, contradiction) triplets from ../shared/data/snli_pairs/snli_triplets.tsv: 1 positive + 1 hard
-negative per query), same batch, same max length, same dtype (bf16 autocast on CPU, fp32 master weights), same
-optimizer (AdamW, lr 1e-5) and gradient clipping, same loss (InfoNCE over positive, hard negative and in-batch
-passages at temperature 0.02 = MNRL's scale 50).
+Same model (the embedded default checkpoint, which loads in sentence-transformers too), same rows, same batch, same
+max length, same dtype (bf16 autocast on CPU, fp32 master weights), same optimizer (AdamW, lr 1e-5) and gradient
+clipping, same loss (InfoNCE over positive, hard negatives and in-batch passages at temperature 0.02 = MNRL's
+scale 50).
 
-- sentence-transformers: SentenceTransformer(checkpoint); per step model.tokenize() the queries and the passages,
-  MultipleNegativesRankingLoss(model, scale=50)([q, pos, neg]), backward, clip, AdamW step: the training step its
-  trainer runs, without the trainer's bookkeeping.
-- bidir_train: the step `bidir_train.trainer` runs: its encoder (load_encoder; one CPU process: unsharded), Collator,
-  forward_backward (queries in one forward, positives + negatives in one more), clip, AdamW step.
+Data (--data, comma-separated):
+- quality: the quality benchmark's training mixture (benchmarks/quality_data.py: SNLI triplets, MRPC paraphrases,
+  STS-B pairs >= 4, from ../shared/data), in-batch negatives only (as benchmarks/recipes/quality_contrastive.yaml);
+  short SNLI sentences beside long MRPC ones.
+- stdlib: the embedded stdlib-docstrings train split (summary -> signature + docstring), in-batch negatives only.
+- snli: SNLI (anchor, entailment, contradiction) triplets, 1 positive + 1 hard negative per query.
 
-Each step's first batch checks that the two losses agree (same weights and texts). Steps alternate between the two
-paths (noise hits both alike); the table gives median seconds per step and tokens/s (real tokens, no padding) and
-the ratio (> 1: bidir faster). With CUDA it also measures tokens/s/GPU and MFU of bidir's step on a random
-Llama-3.2-1B-shaped model at sequence length 512.
+Paths:
+- sentence-transformers: SentenceTransformer(checkpoint); per step model.tokenize() each column,
+  MultipleNegativesRankingLoss(model, scale=50)(columns), backward, clip, AdamW step: the step its trainer runs,
+  without the trainer's bookkeeping. Its own batches pad each column to that column's longest text.
+- bidir padded: the step `bidir_train.trainer` runs with the default schedule: Collator, forward_backward (queries
+  in one forward, passages in one more, each padded to its longest text), clip, AdamW step.
+- bidir sorted chunks: the same with schedule.forward_chunk_size=--chunk (16: the quality recipe's): length-sorted
+  chunks, each padded to its own longest text.
+- bidir packed: the same with schedule.max_tokens_per_forward=--max-tokens: each forward one packed token stream, no
+  padding (bidir_core.packed).
 
-    python benchmarks/bench_train_step.py [--batch-size 8] [--max-length 64] [--steps 5] [--threads N] [--json PATH]
+The first batch is the warm-up and the check: the four losses on it agree in fp32 (same weights and texts). Then steps
+alternate between the paths (noise hits all alike); the table gives median seconds per step and real tokens/s (no
+padding counted) and the ratios. With CUDA it also measures tokens/s/GPU and MFU of bidir's step on a random
+Llama-3.2-1B-shaped model at sequence length 512: full-length rows, and mixed lengths padded vs packed.
+
+    python benchmarks/bench_train_step.py [--data quality,stdlib] [--batch-size 32] [--max-length 64] [--steps 4]
+                                          [--chunk 16] [--max-tokens 4096] [--threads N] [--json PATH]
     python benchmarks/bench_train_step.py --gpu-only      # the CUDA part alone (what gpu_suite.sh runs)
 """
 
@@ -30,9 +42,9 @@ import time
 from pathlib import Path
 
 import torch
-from harness import SHAPES, append_jsonl, check, data_file, environment, interleaved, medians
+from harness import SHAPES, append_jsonl, check, data_dir, data_file, environment, interleaved, medians, timed
 
-from bidir_core.datasets import read_training_examples
+from bidir_core.datasets import read_training_examples, stdlib_train
 from bidir_core.errors import BidirError
 from bidir_core.sources import resolve_source
 from bidir_train.contrastive import Collator, EpochSampler, forward_backward
@@ -45,14 +57,27 @@ TEMPERATURE = 0.02
 LR = 1e-5
 
 
-def load_triplets():
-    tsv = data_file("bench_train_step", "snli_pairs", "snli_triplets.tsv")
-    return tsv, list(read_training_examples(tsv))
+def load_examples(name: str, tmp: Path) -> tuple[str, list, int]:
+    """(description, training examples, hard negatives per query) of one --data choice."""
+    if name == "snli":
+        tsv = data_file("bench_train_step", "snli_pairs", "snli_triplets.tsv")
+        return str(tsv), list(read_training_examples(tsv)), 1
+    if name == "quality":
+        from quality_data import write_training_rows
+
+        rows = tmp / "quality_train.jsonl"
+        counts = write_training_rows(data_dir(), rows)
+        return f"quality mixture {counts}", list(read_training_examples(rows)), 0
+    if name == "stdlib":
+        return "stdlib-docstrings train", stdlib_train(), 0
+    raise BidirError(f"unknown --data {name!r}: choose from quality, stdlib, snli")
 
 
-def batches(examples, batch_size: int, steps: int):
-    """steps + 1 batches (the first is the warm-up and check), 1 positive + 1 negative each."""
-    sampler = EpochSampler(examples, global_batch_size=batch_size, num_negatives=1, seed=0, where="snli")
+def batches(examples, batch_size: int, steps: int, num_negatives: int):
+    """steps + 1 batches (the first is the warm-up and check)."""
+    sampler = EpochSampler(
+        examples, global_batch_size=batch_size, num_negatives=num_negatives, seed=0, where="bench"
+    )
     return [sampler.rows(0, i) for i in range(steps + 1)]
 
 
@@ -70,11 +95,8 @@ class StPath:
 
     def step(self, rows, prefixes: tuple[str, str]) -> float:
         qp, pp = prefixes
-        columns = [
-            [qp + r.query for r in rows],
-            [pp + r.positive for r in rows],
-            [pp + r.negatives[0] for r in rows],
-        ]
+        columns = [[qp + r.query for r in rows], [pp + r.positive for r in rows]]
+        columns += [[pp + r.negatives[k] for r in rows] for k in range(len(rows[0].negatives))]
         features = [self.model.tokenize(c) for c in columns]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.loss(features, None)
@@ -111,65 +133,108 @@ class BidirPath:
             self.encoder.model.parameters(), lr=LR, weight_decay=0.01, fused=device.type == "cuda"
         )
 
-    def embed(self, ids, mask):
-        return self.encoder(ids.to(self.device), mask.to(self.device), normalize=False)
+    def embed(self, ids, mask):  # (ids, mask) or (PackedBatch, None)
+        mask = None if mask is None else mask.to(self.device)
+        return self.encoder(ids.to(self.device), mask, normalize=False)
 
     def loss(self, q, p, batch):
-        return info_nce(q, p, num_negatives=1, temperature=TEMPERATURE)
+        return info_nce(q, p, num_negatives=p.shape[0] // q.shape[0] - 1, temperature=TEMPERATURE)
 
-    def step(self, rows) -> tuple[float, int]:
-        batch = self.collate(rows)
-        loss = forward_backward(self.embed, self.loss, batch)
-        torch.nn.utils.clip_grad_norm_(self.encoder.model.parameters(), 1.0)
-        self.opt.step()
+    def step(self, rows, forward_chunk=None, max_tokens=None, update=True) -> tuple[float, int]:
+        return self.step_batch(
+            self.collate(rows), dict(forward_chunk=forward_chunk, max_tokens=max_tokens), update
+        )
+
+    def step_batch(self, batch, kw: dict, update: bool = True) -> tuple[float, int]:
+        forward_chunk, max_tokens = kw.get("forward_chunk"), kw.get("max_tokens")
+        loss = forward_backward(
+            self.embed, self.loss, batch, forward_chunk=forward_chunk, max_tokens=max_tokens
+        )
+        if update:
+            torch.nn.utils.clip_grad_norm_(self.encoder.model.parameters(), 1.0)
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss, batch.tokens
 
 
 def bench_cpu(args) -> dict:
-    tsv, examples = load_triplets()
+    import tempfile
+
     ckpt = resolve_source(args.model)
     _, device = init_distributed()
-    ours = BidirPath(ckpt, args.max_length, args.dtype, device)
-    prefixes = (ours.cfg.model.query_prefix, ours.cfg.model.passage_prefix)
-    st = StPath(ckpt, args.max_length, args.dtype)
-    data = batches(examples, args.batch_size, args.steps)
-    # Warm-up and check: both start from the same weights, so the first losses agree (bf16: loosely).
-    first_st = st.step(data[0], prefixes)
-    first_ours, _ = ours.step(data[0])
-    check(
-        "first-step loss",
-        f"sentence-transformers {first_st:.4f}, bidir {first_ours:.4f}",
-        abs(first_st - first_ours) <= (1e-3 if args.dtype == "fp32" else 0.05) * max(abs(first_st), 1.0),
-        "bench_train_step: the two training steps disagree on the first loss",
-    )
-    tokens = []  # real tokens per bidir step (the same batches on both paths)
-    runs = {"sentence-transformers": lambda rows: st.step(rows, prefixes), "bidir_train": ours.step}
-    times = interleaved(
-        runs,
-        [(rows,) for rows in data[1:]],
-        after=lambda _, name, s, out: tokens.append(out[1]) if name == "bidir_train" else None,
-    )
-    med = medians(times)
-    tok = statistics.median(tokens)
-    tps = {k: tok / s for k, s in med.items()}
-    ratio = tps["bidir_train"] / tps["sentence-transformers"]
-    print(
-        f"\nCPU, {torch.get_num_threads()} threads, {args.dtype}, batch {args.batch_size} queries x (1 pos + 1 neg), "
-        f"max length {args.max_length}, {args.steps} timed steps, median real tokens/step {tok:.0f}"
-    )
-    print(f"{'path':<24}{'s/step':>10}{'tokens/s':>12}")
-    for k in times:
-        print(f"{k:<24}{med[k]:>10.3f}{tps[k]:>12.1f}")
-    print(f"ratio bidir_train / sentence-transformers: {ratio:.2f}x")
-    return {
-        "data": str(tsv),
-        "seconds": times,
-        "median_s": med,
-        "tokens_per_s": tps,
-        "ratio": ratio,
-        "first_loss": {"sentence-transformers": first_st, "bidir_train": first_ours},
+    # One bidir model for the three bidir paths: they differ only in how a micro-batch is cut into forwards.
+    variants = {
+        "bidir padded": {},
+        "bidir sorted chunks": {"forward_chunk": args.chunk},
+        "bidir packed": {"max_tokens": args.max_tokens},
     }
+    record = {}
+    for name in args.data.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            where, examples, negatives = load_examples(name.strip(), Path(tmp))
+        data = batches(examples, args.batch_size, args.steps, negatives)
+        # Fresh models per data set (the previous one's steps moved the weights, by different updates per path).
+        ours = st = None
+        ours = BidirPath(ckpt, args.max_length, args.dtype, device)
+        prefixes = (ours.cfg.model.query_prefix, ours.cfg.model.passage_prefix)
+        st = StPath(ckpt, args.max_length, args.dtype)
+        # Warm-up and check, before any weight moves, in fp32 (bf16 rounding differs between padded and packed
+        # kernels and between the two libraries, and InfoNCE at temperature 0.02 amplifies it): the same weights
+        # and texts give the same loss on every path. Then one more warm-up step per path in the benchmark's dtype.
+        autocast = ours.encoder.autocast_dtype
+        ours.encoder.autocast_dtype, st.autocast = None, False
+        exact = {path: ours.step(data[0], **kw, update=False)[0] for path, kw in variants.items()}
+        exact["sentence-transformers"] = st.step(data[0], prefixes)
+        ours.encoder.autocast_dtype, st.autocast = autocast, args.dtype == "bf16"
+        ref = exact["bidir padded"]
+        check(
+            f"{name}: first-step loss, fp32",
+            ", ".join(f"{k} {v:.5f}" for k, v in exact.items()),
+            all(abs(v - ref) <= 1e-3 * max(abs(ref), 1.0) for v in exact.values()),
+            "bench_train_step: the training steps disagree on the first loss",
+        )
+        for kw in variants.values():
+            ours.step(data[0], **kw, update=False)
+        st.step(data[0], prefixes)
+        tokens = []  # real tokens per step (the same batches on every path)
+        runs = {"sentence-transformers": lambda rows, st=st, pre=prefixes: st.step(rows, pre)}
+        runs |= {path: (lambda rows, kw=kw, m=ours: m.step(rows, **kw)) for path, kw in variants.items()}
+        times = interleaved(
+            runs,
+            [(rows,) for rows in data[1:]],
+            after=lambda _, path, s, out, tokens=tokens: (
+                tokens.append(out[1]) if path == "bidir packed" else None
+            ),
+        )
+        med = medians(times)
+        tok = statistics.median(tokens)
+        tps = {k: tok / v for k, v in med.items()}
+        ratios = {
+            "packed_vs_sorted_chunks": tps["bidir packed"] / tps["bidir sorted chunks"],
+            "packed_vs_padded": tps["bidir packed"] / tps["bidir padded"],
+            "packed_vs_sentence_transformers": tps["bidir packed"] / tps["sentence-transformers"],
+            "sorted_chunks_vs_sentence_transformers": tps["bidir sorted chunks"]
+            / tps["sentence-transformers"],
+        }
+        print(
+            f"\n{name} ({where}): CPU, {torch.get_num_threads()} threads, {args.dtype}, batch {args.batch_size} "
+            f"queries x (1 pos + {negatives} neg), max length {args.max_length}, chunk {args.chunk} texts, packed "
+            f"<= {args.max_tokens} tokens, {args.steps} timed steps, median real tokens/step {tok:.0f}"
+        )
+        print(f"{'path':<24}{'s/step':>10}{'tokens/s':>12}")
+        for k in times:
+            print(f"{k:<24}{med[k]:>10.3f}{tps[k]:>12.1f}")
+        print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+        record[name] = {
+            "data": where,
+            "num_negatives": negatives,
+            "seconds": times,
+            "median_s": med,
+            "tokens_per_s": tps,
+            "ratios": ratios,
+            "first_loss_fp32": exact,
+        }
+    return record
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; pass --peak-tflops for other GPUs.
@@ -246,6 +311,7 @@ def bench_gpu(args) -> dict:
         if peak
         else "MFU: unknown GPU peak (pass --peak-tflops)"
     )
+    mixed = bench_gpu_mixed(args, ours, n_params, peak, tokenizer.vocab_size)
     return {
         "gpu": name,
         "step_s": step_s,
@@ -255,18 +321,69 @@ def bench_gpu(args) -> dict:
         "hfu": mfu,
         "batch": B,
         "checkpointing": args.checkpointing,
+        "mixed": mixed,
     }
+
+
+def _median_step(ours: BidirPath, batch, steps: int, **kw) -> float:
+    """Median seconds of a full step (forward, backward, clip, AdamW) after 2 warm-up steps, CUDA synchronized."""
+    device = ours.device
+    times = []
+    for i in range(steps + 2):
+        seconds, _ = timed(ours.step_batch, batch, kw, device=device)
+        if i >= 2:
+            times.append(seconds)
+    return statistics.median(times)
+
+
+def bench_gpu_mixed(args, ours: BidirPath, n_params: int, peak, vocab: int) -> dict:
+    """The same step on mixed lengths (uniform 32..512 tokens, seeded): padded (each side one forward padded to its
+    longest text) vs packed (schedule.max_tokens_per_forward=--gpu-max-tokens). tokens/s counts real tokens; MFU
+    counts the model FLOPs of real tokens only (attention per text: 12 x layers x hidden x L_i^2, forward and
+    backward), so padding earns nothing."""
+    from bidir_core.batching import pad_batch
+    from bidir_core.packed_attention import default_kernel
+    from bidir_train.contrastive import MicroBatch
+
+    B, cfg = args.gpu_batch_size, ours.encoder.model.config
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(32, 513, (3 * B,), generator=g).tolist()
+    rows = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+    (q_ids, q_mask), (p_ids, p_mask) = pad_batch(rows[:B], 0), pad_batch(rows[B:], 0)
+    keys = torch.arange(2 * B)
+    batch = MicroBatch(q_ids, q_mask, p_ids, p_mask, keys, keys[::2, None], sum(lengths), 0)
+    tokens = sum(lengths)
+    flops = 6 * n_params * tokens + 12 * cfg.num_hidden_layers * cfg.hidden_size * sum(n * n for n in lengths)
+    out = {"lengths": lengths, "real_tokens": tokens, "kernel": default_kernel(ours.device)}
+    for label, kw in (("padded", {}), ("packed", {"max_tokens": args.gpu_max_tokens})):
+        step_s = _median_step(ours, batch, args.steps, **kw)
+        out[label] = {
+            "step_s": step_s,
+            "tokens_per_s_per_gpu": tokens / step_s,
+            "mfu": flops / step_s / (peak * 1e12) if peak else None,
+        }
+        mfu = f", MFU {out[label]['mfu']:.1%}" if peak else ""
+        print(
+            f"mixed lengths 32..512, {label}: median step {step_s:.3f}s, {tokens / step_s:,.0f} real tokens/s/GPU{mfu}"
+        )
+    out["packed_vs_padded"] = out["padded"]["step_s"] / out["packed"]["step_s"]
+    print(f"packed / padded on mixed lengths: {out['packed_vs_padded']:.2f}x ({out['kernel']} kernel)")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="checkpoint folder or smollm2-135m (default)")
-    ap.add_argument("--batch-size", type=int, default=8, help="queries per step (each with 1 pos + 1 neg)")
+    ap.add_argument("--data", default="quality,stdlib", help="comma-separated: quality, stdlib, snli")
+    ap.add_argument("--batch-size", type=int, default=32, help="queries per step (each with its passages)")
     ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=16, help="bidir sorted chunks: texts per forward")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="bidir packed: real tokens per forward")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--steps", type=int, default=5, help="timed steps per path; the median is reported")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     ap.add_argument("--gpu-batch-size", type=int, default=16, help="GPU part: queries per step")
+    ap.add_argument("--gpu-max-tokens", type=int, default=16384, help="GPU part: packed tokens per forward")
     ap.add_argument("--checkpointing", action="store_true", help="GPU part: activation checkpointing")
     ap.add_argument("--compile", action="store_true", help="GPU part: torch.compile each layer")
     ap.add_argument("--peak-tflops", type=float, default=None, help="GPU part: the GPU's dense bf16 peak")
@@ -291,6 +408,8 @@ def main() -> None:
         **environment(),
         "batch_size": args.batch_size,
         "max_length": args.max_length,
+        "chunk": args.chunk,
+        "max_tokens": args.max_tokens,
         "dtype": args.dtype,
         **record,
     }

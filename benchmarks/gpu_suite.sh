@@ -4,7 +4,10 @@
 #   - the gpu- and tensorrt-marked tests of every package and of integration_tests
 #   - inference tokens/s of the torch path (bf16, SDPA) vs transformers at batch 64 x seq 512, for a
 #     Llama-3.2-1B-shaped random model and for the embedded default's shape   (bench_inference_shapes.py)
-#   - a training step's tokens/s/GPU and MFU at seq 512 for the 1B shape           (bench_train_step.py --gpu-only)
+#   - a training step's tokens/s/GPU and MFU at seq 512 for the 1B shape, full-length rows and mixed lengths
+#     (32..512) padded vs packed                                                      (bench_train_step.py --gpu-only)
+#   - inference real tokens/s on the mixed corpus (Cranfield + STS-B), bf16: bidir packed vs padded vs
+#     sentence-transformers vs transformers                                          (bench_encode.py)
 #   - TensorRT engine vs torch bf16 rows when tensorrt is importable               (bench_backends.py)
 #
 # It runs on a machine without CUDA too: the tests skip with their reasons and the table says which rows were
@@ -37,6 +40,11 @@ echo "== inference throughput"
 
 echo "== training step"
 "$py" benchmarks/bench_train_step.py --gpu-only --json "$out/train_step.jsonl" || status=1
+
+if "$py" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+  echo "== packed vs padded inference (mixed corpus)"
+  "$py" benchmarks/bench_encode.py --corpus mixed --limit 5000 --dtypes bf16 --kernels flex --json "$out/encode.jsonl" || status=1
+fi
 
 if "$py" -c 'import tensorrt' 2>/dev/null && "$py" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
   echo "== TensorRT vs torch"
@@ -73,8 +81,21 @@ for g in gpu:
     mfu = f"{g['mfu']:.1%}" if g.get("mfu") is not None else "n/a (unknown peak)"
     rows.append((f"train step {g.get('shape', '1B')} seq {g.get('seq', 512)}",
                  f"{g['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, MFU {mfu}"))
+    mixed = g.get("mixed")
+    for label in ("padded", "packed") if mixed else ():
+        m = mixed[label]
+        mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
+        rows.append((f"train step 1B mixed 32..512 {label}", f"{m['tokens_per_s_per_gpu']:,.0f} real tok/s/GPU, MFU {mfu}"
+                     + (f" ({mixed['packed_vs_padded']:.2f}x padded, {mixed['kernel']})" if label == "packed" else "")))
 if not gpu:
     rows.append(("train step 1B seq 512", "skipped (no CUDA)"))
+for r in lines("encode.jsonl"):
+    for dtype, res in r["results"].items():
+        tps = res["tokens_per_s"]
+        rows.append((f"inference mixed corpus {dtype}", ", ".join(f"{k} {v:,.0f}" for k, v in tps.items())
+                     + f" real tok/s; packed/padded {res['ratios']['packed_vs_padded']:.2f}x"))
+if not lines("encode.jsonl"):
+    rows.append(("inference mixed corpus packed vs padded", "skipped (no CUDA)"))
 trt = [r for r in lines("backends.jsonl")]
 rows.append(("TensorRT vs torch bf16", json.dumps(trt[-1].get("tensorrt", trt[-1])) if trt else "skipped (no tensorrt or no CUDA)"))
 width = max(len(k) for k, _ in rows)

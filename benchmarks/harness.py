@@ -2,7 +2,8 @@
 then interleaved runs and their medians), the environment record every JSON line carries, and the model shapes.
 
 - ``data_file(prog, *parts)``: a file under the shared data folder (``BIDIR_DATA``, else ``../shared/data`` beside
-  the repository), or exit with one line saying what is missing.
+  the repository), or exit with one line saying what is missing; ``mixed_corpus(prog, n)``: Cranfield abstracts and
+  STS-B sentences, shuffled (the mixed-length inference corpus).
 - ``agreement(got, want)`` and ``check(what, figures, ok, fail)``: how far a path is from the baseline on the
   warm-up batch, printed as ``WHAT: FIGURES: OK`` (or ``MISMATCH``, then exit: a fast wrong answer is no result).
 - ``timed`` / ``interleaved`` / ``medians``: the runs of one round go back to back, round after round, so drift on
@@ -19,6 +20,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -47,6 +49,27 @@ def data_file(prog: str, *parts: str) -> Path:
             f"{prog}: {path} not found (set BIDIR_DATA to the shared data folder, which holds {parts[0]}/)"
         )
     return path
+
+
+def mixed_corpus(prog: str, limit: int, seed: int = 0) -> list[str]:
+    """Cranfield abstracts (title + text, ~250 tokens) and STS-B train sentences (~15 tokens), about 28 % long
+    documents (1,400 of 5,000), in a seeded shuffle: lengths vary row to row, as in a real corpus."""
+    corpus = data_file(prog, "cranfield", "corpus.jsonl")
+    sts = data_file(prog, "stsb", "sts-train.tsv")
+    docs = []
+    for line in corpus.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        text = f"{row.get('title', '')} {row.get('text', '')}".strip()
+        if text:
+            docs.append(text)
+    sentences = []
+    for line in sts.read_text(encoding="utf-8").splitlines()[1:]:
+        cols = line.split("\t")
+        sentences += [s for s in cols[1:3] if s.strip()]
+    n_docs = min(len(docs), round(limit * 0.28))
+    texts = docs[:n_docs] + sentences[: limit - n_docs]
+    random.Random(seed).shuffle(texts)
+    return texts
 
 
 # --- warm-up and parity ------------------------------------------------------------------------------------------

@@ -38,6 +38,21 @@ def test_torch_backend_matches_encode(tiny_checkpoint, encoder, texts, dim):
     np.testing.assert_allclose(_embed_all(backend, texts), expected, atol=ATOL, rtol=0)
 
 
+def test_torch_backend_packed_equals_padded(tiny_checkpoint, encoder, texts):
+    """The backend's packed batches (no padding) give the padded forward's embeddings, right or left padded."""
+    packed = load_backend(tiny_checkpoint, "torch", device="cpu")
+    assert packed.packed  # the CPU default
+    padded = load_backend(tiny_checkpoint, "torch", device="cpu")
+    padded.packed = False
+    with pytest.warns(UserWarning, match="truncated"):
+        expected = encoder.encode(texts, packed=False)
+    np.testing.assert_allclose(_embed_all(padded, texts), expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_embed_all(packed, texts), expected, atol=1e-5, rtol=0)
+    ids, _ = tokenize(packed.tokenizer, texts[:5], packed.config.max_length)
+    left = pad_batch(ids, packed.tokenizer.pad_token_id, padding_side="left")
+    np.testing.assert_allclose(packed.embed(*left), expected[:5], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("with_dims", [False, True])
 @pytest.mark.parametrize("dim", [None, 16])
 def test_onnxruntime_backend_matches_encode(onnx_export, encoder, texts, with_dims, dim):

@@ -79,6 +79,8 @@ def test_overrides_are_parsed_and_typed():
         ("schedule.micro_batch_size=3", "not a multiple of schedule.micro_batch_size=3"),
         ("optim.betas=[0.9]", "optim.betas must be a list [a number, a number]"),
         ("loss.temperature=0", "loss.temperature must be > 0"),
+        ("schedule.max_tokens_per_forward=0", "schedule.max_tokens_per_forward must be >= 1, got 0"),
+        ("schedule.packing=yes", "schedule.packing must be one of auto, packed, padded"),
         ("lr", "expected section.key=value"),
     ],
 )

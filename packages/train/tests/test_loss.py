@@ -124,7 +124,7 @@ def test_two_ranks_match_one(negatives, two_rank_results):
     assert results[0][0] != pytest.approx(results[1][0])
 
 
-def test_gradcache_and_sorted_forward_chunks_give_plain_gradients():
+def test_gradcache_sorted_and_packed_forwards_give_plain_gradients():
     from bidir_core.batching import pad_batch
     from bidir_core.testing import tiny_encoder
 
@@ -136,7 +136,7 @@ def test_gradcache_and_sorted_forward_chunks_give_plain_gradients():
     p_ids, p_mask = pad_batch([torch.randint(3, 300, (n,), generator=g).tolist() for n in p_lengths], 0)
     batch = MicroBatch(q_ids, q_mask, p_ids, p_mask, torch.arange(12), torch.arange(0, 12, 2)[:, None], 0, 0)
 
-    def embed(ids, mask):
+    def embed(ids, mask):  # (ids, mask) or (PackedBatch, None)
         return encoder(ids, mask, normalize=False)
 
     def loss_fn(q, p, b):
@@ -151,15 +151,20 @@ def test_gradcache_and_sorted_forward_chunks_give_plain_gradients():
 
     grads = []
     losses = []
-    # plain; GradCache chunks of 2 and 4; length-sorted forward chunks of 2 and 4: all the same gradients
-    for cache, forward in ((None, None), (2, None), (4, None), (None, 2), (None, 4)):
+    # plain; GradCache chunks of 2 and 4; length-sorted forward chunks of 2 and 4; packed forwards of at most
+    # 20 / 1000 real tokens, alone, under GradCache and with a row cap: all the same gradients
+    runs = [(None, None, None), (2, None, None), (4, None, None), (None, 2, None), (None, 4, None)]
+    runs += [(None, None, 20), (None, None, 1000), (2, None, 20), (None, 3, 1000)]
+    for cache, forward, tokens in runs:
         encoder.zero_grad()
         losses.append(
-            forward_backward(embed, loss_fn, batch, scale=0.5, cache_chunk=cache, forward_chunk=forward)
+            forward_backward(
+                embed, loss_fn, batch, scale=0.5, cache_chunk=cache, forward_chunk=forward, max_tokens=tokens
+            )
         )
         grads.append({n: p.grad.clone() for n, p in encoder.named_parameters()})
     for other in grads[1:]:
         for name, grad in grads[0].items():
             torch.testing.assert_close(other[name], grad, rtol=0, atol=1e-5, msg=name)
-    assert losses[1:] == pytest.approx([losses[0]] * 4, abs=1e-5)
+    assert losses[1:] == pytest.approx([losses[0]] * (len(runs) - 1), abs=1e-5)
     assert max(g.abs().max().item() for g in grads[0].values()) > 1e-3  # gradients are not trivially zero

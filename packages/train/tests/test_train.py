@@ -35,7 +35,8 @@ def straight(tiny_checkpoint, train_jsonl, tmp_path_factory):
 
 
 def test_two_ranks_match_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
-    """FSDP2 over 2 gloo ranks, micro-batch 1 per rank, same global batch and groups: same losses (fp32)."""
+    """FSDP2 over 2 gloo ranks, micro-batch 1 per rank, same global batch and groups: same losses (fp32). Both
+    pack their forwards (schedule.packing auto: packed on CPU)."""
     torchrun_train(2, _recipe(tiny_checkpoint, train_jsonl, tmp_path, "schedule.micro_batch_size=1"))
     one, two = loss_curve(straight), loss_curve(tmp_path)
     assert len(one) == len(two) == 6
@@ -64,6 +65,34 @@ def test_resume_is_exact(straight, tiny_checkpoint, train_jsonl, tmp_path):
         load_file(tmp_path / "final" / "model.safetensors"),
     )
     assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_padded_two_ranks_match_packed_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
+    """Padded forwards under FSDP2 over 2 gloo ranks: the losses and final weights of the single-process run, which
+    packs (the CPU default; packed FSDP2 runs are test_two_ranks_match_one and test_packed_resume_is_exact)."""
+    args = _recipe(tiny_checkpoint, train_jsonl, tmp_path, "schedule.micro_batch_size=1")
+    torchrun_train(2, [*args, "schedule.packing=padded"])
+    assert loss_curve(tmp_path) == pytest.approx(loss_curve(straight), abs=1e-5)
+    a, b = (
+        load_file(straight / "final" / "model.safetensors"),
+        load_file(tmp_path / "final" / "model.safetensors"),
+    )
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+
+
+def test_packed_resume_is_exact(tiny_checkpoint, train_jsonl, tmp_path):
+    """Packed forwards of at most 40 real tokens: 3 steps, stop, rerun -> the same losses and final weights, bit
+    for bit, as 6 steps straight."""
+    packed = "schedule.packing=packed", "schedule.max_tokens_per_forward=40"
+    whole = train_recipe(_recipe(tiny_checkpoint, train_jsonl, tmp_path / "whole", *packed))
+    args = _recipe(tiny_checkpoint, train_jsonl, tmp_path / "resumed", *packed)
+    assert train_recipe([*args, "schedule.stop_at_step=3"])["steps"] == 3
+    assert train_recipe(args)["steps"] == whole["steps"] == 6
+    assert loss_curve(tmp_path / "resumed") == loss_curve(tmp_path / "whole")
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("whole", "resumed"))
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

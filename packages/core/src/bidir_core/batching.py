@@ -1,4 +1,5 @@
-"""Grouping token sequences into padded batches of similar length: the one batching used by encode and serving.
+"""Grouping token sequences into padded (or packed) batches of similar length: the one batching used by encode and
+serving.
 
 Sorting by length before batching means each batch pads to a length close to its rows' own, so little compute is
 spent on padding; the caller restores the input order from the returned indices.
@@ -12,22 +13,28 @@ import torch
 
 
 def length_sorted_batches(
-    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None
+    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, padded: bool = True
 ) -> list[list[int]]:
     """Indices of the rows grouped longest-first into batches of at most batch_size rows and, when max_tokens is
-    given, at most max_tokens padded tokens (rows x longest row; a single longer row still gets its own batch)."""
+    given, at most max_tokens tokens: padded tokens (rows x longest row), or with padded=False the real tokens
+    of a packed batch (the sum of the lengths). A single longer row still gets its own batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep input order
     batches: list[list[int]] = []
     current: list[int] = []
+    total = 0  # real tokens in current
     for i in order:
         # Rows arrive longest first, so the batch's padded length is that of its first row.
-        padded = (len(current) + 1) * (lengths[current[0]] if current else lengths[i])
-        if current and (len(current) == batch_size or (max_tokens is not None and padded > max_tokens)):
+        if padded:
+            tokens = (len(current) + 1) * (lengths[current[0]] if current else lengths[i])
+        else:
+            tokens = total + lengths[i]
+        if current and (len(current) == batch_size or (max_tokens is not None and tokens > max_tokens)):
             batches.append(current)
-            current = []
+            current, total = [], 0
         current.append(i)
+        total += lengths[i]
     if current:
         batches.append(current)
     return batches

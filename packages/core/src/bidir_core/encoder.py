@@ -24,9 +24,18 @@ from bidir_core.families import check_max_length
 from bidir_core.hf_folder import load_config, read_config_dict
 from bidir_core.matryoshka import check_dim, truncate
 from bidir_core.model import LlamaBidirectionalModel
-from bidir_core.pooling import pool
+from bidir_core.packed import PackedBatch, pack
+from bidir_core.pooling import pool, pool_packed
 from bidir_core.sources import load_model, resolve_source
 from bidir_core.tokenization import load_tokenizer, tokenize
+
+PACKED_DEFAULT = {"cpu": True, "cuda": False}
+"""Whether encode() (and the serve torch backend) packs by default, per device type: the faster path by
+benchmarks/bench_encode.py and bench_batch_embed.py (CPU: packed 3.2x padded in fp32, 1.7x in bf16, on the mixed
+corpus; see the core README). CUDA: padded until gpu_suite.sh's packed rows are measured (no GPU was lent to the
+session that added packing)."""
+PACKED_TOKENS = 4096
+"""encode()'s default real-token budget per packed batch."""
 
 
 class BiEncoder(nn.Module):
@@ -107,18 +116,21 @@ class BiEncoder(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | PackedBatch,
+        attention_mask: torch.Tensor | None = None,
         dim: int | None = None,
         normalize: bool | None = None,
     ) -> torch.Tensor:
-        """input_ids, attention_mask (B, T) -> embeddings (B, dim or H), fp32."""
+        """input_ids, attention_mask (B, T), or a PackedBatch of B texts (no mask) -> embeddings (B, dim or H),
+        fp32."""
         with self.autocast():
-            hidden = self.model(input_ids, attention_mask)  # (B, T, H)
+            hidden = self.model(input_ids, attention_mask)  # (B, T, H), or (N, H) packed
         # Pool in fp32 even for a bf16 model (float64 stays float64: the export verification's reference).
-        emb = pool(
-            hidden.to(torch.promote_types(hidden.dtype, torch.float32)), attention_mask, self.config.pooling
-        )
+        hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+        if isinstance(input_ids, PackedBatch):
+            emb = pool_packed(hidden, input_ids, self.config.pooling)
+        else:
+            emb = pool(hidden, attention_mask, self.config.pooling)
         # Matryoshka: a prefix of the dimensions (all of them by default), normalized as configured.
         normalize = self.config.normalize if normalize is None else normalize
         return truncate(emb, check_dim(dim, self.hidden_size), normalize)
@@ -139,10 +151,15 @@ class BiEncoder(nn.Module):
         normalize: bool | None = None,
         dim: int | None = None,
         show_progress_bar: bool = False,
+        packed: bool | None = None,
+        max_tokens: int | None = None,
     ) -> np.ndarray:
         """Embed texts as they are (no prefix): float32 (N, D), or (D,) for a single str.
 
-        Texts are sorted by token length and batched so each batch pads little, then returned in input order.
+        Texts are sorted by token length and batched, then returned in input order. packed (None: PACKED_DEFAULT
+        for the model's device): each batch is one packed token stream of at most max_tokens real tokens
+        (default PACKED_TOKENS) and batch_size texts, no padding; else padded batches of batch_size texts (and at
+        most max_tokens padded tokens when given), each padded little since lengths are sorted.
         Texts longer than max_length tokens are truncated, with a warning that counts them.
         """
         single = isinstance(texts, str)
@@ -164,11 +181,19 @@ class BiEncoder(nn.Module):
 
         device = next(self.model.parameters()).device
         out = np.zeros((len(texts), dim or self.hidden_size), dtype=np.float32)
-        batches = length_sorted_batches([len(row) for row in ids], batch_size)
+        packed = PACKED_DEFAULT[device.type] if packed is None else packed
+        if packed:
+            max_tokens = max_tokens or PACKED_TOKENS
+        lengths = [len(row) for row in ids]
+        batches = length_sorted_batches(lengths, batch_size, max_tokens, padded=not packed)
         with tqdm(total=len(texts), disable=not show_progress_bar, desc="encode", unit="text") as progress:
             for batch in batches:
-                input_ids, attention_mask = pad_batch([ids[i] for i in batch], self.tokenizer.pad_token_id)
-                emb = self(input_ids.to(device), attention_mask.to(device), dim=dim, normalize=normalize)
+                rows = [ids[i] for i in batch]
+                if packed:
+                    emb = self(pack(rows).to(device), dim=dim, normalize=normalize)
+                else:
+                    input_ids, attention_mask = pad_batch(rows, self.tokenizer.pad_token_id)
+                    emb = self(input_ids.to(device), attention_mask.to(device), dim=dim, normalize=normalize)
                 out[batch] = emb.cpu().numpy()
                 progress.update(len(batch))
         return out[0] if single else out

@@ -22,6 +22,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from bidir_core.errors import BidirError
 from bidir_core.families import family_of, is_causal_config, projection_bias
+from bidir_core.packed import PackedBatch
+from bidir_core.packed_attention import PackedAttention
 
 # rope_types a Llama config can carry. longrope/proportional belong to other architectures.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
@@ -114,17 +116,29 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(
-        self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
+        self,
+        position_ids: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+        seq_lens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) int64 -> cos, sin (B, T, D) in dtype (fp32, or float64 for a float64 model)."""
+        """position_ids (B, T) int64 -> cos, sin (B, T, D) in dtype (fp32, or float64 for a float64 model).
+        seq_lens (B, T): the length of each token's text, for a packed batch (several texts in one row)."""
         inv_freq = self.inv_freq[None, None, :]  # (1, 1, D/2)
         if self.rope_type == "dynamic":
             # Dynamic NTK stretches the base once a text outgrows max_position_embeddings. Per row, from the
             # row's own length, so a text's embedding does not depend on its batch neighbours (transformers uses
             # the batch's longest row, and caches the largest length seen so far across calls).
-            seq_len = position_ids.amax(dim=-1, keepdim=True) + 1  # (B, 1): real tokens per row
-            inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](self.config, position_ids.device, seq_len=seq_len)
-            inv_freq = inv_freq[:, None, :]  # (B, 1, D/2)
+            if seq_lens is None:
+                seq_len = position_ids.amax(dim=-1, keepdim=True) + 1  # (B, 1): real tokens per row
+                inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](
+                    self.config, position_ids.device, seq_len=seq_len
+                )
+                inv_freq = inv_freq[:, None, :]  # (B, 1, D/2)
+            else:  # packed: per token, from its own text's length
+                seq_len = seq_lens[..., None]  # (B, T, 1)
+                inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](
+                    self.config, position_ids.device, seq_len=seq_len
+                )
         freqs = position_ids[..., None].to(dtype) * inv_freq.to(dtype)  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
@@ -158,9 +172,22 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | PackedAttention
     ) -> torch.Tensor:
-        """x (B, T, H); mask (B, 1, 1 or T, T) bool, True where the query may attend to the key."""
+        """x (B, T, H); mask (B, 1, 1 or T, T) bool, True where the query may attend to the key; or, for a packed batch
+        (B = 1, T = its N tokens), the PackedAttention that keeps each text to itself."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)  # (B, N, T, D) each
+        if isinstance(mask, PackedAttention):
+            out = mask(q, k, v)
+        else:  # causality, if any, is in the mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, H) -> q, k, v (B, N, T, D), RoPE applied, K/V heads repeated to N (padded and packed alike)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, N, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
@@ -183,8 +210,7 @@ class Attention(nn.Module):
                 .expand(B, self.n_kv_heads, rep, T, self.head_dim)
                 .reshape(B, self.n_heads, T, -1)
             )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # causality, if any, is in the mask
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -208,7 +234,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | PackedAttention
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -227,13 +253,20 @@ class LlamaBidirectionalModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.attention_kernel = "auto"
+        """Packed batches' attention kernel (bidir_core.packed_attention.KERNELS); "auto": the device's fastest."""
 
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) int64; attention_mask (B, T), 1 for real tokens, 0 for padding (left or right)."""
+    def forward(
+        self, input_ids: torch.Tensor | PackedBatch, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids (B, T) int64; attention_mask (B, T), 1 for real tokens, 0 for padding (left or right).
+        Or a PackedBatch (no mask): -> hidden states (N, H) of its N tokens (see forward_packed)."""
+        if isinstance(input_ids, PackedBatch):  # one forward for both, so FSDP2's hooks run for either
+            return self.forward_packed(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         real = attention_mask.bool()  # (B, T)
@@ -262,6 +295,21 @@ class LlamaBidirectionalModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.norm(x)
+
+    def forward_packed(self, packed: PackedBatch) -> torch.Tensor:
+        """A packed batch (bidir_core.packed) -> hidden states (N, H). Each text attends to itself only and its
+        positions restart at 0, so each text's states equal those of the padded forward. Call it through forward
+        (model(packed)) on a sharded model, whose hooks are on forward."""
+        attend = PackedAttention(packed, self.attention_kernel, causal=self.causal)
+        x = self.embed_tokens(packed.input_ids)[None]  # (1, N, H): the stream is one row
+        if packed.num_tokens == 0:  # only empty texts: nothing to attend over
+            return self.norm(x)[0]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = self.rotary_emb(packed.position_ids[None], dtype, seq_lens=packed.token_seq_lens()[None])
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (1, 1, N, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attend)
+        return self.norm(x)[0]
 
     @classmethod
     def from_state_dict(

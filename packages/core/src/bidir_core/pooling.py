@@ -1,7 +1,8 @@
 """Pooling token states into one vector per text. Every strategy reads real tokens only and is correct for left and
 right padding alike (it looks at the mask, never at an assumed padding side).
 
-Shapes: hidden (B, T, H), attention_mask (B, T) with 1 for real tokens -> (B, H).
+Shapes: hidden (B, T, H), attention_mask (B, T) with 1 for real tokens -> (B, H); pool_packed: a packed batch's
+hidden (N, H) -> (B, H), per text (bidir_core.packed).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from bidir_core.errors import BidirError
+from bidir_core.packed import PackedBatch
 
 POOLING_STRATEGIES = ("avg", "cls", "last", "weighted_avg")
 
@@ -56,3 +58,28 @@ def _last_real(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _gather(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def pool_packed(hidden: torch.Tensor, packed: PackedBatch, strategy: str = "avg") -> torch.Tensor:
+    """Pool a packed batch's (N, H) hidden states to (B, H), text by text, with the same strategies as pool():
+    the embedding of each text equals pool() of its row in a padded batch. An empty text pools to zeros."""
+    check_pooling(strategy)
+    B, H = packed.num_texts, hidden.shape[-1]
+    if packed.num_tokens == 0:
+        return hidden.new_zeros(B, H)
+    lengths = torch.as_tensor(packed.lengths, device=hidden.device)  # (B,)
+    if strategy in ("avg", "weighted_avg"):
+        seg = packed.segment_ids().to(hidden.device)  # (N,)
+        # avg: weight 1 per token; weighted_avg: its position 1..n within its text.
+        weights = (
+            packed.position_ids.to(hidden.device, hidden.dtype) + 1 if strategy == "weighted_avg" else None
+        )
+        weights = torch.ones_like(hidden[:, 0]) if weights is None else weights  # (N,)
+        sums = hidden.new_zeros(B, H).index_add_(0, seg, hidden * weights[:, None])
+        total = hidden.new_zeros(B).index_add_(0, seg, weights).clamp(min=1e-9)
+        return sums / total[:, None]
+    cu = packed.cu_seqlens.to(hidden.device)
+    last = packed.num_tokens - 1
+    # cls: a text's first token; last: its last one. An empty text's index points elsewhere: zeroed below.
+    index = cu[:-1].clamp(max=last) if strategy == "cls" else (cu[1:] - 1).clamp(min=0)
+    return hidden[index] * (lengths > 0).to(hidden.dtype)[:, None]

@@ -181,6 +181,13 @@ class ScheduleConfig:
     forward_chunk_size: int | None = None
     """Embed a micro-batch's texts in length-sorted chunks of this many, each padded only to its own longest
     text: the same result, far fewer padded tokens when lengths vary (None: one forward per side)."""
+    packing: Literal["auto", "packed", "padded"] = "auto"
+    """packed: each forward's texts as one token stream of at most max_tokens_per_forward real tokens, no padding
+    (and at most forward_chunk_size / loss.cache_chunk_size texts when those are set); padded: padded to the
+    longest (of each chunk); the same result. auto: the faster by benchmarks/bench_train_step.py: packed on CPU;
+    padded on CUDA, where packing is not measured yet."""
+    max_tokens_per_forward: int = 4096
+    """Real tokens per packed forward."""
     max_steps: int | None = None
     """Optimizer steps to train (None: `epochs` epochs)."""
     epochs: int = 1
@@ -196,7 +203,7 @@ class ScheduleConfig:
 
     def __post_init__(self):
         positive = ("global_batch_size", "micro_batch_size", "forward_chunk_size", "max_steps", "epochs")
-        _at_least(self, "schedule", 1, *positive, "stop_at_step")
+        _at_least(self, "schedule", 1, *positive, "stop_at_step", "max_tokens_per_forward")
         _at_least(self, "schedule", 0, "warmup_steps")
         if self.global_batch_size % self.micro_batch_size:
             raise BidirError(

@@ -9,7 +9,10 @@ The data position of a run is just (epoch, step in epoch): nothing else to save 
 
 Step: forward + backward of one micro-batch, plain or with GradCache. Plain: embed the queries and the passages, loss, backward. With `forward_chunk`, each side is embedded in
 length-sorted chunks, each padded only to its own longest text: the same embeddings (attention never reads padding)
-for much less compute when lengths vary (2.6x fewer padded tokens on the SNLI + MRPC + STS-B mixture).
+for much less compute when lengths vary (2.6x fewer padded tokens on the SNLI + MRPC + STS-B mixture). With
+`max_tokens` (schedule.packing packed, the CPU default: schedule.max_tokens_per_forward), each forward is a packed batch (bidir_core.packed) of at most that
+many real tokens: no padding at all, the same embeddings again. The micro-batch, and so the loss and its in-batch
+negatives, is the same rows either way.
 
 GradCache (Gao et al., 2021): the contrastive loss couples every query with every passage, so the batch cannot
 simply be split. Instead (1) embed everything without autograd, `cache_chunk` texts at a time; (2) compute the loss
@@ -31,10 +34,11 @@ from bidir_core.batching import pad_batch
 from bidir_core.datasets import read_training_examples
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
+from bidir_core.packed import PackedBatch
 from bidir_core.tokenization import tokenize
 from bidir_train.config import TrainConfig
 from bidir_train.loss import doc_key, info_nce
-from bidir_train.objective import first_rows, sorted_chunks, warn_left_out
+from bidir_train.objective import first_rows, input_chunks, packed_tokens, warn_left_out
 
 
 class Contrastive:
@@ -70,11 +74,14 @@ class Contrastive:
             scale=scale,
             cache_chunk=self.cfg.loss.cache_chunk_size,
             forward_chunk=self.cfg.schedule.forward_chunk_size,
+            max_tokens=packed_tokens(self.cfg.schedule, self.device),
         )
 
-    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Raw (un-normalized) embeddings: info_nce normalizes after each Matryoshka truncation."""
-        return self.encoder(ids.to(self.device), mask.to(self.device), normalize=False)
+    def embed(self, ids: torch.Tensor | PackedBatch, mask: torch.Tensor | None) -> torch.Tensor:
+        """Raw (un-normalized) embeddings of a padded (ids, mask) or a packed (PackedBatch, None) chunk: info_nce
+        normalizes after each Matryoshka truncation."""
+        mask = None if mask is None else mask.to(self.device)
+        return self.encoder(ids.to(self.device), mask, normalize=False)
 
     def loss(self, q: torch.Tensor, p: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
         cfg, mask = self.cfg.loss, self.cfg.loss.mask_false_negatives
@@ -242,7 +249,8 @@ class Collator:
 # ------------------------------------------------------------------------------------------------------ step
 
 
-Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) (n, T) -> embeddings (n, D) fp32
+# (ids, mask) (n, T), or (PackedBatch of n texts, None) -> embeddings (n, D) fp32
+Embed = Callable[[torch.Tensor | PackedBatch, torch.Tensor | None], torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor, MicroBatch], torch.Tensor]  # (q, p, batch) -> scalar
 
 
@@ -254,35 +262,42 @@ def forward_backward(
     scale: float = 1.0,
     cache_chunk: int | None = None,
     forward_chunk: int | None = None,
+    max_tokens: int | None = None,
 ) -> float:
-    """Backward `scale * loss` of the micro-batch into the parameters' .grad; return the (unscaled) loss."""
+    """Backward `scale * loss` of the micro-batch into the parameters' .grad; return the (unscaled) loss.
+    max_tokens: every forward is a packed batch of at most that many real tokens (and at most cache_chunk /
+    forward_chunk texts when given), never padded; the loss and its gradients are the same."""
     sides = [(batch.query_ids, batch.query_mask), (batch.passage_ids, batch.passage_mask)]
     if cache_chunk is None:
-        q, p = (embed_sorted(embed, ids, mask, forward_chunk) for ids, mask in sides)  # (B, D), (B*(1+N), D)
+        # (B, D), (B*(1+N), D)
+        q, p = (embed_sorted(embed, ids, mask, forward_chunk, max_tokens) for ids, mask in sides)
         loss = loss_fn(q, p, batch)
         (loss * scale).backward()
         return loss.item()
 
     with torch.no_grad():
-        q, p = (embed_sorted(embed, ids, mask, cache_chunk) for ids, mask in sides)
+        q, p = (embed_sorted(embed, ids, mask, cache_chunk, max_tokens) for ids, mask in sides)
     q.requires_grad_(True)
     p.requires_grad_(True)
     loss = loss_fn(q, p, batch)
     (loss * scale).backward()  # only into q.grad, p.grad: no parameter is in this graph
     for (ids, mask), grad in zip(sides, (q.grad, p.grad), strict=True):
-        for rows, i, m in sorted_chunks(mask, cache_chunk, ids):
+        for rows, inputs in input_chunks(ids, mask, cache_chunk, max_tokens):
             # d(sum(e * g)) / d params = g^T de/dparams: the chain rule through the cached embedding gradient.
-            (embed(i, m) * grad[rows]).sum().backward()
+            (embed(*inputs) * grad[rows]).sum().backward()
     return loss.item()
 
 
-def embed_sorted(embed: Embed, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """embed(ids, mask) (n, D), computed `chunk` length-sorted rows at a time (None: in one forward)."""
-    if chunk is None or chunk >= ids.shape[0]:
+def embed_sorted(
+    embed: Embed, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None, max_tokens: int | None = None
+) -> torch.Tensor:
+    """embed(ids, mask) (n, D), computed `chunk` length-sorted rows at a time (None: in one forward), or in
+    packed chunks of at most max_tokens real tokens (and `chunk` rows) when max_tokens is given."""
+    if max_tokens is None and (chunk is None or chunk >= ids.shape[0]):
         return embed(ids, mask)
     parts, order = [], []
-    for rows, i, m in sorted_chunks(mask, chunk, ids):
-        parts.append(embed(i, m))
+    for rows, inputs in input_chunks(ids, mask, chunk, max_tokens):
+        parts.append(embed(*inputs))
         order.append(rows)
     inverse = torch.argsort(torch.cat(order))  # row r of the batch is row inverse[r] of the concatenation
     return torch.cat(parts)[inverse]

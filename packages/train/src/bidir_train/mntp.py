@@ -29,7 +29,7 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
 from bidir_train.config import TrainConfig
-from bidir_train.objective import first_rows, sorted_chunks, warn_left_out
+from bidir_train.objective import first_rows, input_chunks, packed_tokens, warn_left_out
 from bidir_train.weights import load_untied_head
 
 IGNORE = -100
@@ -86,6 +86,7 @@ class Mntp:
             head=self.head,
             scale=scale,
             chunk=self.cfg.schedule.forward_chunk_size,
+            max_tokens=packed_tokens(self.cfg.schedule, self.device),
         )
 
 
@@ -228,16 +229,25 @@ def mntp_forward_backward(
     head: torch.Tensor | None = None,
     scale: float = 1.0,
     chunk: int | None = None,
+    max_tokens: int | None = None,
 ) -> float:
     """Backward `scale * loss` of one micro-batch (the mean cross-entropy over its masked tokens); return the loss.
-    With `chunk`, rows are run in length-sorted chunks (less padding), each backwarded at once (less memory)."""
+    With `chunk`, rows are run in length-sorted chunks (less padding), each backwarded at once (less memory); with
+    `max_tokens`, in packed chunks of at most that many real tokens (no padding)."""
     n_masked = max(int((batch.labels[:, 1:] != IGNORE).sum()), 1)
     total = 0.0
-    size = chunk or batch.input_ids.shape[0]
-    for _, ids, labels, mask in sorted_chunks(batch.attention_mask, size, batch.input_ids, batch.labels):
+    for rows, (ids, mask) in input_chunks(batch.input_ids, batch.attention_mask, chunk, max_tokens):
+        if mask is None:  # packed: the labels of the real tokens, in the stream's order, as one row
+            labels = batch.labels[rows][batch.attention_mask[rows].bool()][None]  # (1, N)
+        else:
+            labels = batch.labels[rows, : mask.shape[1]]
         labels = labels.to(device)
         with autocast():
-            hidden = model(ids.to(device), mask.to(device))  # (b, t, H)
+            hidden = model(ids.to(device), None if mask is None else mask.to(device))  # (b, t, H) or (N, H)
+            if mask is None:
+                # One row of N tokens. A text's first token is never masked (nothing before it predicts it),
+                # so no text's token is predicted from the end of the text before it.
+                hidden = hidden[None]
             states, target = shifted_targets(hidden, labels)  # (m, H), (m,)
             weight = lm_head_weight(model, head)
             logits = F.linear(

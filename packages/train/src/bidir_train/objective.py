@@ -20,9 +20,11 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from bidir_core.batching import length_sorted_batches
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
-from bidir_train.config import TrainConfig
+from bidir_core.packed import pack_padded
+from bidir_train.config import ScheduleConfig, TrainConfig
 
 
 class Sampler(Protocol):
@@ -95,3 +97,28 @@ def sorted_chunks(
         rows = order[start : start + size]
         width = max(int(lengths[rows].max()), 1)
         yield (rows, *(t[rows, :width] for t in tensors), mask[rows, :width])
+
+
+def input_chunks(
+    ids: torch.Tensor, mask: torch.Tensor, rows: int | None, max_tokens: int | None
+) -> Iterator[tuple[torch.Tensor, tuple]]:
+    """(row indices, model inputs) per chunk, longest rows first. With max_tokens: each chunk is one PackedBatch of
+    at most max_tokens real tokens (and `rows` rows, when given), inputs (packed, None): no padding at all. Else
+    sorted_chunks of `rows` rows (all of them: None), inputs (ids, mask) each trimmed to its chunk's longest row."""
+    if max_tokens is None:
+        for chunk_rows, i, m in sorted_chunks(mask, rows or ids.shape[0], ids):
+            yield chunk_rows, (i, m)
+        return
+    lengths = mask.sum(-1).tolist()
+    for chunk in length_sorted_batches(lengths, rows or len(lengths), max_tokens, padded=False):
+        chunk_rows = torch.tensor(chunk, dtype=torch.long)
+        yield chunk_rows, (pack_padded(ids[chunk_rows], mask[chunk_rows]), None)
+
+
+def packed_tokens(schedule: ScheduleConfig, device: torch.device) -> int | None:
+    """The real-token budget of a packed forward, or None for padded forwards (schedule.packing; auto: packed on
+    CPU, padded on CUDA)."""
+    packing = schedule.packing
+    if packing == "auto":
+        packing = "padded" if device.type == "cuda" else "packed"
+    return schedule.max_tokens_per_forward if packing == "packed" else None

@@ -29,9 +29,9 @@ METRICS = "metrics.jsonl"
 FINAL = "final"
 
 # Recipe keys (a prefix ending in "." covers a section) that may differ when a run resumes: none changes the data,
-# the model or the optimizer. Resuming stays exact; forward_chunk_size and cache_chunk_size change only the
-# rounding, as resuming on another number of ranks does. eval.dev / eval.split are not here: the dev scores of one
-# run must stay comparable.
+# the model or the optimizer. Resuming stays exact; forward_chunk_size, packing, max_tokens_per_forward and
+# cache_chunk_size change only the rounding, as resuming on another number of ranks does. eval.dev / eval.split are
+# not here: the dev scores of one run must stay comparable.
 RESUMABLE = (
     "name",
     "logging.",
@@ -39,6 +39,8 @@ RESUMABLE = (
     "parallel.",
     "schedule.stop_at_step",
     "schedule.forward_chunk_size",
+    "schedule.packing",
+    "schedule.max_tokens_per_forward",
     "loss.cache_chunk_size",
     "eval.every_steps",
     "eval.batch_size",

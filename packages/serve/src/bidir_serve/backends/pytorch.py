@@ -1,5 +1,9 @@
 """The torch backend: a checkpoint (folder, .gguf or the embedded default's name) through bidir_core.BiEncoder, on
-CPU or CUDA, fp32 / bf16 / fp16, optionally torch.compile'd. (Not named torch.py, which would shadow torch.)"""
+CPU or CUDA, fp32 / bf16 / fp16, optionally torch.compile'd. (Not named torch.py, which would shadow torch.)
+
+Each padded batch it is handed runs packed (bidir_core.packed: its real tokens as one stream, no padding) where that
+is the faster path (bidir_core.encoder.PACKED_DEFAULT, measured by benchmarks/bench_batch_embed.py), padded when
+compiled (a packed batch's per-text lengths would make torch.compile specialize on every batch)."""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bidir_core.encoder import BiEncoder
+from bidir_core.encoder import PACKED_DEFAULT, BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.matryoshka import check_dim
+from bidir_core.packed import pack_padded
 from bidir_core.sources import resolve_source
 from bidir_serve.backends.base import model_fingerprint
 
@@ -27,6 +32,7 @@ class TorchBackend:
         precision: str | None = None,
         compile: bool = False,
         dim: int | None = None,
+        packed: bool | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
@@ -44,11 +50,18 @@ class TorchBackend:
         self.description = f"torch {self.device.type} {precision}" + (" compiled" if compile else "")
         # dynamic=True: one graph for every (batch, seq) instead of a recompile per new shape.
         self._forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
+        self.packed = (PACKED_DEFAULT[self.device.type] and not compile) if packed is None else packed
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
         # non_blocking: with pinned inputs the host-to-device copy overlaps the previous batch's work.
+        dim = None if self.dim == self.encoder.hidden_size else self.dim
+        if (
+            self.packed
+        ):  # the real tokens only, packed on the host (the mask's row sums are needed there anyway)
+            packed = pack_padded(input_ids, attention_mask)
+            packed = packed.pin_memory() if self.pin_memory else packed
+            return self._forward(packed.to(self.device, non_blocking=True), dim=dim).float().cpu().numpy()
         ids = input_ids.to(self.device, non_blocking=True)
         mask = attention_mask.to(self.device, non_blocking=True)
-        dim = None if self.dim == self.encoder.hidden_size else self.dim
         return self._forward(ids, mask, dim=dim).float().cpu().numpy()  # (B, dim)
