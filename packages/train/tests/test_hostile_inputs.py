@@ -328,18 +328,18 @@ def test_recipe_differences_lists_dotted_keys():
 
 
 def test_a_field_added_since_the_run_started_resumes_at_its_default():
-    # recipe.json of a run started before schedule.packing and lora existed: resuming with them at their defaults
+    # recipe.json of a run started before loss.cosent_scale and lora existed: resuming with them at their defaults
     # is the same recipe; with one changed, it is not.
     from bidir_train.config import TrainConfig
     from bidir_train.run_folder import recipe_differences, recipe_json
 
     defaults = recipe_json(TrainConfig())
     old = recipe_json(TrainConfig())
-    del old["lora"], old["schedule"]["packing"]
+    del old["lora"], old["loss"]["cosent_scale"]
     assert recipe_differences(old, defaults, defaults=defaults) == []
-    assert recipe_differences(old, defaults) == ["lora", "schedule.packing"]
-    changed = {**defaults, "schedule": {**defaults["schedule"], "packing": "padded"}}
-    assert recipe_differences(old, changed, defaults=defaults) == ["schedule.packing"]
+    assert recipe_differences(old, defaults) == ["lora", "loss.cosent_scale"]
+    changed = {**defaults, "loss": {**defaults["loss"], "cosent_scale": 5.0}}
+    assert recipe_differences(old, changed, defaults=defaults) == ["loss.cosent_scale"]
 
 
 def test_disk_full_while_writing_the_final_model(tiny_checkpoint, train_jsonl, tmp_path, monkeypatch):
