@@ -340,6 +340,10 @@ def test_a_field_added_since_the_run_started_resumes_at_its_default():
     assert recipe_differences(old, defaults) == ["lora", "loss.cosent_scale"]
     changed = {**defaults, "loss": {**defaults["loss"], "cosent_scale": 5.0}}
     assert recipe_differences(old, changed, defaults=defaults) == ["loss.cosent_scale"]
+    # An optional section set in both (lora: a subtree) is not "missing" because the default is null.
+    with_lora = {**defaults, "lora": {"rank": 4, "alpha": 8}}
+    assert recipe_differences(with_lora, with_lora, defaults=defaults) == []
+    assert recipe_differences(defaults, with_lora, defaults=defaults) == ["lora", "lora.alpha", "lora.rank"]
 
 
 def test_disk_full_while_writing_the_final_model(tiny_checkpoint, train_jsonl, tmp_path, monkeypatch):

@@ -95,12 +95,18 @@ def recipe_differences(old: dict, new: dict, defaults: dict | None = None) -> li
     before a field existed still resumes when the new recipe leaves that field at its default."""
     a, b = _flatten(old), _flatten(new)
     if defaults is not None:
-        a = {**_flatten(defaults), **a}
+        a = {**{k: v for k, v in _flatten(defaults).items() if not _covered(k, a)}, **a}
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k, _MISSING) != b.get(k, _MISSING) and not _resumable(k)]
 
 
 _MISSING = object()
+
+
+def _covered(key: str, flat: dict) -> bool:
+    """The flattened recipe holds key, a key inside it, or the section it is in (an optional section such as lora
+    is a leaf when null and a subtree when set)."""
+    return any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in flat)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
