@@ -22,7 +22,7 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.pooling import pool
 from bidir_export import export_onnx
-from bidir_export.onnx_export import MODEL_FILE, _export_graph, run_verification
+from bidir_export.onnx_export import ATTENTION_KEY, MODEL_FILE, _export_graph, run_verification
 from bidir_export.verification import (
     FACTOR,
     MAX_ERROR,
@@ -131,7 +131,8 @@ def test_broken_onnx_graph_fails_on_onnxruntime(exported, make_tiny_checkpoint, 
     good, ckpt = exported("avg")
     manifest = read_manifest(good, "onnx")
     encoder = BiEncoder.from_pretrained(ckpt).eval()
-    _export_graph(_without_last_layer(encoder).eval(), tmp_path / MODEL_FILE, manifest.opset)
+    metadata = {ATTENTION_KEY: encoder.config.attention}
+    _export_graph(_without_last_layer(encoder).eval(), tmp_path / MODEL_FILE, manifest.opset, metadata)
     result = run_verification(tmp_path / MODEL_FILE, manifest, EmbeddingGraph(encoder), SMALL_VERIFY)
     assert not result.passed and result.error > 10 * result.bound
     intact = run_verification(good / MODEL_FILE, manifest, EmbeddingGraph(encoder), SMALL_VERIFY)
