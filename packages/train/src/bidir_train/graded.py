@@ -14,8 +14,6 @@ without gathering. With loss.cache_chunk_size, GradCache (bidir_train.contrastiv
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from bidir_core.tokenization import tokenize
 from bidir_train.config import TrainConfig
 from bidir_train.contrastive import forward_backward
 from bidir_train.loss import cosent
-from bidir_train.objective import first_rows, warn_left_out
+from bidir_train.objective import ShuffledSampler, first_rows
 
 
 @dataclass
@@ -90,32 +88,10 @@ class Graded:
         return cosent(a, b, scores, scale=self.cfg.loss.cosent_scale, dims=self.cfg.loss.matryoshka_dims)
 
 
-class PairSampler:
+class PairSampler(ShuffledSampler):
     """Graded pairs -> the rows of (epoch, step): a fresh seeded permutation per epoch, global_batch_size a step."""
 
-    def __init__(self, pairs: Sequence[StsPair], *, global_batch_size: int, seed: int, where: str):
-        self.examples = list(pairs)
-        self.global_batch_size = global_batch_size
-        self.seed = seed
-        if len(self.examples) < global_batch_size:
-            raise BidirError(
-                f"{where}: {len(self.examples)} pairs, fewer than one global batch of {global_batch_size} "
-                "(lower schedule.global_batch_size)"
-            )
-        self.steps_per_epoch = len(self.examples) // global_batch_size
-        self.unused_per_epoch = len(self.examples) - self.steps_per_epoch * global_batch_size
-        self._epoch, self._order = None, None
-
-    def warn(self, full_epochs: bool = True) -> None:
-        warn_left_out(self, full_epochs)
-
-    def rows(self, epoch: int, step: int) -> list[StsPair]:
-        if self._epoch != epoch:
-            order = list(range(len(self.examples)))
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
-            self._epoch, self._order = epoch, order
-        start = step * self.global_batch_size
-        return [self.examples[i] for i in self._order[start : start + self.global_batch_size]]
+    noun = "pairs"
 
 
 class PairCollator:

@@ -16,7 +16,6 @@ and stays itself 10%. Every text of two or more tokens gets at least one. The ma
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
 from bidir_train.config import TrainConfig
-from bidir_train.objective import first_rows, input_chunks, packed_tokens, warn_left_out
+from bidir_train.objective import ShuffledSampler, first_rows, input_chunks, packed_tokens
 from bidir_train.weights import load_untied_head
 
 IGNORE = -100
@@ -90,34 +89,17 @@ class Mntp:
         )
 
 
-class TextSampler:
-    """Texts -> the rows of (epoch, step): a fresh seeded permutation per epoch, global_batch_size rows a step."""
+class TextSampler(ShuffledSampler):
+    """Texts -> the rows of (epoch, step): a fresh seeded permutation per epoch, global_batch_size rows a step,
+    each with its own masking seed."""
 
-    def __init__(self, texts: Sequence[str], *, global_batch_size: int, seed: int, where: str):
-        self.examples = list(texts)
-        self.global_batch_size = global_batch_size
-        self.seed = seed
-        if len(self.examples) < global_batch_size:
-            raise BidirError(
-                f"{where}: {len(self.examples)} texts, fewer than one global batch of {global_batch_size} "
-                "(lower schedule.global_batch_size)"
-            )
-        self.steps_per_epoch = len(self.examples) // global_batch_size
-        self.unused_per_epoch = len(self.examples) - self.steps_per_epoch * global_batch_size
-        self._epoch, self._order = None, None
-
-    def warn(self, full_epochs: bool = True) -> None:
-        warn_left_out(self, full_epochs)
+    noun = "texts"
 
     def rows(self, epoch: int, step: int) -> list[TextRow]:
-        if self._epoch != epoch:
-            order = list(range(len(self.examples)))
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
-            self._epoch, self._order = epoch, order
         start = step * self.global_batch_size
         return [
             TextRow(self.examples[i], _row_seed(self.seed, epoch, start + k))
-            for k, i in enumerate(self._order[start : start + self.global_batch_size])
+            for k, i in enumerate(self.indices(epoch, step))
         ]
 
 

@@ -13,6 +13,7 @@ The loop (bidir_train.trainer) picks one by the recipe's `objective` and knows n
 from __future__ import annotations
 
 import itertools
+import random
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Protocol
@@ -73,6 +74,42 @@ def rank_micro_batches(rows: list, micro: int, rank: int, world: int) -> list[li
     group (micro x world rows, the in-batch negatives) is the same rows whatever the world size."""
     groups = len(rows) // (micro * world)
     return [rows[(k * world + rank) * micro : (k * world + rank + 1) * micro] for k in range(groups)]
+
+
+class ShuffledSampler:
+    """Examples -> the rows of (epoch, step): a fresh seeded permutation per epoch, global_batch_size rows a step.
+    (MNTP's texts and CoSENT's graded pairs; `noun` names the examples in the error.)"""
+
+    noun = "examples"
+
+    def __init__(self, examples: Iterable, *, global_batch_size: int, seed: int, where: str):
+        self.examples = list(examples)
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        if len(self.examples) < global_batch_size:
+            raise BidirError(
+                f"{where}: {len(self.examples)} {self.noun}, fewer than one global batch of {global_batch_size} "
+                "(lower schedule.global_batch_size)"
+            )
+        self.steps_per_epoch = len(self.examples) // global_batch_size
+        self.unused_per_epoch = len(self.examples) - self.steps_per_epoch * global_batch_size
+        self._epoch, self._order = None, None
+
+    def warn(self, full_epochs: bool = True) -> None:
+        warn_left_out(self, full_epochs)
+
+    def indices(self, epoch: int, step: int) -> list[int]:
+        """The examples of (epoch, step), as indices into self.examples; step * global_batch_size is the first's
+        position in the epoch."""
+        if self._epoch != epoch:
+            order = list(range(len(self.examples)))
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            self._epoch, self._order = epoch, order
+        start = step * self.global_batch_size
+        return self._order[start : start + self.global_batch_size]
+
+    def rows(self, epoch: int, step: int) -> list:
+        return [self.examples[i] for i in self.indices(epoch, step)]
 
 
 def warn_left_out(sampler: Sampler, full_epochs: bool) -> None:
