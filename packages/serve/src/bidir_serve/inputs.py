@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bidir_core.datasets.lines import _SURROGATE_ESCAPE, _check_surrogates
+from bidir_core.datasets.lines import parse_json_object, read_lines
 from bidir_core.errors import BidirError, one_line
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -89,40 +89,6 @@ def _check_text(text: str, where: str) -> str:
     return text
 
 
-def _lines_from(path: Path, offset: int, first_line: int) -> Iterator[tuple[int, str]]:
-    """(line number, text without its line ending) from byte `offset` on, which starts line `first_line`: what
-    bidir_core.datasets.lines.read_lines gives from the top of the file, but starting mid-file, so a rank reads
-    only its own slice. Invalid UTF-8 is reported at its line."""
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            for number, raw in enumerate(f, start=first_line):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise BidirError(f"{path}:{number}: invalid UTF-8 ({one_line(e)})") from None
-                if number == 1:
-                    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the first field
-                yield number, text.rstrip("\r\n")
-    except OSError as e:
-        raise BidirError(f"{path}: cannot read ({one_line(e)})") from None
-
-
-def _json_object(text: str, where: str) -> dict:
-    # The checks of bidir_core.datasets.lines.read_jsonl, for one line (that reader starts at the top of a file).
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BidirError(f"{where}: not valid JSON ({one_line(e)})") from None
-    except RecursionError:
-        raise BidirError(f"{where}: JSON nested too deeply to read") from None
-    if not isinstance(obj, dict):
-        raise BidirError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if _SURROGATE_ESCAPE.search(text):
-        _check_surrogates(obj, where)
-    return obj
-
-
 def is_blank_jsonl_line(raw: bytes, number: int) -> bool:
     """Whether a raw line of a JSONL file is blank (not a row), exactly as the reader decides it."""
     head = raw.lstrip(b" \t")
@@ -134,11 +100,11 @@ def is_blank_jsonl_line(raw: bytes, number: int) -> bool:
 
 def jsonl_rows(path: Path, offset: int, first_line: int, id_field: str, text_field: str) -> Iterator[Row]:
     """The rows of a JSONL file from byte `offset` (the start of line `first_line`) on; blank lines are not rows."""
-    for n, text in _lines_from(path, offset, first_line):
+    for n, text in read_lines(path, offset, first_line):
         if not text.strip():
             continue
         where = f"{path}:{n}"
-        obj = _json_object(text, where)
+        obj = parse_json_object(text, where)
         for field in (id_field, text_field):
             if field not in obj:
                 raise BidirError(
@@ -219,5 +185,5 @@ def parquet_rows(
 
 def text_rows(path: Path, offset: int, first_line: int, id_prefix: str) -> Iterator[Row]:
     """The rows of a plain-text file from byte `offset` (the start of line `first_line`) on: every line is one."""
-    for n, text in _lines_from(path, offset, first_line):  # UTF-8 checked per line, line endings removed
+    for n, text in read_lines(path, offset, first_line):  # UTF-8 checked per line, line endings removed
         yield Row(f"{id_prefix}{n}", _check_text(text, f"{path}:{n}"), f"{path}:{n}")

@@ -10,16 +10,18 @@ from pathlib import Path
 from bidir_core.errors import BidirError, one_line
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+def read_lines(path: Path, offset: int = 0, first_line: int = 1) -> Iterator[tuple[int, str]]:
     """(1-based line number, text without its line ending) for each line of a UTF-8 file, blank lines included.
 
-    Bytes are decoded line by line, so invalid UTF-8 is reported at its line rather than as a file offset.
+    Bytes are decoded line by line, so invalid UTF-8 is reported at its line rather than as a file offset. offset:
+    start at this byte, which begins line first_line (a reader of one slice of the file, such as a batch-embed rank).
     """
     if not path.is_file():
         raise BidirError(f"{path}: no such file")
     try:
         with path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
+            f.seek(offset)
+            for number, raw in enumerate(f, start=first_line):
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -41,19 +43,23 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON Lines file; every line must be a JSON object, and
     its strings must be text (no lone surrogate escape such as "\\ud83d", a truncated emoji)."""
     for number, text in read_lines(path):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BidirError(f"{path}:{number}: not valid JSON ({one_line(e)})") from None
-        except RecursionError:
-            raise BidirError(f"{path}:{number}: JSON nested too deeply to read") from None
-        if not isinstance(row, dict):
-            raise BidirError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        if _SURROGATE_ESCAPE.search(text):
-            _check_surrogates(row, f"{path}:{number}")
-        yield number, row
+        if text.strip():
+            yield number, parse_json_object(text, f"{path}:{number}")
+
+
+def parse_json_object(text: str, where: str) -> dict:
+    """One JSON Lines line -> its object, with read_jsonl's checks; errors start with where (file:line)."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BidirError(f"{where}: not valid JSON ({one_line(e)})") from None
+    except RecursionError:
+        raise BidirError(f"{where}: JSON nested too deeply to read") from None
+    if not isinstance(row, dict):
+        raise BidirError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if _SURROGATE_ESCAPE.search(text):
+        _check_surrogates(row, where)
+    return row
 
 
 def _check_surrogates(row: dict, where: str) -> None:
