@@ -15,7 +15,8 @@ Jobs (run explicitly, e.g. ``nox -s demo``):
 - ``bench``        benchmarks/bench_encode.py
 - ``quality``      benchmarks/quality.py: fine-tune the embedded default on real data (MNTP, contrastive, mined
                    negatives, CoSENT) and compare with a sentence-transformers peer, BM25 and all-MiniLM-L6-v2;
-                   about 4 hours on 2 CPU cores (``nox -s quality -- --only best``: the best recipe alone)
+                   about 4 hours on 2 CPU cores (``nox -s quality -- --only best``: the best recipe alone;
+                   ``--only peer``: best, its peer and the reference lines; ``--only ablations``: one change a row)
 - ``train``        torchrun -m bidir_train (one process per GPU, or one on CPU) on the default recipe, or
                    ``nox -s train -- --config RECIPE key=value ...``
 
@@ -108,6 +109,7 @@ def integration(session: nox.Session) -> None:
         "./packages/train[test]",
         "./packages/export[test]",
         "./packages/serve[test,ray]",  # README batch-embed --engine ray commands (a local Ray cluster)
+        "rank-bm25",  # the BM25 row of test_quality_smoke.py's --only ablations
     )
     _install_default_model(session)
     session.run(*PYTEST, "integration_tests", *session.posargs, env=ENV)

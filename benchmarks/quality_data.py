@@ -12,6 +12,8 @@ STS-B dev (the evaluation set) is never read here. Also: limit_retrieval, a smal
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 
 from bidir_core.datasets import RetrievalDataset, read_sts
@@ -71,6 +73,21 @@ def write_training_rows(data: Path, target: Path, limit: int | None = None) -> d
     parts = {name: rows[:limit] for name, rows in parts.items()}
     write_jsonl_atomic(target, (row for rows in parts.values() for row in rows))
     return {name: len(rows) for name, rows in parts.items()}
+
+
+def write_rows_with_installed(rows: Path, target: Path, n: int, seed: int = 0) -> int:
+    """`rows` plus n installed-docstrings train rows (a seeded sample; their dev modules are never in it) to
+    `target`; returns how many were added. The ablation that asks whether code docstrings help these dev sets."""
+    import random
+
+    from bidir_core.datasets.installed import installed_train
+
+    extra = installed_train()
+    random.Random(seed).shuffle(extra)
+    added = [{"query": e.query, "pos_doc": e.positives[0]} for e in extra[:n]]
+    kept = (json.loads(line) for _, line in read_lines(rows) if line.strip())
+    write_jsonl_atomic(target, itertools.chain(kept, added))
+    return len(added)
 
 
 def limit_retrieval(data: RetrievalDataset, n_queries: int | None, n_docs: int | None) -> RetrievalDataset:

@@ -1,7 +1,8 @@
-"""`python benchmarks/quality.py --only best` in its quick smoke mode, on a tiny random model: every stage of the best
-recipe runs (MNTP, contrastive from it, CoSENT on STS-B train from that), the last one into --out/best/final, and
-only that row is evaluated and tabled. Needs the shared data (SNLI, MRPC, STS-B, Cranfield). About a minute on 2
-cores: three torchrun stages, each a fresh process, are what is tested."""
+"""`python benchmarks/quality.py --only best` and `--only ablations` in their quick smoke mode, on a tiny random
+model. best: every stage runs (contrastive, then CoSENT on STS-B train from it), the last one into
+--out/best/final, and only that row is evaluated and tabled. ablations: each row's run changes the one thing its
+label says. Needs the shared data (SNLI, MRPC, STS-B, Cranfield). A few minutes on 2 cores: each stage is a fresh
+torchrun process."""
 
 from __future__ import annotations
 
@@ -29,9 +30,7 @@ SHORT = ["schedule.max_steps=2", "schedule.warmup_steps=0", "checkpoint.every_st
 )
 def test_only_best_trains_every_stage_and_scores_it(tmp_path):
     model = tmp_path / "tiny"
-    tiny_encoder(tie_word_embeddings=True).save_pretrained(
-        model
-    )  # MNTP needs an LM head: the tied embeddings
+    tiny_encoder().save_pretrained(model)
     out = tmp_path / "quality"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--only", "best", "--out", str(out)]
     cmd += ["--model", str(model), *SMOKE]
@@ -41,12 +40,11 @@ def test_only_best_trains_every_stage_and_scores_it(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    # Each stage continued from the one before, and the last wrote best/final.
-    recipes = {s: json.loads((out / s / "recipe.json").read_text()) for s in ("best/stages/mntp",
-               "best/stages/contrastive", "best")}  # fmt: skip
-    assert recipes["best/stages/mntp"]["objective"] == "mntp"
-    assert recipes["best/stages/mntp"]["model"]["path"] == str(model)
-    assert recipes["best/stages/contrastive"]["model"]["path"] == str(out / "best/stages/mntp/final")
+    # The contrastive stage started from the base model, and CoSENT continued from it into best/final.
+    stages = ("best/stages/contrastive", "best")
+    recipes = {s: json.loads((out / s / "recipe.json").read_text()) for s in stages}
+    assert recipes["best/stages/contrastive"]["objective"] == "contrastive"
+    assert recipes["best/stages/contrastive"]["model"]["path"] == str(model)
     assert recipes["best"]["objective"] == "cosent"
     assert recipes["best"]["model"]["path"] == str(out / "best/stages/contrastive/final")
     assert recipes["best"]["data"]["train"].endswith("sts-train.tsv")
@@ -54,10 +52,55 @@ def test_only_best_trains_every_stage_and_scores_it(tmp_path):
 
     # Only the best row was evaluated and tabled, with every column and its training time.
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["best: MNTP + contrastive + CoSENT on STS-B train"]
+    assert list(results) == ["best: contrastive (1 epoch) + CoSENT on STS-B train"]
     assert set(results[next(iter(results))]) >= {"sts_spearman", "cranfield_ndcg@10", "stdlib_ndcg@10"}
     table = (out / "table.md").read_text().splitlines()
-    assert len(table) == 3 and "best/stages/mntp + best/stages/contrastive + best" in table[2]
+    assert len(table) == 3 and "(best/stages/contrastive + best)" in table[2]
     # A second run finds every stage done and trains nothing.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert again.returncode == 0 and "bidir_train" not in again.stdout
+
+
+@pytest.mark.skipif(
+    not all((DATA / d).is_dir() for d in ("snli_pairs", "mrpc", "stsb", "cranfield")),
+    reason=f"needs the shared data folder {DATA} (set BIDIR_DATA)",
+)
+def test_only_ablations_changes_one_thing_per_row(tmp_path):
+    model = tmp_path / "tiny"
+    tiny_encoder(tie_word_embeddings=True).save_pretrained(model)  # MNTP's LM head: the tied embeddings
+    out = tmp_path / "quality"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--only", "ablations", "--out", str(out)]
+    cmd += ["--model", str(model), *SMOKE]
+    for stage in ("--train-override", "--mntp-override", "--cosent-override"):
+        cmd += [stage, *SHORT]
+    env = {**os.environ, "BIDIR_DATA": str(DATA), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def recipe(name):
+        return json.loads((out / "ablations" / name / "recipe.json").read_text())
+
+    reference = recipe("lr1e-3")
+    assert reference["objective"] == "contrastive" and reference["model"]["path"] == str(model)
+    assert reference["loss"]["temperature"] == 0.05
+    for lr in ("1e-4", "2e-4", "5e-4", "2e-3"):
+        assert recipe(f"lr{lr}")["optim"]["lr"] == float(lr)
+    assert recipe("lr5e-4_t0.02")["loss"]["temperature"] == 0.02
+    assert recipe("mntp")["objective"] == "mntp"
+    assert recipe("mntp_contrastive")["model"]["path"] == str(out / "ablations" / "mntp" / "final")
+    cosent = recipe("cosent_lr1e-4")
+    assert cosent["objective"] == "cosent" and cosent["optim"]["lr"] == 1e-4
+    assert cosent["model"]["path"] == str(out / "ablations" / "lr1e-3" / "final")
+    # The installed-docstrings row trains on the same rows plus 3,000 docstring pairs.
+    rows = (out / "data" / "train.jsonl").read_text().splitlines()
+    mixed = (out / "data" / "train_installed.jsonl").read_text().splitlines()
+    assert mixed[: len(rows)] == rows and len(mixed) == len(rows) + 3000
+    assert recipe("installed")["data"]["train"] == str(out / "data" / "train_installed.jsonl")
+
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 13 and all(
+        set(r) >= {"sts_spearman", "cranfield_ndcg@10"} for r in results.values()
+    )
+    table = (out / "table.md").read_text()
+    assert "| MNTP (80 steps), then contrastive 40 steps, lr 1e-3 |" in table
+    assert "(ablations/mntp + ablations/mntp_contrastive)" in table
