@@ -343,29 +343,27 @@ class Pipeline:
                     "sts_spearman": bm25_sts(sts)["spearman"],
                     "cranfield_ndcg@10": bm25_retrieval(cranfield)["ndcg@10"],
                     "stdlib_ndcg@10": bm25_retrieval(stdlib)["ndcg@10"],
-                    "eval_s": round(time.perf_counter() - start, 1),
                 }
-                print(f"[eval] {label}: {results[label]}", flush=True)
-                continue
-            if model == MINILM:
-                encoder = minilm()
-            else:  # the trained rows' settings: avg pooling, no prefixes; documents up to --max-length tokens
-                encoder = BiEncoder.from_pretrained(
-                    model,
-                    pooling="avg",
-                    query_prefix="",
-                    passage_prefix="",
-                    max_length=a.max_length,
-                    dtype=DTYPES[a.dtype],
-                )
-            results[label] = {
-                "sts_spearman": evaluate_sts(encoder, sts, batch_size=a.batch_size)["spearman"],
-                "cranfield_ndcg@10": evaluate_retrieval(encoder, cranfield, batch_size=a.batch_size)[
-                    "ndcg@10"
-                ],
-                "stdlib_ndcg@10": evaluate_retrieval(encoder, stdlib, batch_size=a.batch_size)["ndcg@10"],
-                "eval_s": round(time.perf_counter() - start, 1),
-            }
+            else:
+                if model == MINILM:
+                    encoder = minilm()
+                else:  # the trained rows' settings: avg pooling, no prefixes; documents up to --max-length tokens
+                    encoder = BiEncoder.from_pretrained(
+                        model,
+                        pooling="avg",
+                        query_prefix="",
+                        passage_prefix="",
+                        max_length=a.max_length,
+                        dtype=DTYPES[a.dtype],
+                    )
+                results[label] = {
+                    "sts_spearman": evaluate_sts(encoder, sts, batch_size=a.batch_size)["spearman"],
+                    "cranfield_ndcg@10": evaluate_retrieval(encoder, cranfield, batch_size=a.batch_size)[
+                        "ndcg@10"
+                    ],
+                    "stdlib_ndcg@10": evaluate_retrieval(encoder, stdlib, batch_size=a.batch_size)["ndcg@10"],
+                }
+            results[label]["eval_s"] = round(time.perf_counter() - start, 1)
             print(f"[eval] {label}: {results[label]}", flush=True)
             (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         return results
