@@ -13,11 +13,10 @@ STS-B dev (the evaluation set) is never read here. Also: limit_retrieval, a smal
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 from bidir_core.datasets import RetrievalDataset, read_sts
-from bidir_core.datasets.lines import read_lines
+from bidir_core.datasets.lines import read_jsonl, read_lines
 from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_jsonl_atomic
 
@@ -85,7 +84,7 @@ def write_rows_with_installed(rows: Path, target: Path, n: int, seed: int = 0) -
     extra = installed_train()
     random.Random(seed).shuffle(extra)
     added = [{"query": e.query, "pos_doc": e.positives[0]} for e in extra[:n]]
-    kept = (json.loads(line) for _, line in read_lines(rows) if line.strip())
+    kept = (row for _, row in read_jsonl(rows))
     write_jsonl_atomic(target, itertools.chain(kept, added))
     return len(added)
 

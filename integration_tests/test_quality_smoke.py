@@ -24,21 +24,30 @@ SHORT = ["schedule.max_steps=2", "schedule.warmup_steps=0", "checkpoint.every_st
          "schedule.global_batch_size=8", "schedule.micro_batch_size=8", "schedule.forward_chunk_size=4"]  # fmt: skip
 
 
-@pytest.mark.skipif(
+NEEDS_DATA = pytest.mark.skipif(
     not all((DATA / d).is_dir() for d in ("snli_pairs", "mrpc", "stsb", "cranfield")),
     reason=f"needs the shared data folder {DATA} (set BIDIR_DATA)",
 )
-def test_only_best_trains_every_stage_and_scores_it(tmp_path):
-    model = tmp_path / "tiny"
-    tiny_encoder().save_pretrained(model)
-    out = tmp_path / "quality"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--only", "best", "--out", str(out)]
+
+
+def run_quality(only: str, model: Path, out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """`quality.py --only ONLY` in smoke mode on `model` (every stage SHORT), from out's parent; asserts it exits 0."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--only", only, "--out", str(out)]
     cmd += ["--model", str(model), *SMOKE]
     for stage in ("--train-override", "--mntp-override", "--cosent-override"):
         cmd += [stage, *SHORT]
     env = {**os.environ, "BIDIR_DATA": str(DATA), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@NEEDS_DATA
+def test_only_best_trains_every_stage_and_scores_it(tmp_path):
+    model = tmp_path / "tiny"
+    tiny_encoder().save_pretrained(model)
+    out = tmp_path / "quality"
+    run_quality("best", model, out, timeout=600)
 
     # The contrastive stage started from the base model, and CoSENT continued from it into best/final.
     stages = ("best/stages/contrastive", "best")
@@ -57,25 +66,16 @@ def test_only_best_trains_every_stage_and_scores_it(tmp_path):
     table = (out / "table.md").read_text().splitlines()
     assert len(table) == 3 and "(best/stages/contrastive + best)" in table[2]
     # A second run finds every stage done and trains nothing.
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert again.returncode == 0 and "bidir_train" not in again.stdout
+    again = run_quality("best", model, out, timeout=600)
+    assert "bidir_train" not in again.stdout
 
 
-@pytest.mark.skipif(
-    not all((DATA / d).is_dir() for d in ("snli_pairs", "mrpc", "stsb", "cranfield")),
-    reason=f"needs the shared data folder {DATA} (set BIDIR_DATA)",
-)
+@NEEDS_DATA
 def test_only_ablations_changes_one_thing_per_row(tmp_path):
     model = tmp_path / "tiny"
     tiny_encoder(tie_word_embeddings=True).save_pretrained(model)  # MNTP's LM head: the tied embeddings
     out = tmp_path / "quality"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--only", "ablations", "--out", str(out)]
-    cmd += ["--model", str(model), *SMOKE]
-    for stage in ("--train-override", "--mntp-override", "--cosent-override"):
-        cmd += [stage, *SHORT]
-    env = {**os.environ, "BIDIR_DATA": str(DATA), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_quality("ablations", model, out, timeout=900)
 
     def recipe(name):
         return json.loads((out / "ablations" / name / "recipe.json").read_text())
