@@ -14,6 +14,7 @@ READMES = (
     "packages/export/README.md",
     "packages/serve/README.md",
     "containers/README.md",
+    "benchmarks/README.md",
 )
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 

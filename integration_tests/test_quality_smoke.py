@@ -1,5 +1,5 @@
-"""`python benchmarks/quality.py --only best` and `--only ablations` in their quick smoke mode, on a tiny random
-model. best: every stage runs (contrastive, then CoSENT on STS-B train from it), the last one into
+"""benchmarks/README.md's `nox -s quality -- --only best` and `--only ablations` commands (their arguments read from
+the README) in a quick smoke mode, on a tiny random model. best: every stage runs (contrastive, then CoSENT on STS-B train from it), the last one into
 --out/best/final, and only that row is evaluated and tabled. ablations: each row's run changes the one thing its
 label says. Needs the shared data (SNLI, MRPC, STS-B, Cranfield). A few minutes on 2 cores: each stage is a fresh
 torchrun process."""
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from readme import command
 
 from bidir_core.testing import tiny_encoder
 
@@ -31,9 +32,12 @@ NEEDS_DATA = pytest.mark.skipif(
 
 
 def run_quality(only: str, model: Path, out: Path, timeout: int) -> subprocess.CompletedProcess:
-    """`quality.py --only ONLY` in smoke mode on `model` (every stage SHORT), from out's parent; asserts it exits 0."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--only", only, "--out", str(out)]
-    cmd += ["--model", str(model), *SMOKE]
+    """benchmarks/README.md's `nox -s quality -- --only ONLY ...` in smoke mode: the README's arguments as written,
+    then --out, --model and SMOKE (which win over the README's values), every stage SHORT, run from out's parent;
+    asserts it exits 0."""
+    words = command("benchmarks/README.md", f"nox -s quality -- --only {only}")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), *words[words.index("--") + 1 :]]
+    cmd += ["--out", str(out), "--model", str(model), *SMOKE]
     for stage in ("--train-override", "--mntp-override", "--cosent-override"):
         cmd += [stage, *SHORT]
     env = {**os.environ, "BIDIR_DATA": str(DATA), "OMP_NUM_THREADS": "1"}

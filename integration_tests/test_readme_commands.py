@@ -53,6 +53,13 @@ ACCOUNTED = {
         "--input /data/corpus/*.parquet --id-field doc_id --text-field text --output /data/corpus-emb "
         "--dtype float16": "test_production_embed_and_score_with_onnxruntime",
     },
+    "benchmarks/README.md": {
+        "nox -s quality -- --only best": "test_quality_smoke.py (its arguments, in smoke mode)",
+        "nox -s quality -- --only peer": "not run: best, then the sentence-transformers peer at best's budget "
+        "(hours; best's stages run in test_quality_smoke.py)",
+        "nox -s quality -- --only ablations --out runs/quality-ablations --sts-limit 500 --cranfield-queries 100 "
+        "--cranfield-docs 400 --max-length 128": "test_quality_smoke.py (its arguments, in smoke mode)",
+    },
 }
 
 
