@@ -2,7 +2,7 @@
 sentence-transformers 6 user trains it, on the same rows, then scored by the same code as bidir's rows.
 
 - Model: SentenceTransformer(modules=[Transformer(checkpoint), Pooling(mean)]) from the embedded default's bidir
-  checkpoint (the same weights bidir starts from). The text modality is pinned (DESIGN section 8: otherwise ST 6.2
+  checkpoint (the same weights bidir starts from). The text modality is pinned (otherwise ST 6.2
   renders every string through SmolLM2's chat template). Attention: ST loads transformers' LlamaModel from the
   folder's config.json, which says is_causal: false, so it is *bidirectional*, with transformers' sdpa attention;
   before training its mean-pooled embeddings equal BiEncoder's (max |diff| 0.0 in fp32, measured; flipping

@@ -1,10 +1,10 @@
 """Check the import contract between the bidir packages (stdlib only).
 
-Rules (DESIGN.md, "Dependencies point one way"):
+Rules (the root README: "Dependencies point one way"):
 
 - ``bidir_core`` imports none of ``bidir_train``, ``bidir_export``, ``bidir_serve``;
 - ``bidir_train``, ``bidir_export`` and ``bidir_serve`` may import ``bidir_core`` but never each other;
-- no import circle among the project's source modules (``packages/*/src``; DESIGN.md, "No import circles"). An
+- no import circle among the project's source modules (``packages/*/src``). An
   import inside a function counts like one at the top of the file: a lazy import that closes a circle only hides it.
   An import names the module it reads (``from a.b import c`` reads ``a.b.c`` where that is a module, else
   ``a.b``), not the packages above it whose ``__init__`` Python also runs.

@@ -98,7 +98,7 @@ def main() -> None:
     if has_tensorrt():
         start = time.perf_counter()
         # fp32 (TF32 off): verified by construction. SmolLM2 in bf16 is too far from the exact embeddings to verify,
-        # and fp16 passes onnxruntime with little room (packages/export/README.md); no TensorRT run was measured yet.
+        # and fp16 passes onnxruntime with little room (packages/export/README.md); TensorRT's own error has no measurement yet.
         run("export-trt", final, out / "engine", "--precision", "fp32",
             "--min", "1x1", "--opt", "32x128", "--max", "64x512")  # fmt: skip
         stages.append(("export-trt", time.perf_counter() - start, "verified against PyTorch"))

@@ -1,5 +1,5 @@
 """Bad input (a path, a file, a setting) gives a bidir_core.BidirError, a ValueError whose one-line message names
-the file, key or value and what is wrong with it (DESIGN sections 3 and 4)."""
+the file, key or value and what is wrong with it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """bidir-convert (bidir_core.convert): a thin CLI that writes a checkpoint, prints one summary line, and answers bad
-input with a one-line `bidir-convert: error:` message and a non-zero exit, never a traceback (DESIGN section 4)."""
+input with a one-line `bidir-convert: error:` message and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 

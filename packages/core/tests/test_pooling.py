@@ -1,5 +1,5 @@
 """Pooling formulas against hand-computed values, for right and left padding, and the length-sorted batching that
-feeds them (bidir_core.pooling, bidir_core.batching; DESIGN section 2)."""
+feeds them (bidir_core.pooling, bidir_core.batching)."""
 
 from __future__ import annotations
 

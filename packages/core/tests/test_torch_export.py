@@ -1,4 +1,4 @@
-"""torch.export of the model and the encoder with dynamic batch and sequence dimensions (DESIGN section 2: the
+"""torch.export of the model and the encoder with dynamic batch and sequence dimensions (the
 forward has no .item() and no branch on tensor values, so it exports cleanly).
 
 Tolerance 1e-5: the exported program runs the same fp32 ops as eager on CPU; any larger difference means the export

@@ -1,4 +1,4 @@
-"""The deployment artifacts of DESIGN section 3: the ONNX export and the TensorRT engine folders.
+"""The deployment artifacts: the ONNX export and the TensorRT engine folders.
 
 bidir-export writes them, bidir-serve reads them; this module is the one definition of their manifest.json, so the
 two packages never import each other. (The checkpoint folder is checkpoint.py; the embeddings folder is

@@ -1,4 +1,4 @@
-"""The checkpoint artifact (DESIGN section 3): a Hugging Face decoder folder plus bidir.json and
+"""The checkpoint artifact: a Hugging Face decoder folder plus bidir.json and
 sentence-transformers metadata, so the folder loads in bidir, in transformers (`AutoModel`: a LlamaModel,
 MistralModel, Qwen2Model, ... that attends as bidir does) and in sentence-transformers without bidir.
 

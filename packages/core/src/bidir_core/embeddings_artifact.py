@@ -1,4 +1,4 @@
-"""The embeddings artifact (DESIGN section 3): what batch-embed writes and every consumer reads.
+"""The embeddings artifact: what batch-embed writes and every consumer reads.
 
     <embeddings>/  part-00000.parquet, part-00001.parquet, ...   columns id (string), embedding (fixed-size list of
                                                                  float32 or float16, `dim` wide)

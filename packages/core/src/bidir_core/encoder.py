@@ -31,9 +31,8 @@ from bidir_core.tokenization import load_tokenizer, tokenize
 
 PACKED_DEFAULT = {"cpu": True, "cuda": False}
 """Whether encode() (and the serve torch backend) packs by default, per device type: the faster path by
-benchmarks/bench_encode.py and bench_batch_embed.py (CPU: packed 3.2x padded in fp32, 1.7x in bf16, on the mixed
-corpus; see the core README). CUDA: padded until gpu_suite.sh's packed rows are measured (no GPU was lent to the
-session that added packing)."""
+benchmarks/bench_encode.py and bench_batch_embed.py on CPU (figures: the core README, "Packed batches"). CUDA stays
+padded until benchmarks/gpu_suite.sh's packed rows have a measurement to decide it."""
 PACKED_TOKENS = 4096
 """encode()'s default real-token budget per packed batch."""
 

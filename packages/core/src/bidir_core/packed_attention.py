@@ -14,15 +14,10 @@ Kernels (q, k, v are (1, heads, N, D), N the packed tokens; the output has q's s
               variable-length kernel call (flash / memory-efficient) on CUDA. PyTorch has no CPU kernel for it.
 - "varlen":   flash-attn's flash_attn_varlen_func (CUDA, fp16 / bf16, when the flash-attn package is installed).
 
-Which one "auto" picks per device is measured. CPU (this workplace's, SmolLM2-135M, bf16 autocast, forward and
-backward of 64 texts cut to 64 tokens): padded batch 10.96 s, segments 16.11 s, gathered 9.82 s on stdlib-docstrings
-passages (all near 64 tokens); on the mixed corpus (12..64 tokens) padded 15.42 s, segments 11.15 s, gathered
-10.38 s. segments pays autograd's per-call cost 30 layers x 64 texts times. One mixed layer's attention alone,
-forward, fp32 (benchmarks/bench_packed_attention.py: 32 texts of 12..250 tokens, 2,268 tokens): segments 19 ms,
-gathered 94 ms (it computes B x L_max^2), dense 120 ms, flex 1.17 s compiled with dynamic shapes (no faster than
-uncompiled, 1.15 s; a static-shape compile ran 81 ms but recompiles, ~19 s, for every new token count); jagged has
-no CPU kernel in torch 2.13. So CPU uses "gathered". On CUDA, "varlen" when flash-attn is importable, else "jagged" (one variable-length kernel launch per
-layer, no padding at all): not measured in this session, which had no GPU.
+Which one "auto" picks per device was chosen by measurement (the core README, "Packed batches", has the figures
+and their commands): "gathered" on CPU, where "segments" pays autograd's per-call cost once per layer and text and
+"jagged" has no kernel. On CUDA, "varlen" when flash-attn is importable, else "jagged" (one variable-length kernel
+launch per layer, no padding at all); benchmarks/gpu_suite.sh has the rows that would confirm it.
 """
 
 from __future__ import annotations

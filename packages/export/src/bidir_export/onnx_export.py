@@ -1,4 +1,4 @@
-"""ONNX export of a bidir checkpoint, verified against PyTorch (the ONNX artifact of DESIGN section 3).
+"""ONNX export of a bidir checkpoint, verified against PyTorch (the ONNX artifact that bidir_core.artifacts defines).
 
     export_onnx("ckpt/", "onnx/")     -> onnx/{model.onnx [+ model.onnx.data], tokenizer files, manifest.json}
     verify_export("onnx/")            -> re-run the verification of an existing export

@@ -185,7 +185,7 @@ class ScheduleConfig:
     """packed: each forward's texts as one token stream of at most max_tokens_per_forward real tokens, no padding
     (and at most forward_chunk_size / loss.cache_chunk_size texts when those are set); padded: padded to the
     longest (of each chunk); the same result. auto: the faster by benchmarks/bench_train_step.py: packed on CPU;
-    padded on CUDA, where packing is not measured yet."""
+    padded on CUDA, until benchmarks/gpu_suite.sh's packed rows decide it."""
     max_tokens_per_forward: int = 4096
     """Real tokens per packed forward."""
     max_steps: int | None = None

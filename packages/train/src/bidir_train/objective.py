@@ -1,6 +1,6 @@
-"""What the training loop needs from an objective, and the pieces both objectives share.
+"""What the training loop needs from an objective, and the pieces the objectives share.
 
-An objective (bidir_train.contrastive, bidir_train.mntp) is a class with
+An objective (bidir_train.contrastive, bidir_train.mntp, bidir_train.graded) is a class with
 - `sampler(cfg)`, called before the model loads: the run's data as a Sampler, which hands out the rows of
   (epoch, step in epoch) deterministically, so the data position of a run is just those two numbers;
 - `__init__(cfg, encoder, device)`, once the model is loaded and sharded;

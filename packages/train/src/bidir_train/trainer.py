@@ -1,6 +1,6 @@
 """`train(cfg)`: fine-tuning of a bidir model under torchrun (or as one plain process). The recipe's `objective`
 names what a step computes (bidir_train.contrastive: InfoNCE on query / passage rows; bidir_train.mntp: LLM2Vec's
-masked next-token prediction; bidir_train.graded: CoSENT on graded pairs); the loop, sharding, checkpoints and resume are the same for both.
+masked next-token prediction; bidir_train.graded: CoSENT on graded pairs); the loop, sharding, checkpoints and resume are the same for all three.
 
 One process per device (bidir_train.distributed). The model is built on the meta device, sharded with FSDP2
 (bidir_train.parallelize), and rank 0's weights are broadcast into the shards (bidir_train.weights), so no rank but

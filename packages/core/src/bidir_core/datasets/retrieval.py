@@ -1,4 +1,4 @@
-"""Retrieval evaluation data: a BEIR-style folder (DESIGN section 7), read whole into memory and validated.
+"""Retrieval evaluation data: a BEIR-style folder, read whole into memory and validated.
 (sources.load_retrieval takes a folder or the built-in dataset's name.)
 
 corpus.jsonl        {"_id": str, "title": str (optional), "text": str}

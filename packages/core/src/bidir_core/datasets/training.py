@@ -1,4 +1,4 @@
-"""Training data (DESIGN section 7): JSONL rows or TSV pairs/triplets, streamed and validated row by row.
+"""Training data: JSONL rows or TSV pairs/triplets, streamed and validated row by row.
 (sources.read_training_examples picks the reader by suffix, or the built-in dataset by name.)
 
 JSONL, one object per line (NeMo AutoModel's inline format)::
