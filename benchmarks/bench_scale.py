@@ -37,26 +37,9 @@ def make_corpus(folder: Path, rows: int) -> Path:
     if (folder / "done").exists():
         return folder / "*.parquet"
     folder.mkdir(parents=True, exist_ok=True)
-    words = np.array(
-        [
-            "the",
-            "quick",
-            "brown",
-            "fox",
-            "jumps",
-            "over",
-            "a",
-            "lazy",
-            "dog",
-            "while",
-            "dense",
-            "search",
-            "embeds",
-            "passages",
-            "at",
-            "night",
-        ]
-    )
+    from bidir_core.testing import WORDS  # here, not at the top: a child process measures its own imports
+
+    words = np.array(WORDS)
     rng = np.random.default_rng(0)
     per = -(-rows // FILES)
     for f in range(FILES):

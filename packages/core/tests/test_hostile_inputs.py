@@ -17,7 +17,7 @@ from bidir_core.datasets.lines import read_jsonl
 from bidir_core.embeddings_artifact import EmbeddingsManifest, Shard, write_embeddings_manifest, write_shard
 from bidir_core.errors import BidirError
 from bidir_core.eval_cli import main
-from bidir_core.testing import tiny_encoder
+from bidir_core.testing import WORDS, tiny_encoder
 
 LONE = '"bad \\ud83d text"'  # JSON text of a string holding half of an emoji
 
@@ -87,24 +87,8 @@ class _Recording:
 
 def test_long_text_keeps_the_same_tokens_and_embedding(encoder):
     tok = encoder.tokenizer
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "a",
-        "lazy",
-        "dog",
-        "while",
-        "embeddings",
-        "search",
-        "dense",
-        "passages",
-    ]
     rng = np.random.default_rng(0)
-    long = " ".join(rng.choice(words, 3000))  # ~20k characters, far past the cut
+    long = " ".join(rng.choice(WORDS, 3000))  # ~20k characters, far past the cut
     limit = len(tokenization.cut_long_texts(tok, [long], 48)[0])
     assert limit == 4 * 48 * tokenization.max_token_chars(tok) < len(long)
     ids, cut = tokenization.tokenize(tok, [long], 48)

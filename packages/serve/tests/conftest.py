@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -11,37 +9,12 @@ from bidir_core.artifacts import OnnxManifest, checkpoint_fingerprint, write_man
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.pytest_plugin import *  # noqa: F403 (the cache, hardware skips, embedded default: see there)
-from bidir_core.testing import tiny_encoder
-
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "embeddings",
-    "search",
-    "dense",
-    "passages",
-    "at",
-    "night",
-]
-
-
-def _make_texts(n: int, seed: int = 0, max_words: int = 40) -> list[str]:
-    """n texts of 1..max_words words in shuffled (not sorted) length order."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=rng.randint(1, max_words))) for _ in range(n)]
+from bidir_core.testing import random_texts, tiny_encoder
 
 
 @pytest.fixture(scope="session")
 def make_texts():
-    return _make_texts
+    return random_texts
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +30,7 @@ def tiny_checkpoint(encoder, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def texts():
-    return _make_texts(60)
+    return random_texts(60)
 
 
 @pytest.fixture(scope="session")

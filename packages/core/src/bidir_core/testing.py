@@ -3,6 +3,7 @@ tokenizer, built locally (no download), for every package's tests."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -23,6 +24,16 @@ _CORPUS = [
     "a llama checkpoint turned into an embedding model",
 ]
 TINY_VOCAB_SIZE = 320
+
+# Synthetic texts for tests and benchmarks: a small vocabulary that the tiny tokenizer splits into varied token counts.
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "embeddings", "search", "dense",
+         "passages", "at", "night")  # fmt: skip
+
+
+def random_texts(n: int, seed: int = 0, max_words: int = 40) -> list[str]:
+    """n texts of 1..max_words WORDS each, seeded, in shuffled (not sorted) length order."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(1, max_words))) for _ in range(n)]
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
