@@ -12,9 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bidir_core.embedded as embedded
-from bidir_core import BidirError, BiEncoder, pool
+from bidir_core import BidirError, BiEncoder, LlamaBidirectionalModel, pool
 from bidir_core.embedded import PIP_COMMAND
-from bidir_core.sources import load_model
 from bidir_core.testing import tiny_encoder, write_hf_llama
 
 
@@ -77,7 +76,7 @@ def test_missing_path(tmp_path):
     missing = tmp_path / "does-not-exist"
     _error(_load(missing), str(missing), "no such file or folder")
     with pytest.raises(BidirError) as excinfo:
-        load_model(missing)
+        LlamaBidirectionalModel.from_pretrained(missing)
     _error(excinfo, str(missing))
 
 

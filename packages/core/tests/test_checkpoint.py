@@ -13,7 +13,6 @@ from safetensors import safe_open
 from bidir_core import BiEncoder, EncoderConfig, LlamaBidirectionalModel
 from bidir_core.batching import pad_batch
 from bidir_core.checkpoint import read_encoder_config, write_checkpoint
-from bidir_core.sources import load_model
 from bidir_core.testing import tiny_encoder
 
 TEXTS = [
@@ -78,7 +77,7 @@ def test_sharded_and_bf16(tmp_path):
     assert len(shards) > 1
     with safe_open(folder / shards[0], framework="pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
-    loaded = load_model(folder, dtype=torch.bfloat16)
+    loaded = LlamaBidirectionalModel.from_pretrained(folder, dtype=torch.bfloat16)
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
 
@@ -165,8 +164,8 @@ def test_pytorch_bin_folder_loads_like_safetensors(tmp_path):
     torch.save(model.state_dict(), bin_folder / "pytorch_model.bin")
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (bin_folder / name).write_bytes((folder / name).read_bytes())
-    want = load_model(folder).state_dict()
-    got = load_model(bin_folder).state_dict()
+    want = LlamaBidirectionalModel.from_pretrained(folder).state_dict()
+    got = LlamaBidirectionalModel.from_pretrained(bin_folder).state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
 

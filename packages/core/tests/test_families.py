@@ -15,9 +15,8 @@ import torch
 import transformers
 from parity_testing import first_token_shift, oracle_hidden, oracle_rows, padded_batch
 
-from bidir_core import BidirError, BiEncoder, EncoderConfig
+from bidir_core import BidirError, BiEncoder, EncoderConfig, LlamaBidirectionalModel
 from bidir_core.families import FAMILIES, config_class
-from bidir_core.sources import load_model
 from bidir_core.testing import tiny_encoder, write_hf_model
 
 ATOL = 1e-5
@@ -38,7 +37,7 @@ def _oracle(folder, family: str, causal: bool):
 @pytest.mark.parametrize("family", ("llama", *NEW_FAMILIES))  # Llama's variants: test_parity.py
 def test_hidden_states_match_transformers(tmp_path, family, attention):
     folder = write_hf_model(tmp_path / family, family=family)
-    ours = load_model(folder, attention=attention)
+    ours = LlamaBidirectionalModel.from_pretrained(folder, attention=attention)
     assert ours.causal == (attention == "causal")
     oracle = _oracle(folder, family, causal=attention == "causal")
     for padding_side in ("right", "left"):
@@ -57,7 +56,10 @@ def test_hidden_states_match_transformers(tmp_path, family, attention):
 @pytest.mark.parametrize("family", ("llama", *NEW_FAMILIES))
 def test_first_token_sees_the_last_only_when_bidirectional(tmp_path, family):
     folder = write_hf_model(tmp_path / family, family=family)
-    bidirectional, causal = load_model(folder), load_model(folder, attention="causal")
+    bidirectional, causal = (
+        LlamaBidirectionalModel.from_pretrained(folder),
+        LlamaBidirectionalModel.from_pretrained(folder, attention="causal"),
+    )
     for padding_side in ("right", "left"):
         ids, mask = padded_batch(padding_side)
         for row_ids, row_mask, row in ((ids[:1, -17:], mask[:1, -17:], 0), (ids, mask, 1)):
@@ -139,7 +141,7 @@ def test_unknown_model_type_is_one_line(tmp_path):
     config["model_type"] = "gemma3"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(BidirError) as e:
-        load_model(folder)
+        LlamaBidirectionalModel.from_pretrained(folder)
     message = str(e.value)
     assert "\n" not in message and str(folder / "config.json") in message and "'gemma3'" in message
     assert "'qwen3'" in message  # says what loads
@@ -152,7 +154,7 @@ def test_bad_attention_mode_is_one_line(tmp_path):
     bidir = json.loads((folder / "bidir.json").read_text())
     (folder / "bidir.json").write_text(json.dumps({**bidir, "attention": "sideways"}))
     with pytest.raises(BidirError) as e:
-        load_model(folder)
+        LlamaBidirectionalModel.from_pretrained(folder)
     assert "\n" not in str(e.value) and "bidir.json" in str(e.value) and "sideways" in str(e.value)
 
 
@@ -256,7 +258,9 @@ def test_packed_equals_padded_per_family(tmp_path, family, attention):
     from bidir_core.batching import pad_batch
     from bidir_core.packed import pack
 
-    model = load_model(write_hf_model(tmp_path / family, family=family), attention=attention)
+    model = LlamaBidirectionalModel.from_pretrained(
+        write_hf_model(tmp_path / family, family=family), attention=attention
+    )
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (11, 1, 6, 17)]
     with torch.no_grad():

@@ -101,7 +101,7 @@ def test_hidden_states_equal_transformers(tmp_path):
     """The oracle directly: transformers' LlamaModel (is_causal false) on each text alone."""
     from transformers import AutoModel, LlamaConfig
 
-    from bidir_core.sources import load_model
+    from bidir_core.model import LlamaBidirectionalModel
 
     folder = write_hf_llama(tmp_path / "hf")
     config = LlamaConfig.from_pretrained(folder)
@@ -109,7 +109,7 @@ def test_hidden_states_equal_transformers(tmp_path):
     oracle = AutoModel.from_pretrained(folder, config=config, dtype=torch.float32).eval()
     rows = _rows()
     with torch.no_grad():
-        got = load_model(folder)(pack(rows))
+        got = LlamaBidirectionalModel.from_pretrained(folder)(pack(rows))
         want = torch.cat([oracle(input_ids=torch.tensor([r])).last_hidden_state[0] for r in rows])
     assert torch.allclose(got, want, atol=ATOL), (got - want).abs().max()
 

@@ -13,9 +13,8 @@ import torch
 from parity_testing import first_token_shift, oracle_hidden, oracle_rows, padded_batch
 from transformers import AutoModel, LlamaConfig, LlamaModel
 
-from bidir_core import BiEncoder
+from bidir_core import BiEncoder, LlamaBidirectionalModel
 from bidir_core.batching import pad_batch
-from bidir_core.sources import load_model
 from bidir_core.testing import tiny_model, write_hf_llama
 
 ATOL = 1e-5
@@ -57,7 +56,7 @@ def test_hidden_states_match_transformers(tmp_path, variant):
     folder = write_hf_llama(tmp_path / variant, **VARIANTS[variant])
     if variant == "sharded":
         assert (folder / "model.safetensors.index.json").is_file()
-    ours = load_model(folder)
+    ours = LlamaBidirectionalModel.from_pretrained(folder)
     oracle = _oracle(folder)
     for padding_side in ("right", "left"):
         ids, mask = padded_batch(padding_side)
@@ -79,6 +78,30 @@ def test_hidden_states_match_transformers(tmp_path, variant):
         assert torch.allclose(ours(ids, mask), oracle_hidden(oracle, ids, mask), atol=ATOL)
 
 
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_from_pretrained_of_a_checkpoint_equals_transformers(tmp_path, attention):
+    """The public class loads by itself: LlamaBidirectionalModel.from_pretrained of a bidir checkpoint is in eval
+    mode and attends as the checkpoint says (its bidir.json), and its last hidden states equal those of
+    transformers' LlamaModel reading the same folder as its config.json says (is_causal, no override)."""
+    source = write_hf_llama(tmp_path / "hf")
+    folder = BiEncoder.from_pretrained(source, attention=attention).save_pretrained(tmp_path / "checkpoint")
+    ours = LlamaBidirectionalModel.from_pretrained(folder)
+    assert type(ours) is LlamaBidirectionalModel and not ours.training
+    assert ours.causal == (attention == "causal")
+    oracle = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    assert type(oracle) is LlamaModel and oracle.config.is_causal == (attention == "causal")
+    for padding_side in ("right", "left"):
+        ids, mask = padded_batch(padding_side)
+        with torch.no_grad():
+            got = ours(ids, mask)
+        real = mask.bool()
+        assert torch.allclose(got[real], oracle_hidden(oracle, ids, mask)[real], atol=ATOL), padding_side
+    # A stock folder is bidirectional unless asked otherwise, and the argument wins over a checkpoint's mode.
+    assert not LlamaBidirectionalModel.from_pretrained(source).causal
+    flipped = "bidirectional" if attention == "causal" else "causal"
+    assert LlamaBidirectionalModel.from_pretrained(folder, attention=flipped).causal == (flipped == "causal")
+
+
 def test_llama_bidirec_folder_loads_with_its_pooling(tmp_path):
     """An NVIDIA llama_bidirec folder: LlamaModel keys without prefix, model_type llama_bidirec, pooling in config."""
     folder = write_hf_llama(tmp_path / "nv", causal_lm=False)
@@ -98,7 +121,7 @@ def test_llama_bidirec_folder_loads_with_its_pooling(tmp_path):
     config["pooling"] = "mean"  # NeMo's name for avg
     (folder / "config.json").write_text(json.dumps(config))
     assert BiEncoder.from_pretrained(folder).config.pooling == "avg"
-    ref = load_model(write_hf_llama(tmp_path / "hf", causal_lm=False))
+    ref = LlamaBidirectionalModel.from_pretrained(write_hf_llama(tmp_path / "hf", causal_lm=False))
     for name, tensor in ref.state_dict().items():
         assert torch.equal(tensor, encoder.model.state_dict()[name]), name
 
@@ -126,8 +149,8 @@ def test_bf16_close_to_fp32(tmp_path):
     folder = write_hf_llama(tmp_path / "m")
     ids, mask = padded_batch("right")
     with torch.no_grad():
-        fp32 = load_model(folder)(ids, mask)
-        bf16 = load_model(folder, dtype=torch.bfloat16)(ids, mask)
+        fp32 = LlamaBidirectionalModel.from_pretrained(folder)(ids, mask)
+        bf16 = LlamaBidirectionalModel.from_pretrained(folder, dtype=torch.bfloat16)(ids, mask)
     assert bf16.dtype == torch.bfloat16
     real = mask.bool()
     cos = torch.nn.functional.cosine_similarity(fp32[real], bf16[real].float(), dim=-1)
@@ -137,7 +160,7 @@ def test_bf16_close_to_fp32(tmp_path):
 def test_embedded_default_matches_transformers_gguf_loading(embedded_gguf):
     """Our GGUF import (own dequantization and Q/K un-permutation) against transformers' GGUF loader. 1e-4: both
     dequantize to the same fp32 values, and 30 layers of fp32 accumulate a little more rounding than 2."""
-    ours = load_model(embedded_gguf)
+    ours = LlamaBidirectionalModel.from_pretrained(embedded_gguf)
     oracle = AutoModel.from_pretrained(
         embedded_gguf.parent, gguf_file=embedded_gguf.name, dtype=torch.float32
     )

@@ -188,12 +188,15 @@ def test_two_ranks_match_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
 
 
 def test_resume_is_exact(tiny_checkpoint, train_jsonl, tmp_path):
-    """Stop at step 2, resume to 4 == 4 steps straight: identical losses, final/ and adapter."""
-    args = _recipe(tiny_checkpoint, train_jsonl, tmp_path / "resumed", "schedule.max_steps=4")
+    """Stop at step 2, resume to 4 == 4 steps straight: identical losses, final/ and adapter. With adapter dropout
+    under GradCache, whose re-embedding replays each chunk's random state: the stream a checkpoint saves is the
+    one the next step draws from."""
+    extra = ("schedule.max_steps=4", "lora.dropout=0.2", "loss.cache_chunk_size=1")
+    args = _recipe(tiny_checkpoint, train_jsonl, tmp_path / "resumed", *extra)
     first = train_recipe([*args, "schedule.stop_at_step=2"])
     assert first["steps"] == 2 and first["final"] is None and not (tmp_path / "resumed" / "adapter").exists()
     assert train_recipe(args)["steps"] == 4
-    train_recipe(_recipe(tiny_checkpoint, train_jsonl, tmp_path / "straight", "schedule.max_steps=4"))
+    train_recipe(_recipe(tiny_checkpoint, train_jsonl, tmp_path / "straight", *extra))
     assert loss_curve(tmp_path / "resumed") == loss_curve(tmp_path / "straight")
     for name in ("final/model.safetensors", "adapter/adapter_model.safetensors"):
         a, b = (load_file(tmp_path / run / name) for run in ("straight", "resumed"))

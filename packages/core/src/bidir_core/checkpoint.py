@@ -98,15 +98,15 @@ def read_encoder_config(folder: Path) -> EncoderConfig | None:
     return parse_fields(path, lambda: EncoderConfig(**raw))
 
 
-def _config_json(model) -> dict:
+def _config_json(config, causal: bool, dtype: torch.dtype) -> dict:
     # The family's fields only (no generic runtime switches such as return_dict or output_attentions); use_cache
     # off: an encoder has no generation cache, and transformers would otherwise build one on every forward.
     # is_causal is transformers' own switch (it picks the mask), so AutoModel attends as the model does.
-    config = model.config.to_diff_dict()
-    model_type = "llama" if model.config.model_type == "llama_bidirec" else model.config.model_type
-    architectures = [family_of(model.config).hf_model]
-    config.update(model_type=model_type, architectures=architectures, is_causal=model.causal, use_cache=False)
-    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    model_type = "llama" if config.model_type == "llama_bidirec" else config.model_type
+    architectures = [family_of(config).hf_model]
+    config = config.to_diff_dict()
+    config.update(model_type=model_type, architectures=architectures, is_causal=causal, use_cache=False)
+    config["dtype"] = str(dtype).removeprefix("torch.")
     # transformers >= 5 reads rope_parameters; older readers (and other tools) read rope_theta / rope_scaling and
     # would silently fall back to theta=10000 without them.
     rope = dict(config.get("rope_parameters") or {})
@@ -204,6 +204,33 @@ def write_checkpoint(
     Temporary folders that killed writes left beside target are removed first (folders.remove_stale_temps). An
     OSError while writing (a full disk) is a BidirError naming target, with nothing left there.
     """
+    return write_weights(
+        target,
+        model.config,
+        model.state_dict(),
+        tokenizer,
+        encoder_config,
+        causal=model.causal,
+        overwrite=overwrite,
+        exist_ok=exist_ok,
+        max_shard_bytes=max_shard_bytes,
+    )
+
+
+def write_weights(
+    target: str | Path,
+    config,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer,
+    encoder_config: EncoderConfig,
+    *,
+    causal: bool,
+    overwrite: bool = False,
+    exist_ok: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """write_checkpoint of a model given as its config and {Family}Model state dict (the tensors as they are: no
+    model is built, so nothing checks them against the config here), attending causally or not."""
     target = Path(target).expanduser()
     if target.exists() and not target.is_dir():
         raise BidirError(f"{target}: exists and is not a folder")
@@ -215,18 +242,19 @@ def write_checkpoint(
         raise BidirError(f"{target}: exists and is not empty (pass overwrite to replace it)")
     if occupied:
         check_replaceable(target)
-    if model.causal != (encoder_config.attention == "causal"):
+    if causal != (encoder_config.attention == "causal"):
         raise BidirError(
-            f"{target}: not written: the model attends {'causally' if model.causal else 'bidirectionally'} "
+            f"{target}: not written: the model attends {'causally' if causal else 'bidirectionally'} "
             f"but the encoder config says attention={encoder_config.attention!r}"
         )
 
     tmp = start_writing(target)
     try:
-        _write_json(tmp / "config.json", _config_json(model))
-        _write_weights(tmp, model.state_dict(), max_shard_bytes)
+        dtype = state_dict["embed_tokens.weight"].dtype  # the model's dtype: its first parameter's
+        _write_json(tmp / "config.json", _config_json(config, causal, dtype))
+        _write_weights(tmp, state_dict, max_shard_bytes)
         tokenizer.save_pretrained(tmp)
-        _write_sentence_transformers(tmp, model.config.hidden_size, encoder_config)
+        _write_sentence_transformers(tmp, config.hidden_size, encoder_config)
         _write_json(tmp / BIDIR_JSON, encoder_config.to_json())
         _publish(tmp, target, exist_ok)
     except OSError as e:  # a full disk, a quota: one line naming the checkpoint; nothing is left at target

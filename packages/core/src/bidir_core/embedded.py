@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from bidir_core.checkpoint import EncoderConfig, write_checkpoint
+from bidir_core.checkpoint import EncoderConfig, write_weights
 from bidir_core.errors import BidirError
+from bidir_core.families import is_causal_config
 from bidir_core.gguf_import import gguf_tokenizer, read_gguf
-from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.tokenization import prepare_tokenizer
 
 EMBEDDED_DEFAULT = "smollm2-135m"
@@ -58,8 +58,10 @@ def embedded_checkpoint() -> Path:
     if (target / "bidir.json").is_file():
         return target
     config, state_dict = read_gguf(gguf, torch.float32)  # Q4_1/Q8_0 dequantize exactly into fp32
-    model = LlamaBidirectionalModel.from_state_dict(config, state_dict)
     tokenizer = prepare_tokenizer(gguf_tokenizer(gguf))
-    # exist_ok: another process (a second torchrun rank) may have finished the same import first.
-    write_checkpoint(target, model, tokenizer, EncoderConfig(), exist_ok=True)
+    # Written as read (the model module imports this one through sources, so no model is built here): loading the
+    # cache checks the tensors, as for any source. exist_ok: another process (a second torchrun rank) may have
+    # finished the same import first.
+    causal = is_causal_config(config)
+    write_weights(target, config, state_dict, tokenizer, EncoderConfig(), causal=causal, exist_ok=True)
     return target

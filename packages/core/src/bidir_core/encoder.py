@@ -26,7 +26,7 @@ from bidir_core.matryoshka import check_dim, truncate
 from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.packed import PackedBatch, pack
 from bidir_core.pooling import pool, pool_packed
-from bidir_core.sources import load_model, resolve_source
+from bidir_core.sources import resolve_source
 from bidir_core.tokenization import load_tokenizer, tokenize
 
 PACKED_DEFAULT = {"cpu": True, "cuda": False}
@@ -78,9 +78,9 @@ class BiEncoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
     ) -> BiEncoder:
-        """Load any source bidir_core.sources.load_model accepts. Settings come from config when given (e.g. an
-        export manifest's), else from the checkpoint's bidir.json (an NVIDIA llama_bidirec config's `pooling`
-        otherwise, in NeMo's meaning: see _nemo_pooling; else the defaults, with pooling "last" for
+        """Load any source LlamaBidirectionalModel.from_pretrained accepts. Settings come from config when given
+        (e.g. an export manifest's), else from the checkpoint's bidir.json (an NVIDIA llama_bidirec config's
+        `pooling` otherwise, in NeMo's meaning: see _nemo_pooling; else the defaults, with pooling "last" for
         attention="causal"); arguments that are not None override them."""
         source = resolve_source(path_or_name)
         overrides = {
@@ -106,7 +106,9 @@ class BiEncoder(nn.Module):
             except BidirError as e:
                 raise BidirError(f"{source / 'config.json'}: {e}") from None
         tokenizer = load_tokenizer(source)
-        model = load_model(source, dtype=dtype, device=device, attention=config.attention)
+        model = LlamaBidirectionalModel.from_pretrained(
+            source, dtype=dtype, device=device, attention=config.attention
+        )
         return cls(model, tokenizer, config)
 
     @property

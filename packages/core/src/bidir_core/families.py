@@ -127,3 +127,41 @@ def check_attention(attention) -> str:
     if attention not in ATTENTION_MODES:
         raise BidirError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     return attention
+
+
+# rope_types a Llama config can carry. longrope/proportional belong to other architectures.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def check_config(config) -> None:
+    """Reject a config the model (model.py) cannot represent, with a one-line reason (before any weights are read)."""
+    family_of(config)  # a model_type bidir runs
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "num_key_value_heads",  # optional (None: as many as the attention heads), as is head_dim
+        "head_dim",
+    ):
+        value = getattr(config, name, None)
+        if value is None and name in ("num_key_value_heads", "head_dim"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BidirError(f"{name} must be a positive integer, got {value!r}")
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    if n_heads % n_kv:
+        raise BidirError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+    if not getattr(config, "head_dim", None) and config.hidden_size % n_heads:
+        raise BidirError(
+            f"hidden_size={config.hidden_size} is not divisible by num_attention_heads={n_heads}"
+        )
+    if config.hidden_act != "silu":
+        raise BidirError(f"unsupported hidden_act {config.hidden_act!r}: Llama uses 'silu' (SwiGLU)")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise BidirError(
+            f"unsupported rope_type {rope_type!r}: a Llama config uses one of {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )

@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig
 
 from bidir_core.errors import BidirError, one_line
-from bidir_core.model import check_config
+from bidir_core.families import check_config
 
 # GGUF tensor name inside block i -> LlamaModel key inside layers.i
 _BLOCK_KEYS = {

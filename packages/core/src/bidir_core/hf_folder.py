@@ -16,9 +16,8 @@ from transformers import LlamaConfig
 
 from bidir_core.checkpoint import BIDIR_JSON, read_encoder_config
 from bidir_core.errors import BidirError, one_line
-from bidir_core.families import FAMILIES, check_attention, config_class
+from bidir_core.families import FAMILIES, check_attention, check_config, config_class
 from bidir_core.jsonfile import read_json_object
-from bidir_core.model import check_config
 
 # config.json keys that describe an architecture or a training recipe, not the decoder stack itself.
 _NON_LLAMA_CONFIG_KEYS = (

@@ -14,6 +14,8 @@ Shapes: B batch, T sequence, H hidden, N query heads, K key/value heads, D head 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,12 +23,10 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from bidir_core.errors import BidirError
-from bidir_core.families import family_of, is_causal_config, projection_bias
+from bidir_core.families import check_config, family_of, is_causal_config, projection_bias
 from bidir_core.packed import PackedBatch
 from bidir_core.packed_attention import PackedAttention
-
-# rope_types a Llama config can carry. longrope/proportional belong to other architectures.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+from bidir_core.sources import read_model_weights
 
 
 class RMSNorm(nn.Module):
@@ -41,40 +41,6 @@ class RMSNorm(nn.Module):
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def check_config(config: LlamaConfig) -> None:
-    """Reject a config this model cannot represent, with a one-line reason (before any weights are read)."""
-    family_of(config)  # a model_type bidir runs
-    for name in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "max_position_embeddings",
-        "num_key_value_heads",  # optional (None: as many as the attention heads), as is head_dim
-        "head_dim",
-    ):
-        value = getattr(config, name, None)
-        if value is None and name in ("num_key_value_heads", "head_dim"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise BidirError(f"{name} must be a positive integer, got {value!r}")
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    if n_heads % n_kv:
-        raise BidirError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
-    if not getattr(config, "head_dim", None) and config.hidden_size % n_heads:
-        raise BidirError(
-            f"hidden_size={config.hidden_size} is not divisible by num_attention_heads={n_heads}"
-        )
-    if config.hidden_act != "silu":
-        raise BidirError(f"unsupported hidden_act {config.hidden_act!r}: Llama uses 'silu' (SwiGLU)")
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise BidirError(
-            f"unsupported rope_type {rope_type!r}: a Llama config uses one of {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
 
 
 def _head_dim(config: LlamaConfig) -> int:
@@ -312,17 +278,67 @@ class LlamaBidirectionalModel(nn.Module):
         return self.norm(x)[0]
 
     @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        attention: str | None = None,
+    ) -> LlamaBidirectionalModel:
+        """The model of any source bidir_core.sources reads: a Hugging Face folder of a supported family, an NVIDIA
+        llama_bidirec folder, a bidir checkpoint, a .gguf file, or the name of the embedded default model
+        ("smollm2-135m"). In eval mode; attention "bidirectional" or "causal" (None: the source's own, a bidir
+        checkpoint's bidir.json; any other source is bidirectional)."""
+        config, state_dict = load_model_weights(path_or_name, dtype=dtype, attention=attention)
+        return cls.from_state_dict(config, state_dict, device=device)
+
+    @classmethod
     def from_state_dict(
         cls,
         config: LlamaConfig,
         state_dict: dict[str, torch.Tensor],
         device: str | torch.device | None = None,
     ) -> LlamaBidirectionalModel:
-        """Build the model without a random init (meta device) and adopt the given tensors. (Reading them from a
-        folder, a .gguf file or the embedded default is bidir_core.sources.load_model's job.)"""
+        """Build the model without a random init (meta device) and adopt the given tensors, in eval mode."""
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state_dict, strict=True, assign=True)
         model.rotary_emb.reset_parameters()
         model.eval()
         return model.to(device) if device is not None else model
+
+
+def load_model_weights(
+    path_or_name: str | Path, dtype: torch.dtype, attention: str | None = None
+) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """(config, state dict in dtype) of any source (bidir_core.sources.read_model_weights), checked against the
+    model the config builds. config.is_causal is the attention mode: the one given, else the source's own."""
+    config, state_dict, where = read_model_weights(path_or_name, dtype=dtype, attention=attention)
+    check_state_dict(config, state_dict, where)
+    return config, state_dict
+
+
+def check_state_dict(
+    config: LlamaConfig, state_dict: dict[str, torch.Tensor], where: dict[str, Path] | Path
+) -> None:
+    """Every key the model has, with the shape config.json implies, and nothing else; `where` names the file (or
+    each key's file) in the error."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LlamaBidirectionalModel(config).state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        folder = where if isinstance(where, Path) else next(iter(where.values()), Path("?")).parent
+        raise BidirError(f"{folder}: {len(missing)} weights missing, e.g. {', '.join(missing[:3])}")
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected:
+        folder = where if isinstance(where, Path) else where[unexpected[0]]
+        raise BidirError(
+            f"{folder}: unexpected weights for a {config.model_type} model, e.g. {', '.join(unexpected[:3])}"
+        )
+    for key, shape in expected.items():
+        got = tuple(state_dict[key].shape)
+        if got != shape:
+            file = where if isinstance(where, Path) else where[key]
+            raise BidirError(
+                f"{file}: weight {key} has shape {list(got)}, but config.json implies {list(shape)}"
+            )

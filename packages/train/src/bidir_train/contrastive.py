@@ -17,15 +17,18 @@ negatives, is the same rows either way.
 GradCache (Gao et al., 2021): the contrastive loss couples every query with every passage, so the batch cannot
 simply be split. Instead (1) embed everything without autograd, `cache_chunk` texts at a time; (2) compute the loss
 on those embeddings as leaves and backward to get d loss / d embedding; (3) re-embed each chunk with autograd and
-backward the cached embedding gradient through it. The parameter gradients equal the plain loss's, while only one
-chunk's activations are alive at a time.
+backward the cached embedding gradient through it, each chunk from the random state its forward in (1) started
+from. The parameter gradients equal the plain loss's, while only one chunk's activations are alive at a time; with
+dropout (lora.dropout), the replayed state makes (3) draw the masks (1) drew, so they are the gradients of the loss
+(1) and (2) computed, as a step without the cache and forward_chunk = cache_chunk computes it (same masks, same
+random stream after the step).
 """
 
 from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -275,17 +278,63 @@ def forward_backward(
         (loss * scale).backward()
         return loss.item()
 
+    # Both passes embed the same chunks in the same order, and each chunk's second forward starts from the random
+    # state its first forward started from: dropout (LoRA's, or any in the model) draws the same masks twice, so the
+    # parameter gradients are those of the loss returned here. (Per process: each rank replays its own generator.)
+    chunks = [list(input_chunks(ids, mask, cache_chunk, max_tokens)) for ids, mask in sides]
+    states = [[], []]  # per side, the RandomState before each chunk's first forward
     with torch.no_grad():
-        q, p = (embed_sorted(embed, ids, mask, cache_chunk, max_tokens) for ids, mask in sides)
+        q, p = (_embed_chunks(embed, side, started) for side, started in zip(chunks, states, strict=True))
     q.requires_grad_(True)
     p.requires_grad_(True)
     loss = loss_fn(q, p, batch)
     (loss * scale).backward()  # only into q.grad, p.grad: no parameter is in this graph
-    for (ids, mask), grad in zip(sides, (q.grad, p.grad), strict=True):
-        for rows, inputs in input_chunks(ids, mask, cache_chunk, max_tokens):
-            # d(sum(e * g)) / d params = g^T de/dparams: the chain rule through the cached embedding gradient.
-            (embed(*inputs) * grad[rows]).sum().backward()
+    # After the step the stream is where the first pass and the loss left it, as after a step without the cache
+    # (forward_chunk = cache_chunk): the replayed draws are not drawn twice.
+    after = RandomState.now()
+    try:
+        for side, started, grad in zip(chunks, states, (q.grad, p.grad), strict=True):
+            for (rows, inputs), state in zip(side, started, strict=True):
+                state.restore()
+                # d(sum(e * g)) / d params = g^T de/dparams: the chain rule through the cached embedding gradient.
+                (embed(*inputs) * grad[rows]).sum().backward()
+    finally:
+        after.restore()
     return loss.item()
+
+
+@dataclass(frozen=True)
+class RandomState:
+    """The generator state torch's random ops (dropout) draw from in this process: the CPU generator's and, once
+    CUDA is in use, the current CUDA device's (the device a rank trains on: distributed.init_distributed sets it)."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None
+
+    @classmethod
+    def now(cls) -> RandomState:
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+
+
+def _embed_chunks(
+    embed: Embed, chunks: Iterable[tuple[torch.Tensor, tuple]], started: list[RandomState] | None = None
+) -> torch.Tensor:
+    """input_chunks' (rows, inputs) chunks -> embeddings (n, D) in the batch's row order. `started`: each chunk's
+    RandomState before its forward is appended to it."""
+    parts, order = [], []
+    for rows, inputs in chunks:
+        if started is not None:
+            started.append(RandomState.now())
+        parts.append(embed(*inputs))
+        order.append(rows)
+    inverse = torch.argsort(torch.cat(order))  # row r of the batch is row inverse[r] of the concatenation
+    return torch.cat(parts)[inverse]
 
 
 def embed_sorted(
@@ -295,9 +344,4 @@ def embed_sorted(
     packed chunks of at most max_tokens real tokens (and `chunk` rows) when max_tokens is given."""
     if max_tokens is None and (chunk is None or chunk >= ids.shape[0]):
         return embed(ids, mask)
-    parts, order = [], []
-    for rows, inputs in input_chunks(ids, mask, chunk, max_tokens):
-        parts.append(embed(*inputs))
-        order.append(rows)
-    inverse = torch.argsort(torch.cat(order))  # row r of the batch is row inverse[r] of the concatenation
-    return torch.cat(parts)[inverse]
+    return _embed_chunks(embed, input_chunks(ids, mask, chunk, max_tokens))

@@ -19,8 +19,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from bidir_core.checkpoint import EncoderConfig, write_checkpoint
 from bidir_core.encoder import BiEncoder
-from bidir_core.model import LlamaBidirectionalModel
-from bidir_core.sources import load_lm_head, load_model_weights, resolve_source
+from bidir_core.model import LlamaBidirectionalModel, load_model_weights
+from bidir_core.sources import load_lm_head, resolve_source
 from bidir_core.tokenization import load_tokenizer
 from bidir_train import lora
 from bidir_train.config import TrainConfig
