@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.errors import BidirError
-from bidir_core.folders import TOKENIZER_FILES
+from bidir_core.folders import TOKENIZER_FILES, interrupted_publish_hint
 from bidir_core.jsonfile import parse_fields, read_versioned_json, write_json_atomic
 from bidir_core.sources import resolve_source
 
@@ -203,7 +203,10 @@ def read_manifest(folder: str | Path, kind: str | None = None) -> OnnxManifest |
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise BidirError(f"{folder}: no {MANIFEST} (not an ONNX export or TensorRT engine folder)")
+        raise BidirError(
+            f"{folder}: no {MANIFEST} (not an ONNX export or TensorRT engine folder)"
+            + interrupted_publish_hint(folder)
+        )
     raw = read_versioned_json(path, ARTIFACT_FORMAT_VERSION)
     found = raw.pop("kind", None)
     if found not in _PARSE:

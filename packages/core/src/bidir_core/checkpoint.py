@@ -27,6 +27,7 @@ from bidir_core.errors import BidirError, one_line
 from bidir_core.families import check_attention, family_of
 from bidir_core.folders import (
     TOKENIZER_FILES,
+    finish_interrupted_publish,
     publish_folder,
     start_writing,
     unknown_files,
@@ -201,8 +202,9 @@ def write_checkpoint(
     An existing non-empty target is an error, unless overwrite=True and it is a bidir checkpoint holding only the
     files a checkpoint has (check_replaceable; a plain Hugging Face folder, possibly the source, is never
     replaced), which is then swapped for the new one; exist_ok=True keeps an existing complete checkpoint instead (a concurrent import finished first).
-    Temporary folders that killed writes left beside target are removed first (folders.remove_stale_temps). An
-    OSError while writing (a full disk) is a BidirError naming target, with nothing left there.
+    Temporary folders that killed writes left beside target are removed first (folders.remove_stale_temps), and
+    a write killed while replacing target is finished before target is checked, so the checks above see what is
+    really there. An OSError while writing (a full disk) is a BidirError naming target, with nothing left there.
     """
     return write_weights(
         target,
@@ -232,6 +234,7 @@ def write_weights(
     """write_checkpoint of a model given as its config and {Family}Model state dict (the tensors as they are: no
     model is built, so nothing checks them against the config here), attending causally or not."""
     target = Path(target).expanduser()
+    finish_interrupted_publish(target)
     if target.exists() and not target.is_dir():
         raise BidirError(f"{target}: exists and is not a folder")
     complete = (target / BIDIR_JSON).is_file()

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
 from bidir_core.errors import BidirError, one_line
-from bidir_core.folders import fsync_dir
+from bidir_core.folders import create_temp_file, fsync_dir
 
 
 def read_json_object(path: Path) -> dict:
@@ -56,7 +55,8 @@ def parse_fields(path: Path, build: Callable[[], T]) -> T:
 def write_json_atomic(path: Path, value) -> Path:
     """Write value as indented JSON to a temporary file next to path and rename it into place, so path is either
     the old file or the complete new one, also after a power loss (the file is fsynced before the rename and the
-    folder after it); the temporary file is removed on any error."""
+    folder after it); the temporary file is removed on any error. The file gets the permissions a plain write
+    would give it (folders.create_temp_file)."""
     return _write_atomic(path, [json.dumps(value, indent=2, ensure_ascii=False) + "\n"])
 
 
@@ -68,7 +68,7 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:
 def _write_atomic(path: Path, chunks: Iterable[str]) -> Path:
     """chunks (possibly a lazy generator: a failure while producing one also removes the temporary file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = create_temp_file(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(chunks)
@@ -76,7 +76,7 @@ def _write_atomic(path: Path, chunks: Iterable[str]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path

@@ -18,6 +18,7 @@ from transformers import LlamaConfig
 from bidir_core.embedded import EMBEDDED_DEFAULT, embedded_checkpoint
 from bidir_core.errors import BidirError
 from bidir_core.families import check_attention
+from bidir_core.folders import interrupted_publish_hint
 from bidir_core.gguf_import import read_gguf, read_gguf_tensor
 from bidir_core.hf_folder import load_config, read_lm_head, read_state_dict
 
@@ -30,6 +31,7 @@ def resolve_source(path_or_name: str | Path) -> Path:
     if not path.exists():
         raise BidirError(
             f"{path}: no such file or folder (expected a Llama checkpoint folder, a .gguf file or {EMBEDDED_DEFAULT!r})"
+            + interrupted_publish_hint(path)
         )
     if path.is_file() and path.suffix != ".gguf":
         raise BidirError(f"{path}: not a checkpoint folder or a .gguf file")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bidir_core.artifacts import artifact_files, read_manifest
 from bidir_core.errors import BidirError, one_line
-from bidir_core.folders import publish_folder, start_writing, unknown_files
+from bidir_core.folders import finish_interrupted_publish, publish_folder, start_writing, unknown_files
 
 KINDS = {"onnx": "an ONNX export", "tensorrt": "a TensorRT engine folder"}
 
@@ -53,6 +53,9 @@ def staged_folder(target: str | Path, kind: str, overwrite: bool = False) -> Ite
     Temporary folders that killed runs left beside target are removed first (bidir_core.folders.remove_stale_temps).
     """
     target = Path(target).expanduser().absolute()
+    finish_interrupted_publish(
+        target
+    )  # an earlier export killed while replacing target: checked as what it is
     check_target(target, overwrite, kind)
     tmp = start_writing(target)
     try:

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from bidir_core.errors import BidirError, one_line
-from bidir_core.folders import fsync_dir, fsync_file
+from bidir_core.folders import fsync_dir, fsync_file, set_plain_modes
 from bidir_core.jsonfile import read_json_object, write_json_atomic
 from bidir_train.config import TrainConfig
 
@@ -134,9 +134,11 @@ def _write_error(e: BaseException, tmp: Path) -> str:
 
 
 def _fsync_files(folder: Path, rank: int) -> None:
-    """fsync the files this rank wrote (DCP's own are already synced; fsyncing them again is cheap)."""
+    """fsync the files this rank wrote (DCP's own are already synced; fsyncing them again is cheap), after giving
+    them a plain write's permissions (safetensors leaves its files 0600)."""
     names = [f"rng-rank{rank}.safetensors"] + ([TRAINER_STATE] if rank == 0 else [])
     for name in names:
+        set_plain_modes(folder / name)
         fsync_file(folder / name)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bidir_core.artifacts import EngineManifest, OnnxManifest, find_manifest
 from bidir_core.errors import BidirError
+from bidir_core.folders import interrupted_publish_hint
 from bidir_serve.backends.base import Backend, export_fingerprint, model_fingerprint
 from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend
 from bidir_serve.backends.pytorch import PRECISIONS, TorchBackend
@@ -93,7 +94,10 @@ def load_backend(
     name = auto_backend(kind) if backend == "auto" else backend
     if _NEEDS[name] != kind:
         if not Path(model).expanduser().exists():  # not "a checkpoint" either: nothing is there
-            raise BidirError(f"{model}: no such folder (the {name} backend needs {_WHAT[_NEEDS[name]]})")
+            raise BidirError(
+                f"{model}: no such folder (the {name} backend needs {_WHAT[_NEEDS[name]]})"
+                + interrupted_publish_hint(model)
+            )
         raise BidirError(f"{model}: the {name} backend needs {_WHAT[_NEEDS[name]]}, this is {_WHAT[kind]}")
     if name == "torch":
         return TorchBackend(model, device=device, precision=precision, compile=compile, dim=dim)
