@@ -239,6 +239,24 @@ def test_sts_bad_rows(tmp_path, line, message):
         read_sts(path)
 
 
+@pytest.mark.parametrize(
+    ("first", "message"),
+    [
+        ("4,5\ta\tb", "score '4,5' is not a number"),  # a decimal comma, not a header
+        ("high\ta cat sits\ta dog runs", "score 'high' is not a number"),  # sentences, not column names
+    ],
+)
+def test_sts_first_row_is_a_header_only_when_it_looks_like_one(tmp_path, first, message):
+    path = tmp_path / "sts.tsv"
+    path.write_text(f"{first}\n1.0\tc\td\n", encoding="utf-8")
+    with pytest.raises(BidirError, match=rf"{path}:1: {message}"):
+        read_sts(path)
+    # Column names are a header, whatever they are called (STS-B's, and others').
+    for header in ("score\tsentence1\tsentence2\tgenre", "label\ttext_a\ttext_b", "Similarity\ts1\ts2"):
+        path.write_text(f"{header}\n1.0\tc\td\n", encoding="utf-8")
+        assert read_sts(path) == [StsPair("c", "d", 1.0)]
+
+
 def test_stdlib_docstrings_deterministic_and_sane():
     train, dev = stdlib_train(), stdlib_dev()
     counts = stdlib_counts()

@@ -128,3 +128,18 @@ def test_cosent_objective_refuses_training_rows(tiny_checkpoint, tmp_path):
     bad.write_text("score\tsentence1\tsentence2\n1.0\ta\tb\nhigh\tc\td\n")
     with pytest.raises(BidirError, match=r"bad.tsv:3: score 'high'"):
         train_recipe(_graded(tiny_checkpoint, bad, tmp_path / "out2"))
+
+
+def test_cosent_refuses_a_file_whose_scores_are_all_equal(tiny_checkpoint, tmp_path):
+    """Every pair tied: loss 0 and gradient 0 at every step, so the run would train nothing; refused before the
+    model loads, naming the file, as bidir-eval refuses such a file."""
+    flat = tmp_path / "flat.tsv"
+    flat.write_text("score\tsentence1\tsentence2\n" + "".join(f"3\ta {i}\tb {i}\n" for i in range(4)))
+    with pytest.raises(BidirError) as e:
+        train_recipe(_graded(tiny_checkpoint, flat, tmp_path / "out"))
+    assert str(e.value).startswith(f"{flat}: all 4 gold scores are equal (3.0)")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    # The rows trained are what counts: data.max_examples that keeps only tied pairs is refused too.
+    flat.write_text("3\ta\tb\n3\tc\td\n1\te\tf\n")
+    with pytest.raises(BidirError, match=r"flat.tsv: all 2 gold scores .*data.max_examples=2"):
+        train_recipe(_graded(tiny_checkpoint, flat, tmp_path / "out", "data.max_examples=2"))

@@ -261,6 +261,7 @@ def test_stale_temp_folders_are_removed_and_checkpoints_fsynced(
         ".not-ours",
         "checkpoints",
         "final",
+        "inputs.json",
         "metrics.jsonl",
         "recipe.json",
     ]

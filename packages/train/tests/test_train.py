@@ -13,6 +13,7 @@ from train_testing import loss_curve, torchrun_train, train_recipe
 
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
+from bidir_train import load_recipe
 
 
 def _recipe(tiny_checkpoint, train_jsonl, out, *extra):
@@ -195,3 +196,23 @@ def test_help_has_an_example():
     )
     assert proc.returncode == 0
     assert "torchrun --nproc-per-node" in proc.stdout
+
+
+def test_the_source_pooling_is_kept_unless_the_recipe_sets_one(train_jsonl, tmp_path):
+    """A causal checkpoint pooled by its last token trains and saves with pooling last when the recipe leaves
+    model.pooling unset; an explicit model.pooling wins."""
+    import json
+
+    from bidir_core.checkpoint import EncoderConfig
+    from bidir_core.testing import tiny_encoder
+
+    source = tmp_path / "causal"
+    tiny_encoder(EncoderConfig(pooling="last", attention="causal")).save_pretrained(source)
+    one_step = ["schedule.max_steps=1", "eval.dev=null"]
+    train_recipe(_recipe(source, train_jsonl, tmp_path / "kept", *one_step))
+    assert json.loads((tmp_path / "kept" / "final" / "bidir.json").read_text())["pooling"] == "last"
+    assert json.loads((tmp_path / "kept" / "recipe.json").read_text())["model"]["pooling"] == "last"
+    train_recipe(_recipe(source, train_jsonl, tmp_path / "set", *one_step, "model.pooling=avg"))
+    assert json.loads((tmp_path / "set" / "final" / "bidir.json").read_text())["pooling"] == "avg"
+    # Unset in the recipe (None) until the trainer reads the source.
+    assert load_recipe("tiny").model.pooling is None

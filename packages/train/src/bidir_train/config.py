@@ -30,8 +30,10 @@ class ModelConfig:
 
     path: str = "smollm2-135m"
     """A Llama / bidir checkpoint folder, a .gguf file, or "smollm2-135m" (the embedded default)."""
-    pooling: str = "avg"
-    """Pooling of token states: avg, cls, last or weighted_avg (stored in the final checkpoint)."""
+    pooling: str | None = None
+    """Pooling of token states: avg, cls, last or weighted_avg (stored in the final checkpoint). None: the
+    source's own (a bidir checkpoint's bidir.json: last for a causal embedder), avg for any other source; the
+    trainer fills it in before recipe.json is written."""
     query_prefix: str = "query: "
     """Prepended to every query, in training and in the saved checkpoint."""
     passage_prefix: str = "passage: "
@@ -235,8 +237,8 @@ class CheckpointConfig:
     """Keep this many most recent checkpoints."""
     resume: bool = True
     """Resume from the newest checkpoint in output_dir that loads, when one exists (the recipe must match
-    recipe.json up to bidir_train.run_folder.RESUMABLE); false: start over, deleting the folder's earlier
-    checkpoints and final/."""
+    recipe.json up to bidir_train.run_folder.RESUMABLE, and the model and data files inputs.json); false: start
+    over, deleting the folder's earlier checkpoints and final/."""
 
     def __post_init__(self):
         _at_least(self, "checkpoint", 1, "keep")

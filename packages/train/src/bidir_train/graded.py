@@ -59,6 +59,13 @@ class Graded:
                 "sentence2), e.g. STS-B train"
             )
         pairs = first_rows(read_sts(where), cfg)
+        if len({p.score for p in pairs}) == 1:
+            # CoSENT compares only pairs of different scores: with none, every step's loss and gradient are 0.
+            kept = f" (data.max_examples={cfg.data.max_examples})" if cfg.data.max_examples else ""
+            raise BidirError(
+                f"{where}: all {len(pairs)} gold scores are equal ({pairs[0].score}){kept}: CoSENT learns only "
+                "from pairs scored differently, so it would train nothing"
+            )
         return PairSampler(
             pairs, global_batch_size=cfg.schedule.global_batch_size, seed=cfg.schedule.seed, where=where
         )

@@ -2,9 +2,10 @@
 
 `check_run_folder(cfg)` runs first: the folder must be writable, and a folder that holds an earlier run may be
 resumed only with the same recipe, up to the keys in RESUMABLE (how a run is shown, saved and sharded, not what it
-computes). `RunFolder.open()` is the first write (before the first metrics row or checkpoint): it removes stale
-temporary folders of ours, writes recipe.json on a fresh start (a resume keeps the recipe the run started with), and
-cuts metrics.jsonl back to the resumed step. So a run that stops on bad input before its first step leaves nothing.
+computes), and from the same model and data (inputs.json, bidir_train.run_inputs). `RunFolder.open()` is the first
+write (before the first metrics row or checkpoint): it removes stale temporary folders of ours, writes recipe.json
+and inputs.json on a fresh start (a resume keeps the ones the run started with), and cuts metrics.jsonl back to the
+resumed step. So a run that stops on bad input before its first step leaves nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bidir_core.outputs import check_writable
 from bidir_train.checkpoints import CHECKPOINTS, START_OVER, checkpoint_dirs
 from bidir_train.config import TrainConfig
 from bidir_train.lora import ADAPTER, check_adapter_replaceable
+from bidir_train.run_inputs import INPUTS, check_same_inputs, input_identity, with_source_pooling
 
 RECIPE = "recipe.json"
 METRICS = "metrics.jsonl"
@@ -48,9 +50,10 @@ RESUMABLE = (
 )
 
 
-def check_run_folder(cfg: TrainConfig) -> None:
-    """Before any work: output_dir can be written, and an earlier run in it has the same recipe (or
-    checkpoint.resume=false was given). Writes nothing (a probe file is created and removed)."""
+def check_run_folder(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+    """Before any work: output_dir can be written, and an earlier run in it has the same recipe and inputs (or
+    checkpoint.resume=false was given). Returns the recipe with the source's pooling filled in (when unset) and
+    the identity of its inputs (bidir_train.run_inputs). Writes nothing (a probe file is created and removed)."""
     check_writable(cfg.output_dir / RECIPE)  # the first file a run writes there
     final = cfg.output_dir / FINAL
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):
@@ -59,8 +62,14 @@ def check_run_folder(cfg: TrainConfig) -> None:
         check_replaceable(final)
     if cfg.lora is not None:
         check_adapter_replaceable(cfg.output_dir / ADAPTER)
+    # The model source is read from here on: after the folder checks, which need no model.
+    cfg = with_source_pooling(cfg)
     if cfg.checkpoint.resume:
         _check_same_recipe(cfg)
+    inputs = input_identity(cfg)
+    if cfg.checkpoint.resume:
+        check_same_inputs(cfg.output_dir / INPUTS, cfg, inputs)
+    return cfg, inputs
 
 
 def _check_same_recipe(cfg: TrainConfig) -> None:
@@ -126,8 +135,9 @@ def _resumable(key: str) -> bool:
 class RunFolder:
     """output_dir's metrics and recipe, written by rank 0 from the first write on (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, resume_step: int | None):
+    def __init__(self, cfg: TrainConfig, resume_step: int | None, inputs: dict):
         self.cfg = cfg
+        self.inputs = inputs  # check_run_folder's identity of the model and data, for inputs.json
         self.dir = cfg.output_dir
         self.metrics = self.dir / METRICS
         self.resume_step = resume_step
@@ -152,6 +162,8 @@ class RunFolder:
             self._start_over()
         else:
             write_jsonl_atomic(self.metrics, self.kept)
+            if not (self.dir / INPUTS).is_file():  # a run folder from before inputs.json: checked from now on
+                write_json_atomic(self.dir / INPUTS, self.inputs)
 
     def _start_over(self) -> None:
         if not self.cfg.checkpoint.resume:  # asked to start over: the earlier run's checkpoints and model go
@@ -164,6 +176,7 @@ class RunFolder:
                 check_adapter_replaceable(self.dir / ADAPTER)
                 shutil.rmtree(self.dir / ADAPTER)
         write_json_atomic(self.dir / RECIPE, recipe_json(self.cfg))
+        write_json_atomic(self.dir / INPUTS, self.inputs)
         self.metrics.write_text("")
 
     def read_metrics(self) -> None:

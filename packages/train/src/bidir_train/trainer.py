@@ -7,7 +7,7 @@ One process per device (bidir_train.distributed). The model is built on the meta
 0 ever holds the whole model. Each optimizer step takes `global_batch_size` rows: every rank runs its micro-batches
 through the objective and gradients accumulate until the step.
 
-Outputs under output_dir (bidir_train.run_folder): recipe.json, metrics.jsonl (bidir_train.metrics,
+Outputs under output_dir (bidir_train.run_folder): recipe.json, inputs.json, metrics.jsonl (bidir_train.metrics,
 bidir_train.validation), checkpoints/step-NNNNNNNN/ (bidir_train.checkpoints: DCP, sharded: model, optimizer,
 scheduler, data position, RNG), final/ (a bidir checkpoint that BiEncoder.from_pretrained loads).
 """
@@ -24,7 +24,7 @@ from bidir_core.errors import BidirError
 from bidir_train.checkpoints import Checkpointer
 from bidir_train.config import ScheduleConfig, TrainConfig
 from bidir_train.contrastive import Contrastive
-from bidir_train.distributed import agreed, init_distributed, mean_over_ranks
+from bidir_train.distributed import agreed, from_rank0, init_distributed, mean_over_ranks
 from bidir_train.graded import Graded
 from bidir_train.metrics import TrainingLog
 from bidir_train.mntp import Mntp
@@ -53,8 +53,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     sched = cfg.schedule
     torch.manual_seed(sched.seed + rank)
     accum = _accumulation_steps(sched, world)
-    # Before any work: an unwritable folder or a changed recipe found after the model loaded costs minutes.
-    agreed(check_run_folder, cfg, run=rank == 0)
+    # Before any work: an unwritable folder or a changed recipe found after the model loaded costs minutes. The
+    # recipe from here on has the source's pooling filled in (rank 0 read it).
+    cfg, inputs = from_rank0(agreed(check_run_folder, cfg, run=rank == 0))
 
     # The data and the dev set are read before the model: bad input stops the run before the slow part.
     objective_class = OBJECTIVES[cfg.objective]
@@ -73,7 +74,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     state = checkpointer.load()
     resumed = state["step"] if state is not None else None
     step = resumed or 0
-    folder = RunFolder(cfg, resumed)  # nothing is written into output_dir before its first row or checkpoint
+    folder = RunFolder(
+        cfg, resumed, inputs
+    )  # nothing is written into output_dir before its first row or checkpoint
     agreed(folder.read_metrics, run=rank == 0)
 
     if step == 0 and validator.due(0, total):

@@ -26,12 +26,15 @@ from bidir_train import lora
 from bidir_train.config import TrainConfig
 from bidir_train.distributed import agreed, from_rank0
 from bidir_train.parallelize import parallelize
+from bidir_train.run_inputs import with_source_pooling
 
 
 def load_encoder(cfg: TrainConfig, device: torch.device) -> BiEncoder:
     """The encoder to train: a meta-device model, sharded; rank 0 reads the weights and broadcasts them into every
     rank's shards. bf16 on CPU is autocast in its forward (on GPU, FSDP's MixedPrecisionPolicy casts)."""
     rank = dist.get_rank()
+    if cfg.model.pooling is None:  # a recipe that did not come through check_run_folder
+        cfg = from_rank0(agreed(with_source_pooling, cfg, run=rank == 0))
     agreed(resolve_source, cfg.model.path, run=rank == 0)  # rank 0 imports an embedded default first, once
     source = agreed(resolve_source, cfg.model.path)
     tokenizer = agreed(load_tokenizer, source)

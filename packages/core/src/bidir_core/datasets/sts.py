@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,15 @@ class StsPair:
     """The gold similarity score."""
 
 
+# A column name: one word (score, sentence1, text_a, Similarity). A header is a first line whose score, sentence1
+# and sentence2 cells all are one: a score that is not a number (4,5) or a row of sentences stays an error.
+_COLUMN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
 def read_sts(path: str | Path) -> list[StsPair]:
-    """Every pair of an STS TSV file. A first line whose score cell is not a number is a header (skipped);
-    any later row with a missing column, an empty sentence or a non-numeric score is a BidirError naming its line.
+    """Every pair of an STS TSV file. A first line of column names (`score<TAB>sentence1<TAB>sentence2`, each one
+    word) is a header (skipped); any other row with a missing column, an empty sentence or a non-numeric score is a
+    BidirError naming its line and value.
     """
     path = Path(path)
     pairs: list[StsPair] = []
@@ -40,8 +47,8 @@ def read_sts(path: str | Path) -> list[StsPair]:
         try:
             score = float(cells[0])
         except ValueError:
-            if number == 1:
-                continue  # a header line: score, sentence1, sentence2, ...
+            if number == 1 and all(_COLUMN_NAME.fullmatch(c) for c in cells[:3]):
+                continue
             raise BidirError(f"{where}: score {cells[0]!r} is not a number") from None
         if not math.isfinite(score):
             raise BidirError(f"{where}: score {cells[0]!r} is not a finite number")
