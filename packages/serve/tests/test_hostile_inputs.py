@@ -163,3 +163,22 @@ def test_shard_and_manifest_are_fsynced_before_they_count(tiny_checkpoint, tmp_p
     expected = [manifest_tmp, "out", r"\.part-00000\.parquet\.tmp", "out", manifest_tmp, "out"]
     assert len(synced) == len(expected), synced
     assert all(re.fullmatch(e, n) for e, n in zip(expected, synced, strict=True)), synced
+
+
+# --- issue 29 ----------------------------------------------------------------------------------------------------
+
+
+def test_overwrite_deletes_only_our_own_files(tiny_checkpoint, tmp_path):
+    """--overwrite removes our shards, temp shards and manifest, not a user's part-*.parquet of another name."""
+    inp, out = _jsonl(tmp_path / "in.jsonl", _texts(6)), tmp_path / "out"
+    _run(tiny_checkpoint, inp, out, shard_size=2)
+    pq.write_table(pa.table({"x": [1]}), out / "part-final-report.parquet")
+    (out / ".part-00007.parquet.tmp").write_bytes(b"left by a killed run")
+    _run(tiny_checkpoint, inp, out, shard_size=3, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-final-report.parquet",
+    ]
+    assert read_embeddings(out).ids() == [f"doc-{i}" for i in range(6)]

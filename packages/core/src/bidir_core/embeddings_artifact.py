@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,20 @@ EMBEDDING_DTYPES = ("float32", "float16")
 def shard_name(index: int) -> str:
     """part-00000.parquet, part-00001.parquet, ..."""
     return f"part-{index:05d}.parquet"
+
+
+_SHARD = re.compile(r"part-\d{5,}\.parquet")
+_SHARD_TMP = re.compile(r"\.part-\d{5,}\.parquet\.tmp")
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether a file name is one shard_name() gives (a user's part-notes.parquet is not)."""
+    return _SHARD.fullmatch(name) is not None
+
+
+def is_shard_temp_name(name: str) -> bool:
+    """Whether a file name is a ShardWriter's temporary name (.part-00000.parquet.tmp)."""
+    return _SHARD_TMP.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from bidir_core.embeddings_artifact import (
     MANIFEST,
     EmbeddingsManifest,
     Shard,
+    is_shard_name,
+    is_shard_temp_name,
     read_embeddings_manifest,
     shard_name,
     write_embeddings_manifest,
@@ -73,8 +75,24 @@ def _job_fingerprint(inputs_fp: str, settings: dict) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def _our_shards(folder: Path) -> list[Path]:
+    """Shards under their exact names only: a user's part-report.parquet beside them is not ours to judge or
+    delete."""
+    return [p for p in folder.iterdir() if is_shard_name(p.name)]
+
+
+def _our_temp_files(folder: Path) -> list[Path]:
+    """Temp files a killed run left: a shard's, or the manifest's (bidir_core.jsonfile's .manifest.json.*.tmp)."""
+    manifest_tmp = f".{MANIFEST}."
+    return [
+        p
+        for p in folder.iterdir()
+        if is_shard_temp_name(p.name) or (p.name.startswith(manifest_tmp) and p.name.endswith(".tmp"))
+    ]
+
+
 def _our_files(folder: Path) -> list[Path]:
-    return [*folder.glob("part-*.parquet"), *folder.glob(".part-*.parquet.tmp"), folder / MANIFEST]
+    return [*_our_shards(folder), *_our_temp_files(folder), folder / MANIFEST]
 
 
 def prepare_output(out: Path, planned: EmbeddingsManifest, overwrite: bool) -> bool:
@@ -89,7 +107,7 @@ def prepare_output(out: Path, planned: EmbeddingsManifest, overwrite: bool) -> b
         )
         # An unfinished job that published no shard yet (e.g. stopped by a bad row that was fixed since) holds
         # nothing to lose: a new plan takes it over.
-        fresh = not old.complete and not any(out.glob("part-*.parquet"))
+        fresh = not old.complete and not _our_shards(out)
         if overwrite or (fresh and not same):
             for path in _our_files(out):
                 path.unlink(missing_ok=True)
@@ -130,6 +148,9 @@ def finish(out: Path, planned: EmbeddingsManifest) -> bool:
     if not all(shard_done(out, s) for s in planned.shards):
         return False
     write_embeddings_manifest(out, dataclasses.replace(planned, complete=True))
-    for tmp in out.glob(".part-*.parquet.tmp"):  # left by a killed run of a shard that is now complete
-        tmp.unlink(missing_ok=True)
+    # a shard's temp file left by a killed run (every shard is now complete); not the manifest's, which another
+    # rank finishing at the same moment may be writing
+    for tmp in out.iterdir():
+        if is_shard_temp_name(tmp.name):
+            tmp.unlink(missing_ok=True)
     return True
