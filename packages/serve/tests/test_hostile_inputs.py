@@ -182,3 +182,17 @@ def test_overwrite_deletes_only_our_own_files(tiny_checkpoint, tmp_path):
         "part-final-report.parquet",
     ]
     assert read_embeddings(out).ids() == [f"doc-{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("name", ["a.parquet", "a.jsonl"])
+def test_one_column_for_id_and_text(tiny_checkpoint, encoder, tmp_path, name):
+    """--id-field and --text-field naming the same column: each text is its own id."""
+    texts = _texts(5)
+    if name.endswith(".parquet"):
+        pq.write_table(pa.table({"body": texts}), tmp_path / name)
+    else:
+        (tmp_path / name).write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    _run(tiny_checkpoint, tmp_path / name, tmp_path / "out", id_field="body", text_field="body", shard_size=2)
+    art = read_embeddings(tmp_path / "out")
+    assert art.ids() == texts
+    np.testing.assert_allclose(art.embeddings(), encoder.encode_documents(texts), atol=1e-5, rtol=0)

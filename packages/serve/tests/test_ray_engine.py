@@ -6,6 +6,7 @@ Oracle: the local engine on the same input (tolerance 1e-5: the same fp32 model 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -193,3 +194,14 @@ def test_sigkilled_driver_then_rerun_gives_every_id_once(cluster, tiny_checkpoin
     assert summary.complete and summary.shards_written <= 10 - done
     _assert_equal(out, tmp_path / "local")
     assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.filterwarnings("ignore:.*truncated")
+def test_one_parquet_column_for_id_and_text_on_both_engines(cluster, tiny_checkpoint, make_texts, tmp_path):
+    texts = list(dict.fromkeys(make_texts(12, seed=12, max_words=8)))  # distinct: each text is its id
+    pq.write_table(pa.table({"body": texts}), tmp_path / "a.parquet", row_group_size=5)
+    for engine in ("local", "ray"):
+        cfg = _config(tiny_checkpoint, tmp_path / "a.parquet", tmp_path / engine, engine)
+        embed_corpus(dataclasses.replace(cfg, id_field="body", text_field="body"))
+    _assert_equal(tmp_path / "ray", tmp_path / "local")
+    assert read_embeddings(tmp_path / "ray").ids() == texts

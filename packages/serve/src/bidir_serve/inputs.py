@@ -161,15 +161,17 @@ def parquet_rows(
 
     pf = open_parquet(path, id_field, text_field)
     row = first_row
-    batches = pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=groups, columns=[id_field, text_field])
+    # one column may be both the id and the text (each text its own id): read it once, take both by name
+    columns = list(dict.fromkeys([id_field, text_field]))
+    batches = pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=groups, columns=columns)
     while True:
         try:
             batch = next(batches, None)
             if batch is None:
                 break
             # to_pylist decodes the strings: invalid UTF-8 raises UnicodeDecodeError, not an ArrowException
-            ids = batch.column(0).to_pylist()
-            texts = batch.column(1).to_pylist()
+            ids = batch.column(id_field).to_pylist()
+            texts = ids if text_field == id_field else batch.column(text_field).to_pylist()
         except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
             raise BidirError(
                 f"{path} rows {row + 1}..{row + PARQUET_BATCH}: cannot read ({one_line(e)}); "
