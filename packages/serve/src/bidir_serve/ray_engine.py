@@ -86,6 +86,7 @@ class BackendInfo:
     config: object
     tokenizer: object
     dim: int
+    width: int
     fingerprint: str
     source_fingerprint: str
     pin_memory: bool
@@ -102,6 +103,7 @@ def _describe(cfg: BatchEmbedConfig, load: Callable) -> BackendInfo:
         "config",
         "tokenizer",
         "dim",
+        "width",
         "fingerprint",
         "source_fingerprint",
     )
