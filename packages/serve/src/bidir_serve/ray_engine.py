@@ -21,12 +21,14 @@ rerunning the command: finished shards are skipped.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bidir_core.errors import BidirError
+from bidir_core.errors import BidirError, one_line
 from bidir_serve.backends import load_backend
 from bidir_serve.input_plan import InputPlan, shard_rows
 from bidir_serve.job_config import BatchEmbedConfig
@@ -40,6 +42,9 @@ from bidir_serve.job_steps import (
 )
 from bidir_serve.pipeline import BatchingConfig, Window, batch_window, tokenize_rows
 from bidir_serve.ranks import rank_world
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long a cluster's address may take to accept a connection before the job gives up on it."""
 
 RETRIES = 3
 """Restarts of a dead actor, and retries of a shard whose actor died or raised a retried error."""
@@ -66,12 +71,48 @@ def embed_corpus_ray(cfg: BatchEmbedConfig, *, _load_backend: Callable = load_ba
         raise BidirError("--engine ray runs from one driver process, not under torchrun")
     own = not ray.is_initialized()
     if own:
-        ray.init(address=cfg.ray_address, log_to_driver=False)
+        _connect(ray, cfg.ray_address)
     try:
         return _run(ray, cfg, start, _load_backend)
     finally:
         if own:
             ray.shutdown()
+
+
+def _connect(ray, address: str | None) -> None:
+    """ray.init(address), but a cluster that does not answer is one line naming its address within
+    CONNECT_TIMEOUT_S: ray.init (2.60) has no connect timeout and retries a dead address for minutes, silently."""
+    if address and address.startswith("ray://"):  # Ray Client: host:port as given
+        named, target = f"--ray-address {address}", address.removeprefix("ray://")
+    else:
+        named = f"--ray-address {address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
+        try:
+            # where ray.init will connect (Ray's own resolution): RAY_ADDRESS, `auto`'s latest cluster, localhost
+            # as the node's address; None: ray.init starts a local cluster (or says itself that `auto` found none)
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address(address)
+        except ImportError:  # a Ray that moved it: the address as given
+            target = address if address and ":" in address else None
+        except ConnectionError as e:  # `auto` and no cluster running here
+            raise BidirError(f"{named}: {one_line(e)}") from None
+        except ValueError as e:
+            raise BidirError(
+                f"{named}: not a Ray address ({one_line(e)}); expected host:port or auto"
+            ) from None
+    if target is not None:
+        host, _, port = target.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as e:
+            raise BidirError(
+                f"{named}: no Ray cluster answers at {target} ({one_line(e)}); start one there (ray start "
+                "--head) or check the address (ray status on the head node prints it)"
+            ) from None
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as e:  # e.g. `auto` and no cluster running
+        raise BidirError(f"{named}: {one_line(e)}") from None
 
 
 @dataclass(frozen=True)
