@@ -196,3 +196,17 @@ def test_one_column_for_id_and_text(tiny_checkpoint, encoder, tmp_path, name):
     art = read_embeddings(tmp_path / "out")
     assert art.ids() == texts
     np.testing.assert_allclose(art.embeddings(), encoder.encode_documents(texts), atol=1e-5, rtol=0)
+
+
+def test_a_shard_copied_over_another_is_refused_and_recomputed(tiny_checkpoint, tmp_path):
+    inp, out = _jsonl(tmp_path / "in.jsonl", _texts(10)), tmp_path / "out"
+    _run(tiny_checkpoint, inp, out, shard_size=4)
+    first = read_embeddings(out)
+    ids, emb = first.ids(), first.embeddings()
+    shutil.copyfile(out / "part-00000.parquet", out / "part-00001.parquet")  # 4 rows each: counts agree
+    with pytest.raises(BidirError, match=r"part-00001\.parquet: holds shard 0 of this job, not shard 1"):
+        read_embeddings(out)
+    again = _run(tiny_checkpoint, inp, out, shard_size=4)
+    assert again.complete and again.rows_embedded == 4 and again.shards_written == 1
+    assert read_embeddings(out).ids() == ids
+    np.testing.assert_array_equal(read_embeddings(out).embeddings(), emb)

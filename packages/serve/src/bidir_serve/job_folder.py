@@ -20,6 +20,7 @@ from bidir_core.embeddings_artifact import (
     MANIFEST,
     EmbeddingsManifest,
     Shard,
+    check_shard_tag,
     is_shard_name,
     is_shard_temp_name,
     read_embeddings_manifest,
@@ -118,7 +119,7 @@ def prepare_output(out: Path, planned: EmbeddingsManifest, overwrite: bool) -> b
                 "pass --overwrite to replace them, or choose another output folder"
             )
         # A rerun checks the shards it claims: one deleted or damaged since is computed again.
-        elif old.complete and all(shard_done(out, s) for s in planned.shards):
+        elif old.complete and all(shard_done(out, planned, k) for k in range(len(planned.shards))):
             return True
     elif out.is_dir() and any(out.iterdir()):
         raise BidirError(
@@ -129,23 +130,28 @@ def prepare_output(out: Path, planned: EmbeddingsManifest, overwrite: bool) -> b
     return False
 
 
-def shard_done(out: Path, shard: Shard) -> bool:
-    """Whether the shard exists, its Parquet footer reads and holds the planned row count (anything else is computed
-    again)."""
+def shard_done(out: Path, planned: EmbeddingsManifest, k: int) -> bool:
+    """Whether shard k exists, its Parquet footer reads, holds the planned row count and is tagged as shard k of
+    this job (a shard copied over another of the same row count is not); anything else is computed again."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    shard = planned.shards[k]
     path = out / shard.name
     try:
-        return path.is_file() and pq.read_metadata(path).num_rows == shard.rows
-    except (OSError, pa.ArrowException):  # not Parquet (e.g. damaged by hand): recompute it
+        if not path.is_file():
+            return False
+        meta = pq.read_metadata(path)
+        check_shard_tag(path, meta, k, planned.input_fingerprint, required=True)
+    except (OSError, pa.ArrowException, BidirError):  # not Parquet (e.g. damaged by hand), or not this shard
         return False
+    return meta.num_rows == shard.rows
 
 
 def finish(out: Path, planned: EmbeddingsManifest) -> bool:
     """Mark the manifest complete if every shard exists (whichever rank finds that after writing its own does it;
     two doing it write the same file). True if complete."""
-    if not all(shard_done(out, s) for s in planned.shards):
+    if not all(shard_done(out, planned, k) for k in range(len(planned.shards))):
         return False
     write_embeddings_manifest(out, dataclasses.replace(planned, complete=True))
     # a shard's temp file left by a killed run (every shard is now complete); not the manifest's, which another

@@ -161,7 +161,7 @@ def _run(ray, cfg: BatchEmbedConfig, start: float, load: Callable) -> EmbedSumma
     job = prepare_job(cfg, load=lambda cfg: ray.get(describe.remote(cfg, load)))
     out, planned, backend = job.out, job.planned, job.backend
     summary = dict(output=out, rows=job.plan.rows, rows_embedded=0, tokens=0, truncated=0, shards_written=0)
-    todo = [] if job.already else [k for k, s in enumerate(planned.shards) if not shard_done(out, s)]
+    todo = [] if job.already else [k for k in range(len(planned.shards)) if not shard_done(out, planned, k)]
     context = ray.data.DataContext.get_current()
     retried = context.actor_task_retry_on_errors
     try:
@@ -200,7 +200,9 @@ def _embed_shards(
             _EmbedShards,
             batch_size=1,
             batch_format="pyarrow",
-            fn_constructor_kwargs=dict(cfg=cfg, out=str(out), batching=batching, load=load),
+            fn_constructor_kwargs=dict(
+                cfg=cfg, out=str(out), batching=batching, load=load, job=planned.input_fingerprint
+            ),
             compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(todo)))),
             num_gpus=1 if gpus else 0,
             num_cpus=1,
@@ -256,8 +258,8 @@ def _tokenize_shards(
 class _EmbedShards:
     """Stage 2 (an actor): one backend, loaded once; each call embeds and writes whole shards."""
 
-    def __init__(self, cfg: BatchEmbedConfig, out: str, batching: BatchingConfig, load: Callable):
-        self.cfg, self.out, self.batching = cfg, Path(out), batching
+    def __init__(self, cfg: BatchEmbedConfig, out: str, batching: BatchingConfig, load: Callable, job: str):
+        self.cfg, self.out, self.batching, self.job = cfg, Path(out), batching, job
         self.backend = load(
             cfg.model,
             cfg.backend,
@@ -292,7 +294,9 @@ class _EmbedShards:
 
         k, ids, wheres, token_ids = shard["shard"], shard["ids"], shard["wheres"], shard["token_ids"]
         size, tokens = self.batching.window, 0
-        with ShardWriter(self.out, k, self.backend.dim, self.cfg.dtype) as writer:  # renamed when complete
+        with ShardWriter(
+            self.out, k, self.backend.dim, self.cfg.dtype, self.job
+        ) as writer:  # renamed when complete
             for lo in range(0, len(ids), size):
                 batches = batch_window(token_ids[lo : lo + size], self.batching)
                 window = Window(k, ids[lo : lo + size], wheres[lo : lo + size], batches, 0, False)
