@@ -80,5 +80,5 @@ def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
         if writer is not None:  # failed or interrupted mid-shard: no partial shard is left behind
             writer.abort()
     warn_truncated(summary["truncated"], backend)
-    complete = finish(out, planned)
+    complete = finish(out, planned, plan)
     return EmbedSummary(**summary, seconds=time.perf_counter() - start, complete=complete)

@@ -3,8 +3,9 @@ earlier run left it resumable, which shards are done, and marking it complete.
 
 Shard k holds input rows [k * shard_size, (k + 1) * shard_size) (bidir_serve.input_plan) and appears only when
 complete (temp name + rename), so after a kill a rerun skips the shards that exist intact (readable, with their
-planned row count; a complete job's shards are checked too) and computes the others: every id ends up exactly once. The manifest carries a fingerprint
-of the inputs (paths, sizes, mtimes), the settings and the model; a rerun whose fingerprint differs refuses to mix
+planned row count and their own index and job in their footer; a complete job's shards are checked too) and computes
+the others: every id ends up exactly once. The manifest carries a fingerprint of the inputs (paths, sizes,
+modification and change times; for JSONL and text a digest of their bytes: input_plan.py), the settings and the model; a rerun whose fingerprint differs refuses to mix
 its rows with the old ones unless --overwrite is given (an unfinished folder with no shard yet holds nothing to mix,
 and is taken over). Nothing in a folder that is not an embeddings folder is touched.
 """
@@ -29,15 +30,16 @@ from bidir_core.embeddings_artifact import (
 )
 from bidir_core.errors import BidirError
 from bidir_serve.backends import Backend
-from bidir_serve.inputs import input_fingerprint
+from bidir_serve.input_plan import InputPlan
 from bidir_serve.job_config import BatchEmbedConfig
 from bidir_serve.prompts import prompt_prefix
 
 
-def plan_job(cfg: BatchEmbedConfig, backend: Backend, files: list[Path], n_rows: int) -> EmbeddingsManifest:
+def plan_job(cfg: BatchEmbedConfig, backend: Backend, plan: InputPlan) -> EmbeddingsManifest:
     """The manifest the finished job will have (marked incomplete until every shard is written)."""
     prefix = prompt_prefix(backend.config, cfg.prompt)
-    inputs_fp, described = input_fingerprint(files)
+    inputs_fp, described = plan.fingerprint()  # the files as planned, not as they are now
+    n_rows = plan.rows
     # Everything that changes an embedding value or a row's place; batch sizes and device do not.
     settings = {
         "inputs": described,
@@ -148,11 +150,12 @@ def shard_done(out: Path, planned: EmbeddingsManifest, k: int) -> bool:
     return meta.num_rows == shard.rows
 
 
-def finish(out: Path, planned: EmbeddingsManifest) -> bool:
-    """Mark the manifest complete if every shard exists (whichever rank finds that after writing its own does it;
-    two doing it write the same file). True if complete."""
+def finish(out: Path, planned: EmbeddingsManifest, plan: InputPlan) -> bool:
+    """Mark the manifest complete if every shard exists and the inputs are still as planned (whichever rank finds
+    that after writing its own does it; two doing it write the same file). True if complete."""
     if not all(shard_done(out, planned, k) for k in range(len(planned.shards))):
         return False
+    plan.check_unchanged()  # the manifest describes the inputs: not once they have changed since
     write_embeddings_manifest(out, dataclasses.replace(planned, complete=True))
     # a shard's temp file left by a killed run (every shard is now complete); not the manifest's, which another
     # rank finishing at the same moment may be writing

@@ -88,7 +88,7 @@ def prepare_job(
         plan = on_rank_zero(rank, world, lambda: _plan(cfg, files))
         backend = load(cfg)
         offered_dim(cfg.dim, backend.width, backend.config.matryoshka_dims, "--dim")  # as the server offers
-        planned = plan_job(cfg, backend, files, plan.rows)
+        planned = plan_job(cfg, backend, plan)
         already = on_rank_zero(rank, world, lambda: prepare_output(out, planned, cfg.overwrite))
     return Job(out, plan, backend, planned, already)
 

@@ -170,7 +170,7 @@ def _run(ray, cfg: BatchEmbedConfig, start: float, load: Callable) -> EmbedSumma
     finally:
         context.actor_task_retry_on_errors = retried
     warn_truncated(summary["truncated"], backend)
-    complete = job.already or finish(out, planned)
+    complete = job.already or finish(out, planned, job.plan)
     return EmbedSummary(**summary, seconds=time.perf_counter() - start, complete=complete)
 
 
