@@ -1,4 +1,4 @@
-"""The embeddings artifact (DESIGN section 3): what batch-embed writes and every consumer reads.
+"""The embeddings artifact: what batch-embed writes and every consumer reads.
 
     <embeddings>/  part-00000.parquet, part-00001.parquet, ...   columns id (string), embedding (fixed-size list of
                                                                  float32 or float16, `dim` wide)
@@ -6,7 +6,9 @@
 
 A shard is written under a hidden temporary name and renamed when complete, so a `part-*.parquet` file is never
 half-written. The manifest is written when a job starts (complete: false, the planned shards) and rewritten with
-complete: true once every shard exists; read_embeddings refuses an incomplete folder unless asked not to.
+complete: true once every shard exists; read_embeddings refuses an incomplete folder unless asked not to. A shard
+batch-embed writes carries its index and the job's input fingerprint in its footer (key-value metadata
+bidir.shard, bidir.job), so one copied over another of the same row count is refused (check_shard_tag).
 """
 
 from __future__ import annotations
