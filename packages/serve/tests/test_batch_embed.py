@@ -21,7 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bidir_core import BidirError
+from bidir_core.checkpoint import EncoderConfig
 from bidir_core.embeddings_artifact import read_embeddings, read_embeddings_manifest
+from bidir_core.testing import tiny_encoder
 from bidir_serve import BatchEmbedConfig, embed_corpus
 from bidir_serve.batch_embed import main
 
@@ -88,10 +90,13 @@ def test_glob_of_text_files_and_blank_jsonl_lines(tiny_checkpoint, tmp_path):
     assert read_embeddings(tmp_path / "out2").ids() == ["x", "y"]
 
 
-def test_query_prompt_dim_and_float16(tiny_checkpoint, encoder, make_texts, tmp_path):
+def test_query_prompt_dim_and_float16(encoder, make_texts, tmp_path):
+    # the tiny encoder's weights (same seed), with the Matryoshka dims that let --dim cut it
+    matryoshka = tiny_encoder(EncoderConfig(max_length=48, matryoshka_dims=(16, 32)))
+    model = matryoshka.save_pretrained(tmp_path / "matryoshka")
     texts = make_texts(12, seed=2, max_words=10)
     inp = _jsonl(tmp_path / "in.jsonl", texts)
-    _run(tiny_checkpoint, inp, tmp_path / "q", prompt="query", dim=16, dtype="float16")
+    _run(model, inp, tmp_path / "q", prompt="query", dim=16, dtype="float16")
     art = read_embeddings(tmp_path / "q")
     assert art.manifest.dim == 16 and art.manifest.dtype == "float16" and art.manifest.prefix == "query: "
     out = art.embeddings()
@@ -100,10 +105,22 @@ def test_query_prompt_dim_and_float16(tiny_checkpoint, encoder, make_texts, tmp_
     np.testing.assert_allclose(
         out.astype(np.float32), encoder.encode_queries(texts, dim=16), atol=2e-3, rtol=0
     )
-    _run(tiny_checkpoint, inp, tmp_path / "none", prompt="none")
+    _run(model, inp, tmp_path / "none", prompt="none")
     np.testing.assert_allclose(
         read_embeddings(tmp_path / "none").embeddings(), encoder.encode(texts), atol=ATOL
     )
+
+
+def test_dim_follows_the_servers_rule(tiny_checkpoint, tmp_path, capsys):
+    """A model whose config lists no matryoshka_dims is embedded only at its full width, as the server serves it."""
+    inp = _jsonl(tmp_path / "in.jsonl", ["hello world"])
+    args = ["--model", str(tiny_checkpoint), "--input", str(inp), "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "cut"), "--dim", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dim=32: this model was not trained for Matryoshka truncation" in err
+    assert not (tmp_path / "cut").exists()  # refused before the folder is made
+    assert main([*args, "--output", str(tmp_path / "full"), "--dim", "64"]) == 0  # its own width is no cut
+    assert read_embeddings(tmp_path / "full").manifest.dim == 64
 
 
 def test_rerun_skips_and_changed_input_is_refused(tiny_checkpoint, make_texts, tmp_path):

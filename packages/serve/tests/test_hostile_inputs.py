@@ -4,6 +4,7 @@ row), nothing half-written is left looking complete, a rerun recomputes what is 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,136 @@ def test_shard_and_manifest_are_fsynced_before_they_count(tiny_checkpoint, tmp_p
     expected = [manifest_tmp, "out", r"\.part-00000\.parquet\.tmp", "out", manifest_tmp, "out"]
     assert len(synced) == len(expected), synced
     assert all(re.fullmatch(e, n) for e, n in zip(expected, synced, strict=True)), synced
+
+
+# --- issue 29 ----------------------------------------------------------------------------------------------------
+
+
+def test_overwrite_deletes_only_our_own_files(tiny_checkpoint, tmp_path):
+    """--overwrite removes our shards, temp shards and manifest, not a user's part-*.parquet of another name."""
+    inp, out = _jsonl(tmp_path / "in.jsonl", _texts(6)), tmp_path / "out"
+    _run(tiny_checkpoint, inp, out, shard_size=2)
+    pq.write_table(pa.table({"x": [1]}), out / "part-final-report.parquet")
+    (out / ".part-00007.parquet.tmp").write_bytes(b"left by a killed run")
+    _run(tiny_checkpoint, inp, out, shard_size=3, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-final-report.parquet",
+    ]
+    assert read_embeddings(out).ids() == [f"doc-{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("name", ["a.parquet", "a.jsonl"])
+def test_one_column_for_id_and_text(tiny_checkpoint, encoder, tmp_path, name):
+    """--id-field and --text-field naming the same column: each text is its own id."""
+    texts = _texts(5)
+    if name.endswith(".parquet"):
+        pq.write_table(pa.table({"body": texts}), tmp_path / name)
+    else:
+        (tmp_path / name).write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    _run(tiny_checkpoint, tmp_path / name, tmp_path / "out", id_field="body", text_field="body", shard_size=2)
+    art = read_embeddings(tmp_path / "out")
+    assert art.ids() == texts
+    np.testing.assert_allclose(art.embeddings(), encoder.encode_documents(texts), atol=1e-5, rtol=0)
+
+
+def test_a_shard_copied_over_another_is_refused_and_recomputed(tiny_checkpoint, tmp_path):
+    inp, out = _jsonl(tmp_path / "in.jsonl", _texts(10)), tmp_path / "out"
+    _run(tiny_checkpoint, inp, out, shard_size=4)
+    first = read_embeddings(out)
+    ids, emb = first.ids(), first.embeddings()
+    shutil.copyfile(out / "part-00000.parquet", out / "part-00001.parquet")  # 4 rows each: counts agree
+    with pytest.raises(BidirError, match=r"part-00001\.parquet: holds shard 0 of this job, not shard 1"):
+        read_embeddings(out)
+    again = _run(tiny_checkpoint, inp, out, shard_size=4)
+    assert again.complete and again.rows_embedded == 4 and again.shards_written == 1
+    assert read_embeddings(out).ids() == ids
+    np.testing.assert_array_equal(read_embeddings(out).embeddings(), emb)
+
+
+def _same_length_rewrite(path: Path, keep_times: bool) -> None:
+    """Every 'old' becomes 'new': the same size, other text; keep_times puts the modification time back, as a
+    hostile rewrite (or a copy with preserved times) would."""
+    st = path.stat()
+    if path.suffix == ".parquet":
+        texts = [t.replace("old", "new") for t in pq.read_table(path).column("text").to_pylist()]
+        pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(len(texts))], "text": texts}), path)
+    else:
+        path.write_bytes(path.read_bytes().replace(b"old", b"new"))
+    if keep_times:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("keep_times", [False, True])
+@pytest.mark.parametrize("name", ["in.txt", "in.jsonl", "in.parquet"])
+def test_input_rewritten_between_shards_is_refused(tiny_checkpoint, tmp_path, monkeypatch, keep_times, name):
+    """The input rewritten in place (same size) when shard 2 starts reading it: one line, nothing marked
+    complete; before, shards 0-1 held the old text and the rest the new, in an artifact called complete."""
+    from bidir_serve import input_plan
+    from bidir_serve.input_plan import file_stamp
+
+    inp, out = tmp_path / name, tmp_path / "out"
+    if name.endswith(".txt"):
+        inp.write_text("".join(f"line {i} old\n" for i in range(8)))
+    elif name.endswith(".parquet"):
+        texts = [f"line {i} old" for i in range(8)]
+        pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(8)], "text": texts}), inp, row_group_size=2)
+    else:
+        _jsonl(inp, [f"line {i} old" for i in range(8)])
+    real = input_plan._file_rows
+
+    def rewrite_at_shard_2(f, lo, hi, *args):
+        if lo == 4 and f.stamp == file_stamp(inp):  # not yet rewritten
+            _same_length_rewrite(inp, keep_times)
+        return real(f, lo, hi, *args)
+
+    monkeypatch.setattr(input_plan, "_file_rows", rewrite_at_shard_2)
+    with pytest.raises(BidirError, match=rf"{name}: changed during the job") as e:
+        _run(tiny_checkpoint, inp, out, shard_size=2)
+    assert "\n" not in str(e.value)
+    assert not read_embeddings_manifest(out).complete
+    assert not (out / "part-00002.parquet").exists()  # the shard that read the new bytes is not published
+
+
+def test_input_rewritten_after_the_last_read_is_refused_before_the_manifest(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    from bidir_core.embeddings_artifact import ShardWriter
+
+    inp, out = tmp_path / "in.txt", tmp_path / "out"
+    inp.write_text("".join(f"line {i} old\n" for i in range(4)))
+    close = ShardWriter.close
+
+    def rewrite_after_the_last_shard(self):
+        path = close(self)
+        if path.name == "part-00001.parquet":  # every row has been read by now
+            _same_length_rewrite(inp, keep_times=True)
+        return path
+
+    monkeypatch.setattr(ShardWriter, "close", rewrite_after_the_last_shard)
+    with pytest.raises(BidirError, match=r"in\.txt: changed during the job"):
+        _run(tiny_checkpoint, inp, out, shard_size=2)
+    assert not read_embeddings_manifest(out).complete
+
+
+def test_rewritten_bytes_are_caught_even_where_the_file_times_do_not_move(tmp_path):
+    """A filesystem whose times do not move (coarse or faked): the bytes a shard reads are compared with the
+    planning pass's digest of the same bytes."""
+    import dataclasses
+
+    from bidir_serve.input_plan import file_stamp, plan_inputs, shard_rows
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        '{"id": "a", "text": "x old"}\n\n{"id": "b", "text": "y old"}\n  \n{"id": "c", "text": "z"}\n\n'
+    )
+    plan = plan_inputs([inp], "id", "text", 2)
+    assert [r.id for k in range(2) for r in shard_rows(plan, k, "id", "text")] == ["a", "b", "c"]
+    _same_length_rewrite(inp, keep_times=False)
+    f = plan.files[0]
+    stale = dataclasses.replace(plan, files=(dataclasses.replace(f, stamp=file_stamp(inp)),))
+    with pytest.raises(BidirError, match=r"in\.jsonl: changed during the job \(the bytes of rows 1\.\.2"):
+        list(shard_rows(stale, 0, "id", "text"))
+    assert [r.id for r in shard_rows(stale, 1, "id", "text")] == ["c"]  # its bytes did not change

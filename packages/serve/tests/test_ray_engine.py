@@ -6,9 +6,11 @@ Oracle: the local engine on the same input (tolerance 1e-5: the same fp32 model 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -193,3 +195,41 @@ def test_sigkilled_driver_then_rerun_gives_every_id_once(cluster, tiny_checkpoin
     assert summary.complete and summary.shards_written <= 10 - done
     _assert_equal(out, tmp_path / "local")
     assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.filterwarnings("ignore:.*truncated")
+def test_one_parquet_column_for_id_and_text_on_both_engines(cluster, tiny_checkpoint, make_texts, tmp_path):
+    texts = list(dict.fromkeys(make_texts(12, seed=12, max_words=8)))  # distinct: each text is its id
+    pq.write_table(pa.table({"body": texts}), tmp_path / "a.parquet", row_group_size=5)
+    for engine in ("local", "ray"):
+        cfg = _config(tiny_checkpoint, tmp_path / "a.parquet", tmp_path / engine, engine)
+        embed_corpus(dataclasses.replace(cfg, id_field="body", text_field="body"))
+    _assert_equal(tmp_path / "ray", tmp_path / "local")
+    assert read_embeddings(tmp_path / "ray").ids() == texts
+
+
+def test_ray_address_where_nothing_listens_is_one_line_soon(tmp_path):
+    """No cluster at --ray-address: one line naming it, soon (ray.init alone retries for minutes)."""
+    with socket.socket() as s:  # a port that was free a moment ago, so nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    (tmp_path / "in.txt").write_text("hello\n")
+    args = ["--model", "no-model", "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out")]
+    main = "import sys; from bidir_serve.batch_embed import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SERVE_SRC), *sys.path])}
+    env.pop("RAY_ADDRESS", None)
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-c", main, *args, "--engine", "ray", "--ray-address", address],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 2 and time.monotonic() - start < 60, run.stderr[-2000:]
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("batch-embed: error: --ray-address"), (
+        run.stderr
+    )
+    assert str(port) in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()

@@ -6,7 +6,9 @@
 
 A shard is written under a hidden temporary name and renamed when complete, so a `part-*.parquet` file is never
 half-written. The manifest is written when a job starts (complete: false, the planned shards) and rewritten with
-complete: true once every shard exists; read_embeddings refuses an incomplete folder unless asked not to.
+complete: true once every shard exists; read_embeddings refuses an incomplete folder unless asked not to. A shard
+batch-embed writes carries its index and the job's input fingerprint in its footer (key-value metadata
+bidir.shard, bidir.job), so one copied over another of the same row count is refused (check_shard_tag).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,20 @@ EMBEDDING_DTYPES = ("float32", "float16")
 def shard_name(index: int) -> str:
     """part-00000.parquet, part-00001.parquet, ..."""
     return f"part-{index:05d}.parquet"
+
+
+_SHARD = re.compile(r"part-\d{5,}\.parquet")
+_SHARD_TMP = re.compile(r"\.part-\d{5,}\.parquet\.tmp")
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether a file name is one shard_name() gives (a user's part-notes.parquet is not)."""
+    return _SHARD.fullmatch(name) is not None
+
+
+def is_shard_temp_name(name: str) -> bool:
+    """Whether a file name is a ShardWriter's temporary name (.part-00000.parquet.tmp)."""
+    return _SHARD_TMP.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -103,12 +120,40 @@ def write_embeddings_manifest(folder: str | Path, manifest: EmbeddingsManifest) 
     return path
 
 
+SHARD_KEY = b"bidir.shard"
+JOB_KEY = b"bidir.job"
+
+
+def check_shard_tag(path: Path, metadata, index: int, job: str, required: bool = False) -> None:
+    """A BidirError unless the shard at `path` (its Parquet footer's FileMetaData) says it is shard `index` of the
+    job whose manifest input_fingerprint is `job`: a shard copied over another of the same row count, or from
+    another job's folder, is caught from the footer alone. required: a shard with no tag (another writer's, or an
+    older version's) fails too, instead of passing unchecked."""
+    tags = metadata.metadata or {}
+    if SHARD_KEY not in tags or JOB_KEY not in tags:
+        if required:
+            raise BidirError(f"{path}: no shard tag (not written by this version for this job)")
+        return
+    tagged = tags[SHARD_KEY].decode()
+    if tagged != str(index):
+        raise BidirError(
+            f"{path}: holds shard {tagged} of this job, not shard {index} (copied or renamed by hand?); rerun the "
+            "job to compute it again"
+        )
+    if tags[JOB_KEY].decode() != job:
+        raise BidirError(
+            f"{path}: a shard of another job (its input fingerprint is not the manifest's); rerun the job to "
+            "compute it again"
+        )
+
+
 class ShardWriter:
     """Writes shard `index` a block of rows at a time (one Parquet row group each), so memory stays bounded by the
     block whatever the shard size; the file gets its final name only in close(). Use as a context manager: leaving
-    it on an exception removes the temp file and leaves no shard."""
+    it on an exception removes the temp file and leaves no shard. job: the manifest's input_fingerprint; with it,
+    the footer is tagged with the shard's index and job (check_shard_tag)."""
 
-    def __init__(self, folder: str | Path, index: int, dim: int, dtype: str):
+    def __init__(self, folder: str | Path, index: int, dim: int, dtype: str, job: str = ""):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -120,7 +165,8 @@ class ShardWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.dim, self.dtype, self.rows = dim, np.dtype(dtype), 0
         value = pa.from_numpy_dtype(self.dtype)
-        self.schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(value, dim))])
+        tags = {SHARD_KEY: str(index).encode(), JOB_KEY: job.encode()} if job else None
+        self.schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(value, dim))], metadata=tags)
         try:
             self._writer = pq.ParquetWriter(self.tmp, self.schema)
         except (OSError, pa.ArrowException) as e:
@@ -240,7 +286,7 @@ def read_embeddings(folder: str | Path, require_complete: bool = True) -> Embedd
             f"{folder}: incomplete ({done} of {len(manifest.shards)} shards written); rerun the job to finish it"
         )
     value_type = pa.from_numpy_dtype(np.dtype(manifest.dtype))
-    for shard in manifest.shards:
+    for k, shard in enumerate(manifest.shards):
         path = folder / shard.name
         if not path.is_file():
             if require_complete:
@@ -253,6 +299,7 @@ def read_embeddings(folder: str | Path, require_complete: bool = True) -> Embedd
             raise BidirError(f"{path}: not a readable Parquet file ({one_line(e)})") from None
         if meta.num_rows != shard.rows:
             raise BidirError(f"{path}: {meta.num_rows} rows, the manifest says {shard.rows}")
+        check_shard_tag(path, meta, k, manifest.input_fingerprint)
         _check_columns(path, schema, value_type, manifest.dim)
     return Embeddings(folder, manifest)
 

@@ -1,9 +1,11 @@
 """Matryoshka dimensions: an embedding's first `dim` entries are an embedding too (re-normalized when the model
-normalizes). The one check of a requested dim, and the one truncation, for torch tensors and numpy arrays."""
+normalizes). The one check of a requested dim, the one rule of which dims a served model offers (the server's
+`dimensions`, batch-embed's --dim), and the one truncation, for torch tensors and numpy arrays."""
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,6 +22,25 @@ def check_dim(dim: int | None, hidden_size: int) -> int:
         raise BidirError(f"dim must be a positive integer, got {dim!r}")
     if dim > hidden_size:
         raise BidirError(f"dim={dim} is larger than the model's embedding size {hidden_size}")
+    return int(dim)
+
+
+def offered_dim(dim: int | None, width: int, trained_dims: Sequence[int], name: str = "dim") -> int:
+    """A requested width -> the width to serve, by the rule the server and batch-embed share: the full width always;
+    any 1..width for a model whose config lists matryoshka_dims (it was trained to be cut); nothing narrower for one
+    that lists none, whose cut vectors were never trained to be embeddings. name: how the caller's user spells the
+    setting (dimensions, --dim), for the message."""
+    if dim is None:
+        return width
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise BidirError(f"{name} must be a positive integer, got {dim!r}")
+    if dim > width:
+        raise BidirError(f"{name}={dim} is larger than the model's embedding width {width}")
+    if dim != width and not trained_dims:
+        raise BidirError(
+            f"{name}={dim}: this model was not trained for Matryoshka truncation (its config lists no "
+            f"matryoshka_dims), so {name} can only be its width {width}"
+        )
     return int(dim)
 
 

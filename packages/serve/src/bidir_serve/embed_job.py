@@ -41,7 +41,7 @@ def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
     if job.already:
         return EmbedSummary(**summary, seconds=time.perf_counter() - start, complete=True)
 
-    todo = [k for k, s in enumerate(planned.shards) if k % world == rank and not shard_done(out, s)]
+    todo = [k for k in range(len(planned.shards)) if k % world == rank and not shard_done(out, planned, k)]
     batching = batching_config(cfg, backend)
     shards = ((k, shard_rows(plan, k, cfg.id_field, cfg.text_field)) for k in todo)
     windows = shard_windows(shards, backend.tokenizer, planned.prefix, batching)
@@ -61,7 +61,9 @@ def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
             bar.set_postfix_str(
                 f"{summary['tokens'] / (time.perf_counter() - t0):.0f} tokens/s", refresh=False
             )
-            writer = writer or ShardWriter(out, window.shard, backend.dim, cfg.dtype)
+            writer = writer or ShardWriter(
+                out, window.shard, backend.dim, cfg.dtype, planned.input_fingerprint
+            )
             writer.write(window.ids, emb)
             summary["truncated"] += window.truncated
             if window.last_in_shard:
@@ -78,5 +80,5 @@ def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
         if writer is not None:  # failed or interrupted mid-shard: no partial shard is left behind
             writer.abort()
     warn_truncated(summary["truncated"], backend)
-    complete = finish(out, planned)
+    complete = finish(out, planned, plan)
     return EmbedSummary(**summary, seconds=time.perf_counter() - start, complete=complete)

@@ -16,8 +16,6 @@ embed, and silently embedding only the prompt prefix would give every empty row 
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,16 +52,6 @@ def resolve_inputs(path_or_glob: str | Path) -> list[Path]:
     return [path]
 
 
-def input_fingerprint(files: list[Path]) -> tuple[str, list[dict]]:
-    """sha256 over each file's absolute path, size and modification time: a changed input changes it."""
-    described = []
-    for path in files:
-        st = path.stat()
-        described.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
-    return "sha256:" + digest, described
-
-
 def text_id_prefixes(text_files: list[Path]) -> dict[Path, str]:
     """The id prefix of each plain-text file's line numbers: none for a single file; the file name when the names
     differ (the common case, and the ids earlier versions gave); else the path relative to the folder the files
@@ -98,9 +86,12 @@ def is_blank_jsonl_line(raw: bytes, number: int) -> bool:
     return not (text.removeprefix("\ufeff") if number == 1 else text).strip()
 
 
-def jsonl_rows(path: Path, offset: int, first_line: int, id_field: str, text_field: str) -> Iterator[Row]:
-    """The rows of a JSONL file from byte `offset` (the start of line `first_line`) on; blank lines are not rows."""
-    for n, text in read_lines(path, offset, first_line):
+def jsonl_rows(
+    path: Path, offset: int, first_line: int, id_field: str, text_field: str, digest=None
+) -> Iterator[Row]:
+    """The rows of a JSONL file from byte `offset` (the start of line `first_line`) on; blank lines are not rows.
+    digest: updated with the raw bytes read (read_lines)."""
+    for n, text in read_lines(path, offset, first_line, digest):
         if not text.strip():
             continue
         where = f"{path}:{n}"
@@ -161,15 +152,17 @@ def parquet_rows(
 
     pf = open_parquet(path, id_field, text_field)
     row = first_row
-    batches = pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=groups, columns=[id_field, text_field])
+    # one column may be both the id and the text (each text its own id): read it once, take both by name
+    columns = list(dict.fromkeys([id_field, text_field]))
+    batches = pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=groups, columns=columns)
     while True:
         try:
             batch = next(batches, None)
             if batch is None:
                 break
             # to_pylist decodes the strings: invalid UTF-8 raises UnicodeDecodeError, not an ArrowException
-            ids = batch.column(0).to_pylist()
-            texts = batch.column(1).to_pylist()
+            ids = batch.column(id_field).to_pylist()
+            texts = ids if text_field == id_field else batch.column(text_field).to_pylist()
         except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
             raise BidirError(
                 f"{path} rows {row + 1}..{row + PARQUET_BATCH}: cannot read ({one_line(e)}); "
@@ -183,7 +176,10 @@ def parquet_rows(
             yield Row(_id(id_, id_field, where), _check_text(text, where), where)
 
 
-def text_rows(path: Path, offset: int, first_line: int, id_prefix: str) -> Iterator[Row]:
-    """The rows of a plain-text file from byte `offset` (the start of line `first_line`) on: every line is one."""
-    for n, text in read_lines(path, offset, first_line):  # UTF-8 checked per line, line endings removed
+def text_rows(path: Path, offset: int, first_line: int, id_prefix: str, digest=None) -> Iterator[Row]:
+    """The rows of a plain-text file from byte `offset` (the start of line `first_line`) on: every line is one.
+    digest: updated with the raw bytes read (read_lines)."""
+    for n, text in read_lines(
+        path, offset, first_line, digest
+    ):  # UTF-8 checked per line, line endings removed
         yield Row(f"{id_prefix}{n}", _check_text(text, f"{path}:{n}"), f"{path}:{n}")

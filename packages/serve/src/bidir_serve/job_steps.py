@@ -13,6 +13,7 @@ import numpy as np
 
 from bidir_core.embeddings_artifact import MANIFEST, EmbeddingsManifest, shard_name
 from bidir_core.errors import BidirError
+from bidir_core.matryoshka import offered_dim
 from bidir_core.outputs import check_writable
 from bidir_serve.backends import Backend, load_backend
 from bidir_serve.input_plan import InputPlan, plan_inputs
@@ -86,7 +87,8 @@ def prepare_job(
     with process_group(world):
         plan = on_rank_zero(rank, world, lambda: _plan(cfg, files))
         backend = load(cfg)
-        planned = plan_job(cfg, backend, files, plan.rows)
+        offered_dim(cfg.dim, backend.width, backend.config.matryoshka_dims, "--dim")  # as the server offers
+        planned = plan_job(cfg, backend, plan)
         already = on_rank_zero(rank, world, lambda: prepare_output(out, planned, cfg.overwrite))
     return Job(out, plan, backend, planned, already)
 

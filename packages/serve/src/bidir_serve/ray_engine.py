@@ -21,12 +21,14 @@ rerunning the command: finished shards are skipped.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bidir_core.errors import BidirError
+from bidir_core.errors import BidirError, one_line
 from bidir_serve.backends import load_backend
 from bidir_serve.input_plan import InputPlan, shard_rows
 from bidir_serve.job_config import BatchEmbedConfig
@@ -40,6 +42,9 @@ from bidir_serve.job_steps import (
 )
 from bidir_serve.pipeline import BatchingConfig, Window, batch_window, tokenize_rows
 from bidir_serve.ranks import rank_world
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long a cluster's address may take to accept a connection before the job gives up on it."""
 
 RETRIES = 3
 """Restarts of a dead actor, and retries of a shard whose actor died or raised a retried error."""
@@ -66,12 +71,48 @@ def embed_corpus_ray(cfg: BatchEmbedConfig, *, _load_backend: Callable = load_ba
         raise BidirError("--engine ray runs from one driver process, not under torchrun")
     own = not ray.is_initialized()
     if own:
-        ray.init(address=cfg.ray_address, log_to_driver=False)
+        _connect(ray, cfg.ray_address)
     try:
         return _run(ray, cfg, start, _load_backend)
     finally:
         if own:
             ray.shutdown()
+
+
+def _connect(ray, address: str | None) -> None:
+    """ray.init(address), but a cluster that does not answer is one line naming its address within
+    CONNECT_TIMEOUT_S: ray.init (2.60) has no connect timeout and retries a dead address for minutes, silently."""
+    if address and address.startswith("ray://"):  # Ray Client: host:port as given
+        named, target = f"--ray-address {address}", address.removeprefix("ray://")
+    else:
+        named = f"--ray-address {address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
+        try:
+            # where ray.init will connect (Ray's own resolution): RAY_ADDRESS, `auto`'s latest cluster, localhost
+            # as the node's address; None: ray.init starts a local cluster (or says itself that `auto` found none)
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address(address)
+        except ImportError:  # a Ray that moved it: the address as given
+            target = address if address and ":" in address else None
+        except ConnectionError as e:  # `auto` and no cluster running here
+            raise BidirError(f"{named}: {one_line(e)}") from None
+        except ValueError as e:
+            raise BidirError(
+                f"{named}: not a Ray address ({one_line(e)}); expected host:port or auto"
+            ) from None
+    if target is not None:
+        host, _, port = target.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as e:
+            raise BidirError(
+                f"{named}: no Ray cluster answers at {target} ({one_line(e)}); start one there (ray start "
+                "--head) or check the address (ray status on the head node prints it)"
+            ) from None
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as e:  # e.g. `auto` and no cluster running
+        raise BidirError(f"{named}: {one_line(e)}") from None
 
 
 @dataclass(frozen=True)
@@ -86,6 +127,7 @@ class BackendInfo:
     config: object
     tokenizer: object
     dim: int
+    width: int
     fingerprint: str
     source_fingerprint: str
     pin_memory: bool
@@ -102,6 +144,7 @@ def _describe(cfg: BatchEmbedConfig, load: Callable) -> BackendInfo:
         "config",
         "tokenizer",
         "dim",
+        "width",
         "fingerprint",
         "source_fingerprint",
     )
@@ -118,7 +161,7 @@ def _run(ray, cfg: BatchEmbedConfig, start: float, load: Callable) -> EmbedSumma
     job = prepare_job(cfg, load=lambda cfg: ray.get(describe.remote(cfg, load)))
     out, planned, backend = job.out, job.planned, job.backend
     summary = dict(output=out, rows=job.plan.rows, rows_embedded=0, tokens=0, truncated=0, shards_written=0)
-    todo = [] if job.already else [k for k, s in enumerate(planned.shards) if not shard_done(out, s)]
+    todo = [] if job.already else [k for k in range(len(planned.shards)) if not shard_done(out, planned, k)]
     context = ray.data.DataContext.get_current()
     retried = context.actor_task_retry_on_errors
     try:
@@ -127,7 +170,7 @@ def _run(ray, cfg: BatchEmbedConfig, start: float, load: Callable) -> EmbedSumma
     finally:
         context.actor_task_retry_on_errors = retried
     warn_truncated(summary["truncated"], backend)
-    complete = job.already or finish(out, planned)
+    complete = job.already or finish(out, planned, job.plan)
     return EmbedSummary(**summary, seconds=time.perf_counter() - start, complete=complete)
 
 
@@ -157,7 +200,9 @@ def _embed_shards(
             _EmbedShards,
             batch_size=1,
             batch_format="pyarrow",
-            fn_constructor_kwargs=dict(cfg=cfg, out=str(out), batching=batching, load=load),
+            fn_constructor_kwargs=dict(
+                cfg=cfg, out=str(out), batching=batching, load=load, job=planned.input_fingerprint
+            ),
             compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(todo)))),
             num_gpus=1 if gpus else 0,
             num_cpus=1,
@@ -213,8 +258,8 @@ def _tokenize_shards(
 class _EmbedShards:
     """Stage 2 (an actor): one backend, loaded once; each call embeds and writes whole shards."""
 
-    def __init__(self, cfg: BatchEmbedConfig, out: str, batching: BatchingConfig, load: Callable):
-        self.cfg, self.out, self.batching = cfg, Path(out), batching
+    def __init__(self, cfg: BatchEmbedConfig, out: str, batching: BatchingConfig, load: Callable, job: str):
+        self.cfg, self.out, self.batching, self.job = cfg, Path(out), batching, job
         self.backend = load(
             cfg.model,
             cfg.backend,
@@ -249,7 +294,9 @@ class _EmbedShards:
 
         k, ids, wheres, token_ids = shard["shard"], shard["ids"], shard["wheres"], shard["token_ids"]
         size, tokens = self.batching.window, 0
-        with ShardWriter(self.out, k, self.backend.dim, self.cfg.dtype) as writer:  # renamed when complete
+        with ShardWriter(
+            self.out, k, self.backend.dim, self.cfg.dtype, self.job
+        ) as writer:  # renamed when complete
             for lo in range(0, len(ids), size):
                 batches = batch_window(token_ids[lo : lo + size], self.batching)
                 window = Window(k, ids[lo : lo + size], wheres[lo : lo + size], batches, 0, False)

@@ -10,11 +10,13 @@ from pathlib import Path
 from bidir_core.errors import BidirError, one_line
 
 
-def read_lines(path: Path, offset: int = 0, first_line: int = 1) -> Iterator[tuple[int, str]]:
+def read_lines(path: Path, offset: int = 0, first_line: int = 1, digest=None) -> Iterator[tuple[int, str]]:
     """(1-based line number, text without its line ending) for each line of a UTF-8 file, blank lines included.
 
     Bytes are decoded line by line, so invalid UTF-8 is reported at its line rather than as a file offset. offset:
     start at this byte, which begins line first_line (a reader of one slice of the file, such as a batch-embed rank).
+    digest: an object with update(bytes) (a hashlib hash), given each line's raw bytes before the line is yielded,
+    so a caller can check that what it read is what it expected.
     """
     if not path.is_file():
         raise BidirError(f"{path}: no such file")
@@ -22,6 +24,8 @@ def read_lines(path: Path, offset: int = 0, first_line: int = 1) -> Iterator[tup
         with path.open("rb") as f:
             f.seek(offset)
             for number, raw in enumerate(f, start=first_line):
+                if digest is not None:
+                    digest.update(raw)
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:

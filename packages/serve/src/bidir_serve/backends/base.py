@@ -24,6 +24,8 @@ class Backend(Protocol):
     tokenizer: object
     dim: int
     """Width of embed()'s output."""
+    width: int
+    """The model's full embedding width (dim is it, or the Matryoshka width asked for)."""
     fingerprint: str
     """sha256 of the model's weights and settings (changes when the model does)."""
     source_fingerprint: str

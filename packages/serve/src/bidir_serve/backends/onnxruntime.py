@@ -38,7 +38,8 @@ class OnnxRuntimeBackend:
             raise BidirError(f"{model_file}: onnxruntime cannot load it ({one_line(e)})") from None
         self.config = self.manifest.encoder
         self.tokenizer = load_tokenizer(folder)
-        self.dim = check_dim(dim, self.manifest.hidden_size)
+        self.width = self.manifest.hidden_size
+        self.dim = check_dim(dim, self.width)
         self.fingerprint = export_fingerprint(folder)
         self.source_fingerprint = self.manifest.source_fingerprint
         self.pin_memory = False  # onnxruntime reads numpy arrays from host memory

@@ -43,7 +43,8 @@ class TorchBackend:
             source, dtype=PRECISIONS[precision], device=self.device
         ).eval()
         self.config, self.tokenizer = self.encoder.config, self.encoder.tokenizer
-        self.dim = check_dim(dim, self.encoder.hidden_size)
+        self.width = self.encoder.hidden_size
+        self.dim = check_dim(dim, self.width)
         self.fingerprint = self.source_fingerprint = model_fingerprint(source)
         self.pin_memory = self.device.type == "cuda"
         self.precision = precision

@@ -71,7 +71,8 @@ class TensorRTBackend:
         onnx = self.manifest.onnx
         self.config = onnx.encoder
         self.tokenizer = load_tokenizer(folder)
-        self.dim = check_dim(dim, onnx.hidden_size)
+        self.width = onnx.hidden_size
+        self.dim = check_dim(dim, self.width)
         self.fingerprint = export_fingerprint(folder)
         self.source_fingerprint = onnx.source_fingerprint
         self.pin_memory = True

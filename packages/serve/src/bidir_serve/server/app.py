@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bidir_core.matryoshka import truncate_array
+from bidir_core.errors import BidirError
+from bidir_core.matryoshka import offered_dim, truncate_array
 from bidir_serve.backends import Backend, load_backend
 from bidir_serve.server.batcher import Batcher
 from bidir_serve.server.config import ServerConfig
@@ -195,22 +196,11 @@ async def _embed(request: Request, state: ServerState) -> tuple[Response, str]:
 
 
 def _dimensions(req: EmbeddingRequest, backend: Backend) -> int:
-    """The requested Matryoshka width: any 1..width for a model whose config lists Matryoshka dimensions (it was
-    trained to be cut); only its full width for one that lists none (a cut of it is not an embedding)."""
-    width = backend.dim
-    if req.dimensions is None or req.dimensions == width:
-        return width
-    if req.dimensions > width:
-        raise bad_request(
-            f"dimensions={req.dimensions} is larger than the model's embedding width {width}", "dimensions"
-        )
-    if not backend.config.matryoshka_dims:
-        raise bad_request(
-            f"dimensions={req.dimensions}: this model was not trained for Matryoshka truncation (its config lists "
-            f"no matryoshka_dims), so dimensions can only be its width {width}",
-            "dimensions",
-        )
-    return req.dimensions
+    """The requested Matryoshka width, by the rule batch-embed's --dim follows too (bidir_core.matryoshka)."""
+    try:
+        return offered_dim(req.dimensions, backend.dim, backend.config.matryoshka_dims, "dimensions")
+    except BidirError as e:
+        raise bad_request(str(e), "dimensions") from None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
