@@ -297,7 +297,7 @@ def test_a_disconnected_clients_work_is_dropped(small):
     body = b'{"input": ["one", "two", "three"]}'
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(
-            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )

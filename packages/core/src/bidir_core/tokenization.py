@@ -94,9 +94,18 @@ so the text before normalization can be up to ~3x longer than the characters its
 the cut falls in (see cut_long_texts)."""
 
 
+def max_chars(tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
+    """CUT_FACTOR * tokens * max_token_chars(tokenizer): the most characters of text that `tokens` tokens can stand
+    for, with CUT_FACTOR's margin. The one rule behind cut_long_texts (tokens = max_length: a text longer than this is
+    over-long) and bidir-server's refusal of a request before tokenizing it (tokens = its limit per request: texts
+    holding more characters than this hold more tokens than that)."""
+    return CUT_FACTOR * tokens * max_token_chars(tokenizer)
+
+
 def cut_long_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[str]:
-    """Each text cut to CUT_FACTOR * max_length * max_token_chars(tokenizer) characters, so tokenizing costs time and
-    memory bounded by max_length whatever the text's size (a 23 MB row took 72 s and 5.8 GB to give 512 tokens).
+    """Each text cut to max_chars(tokenizer, max_length) = CUT_FACTOR * max_length * max_token_chars(tokenizer)
+    characters, so tokenizing costs time and memory bounded by max_length whatever the text's size (a 23 MB row took
+    72 s and 5.8 GB to give 512 tokens).
 
     Why the cut changes nothing that matters: a text that fits in max_length tokens covers at most max_length *
     max_token_chars characters of normalized text (at most ~3x that before normalization), so it is never cut. An
@@ -104,7 +113,7 @@ def cut_long_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max
     into words (at spaces and punctuation) and tokenize each word alone, so the kept tokens are the same as without
     the cut unless one word with no split runs from inside the first max_length tokens' characters to the cut (a
     run of thousands of characters with no space or punctuation), where only that word's tokens may differ."""
-    limit = CUT_FACTOR * max_length * max_token_chars(tokenizer)
+    limit = max_chars(tokenizer, max_length)
     return [text if len(text) <= limit else text[:limit] for text in texts]
 
 

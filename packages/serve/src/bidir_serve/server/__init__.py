@@ -6,8 +6,9 @@ tokens.py   a request's inputs -> token ids (prefix, truncation), as batch-embed
 batcher.py  the dynamic batcher: the bounded queue and the one model thread
 metrics.py  Prometheus metrics and the periodic summary
 errors.py   ApiError, carried as OpenAI's error JSON
+guard.py    who may ask: the Host header (DNS rebinding) and the API key
 app.py      the FastAPI app (routes, limits, disconnects)
-runner.py   uvicorn: the socket, signals, graceful shutdown
+runner.py   uvicorn: the socket, the connection timeouts, signals, graceful shutdown
 cli.py      the bidir-server command line
 """
 

@@ -1,10 +1,12 @@
 """The FastAPI app: POST /v1/embeddings, GET /health, GET /v1/models, GET /metrics, and OpenAI-style error JSON for
 every refusal (`{"error": {"message", "type", "param", "code"}}`).
 
-A request goes: admitted (or 429 at once: batcher.slot) -> body read up to --max-request-bytes (413) -> validated
-(schema.py, 400/404) -> tokenized on the one tokenizer thread (tokens.py) -> queued for the model thread
-(batcher.py), while a watcher notices a client that disconnects and takes its job off the queue -> Matryoshka cut
-(bidir_core.matryoshka, from the full-width output) -> JSON.
+Every request first passes guard.py (the Host header, the API key). A request to /v1/embeddings goes: JSON
+Content-Type (else 415) -> body read up to --max-request-bytes (413) within --timeout-read (408) -> admitted (or 429
+at once: batcher.slot; only now, so a client slow to send its body never holds a slot) -> validated (schema.py,
+400/404) -> tokenized on the one tokenizer thread, in parts that take turns with other requests' (tokens.py) ->
+queued for the model thread (batcher.py), while a watcher notices a client that disconnects and takes its job off
+the queue -> Matryoshka cut (bidir_core.matryoshka, from the full-width output) -> JSON.
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from bidir_core.errors import BidirError
 from bidir_core.matryoshka import offered_dim, truncate_array
 from bidir_serve.backends import Backend, load_backend
 from bidir_serve.server.batcher import Batcher
 from bidir_serve.server.config import ServerConfig
-from bidir_serve.server.errors import ApiError, bad_request, unavailable
+from bidir_serve.server.errors import ApiError, bad_request, error_response, unavailable
+from bidir_serve.server.guard import Guard
 from bidir_serve.server.metrics import Metrics
 from bidir_serve.server.schema import EmbeddingRequest, embedding_response, parse_request
-from bidir_serve.server.tokens import input_ids
+from bidir_serve.server.tokens import check_size, input_ids, parts
 
 log = logging.getLogger("bidir_serve.server")
 
@@ -79,7 +83,8 @@ def create_app(
             yield
         finally:
             summaries.cancel()
-            # every connection is closed by now (uvicorn waits for in-flight requests), so nothing is left queued
+            # nothing is left queued: uvicorn waited for in-flight requests (up to --timeout-graceful-shutdown; the
+            # ones it then cancelled took their jobs off the queue)
             await asyncio.to_thread(state.batcher.stop)
             state.tokenizer_thread.shutdown()
             if line := metrics.summary():
@@ -87,6 +92,7 @@ def create_app(
 
     app = FastAPI(title="bidir-server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
+    app.add_middleware(Guard, cfg=cfg)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -119,10 +125,16 @@ def create_app(
         start = time.perf_counter()
         error_type = None
         try:
-            with state.batcher.slot():
-                response, what = await _embed(request, state)
+            response, what = await _embed(request, state)
         except ApiError as e:
             response, what, error_type = error_response(e), e.message, e.type
+        except ClientDisconnect:  # gone before its body was in: nothing to answer, nothing wrong here
+            response, what = Response(status_code=CLIENT_GONE), "the client left mid-body"
+        except asyncio.CancelledError:
+            # Only the shutdown cancels a request: the one still running --timeout-graceful-shutdown after SIGTERM
+            # (uvicorn's). It is answered as a request arriving during the shutdown would be, not logged as a crash.
+            e = unavailable("the server is shutting down", "shutting_down")
+            response, what, error_type = error_response(e), "cancelled by the shutdown", e.type
         except Exception as e:  # a bug, not the request's fault: logged with its traceback, answered 500
             log.exception("POST /v1/embeddings failed")
             response = error_response(
@@ -139,20 +151,41 @@ def create_app(
     return app
 
 
-def error_response(e: ApiError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-
 async def _embed(request: Request, state: ServerState) -> tuple[Response, str]:
     cfg, batcher = state.cfg, state.batcher
+    _check_ready(batcher)
+    _check_json(request)
+    body = await _read_body(request, cfg.max_request_bytes, cfg.timeout_read)
+    with batcher.slot():
+        _check_ready(batcher)
+        return await _answer(request, state, parse_request(body))
+
+
+def _check_ready(batcher: Batcher) -> None:
     if batcher.state != "ready":
         message = "the model is still loading (GET /health answers 200 once it is ready)"
         raise unavailable(
             message if batcher.state == "loading" else "the server is shutting down", batcher.state
         )
+
+
+def _check_json(request: Request) -> None:
+    """A JSON body says so: a web page can POST text/plain (or a form) to any server without a CORS preflight,
+    never application/json (guard.py)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(
+            415,
+            f"the body must be JSON sent as Content-Type: application/json, got {media_type or 'no Content-Type'}",
+            param="Content-Type",
+            code="unsupported_media_type",
+        )
+
+
+async def _answer(request: Request, state: ServerState, req: EmbeddingRequest) -> tuple[Response, str]:
+    cfg, batcher = state.cfg, state.batcher
     backend = batcher.backend
-    req = parse_request(await _read_body(request, cfg.max_request_bytes))
+    # MODEL as given is accepted too: the id earlier versions listed (it is never shown to clients any more)
     if req.model is not None and req.model not in (cfg.model_id, cfg.model):
         raise ApiError(
             404,
@@ -170,23 +203,8 @@ async def _embed(request: Request, state: ServerState) -> tuple[Response, str]:
             code="too_many_inputs",
         )
     dim = _dimensions(req, backend)
-    loop = asyncio.get_running_loop()
-    ids = await loop.run_in_executor(
-        state.tokenizer_thread,
-        input_ids,
-        inputs,
-        req.input_type,
-        req.truncate,
-        backend.tokenizer,
-        backend.config,
-    )
+    ids = await _tokenize(state, backend, inputs, req)
     tokens = sum(map(len, ids))
-    if tokens > cfg.max_request_tokens:
-        raise bad_request(
-            f"the inputs have {tokens} tokens, more than the limit of {cfg.max_request_tokens} per request",
-            "input",
-            code="too_many_tokens",
-        )
     emb = await _run(request, batcher, ids)
     if emb is None:
         return Response(status_code=CLIENT_GONE), f"{len(ids)} inputs dropped: the client disconnected"
@@ -203,18 +221,69 @@ def _dimensions(req: EmbeddingRequest, backend: Backend) -> int:
         raise bad_request(str(e), "dimensions") from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _tokenize(
+    state: ServerState, backend: Backend, inputs: list[str] | list[list[int]], req: EmbeddingRequest
+) -> list[list[int]]:
+    """The inputs' token ids, at most --max-request-tokens of them (else a 400, raised as soon as a part passes the
+    limit: the rest is never tokenized). Each part (tokens.parts) is its own task on the one tokenizer thread, whose
+    queue is first come, first served: a request submits its next part only when its last is done, so parts of
+    concurrent requests alternate, and a small request waits for one part of a big one, not all of it."""
+    limit = state.cfg.max_request_tokens
+    if isinstance(inputs[0], str):
+        check_size(inputs, req.input_type, backend.tokenizer, backend.config, limit)
+    loop = asyncio.get_running_loop()
+    ids: list[list[int]] = []
+    tokens = 0
+    for part in parts(inputs, backend.tokenizer, backend.config.max_length):
+        got = await loop.run_in_executor(
+            state.tokenizer_thread,
+            input_ids,
+            inputs[part.start : part.stop],
+            req.input_type,
+            req.truncate,
+            backend.tokenizer,
+            backend.config,
+            part.start,
+        )
+        ids += got
+        tokens += sum(map(len, got))
+        if tokens > limit:
+            counted = (
+                "the inputs have" if part.stop == len(inputs) else f"input[0..{part.stop - 1}] already have"
+            )
+            raise bad_request(
+                f"{counted} {tokens} tokens, more than the limit of {limit} per request",
+                "input",
+                code="too_many_tokens",
+            )
+    return ids
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     too_big = f"the request body is larger than the limit of {limit} bytes"
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"{too_big} ({declared} bytes)", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():  # a body without (or lying about) its length is counted as it comes
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, too_big, code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for (
+            chunk
+        ) in request.stream():  # a body without (or lying about) its length is counted as it comes
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, too_big, code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {timeout:g} s (--timeout-read)",
+            code="request_timeout",
+        ) from None
 
 
 async def _run(request: Request, batcher: Batcher, ids: list[list[int]]) -> np.ndarray | None:

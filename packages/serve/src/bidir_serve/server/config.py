@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from bidir_core.errors import BidirError
 from bidir_serve.backends import BACKENDS, PRECISIONS
+
+NUMBERS = (
+    # name, least, most: a number outside (or inf, nan) is refused at start, not met as a server that hangs
+    ("max_wait_ms", 0, 60_000),
+    ("log_interval", 1e-3, 86_400),
+    ("timeout_keep_alive", 1e-3, 86_400),
+    ("timeout_read", 1e-3, 86_400),
+    ("timeout_graceful_shutdown", 0, 86_400),
+)
+
+HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[?[0-9a-f:.]+\]?", re.IGNORECASE)
+"""A host name or an IP address (an IPv6 one with or without brackets)."""
 
 
 @dataclass(frozen=True)
@@ -17,7 +32,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     served_model_name: str | None = None
-    """The id /v1/models lists and requests may name (None: `model` as given)."""
+    """The id /v1/models lists and requests may name (None: the model folder's or file's name, so that neither
+    /v1/models nor an error shows where the model lies on the server's disk)."""
     backend: str = "auto"
     """auto, torch, onnxruntime or tensorrt (auto: see bidir_serve.backends)."""
     device: str | None = None
@@ -44,6 +60,22 @@ class ServerConfig:
     """Tokens per request after truncation (OpenAI's limit); more is a 400."""
     log_interval: float = 60.0
     """Seconds between two info summaries (requests, tokens/s, latency); none for an interval without requests."""
+    api_key: str | None = field(default=None, repr=False)
+    """Required of every request but GET /health, as `Authorization: Bearer KEY` (None: no key). Not in repr, so
+    never in a log line."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names clients may send in the Host header besides those always accepted (IP addresses, localhost, a
+    --host given as a name, and this machine's name when --host is a wildcard): names or `*.example.com` patterns,
+    no port; `*` accepts any (see guard.py)."""
+    timeout_keep_alive: float = 30.0
+    """Seconds an idle connection is kept open: a new one before its first byte, a kept-alive one after an answer."""
+    timeout_read: float = 30.0
+    """Seconds a client has to send a request's headers (from their first byte; then the connection is closed) and,
+    once they are in, its body (then a 408). A request is admitted (takes one of --max-concurrency) only with its
+    body in, so a slow client holds a connection for at most this long and never a slot."""
+    timeout_graceful_shutdown: float = 20.0
+    """Seconds a shutdown (SIGTERM) waits for in-flight requests before it answers them 503 and stops; below the
+    usual 30 s an orchestrator waits before SIGKILL."""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -63,11 +95,34 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BidirError(f"{name} must be a positive integer, got {value!r}")
-        for name, least in (("max_wait_ms", 0), ("log_interval", 1e-3)):
+        for name, least, most in NUMBERS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
-                raise BidirError(f"{name} must be a number >= {least}, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not least <= value <= most
+            ):
+                raise BidirError(f"{name} must be a number in {least:g}..{most:g}, got {value!r}")
+        if self.api_key is not None and not re.fullmatch(r"[!-~]+", self.api_key):
+            raise BidirError(
+                "api_key must be a non-empty string of printable ASCII characters without spaces"
+            )
+        if isinstance(self.allowed_hosts, str):
+            raise BidirError(
+                f"allowed_hosts must be a sequence of host names, got the string {self.allowed_hosts!r}"
+            )
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
+        for pattern in self.allowed_hosts:
+            name = pattern.removeprefix("*.")
+            if pattern != "*" and (not name or not HOST_NAME.fullmatch(name)):
+                raise BidirError(
+                    f"allowed_hosts: {pattern!r} is not a host name, an IP address, '*.domain' or '*' (no port)"
+                )
 
     @property
     def model_id(self) -> str:
-        return self.served_model_name or self.model
+        """--served-model-name, else the model's folder (or file) name: 'tiny' for /srv/models/tiny/."""
+        return (
+            self.served_model_name or Path(self.model).name or Path(self.model).resolve().name or self.model
+        )

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from starlette.responses import JSONResponse
+
 
 class ApiError(Exception):
     """A refused request: status, one-line message, OpenAI error type, the offending field (param) and a code."""
@@ -35,3 +37,15 @@ def overloaded(message: str) -> ApiError:
 def unavailable(message: str, code: str) -> ApiError:
     """503: the model is still loading, or the server is shutting down."""
     return ApiError(503, message, type="service_unavailable", code=code)
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    """The HTTP answer carrying e: 429 and 503 say when to retry, 401 which scheme to use, and a 408 closes the
+    connection (its client was too slow to send the request; the rest of it is not waited for)."""
+    headers = {
+        429: {"Retry-After": "1"},
+        503: {"Retry-After": "1"},
+        401: {"WWW-Authenticate": "Bearer"},
+        408: {"Connection": "close"},
+    }.get(e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)

@@ -56,7 +56,7 @@ class Metrics:
         self.queue_depth = Gauge("bidir_server_queue_depth", "Requests waiting for the model", registry=r)
         self.in_flight = Gauge(
             "bidir_server_requests_in_flight",
-            "Requests admitted: reading, tokenizing, queued or running",
+            "Requests admitted (their body read): tokenizing, queued or running",
             registry=r,
         )
         self.ready = Gauge("bidir_server_ready", "1 once the model is loaded and warmed up", registry=r)

@@ -11,34 +11,81 @@ what an input longer than the model's max_length becomes:
 
 Token id lists are embedded as given (no prefix, no special tokens added); START / END cut them from the front /
 back, NONE refuses them when too long. Runs on the server's one tokenizer thread (a fast tokenizer must not be used
-by two threads at once).
+by two threads at once), a request's inputs in parts (`parts`) of at most PART_CHARS characters each, so that
+requests take turns on that thread and the token count can stop a request at the part that passes its limit;
+`check_size` refuses, before any tokenizing, texts with more characters than the limit's tokens can stand for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from bidir_core.checkpoint import EncoderConfig
-from bidir_core.tokenization import CUT_FACTOR, cut_long_texts, max_token_chars, tokenize
+from bidir_core.tokenization import cut_long_texts, max_chars, tokenize
 from bidir_serve.prompts import prompt_prefix
 from bidir_serve.server.errors import bad_request
 
+PART_CHARS = 1 << 16
+"""Characters (or token ids) tokenized in one go: tens of milliseconds, the longest a request waits for another's
+part on the tokenizer thread."""
+
 
 def input_ids(
-    inputs: list[str] | list[list[int]], input_type: str, truncate: str, tokenizer, config: EncoderConfig
+    inputs: list[str] | list[list[int]],
+    input_type: str,
+    truncate: str,
+    tokenizer,
+    config: EncoderConfig,
+    first: int = 0,
 ) -> list[list[int]]:
-    """Token ids of each input (texts or token id lists, see the module docstring)."""
+    """Token ids of each input (texts or token id lists, see the module docstring); `first` is the request's index
+    of inputs[0], for the messages."""
     if isinstance(inputs[0], list):
-        return _token_lists(inputs, truncate, config.max_length, len(tokenizer))
+        return _token_lists(inputs, truncate, config.max_length, len(tokenizer), first)
     prefix = prompt_prefix(config, input_type)
     texts = [prefix + text for text in inputs]
     if truncate == "END":
         return tokenize(tokenizer, texts, config.max_length)[0]
     if truncate == "NONE":
-        return _refuse_long(texts, tokenizer, config.max_length, prefix, input_type)
+        return _refuse_long(texts, tokenizer, config.max_length, prefix, input_type, first)
     return _keep_end(inputs, prefix, tokenizer, config.max_length)
 
 
-def _token_lists(inputs: list[list[int]], truncate: str, max_length: int, vocab: int) -> list[list[int]]:
-    for i, ids in enumerate(inputs):
+def parts(inputs: list[str] | list[list[int]], tokenizer, max_length: int) -> Iterator[range]:
+    """Consecutive ranges of the inputs, each of at most PART_CHARS characters as the tokenizer will see them (a text
+    cut as cut_long_texts cuts it; a token id list counts its length, all of which is checked), or of one input."""
+    limit = max_chars(tokenizer, max_length)
+    start = size = 0
+    for i, item in enumerate(inputs):
+        n = len(item) if isinstance(item, list) else min(len(item), limit)
+        if size and size + n > PART_CHARS:
+            yield range(start, i)
+            start, size = i, 0
+        size += n
+    yield range(start, len(inputs))
+
+
+def check_size(texts: list[str], input_type: str, tokenizer, config: EncoderConfig, max_tokens: int) -> None:
+    """Refuse texts that hold more characters than max_tokens tokens can stand for (bidir_core.tokenization.max_chars,
+    the rule that cuts over-long texts), each counted with its prefix and as cut to max_length: they cannot fit in
+    max_tokens, so no tokenizing is spent on them. Costs a sum of lengths (the bound is computed once per tokenizer,
+    by the warm-up)."""
+    prefix = len(prompt_prefix(config, input_type))
+    cut = max_chars(tokenizer, config.max_length)
+    chars = sum(min(prefix + len(text), cut) for text in texts)
+    if chars > max_chars(tokenizer, max_tokens):
+        raise bad_request(
+            f"the inputs hold {chars} characters (each counted up to its first max_length tokens' worth), more than "
+            f"the limit of {max_tokens} tokens per request can cover",
+            "input",
+            code="too_many_tokens",
+        )
+
+
+def _token_lists(
+    inputs: list[list[int]], truncate: str, max_length: int, vocab: int, first: int
+) -> list[list[int]]:
+    for i, ids in enumerate(inputs, first):
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise bad_request(
@@ -52,7 +99,7 @@ def _token_lists(inputs: list[list[int]], truncate: str, max_length: int, vocab:
 
 
 def _refuse_long(
-    texts: list[str], tokenizer, max_length: int, prefix: str, input_type: str
+    texts: list[str], tokenizer, max_length: int, prefix: str, input_type: str, first: int
 ) -> list[list[int]]:
     # cut_long_texts never cuts a text that can fit, so a text it cut is over-long anyway; it bounds the work a huge
     # text costs before it is refused.
@@ -62,7 +109,7 @@ def _refuse_long(
         if len(row) > max_length:
             count = f"{len(row)} tokens" if cut[i] is texts[i] else f"more than {len(row)} tokens"
             with_prefix = f" with the {input_type} prefix {prefix!r}" if prefix else ""
-            raise _too_long(i, count + with_prefix, max_length)
+            raise _too_long(first + i, count + with_prefix, max_length)
     return ids
 
 
@@ -81,7 +128,7 @@ def _keep_end(texts: list[str], prefix: str, tokenizer, max_length: int) -> list
             "truncate START needs a fast tokenizer (token offsets); this model has a slow one", "truncate"
         )
     # The character cut from the end's side: keep the last characters (see cut_long_texts for why this many).
-    limit = CUT_FACTOR * max_length * max_token_chars(tokenizer)
+    limit = max_chars(tokenizer, max_length)
     full = [prefix + (text if len(text) <= limit else text[-limit:]) for text in texts]
     enc = tokenizer(
         full,
