@@ -14,9 +14,8 @@ from pathlib import Path
 
 from harness import random_llama
 
-from bidir_core.checkpoint import EncoderConfig, read_encoder_config, write_checkpoint
-from bidir_core.hf_folder import load_llama_config
-from bidir_core.tokenization import load_tokenizer
+from bidir_core.checkpoint import EncoderConfig, write_checkpoint
+from bidir_core.sources import open_source
 
 
 def main() -> None:
@@ -25,9 +24,10 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    model = random_llama(load_llama_config(args.source), seed=args.seed)
-    encoder_config = read_encoder_config(args.source) or EncoderConfig()
-    write_checkpoint(args.out, model, load_tokenizer(args.source), encoder_config, overwrite=True)
+    source = open_source(args.source)  # its config.json, bidir.json and tokenizer; no weights are read
+    model = random_llama(source.config, seed=args.seed)
+    encoder_config = source.stored or EncoderConfig()
+    write_checkpoint(args.out, model, source.tokenizer(), encoder_config, overwrite=True)
     print(f"wrote {args.out}: random weights shaped like {args.source}")
 
 

@@ -175,14 +175,14 @@ def test_kernels_bidirectional_and_causal(kernel, causal):
 
 
 def test_causal_model_flag_reaches_the_kernel():
-    """A model with causal = True (a causal mode's flag) runs its packed batches causally: a text's first token
-    no longer sees its last one."""
+    """A model whose config says is_causal (the attention mode's one switch) runs its packed batches causally: a
+    text's first token no longer sees its last one."""
     model = tiny_model()
     rows = _rows([6])
     changed = [rows[0][:-1] + [3 + (rows[0][-1] - 2) % 300]]
     with torch.no_grad():
         assert not torch.allclose(model(pack(rows))[0], model(pack(changed))[0], atol=1e-4)
-        model.causal = True
+        model.config.is_causal = True
         assert torch.allclose(model(pack(rows))[0], model(pack(changed))[0], atol=1e-6)
 
 

@@ -59,7 +59,8 @@ class EncoderConfig:
     attention: str = "bidirectional"
     """bidirectional (every token sees the whole text) or causal (each token sees the ones before it, as the
     model was pretrained: Qwen3-Embedding, e5-mistral; pair it with pooling "last"). config.json's is_causal says
-    the same, for transformers and sentence-transformers."""
+    the same, for transformers and sentence-transformers. In memory the model config's is_causal is the record
+    (bidir_core.sources.ModelSource says why); this field is its form in bidir.json and export manifests."""
 
     def __post_init__(self):
         check_pooling(self.pooling)

@@ -7,7 +7,6 @@ The public API mirrors sentence-transformers where that fits: `encode(texts, bat
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,16 +17,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bidir_core.batching import length_sorted_batches, pad_batch
-from bidir_core.checkpoint import EncoderConfig, read_encoder_config, write_checkpoint
+from bidir_core.checkpoint import EncoderConfig, write_checkpoint
 from bidir_core.errors import BidirError
-from bidir_core.families import check_max_length
-from bidir_core.hf_folder import load_config, read_config_dict
+from bidir_core.families import check_max_length, is_causal_config
 from bidir_core.matryoshka import check_dim, truncate
 from bidir_core.model import LlamaBidirectionalModel
 from bidir_core.packed import PackedBatch, pack
 from bidir_core.pooling import pool, pool_packed
-from bidir_core.sources import resolve_source
-from bidir_core.tokenization import load_tokenizer, tokenize
+from bidir_core.sources import ModelSource, open_source
+from bidir_core.tokenization import tokenize
 
 PACKED_DEFAULT = {"cpu": True, "cuda": False}
 """Whether encode() (and the serve torch backend) packs by default, per device type: the faster path by
@@ -47,17 +45,17 @@ class BiEncoder(nn.Module):
         config: EncoderConfig | None = None,
         *,
         autocast_dtype: torch.dtype | None = None,
+        source: ModelSource | None = None,
     ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EncoderConfig(attention="causal" if model.causal else "bidirectional")
-        if model.causal != (self.config.attention == "causal"):
-            raise BidirError(
-                f"the model attends {'causally' if model.causal else 'bidirectionally'} but the encoder config "
-                f"says attention={self.config.attention!r}"
-            )
-        check_max_length(model.config, self.config.max_length)
+        self.source = source
+        """The source model and config were read from (from_pretrained), which checked them against each other
+        as it made them; None for an encoder built from a model in memory, checked here."""
+        if source is None:
+            check_settings(model.config, self.config)
         # A runtime choice, not part of the saved config: training on CPU runs the decoder stack in bf16 autocast
         # (forward() and so encode(), which the in-loop dev evaluation calls); pooling stays fp32.
         self.autocast_dtype = autocast_dtype
@@ -65,7 +63,7 @@ class BiEncoder(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        path_or_name: str | Path,
+        source: str | Path | ModelSource,
         *,
         config: EncoderConfig | None = None,
         pooling: str | None = None,
@@ -78,38 +76,25 @@ class BiEncoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
     ) -> BiEncoder:
-        """Load any source LlamaBidirectionalModel.from_pretrained accepts. Settings come from config when given
-        (e.g. an export manifest's), else from the checkpoint's bidir.json (an NVIDIA llama_bidirec config's
-        `pooling` otherwise, in NeMo's meaning: see _nemo_pooling; else the defaults, with pooling "last" for
+        """Load any source LlamaBidirectionalModel.from_pretrained accepts (a ModelSource too). Settings come from
+        config when given (e.g. an export manifest's), else from the source (ModelSource.encoder_config: its
+        bidir.json, an NVIDIA llama_bidirec config's pooling, or the defaults, with pooling "last" for
         attention="causal"); arguments that are not None override them."""
-        source = resolve_source(path_or_name)
-        overrides = {
-            "pooling": pooling,
-            "normalize": normalize,
-            "query_prefix": query_prefix,
-            "passage_prefix": passage_prefix,
-            "max_length": max_length,
-            "matryoshka_dims": tuple(matryoshka_dims) if matryoshka_dims is not None else None,
-            "attention": attention,
-        }
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        # Settings and tokenizer are checked before the (possibly large) weights are read.
-        config = (
-            _stored_config(source, overrides) if config is None else dataclasses.replace(config, **overrides)
+        # Opening reads and checks bidir.json and config.json, so a bad one is reported as such (not by the
+        # tokenizer, which reads config.json too); settings and tokenizer come before the (large) weights.
+        source = open_source(source, attention or (config.attention if config is not None else None))
+        settings = source.encoder_config(
+            config,
+            pooling=pooling,
+            normalize=normalize,
+            query_prefix=query_prefix,
+            passage_prefix=passage_prefix,
+            max_length=max_length,
+            matryoshka_dims=matryoshka_dims,
         )
-        if source.is_dir():
-            # A bad config.json is reported as such, not by the tokenizer, which reads it too; so is a max_length
-            # the config's attention cannot cover (a sliding window).
-            model_config = load_config(source, config.attention)
-            try:
-                check_max_length(model_config, config.max_length)
-            except BidirError as e:
-                raise BidirError(f"{source / 'config.json'}: {e}") from None
-        tokenizer = load_tokenizer(source)
-        model = LlamaBidirectionalModel.from_pretrained(
-            source, dtype=dtype, device=device, attention=config.attention
-        )
-        return cls(model, tokenizer, config)
+        tokenizer = source.tokenizer()
+        model = LlamaBidirectionalModel.from_pretrained(source, dtype=dtype, device=device)
+        return cls(model, tokenizer, settings, source=source)
 
     @property
     def hidden_size(self) -> int:
@@ -218,47 +203,13 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     return list(texts)
 
 
-# NVIDIA llama_bidirec configs name their pooling in NeMo's terms: its "mean" is our "avg".
-_NEMO_POOLING = {"mean": "avg"}
-
-
-def _stored_config(source: Path, overrides: dict) -> EncoderConfig:
-    """bidir.json, else an NVIDIA llama_bidirec config's pooling, else the defaults; then the overrides."""
-    stored = read_encoder_config(source) if source.is_dir() else None
-    if stored is not None:
-        return dataclasses.replace(stored, **overrides)
-    fields, where = dict(overrides), source
-    if source.is_dir() and "pooling" not in fields:
-        pooling = read_config_dict(source).get("pooling")
-        if pooling is not None:
-            where = source / "config.json"
-            fields["pooling"] = _nemo_pooling(pooling, fields.get("normalize", True), where)
-    if fields.get("attention") == "causal":
-        # Under causal attention only the last token has seen the whole text (Qwen3-Embedding, e5-mistral).
-        fields.setdefault("pooling", "last")
-    try:
-        return EncoderConfig(**fields)
-    except BidirError as e:
-        raise BidirError(f"{where}: {e}") from None
-
-
-def _nemo_pooling(pooling, normalize: bool, where: Path):
-    """bidir's name for the pooling an NVIDIA config names, never one that means something else.
-
-    NeMo's "weighted_avg" is the masked SUM of the token states, not SGPT's position-weighted mean that bidir's
-    weighted_avg is. A row's sum is its mean times its (positive) token count, so once L2-normalized the two are the
-    same vector: with normalization on, the sum is loaded as avg. Un-normalized, bidir has no sum to offer.
-    """
-    if pooling != "weighted_avg":
-        return _NEMO_POOLING.get(pooling, pooling)
-    if not normalize:
+def check_settings(config, settings: EncoderConfig) -> None:
+    """An encoder's settings must suit its model config: the same attention mode (config.is_causal is the record
+    of it, settings.attention its form on disk) and a max_length the attention covers."""
+    causal = is_causal_config(config)
+    if causal != (settings.attention == "causal"):
         raise BidirError(
-            f"{where}: pooling 'weighted_avg' in an NVIDIA llama_bidirec config is a plain sum of token states, "
-            "which bidir offers only L2-normalized (where it equals 'avg'); keep normalization on or pass a pooling"
+            f"the model attends {'causally' if causal else 'bidirectionally'} but the encoder config "
+            f"says attention={settings.attention!r}"
         )
-    warnings.warn(
-        f"{where}: NVIDIA's pooling 'weighted_avg' is a plain sum of token states; L2-normalized it gives the "
-        "same embeddings as 'avg', which bidir uses",
-        stacklevel=4,  # the caller of from_pretrained
-    )
-    return "avg"
+    check_max_length(config, settings.max_length)

@@ -28,7 +28,7 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.metrics import RETRIEVAL_METRICS, pearson, retrieval_metrics, spearman
 from bidir_core.search import RunningTopK, exact_search
-from bidir_core.sources import resolve_source
+from bidir_core.sources import ModelSource, open_source
 
 __all__ = [
     "RETRIEVAL_METRICS",
@@ -169,13 +169,16 @@ def _finite(embeddings: np.ndarray, what) -> np.ndarray:
     return embeddings
 
 
-def check_embeddings_match(written: Embeddings, model: str, passage_prefix: str, allow: bool) -> None:
+def check_embeddings_match(
+    written: Embeddings, source: ModelSource, passage_prefix: str, allow: bool
+) -> None:
     """Corpus embeddings must come from the model evaluated (its checkpoint fingerprint: the manifest's own, or for
     embeddings made from an export, the export's source) and its passage prompt: another model's vectors, or
     query-prompt ones, score plausible but meaningless metrics. A mismatch is an error, or with allow a warning."""
     m = written.manifest
     problems = []
-    fingerprint = checkpoint_fingerprint(resolve_source(model))
+    model = source.name
+    fingerprint = checkpoint_fingerprint(source.path)
     if fingerprint not in (m.model_fingerprint, m.settings.get("source_fingerprint")):
         problems.append(f"they were made by another model ({m.model}), not {model}")
     if m.prompt != "passage" or m.prefix != passage_prefix:
@@ -236,9 +239,10 @@ def evaluate_model(
                 "undefined"
             )
     loaded_data = time.perf_counter()
-    encoder = BiEncoder.from_pretrained(model)
+    source = open_source(model)
+    encoder = BiEncoder.from_pretrained(source)
     if written is not None:
-        check_embeddings_match(written, model, encoder.config.passage_prefix, allow_mismatched_embeddings)
+        check_embeddings_match(written, source, encoder.config.passage_prefix, allow_mismatched_embeddings)
     loaded_model = time.perf_counter()
     if retrieval is not None:
         metrics = evaluate_retrieval(

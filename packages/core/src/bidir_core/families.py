@@ -14,8 +14,8 @@ bidir attends over the whole text, in both attention modes: no sliding window, a
 Both are exactly the identity for texts of at most `attention_span(config)` tokens, so an encoder whose
 max_length is longer than that is refused (check_max_length), naming the config key that limits it.
 
-The attention mode itself (bidirectional or causal) is transformers' own switch, `config.is_causal`, which the
-loaders set from a checkpoint's bidir.json (or the caller's choice): `is_causal_config`.
+The attention mode itself (bidirectional or causal) is transformers' own switch, `config.is_causal`, which
+sources.open_source sets from a checkpoint's bidir.json (or the caller's choice): `is_causal_config`.
 """
 
 from __future__ import annotations

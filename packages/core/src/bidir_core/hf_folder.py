@@ -2,7 +2,8 @@
 
 Covers the ForCausalLM and base-model folders of every family in families.py (Llama, Mistral, Ministral,
 Ministral3, Qwen2, Qwen3; one or sharded safetensors, or pytorch_model.bin), NVIDIA `llama_bidirec` folders and
-bidir checkpoints, which are such folders too. sources.py picks this reader or gguf_import.py's for a source.
+bidir checkpoints, which are such folders too. sources.py picks this reader or gguf_import.py's for a source, and
+reads each file once: these functions take what it read rather than reading it again.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import LlamaConfig
 
-from bidir_core.checkpoint import BIDIR_JSON, read_encoder_config
+from bidir_core.checkpoint import BIDIR_JSON, EncoderConfig
 from bidir_core.errors import BidirError, one_line
 from bidir_core.families import FAMILIES, check_attention, check_config, config_class
 from bidir_core.jsonfile import read_json_object
@@ -44,10 +45,10 @@ def read_config_dict(folder: Path) -> dict:
     return config
 
 
-def stored_attention(folder: Path, raw: dict) -> str:
-    """The attention mode a folder asks for: a bidir checkpoint's bidir.json `attention`, whose config.json must say
-    the same (is_causal); any other folder is bidirectional (bidir's default, whatever its config.json says)."""
-    stored = read_encoder_config(folder)
+def stored_attention(folder: Path, raw: dict, stored: EncoderConfig | None) -> str:
+    """The attention mode a folder asks for, from its config.json (raw) and bidir.json (stored): a bidir
+    checkpoint's bidir.json `attention`, whose config.json must say the same (is_causal); any other folder is
+    bidirectional (bidir's default, whatever its config.json says)."""
     if stored is None:
         return "bidirectional"
     is_causal = raw.get("is_causal")
@@ -59,14 +60,11 @@ def stored_attention(folder: Path, raw: dict) -> str:
     return stored.attention
 
 
-def load_config(folder: Path, attention: str | None = None) -> LlamaConfig:
-    """config.json of a supported folder as its family's transformers config (LlamaConfig, Qwen2Config, ...), with
-    is_causal set for the attention mode: the one given, else the folder's own (stored_attention)."""
-    raw = read_config_dict(folder)
-    stored = stored_attention(folder, raw)  # also checks that a checkpoint's two files agree
-    attention = stored if attention is None else check_attention(attention)
+def build_config(folder: Path, raw: dict, attention: str) -> LlamaConfig:
+    """A folder's config.json (raw, as read_config_dict read it) as its family's transformers config
+    (LlamaConfig, Qwen2Config, ...), checked, with is_causal set for the attention mode."""
     fields = {k: v for k, v in raw.items() if k not in _NON_LLAMA_CONFIG_KEYS}
-    fields["is_causal"] = attention == "causal"
+    fields["is_causal"] = check_attention(attention) == "causal"
     try:
         # also upgrades legacy rope_theta / rope_scaling into rope_parameters
         config = config_class(raw["model_type"])(**fields)
@@ -78,9 +76,6 @@ def load_config(folder: Path, attention: str | None = None) -> LlamaConfig:
             f"{folder / 'config.json'}: not a valid {raw['model_type']} config ({one_line(e)})"
         ) from None
     return config
-
-
-load_llama_config = load_config  # the name from when every folder was a Llama one
 
 
 def _hf_key(key: str) -> str | None:

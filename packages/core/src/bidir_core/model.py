@@ -26,7 +26,7 @@ from bidir_core.errors import BidirError
 from bidir_core.families import check_config, family_of, is_causal_config, projection_bias
 from bidir_core.packed import PackedBatch
 from bidir_core.packed_attention import PackedAttention
-from bidir_core.sources import read_model_weights
+from bidir_core.sources import ModelSource, open_source
 
 
 class RMSNorm(nn.Module):
@@ -214,7 +214,6 @@ class LlamaBidirectionalModel(nn.Module):
         super().__init__()
         check_config(config)
         self.config = config
-        self.causal = is_causal_config(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -225,6 +224,11 @@ class LlamaBidirectionalModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def causal(self) -> bool:
+        """Whether it attends causally: its config's is_causal, the one record of the attention mode (sources.py)."""
+        return is_causal_config(self.config)
 
     def forward(
         self, input_ids: torch.Tensor | PackedBatch, attention_mask: torch.Tensor | None = None
@@ -280,17 +284,17 @@ class LlamaBidirectionalModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        path_or_name: str | Path,
+        source: str | Path | ModelSource,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
         attention: str | None = None,
     ) -> LlamaBidirectionalModel:
-        """The model of any source bidir_core.sources reads: a Hugging Face folder of a supported family, an NVIDIA
-        llama_bidirec folder, a bidir checkpoint, a .gguf file, or the name of the embedded default model
-        ("smollm2-135m"). In eval mode; attention "bidirectional" or "causal" (None: the source's own, a bidir
-        checkpoint's bidir.json; any other source is bidirectional)."""
-        config, state_dict = load_model_weights(path_or_name, dtype=dtype, attention=attention)
-        return cls.from_state_dict(config, state_dict, device=device)
+        """The model of any source bidir_core.sources opens (or one it opened): a Hugging Face folder of a supported
+        family, an NVIDIA llama_bidirec folder, a bidir checkpoint, a .gguf file, or the name of the embedded
+        default model ("smollm2-135m"). In eval mode; attention "bidirectional" or "causal" (None: the source's
+        own, a bidir checkpoint's bidir.json; any other source is bidirectional)."""
+        source = open_source(source, attention)
+        return cls.from_state_dict(source.config, load_model_weights(source, dtype), device=device)
 
     @classmethod
     def from_state_dict(
@@ -308,14 +312,11 @@ class LlamaBidirectionalModel(nn.Module):
         return model.to(device) if device is not None else model
 
 
-def load_model_weights(
-    path_or_name: str | Path, dtype: torch.dtype, attention: str | None = None
-) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """(config, state dict in dtype) of any source (bidir_core.sources.read_model_weights), checked against the
-    model the config builds. config.is_causal is the attention mode: the one given, else the source's own."""
-    config, state_dict, where = read_model_weights(path_or_name, dtype=dtype, attention=attention)
-    check_state_dict(config, state_dict, where)
-    return config, state_dict
+def load_model_weights(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict of an opened source in dtype, checked against the model its config builds."""
+    state_dict, where = source.read_weights(dtype)
+    check_state_dict(source.config, state_dict, where)
+    return state_dict
 
 
 def check_state_dict(

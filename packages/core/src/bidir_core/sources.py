@@ -1,26 +1,162 @@
-"""What a model argument can name, and reading it: the one dispatch over bidir's input formats.
+"""What a model argument can name, opened once: the one dispatch over bidir's input formats.
+
+    source = open_source("./ckpt")          # resolves the name, reads config.json and bidir.json (once each)
+    source.config, source.encoder_config()  # the model config; the encoder settings
+    source.tokenizer(), source.read_weights(torch.bfloat16)   # read when asked for
 
 Sources: a Hugging Face folder of a supported family (families.py: Llama, Mistral, Ministral, Ministral3, Qwen2,
 Qwen3; ForCausalLM or the base model; one or sharded safetensors, or pytorch_model.bin), an NVIDIA
 `llama_bidirec` folder, a bidir checkpoint (a Hugging Face folder too), a .gguf file, or the name of the embedded
-default model. Each format has its reader (hf_folder.py, gguf_import.py, embedded.py);
-a new input format gets its own reader module and a branch here. What is read becomes a model in
-bidir_core.model (LlamaBidirectionalModel.from_pretrained), which imports this module, never the other way.
+default model. Each format has its reader (hf_folder.py, gguf_import.py, embedded.py); a new input format gets its
+own reader module and a branch in open_source. A ModelSource is handed to whatever builds from it
+(LlamaBidirectionalModel.from_pretrained, BiEncoder.from_pretrained, the trainer's loader, the torch backend,
+export), so no file of a source is read twice for one load.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig
 
+from bidir_core.checkpoint import EncoderConfig, read_encoder_config
 from bidir_core.embedded import EMBEDDED_DEFAULT, embedded_checkpoint
 from bidir_core.errors import BidirError
-from bidir_core.families import check_attention
+from bidir_core.families import check_attention, check_max_length, is_causal_config
 from bidir_core.folders import interrupted_publish_hint
-from bidir_core.gguf_import import read_gguf, read_gguf_tensor
-from bidir_core.hf_folder import load_config, read_lm_head, read_state_dict
+from bidir_core.gguf_import import gguf_config, read_gguf, read_gguf_tensor
+from bidir_core.hf_folder import (
+    build_config,
+    read_config_dict,
+    read_lm_head,
+    read_state_dict,
+    stored_attention,
+)
+from bidir_core.tokenization import load_tokenizer
+
+FORMATS = ("checkpoint", "huggingface", "llama_bidirec", "gguf", "embedded")
+"""How a source is stored: a bidir checkpoint (a bidir.json), another Hugging Face folder, an NVIDIA llama_bidirec
+folder, a .gguf file, or the embedded default (read from its cached checkpoint)."""
+EMBEDDER = "embedder"
+MODEL_KINDS = (EMBEDDER,)
+"""What a source's model is (ModelSource.kind). Every source is an embedder today: a decoder whose states are
+pooled. A checkpoint of another kind (a decoder with a scoring head) says so in its bidir.json, which open_source
+reads; the loaders then build what the kind names."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A source opened once: where it is, how it is stored, what model it is, its model config and stored encoder
+    settings; its tokenizer and weights are read on demand.
+
+    The attention mode has one record in memory, `config.is_causal`, and EncoderConfig.attention is only its form
+    on disk (bidir.json, export manifests). The model config rather than the settings, because every user of a
+    model has it and not every one has settings: the model's forward reads it (LlamaBidirectionalModel.causal),
+    the trainer and MNTP build a model before or without an EncoderConfig, and transformers and
+    sentence-transformers read config.json's is_causal. The settings keep the field because an ONNX export or a
+    TensorRT engine carries them without a model config. So encoder_config() copies the mode from the config,
+    never the other way, and with_attention is the one way to change it."""
+
+    name: str
+    """What the caller named: the path as given, or the embedded default's name (messages, export manifests)."""
+    path: Path
+    """The folder or .gguf file read (the embedded default: its cached checkpoint)."""
+    format: str
+    """How the model is stored: one of FORMATS."""
+    config: LlamaConfig
+    """The family's transformers config (LlamaConfig, Qwen2Config, ...), checked; is_causal is the attention mode."""
+    stored: EncoderConfig | None = None
+    """The encoder settings the source stores (a checkpoint's bidir.json), or None."""
+    config_pooling: str | None = None
+    """A folder without bidir.json: its config.json `pooling` (NVIDIA llama_bidirec folders name theirs there, in
+    NeMo's terms), or None."""
+    kind: str = EMBEDDER
+    """What the model is for: one of MODEL_KINDS."""
+
+    @property
+    def attention(self) -> str:
+        return "causal" if is_causal_config(self.config) else "bidirectional"
+
+    @property
+    def config_file(self) -> Path:
+        """The file the model config came from, for errors: config.json of a folder, else the .gguf file."""
+        return self.path if self.format == "gguf" else self.path / "config.json"
+
+    def with_attention(self, attention: str | None) -> ModelSource:
+        """This source attending as given (None: as it is); the files are not read again."""
+        if attention is None or check_attention(attention) == self.attention:
+            return self
+        config = copy.deepcopy(self.config)
+        config.is_causal = attention == "causal"
+        return dataclasses.replace(self, config=config)
+
+    def encoder_config(
+        self,
+        given: EncoderConfig | None = None,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        query_prefix: str | None = None,
+        passage_prefix: str | None = None,
+        max_length: int | None = None,
+        matryoshka_dims: Sequence[int] | None = None,
+    ) -> EncoderConfig:
+        """The encoder settings: given (e.g. an export manifest's), else the source's own (bidir.json; else a
+        config.json `pooling` in NeMo's meaning, see _nemo_pooling; else the defaults, with pooling "last" under
+        causal attention), with the arguments that are not None; attention is the source's. Checked against the
+        model config (a max_length its attention cannot cover), in one line naming the file."""
+        overrides = {
+            "pooling": pooling,
+            "normalize": normalize,
+            "query_prefix": query_prefix,
+            "passage_prefix": passage_prefix,
+            "max_length": max_length,
+            "matryoshka_dims": tuple(matryoshka_dims) if matryoshka_dims is not None else None,
+        }
+        fields = {k: v for k, v in overrides.items() if v is not None} | {"attention": self.attention}
+        if given is not None or self.stored is not None:
+            settings = dataclasses.replace(given or self.stored, **fields)
+        else:
+            where = self.path
+            if self.config_pooling is not None and "pooling" not in fields:
+                where = self.path / "config.json"
+                fields["pooling"] = _nemo_pooling(self.config_pooling, fields.get("normalize", True), where)
+            if self.attention == "causal":
+                # Under causal attention only the last token has seen the whole text (Qwen3-Embedding, e5-mistral).
+                fields.setdefault("pooling", "last")
+            try:
+                settings = EncoderConfig(**fields)
+            except BidirError as e:
+                raise BidirError(f"{where}: {e}") from None
+        try:
+            check_max_length(self.config, settings.max_length)
+        except BidirError as e:
+            raise BidirError(f"{self.config_file}: {e}") from None
+        return settings
+
+    def tokenizer(self):
+        """The source's tokenizer, loaded now (with a pad token and right padding)."""
+        return load_tokenizer(self.path, llama_bidirec=self.format == "llama_bidirec")
+
+    def read_weights(self, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Path] | Path]:
+        """(state dict in dtype under {Family}Model keys, where): `where` is the file each key came from (a folder)
+        or the source itself, for errors. Not yet checked against the model: bidir_core.model does that."""
+        if self.format == "gguf":
+            return read_gguf(self.path, dtype)[1], self.path
+        state_dict, origin = read_state_dict(self.path, dtype)
+        return state_dict, origin or self.path
+
+    def read_lm_head(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The LM head (vocab, hidden) of a source whose head is not its input embeddings (lm_head.weight of a
+        Hugging Face folder, output.weight of a GGUF file), in dtype; None when the source has none (tied, or an
+        embedder). An embedder never needs it; MNTP adaptation predicts tokens through it."""
+        return load_lm_head(self.path, dtype)
 
 
 def resolve_source(path_or_name: str | Path) -> Path:
@@ -38,29 +174,61 @@ def resolve_source(path_or_name: str | Path) -> Path:
     return path
 
 
-def read_model_weights(
-    path_or_name: str | Path, dtype: torch.dtype, attention: str | None = None
-) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[str, Path] | Path]:
-    """(config, state dict in dtype under {Family}Model keys, where) from any supported source; `where` is the file
-    each key came from (a folder) or the source itself, for errors. The config is checked, the tensors not yet:
-    bidir_core.model.load_model_weights checks them against the model the config builds. The config's is_causal is
-    the attention mode: the one given, else the source's own (a bidir checkpoint's bidir.json; any other source is
-    bidirectional)."""
-    path = resolve_source(path_or_name)
+def open_source(source: str | Path | ModelSource, attention: str | None = None) -> ModelSource:
+    """Resolve a model argument and read its description: config.json and bidir.json once each (a folder), or the
+    GGUF metadata. attention "bidirectional" or "causal"; None: the source's own (a checkpoint's bidir.json, whose
+    config.json must agree; any other source is bidirectional). An opened source is returned as it is (attending
+    as given)."""
+    if isinstance(source, ModelSource):
+        return source.with_attention(attention)
+    path = resolve_source(source)
+    attention = None if attention is None else check_attention(attention)
+    name = str(source)
     if path.suffix == ".gguf":
-        config, state_dict = read_gguf(path, dtype)
-        config.is_causal = attention is not None and check_attention(attention) == "causal"
-        return config, state_dict, path
-    config = load_config(path, attention)
-    state_dict, origin = read_state_dict(path, dtype)
-    return config, state_dict, origin if origin else path
+        config = gguf_config(path)
+        config.is_causal = attention == "causal"
+        return ModelSource(name, path, "gguf", config)
+    stored = read_encoder_config(path)  # first: a checkpoint's settings are checked before its model config
+    raw = read_config_dict(path)
+    own = stored_attention(path, raw, stored)  # also checks that a checkpoint's two files agree
+    config = build_config(path, raw, own if attention is None else attention)
+    if name == EMBEDDED_DEFAULT:
+        return ModelSource(name, path, "embedded", config, stored)
+    if stored is not None:
+        return ModelSource(name, path, "checkpoint", config, stored)
+    fmt = "llama_bidirec" if raw["model_type"] == "llama_bidirec" else "huggingface"
+    return ModelSource(name, path, fmt, config, config_pooling=raw.get("pooling"))
 
 
 def load_lm_head(path_or_name: str | Path, dtype: torch.dtype) -> torch.Tensor | None:
-    """The LM head (vocab, hidden) of a source whose head is not its input embeddings (lm_head.weight of a Hugging
-    Face folder, output.weight of a GGUF file), in dtype; None when the source has none (tied, or an embedder).
-    An embedder never needs it; MNTP adaptation predicts tokens through it."""
+    """ModelSource.read_lm_head of a source named by its path, without opening the rest of it."""
     path = resolve_source(path_or_name)
     if path.suffix == ".gguf":
         return read_gguf_tensor(path, "output.weight", dtype)
     return read_lm_head(path, dtype)
+
+
+# NVIDIA llama_bidirec configs name their pooling in NeMo's terms: its "mean" is our "avg".
+_NEMO_POOLING = {"mean": "avg"}
+
+
+def _nemo_pooling(pooling, normalize: bool, where: Path):
+    """bidir's name for the pooling an NVIDIA config names, never one that means something else.
+
+    NeMo's "weighted_avg" is the masked SUM of the token states, not SGPT's position-weighted mean that bidir's
+    weighted_avg is. A row's sum is its mean times its (positive) token count, so once L2-normalized the two are the
+    same vector: with normalization on, the sum is loaded as avg. Un-normalized, bidir has no sum to offer.
+    """
+    if pooling != "weighted_avg":
+        return _NEMO_POOLING.get(pooling, pooling)
+    if not normalize:
+        raise BidirError(
+            f"{where}: pooling 'weighted_avg' in an NVIDIA llama_bidirec config is a plain sum of token states, "
+            "which bidir offers only L2-normalized (where it equals 'avg'); keep normalization on or pass a pooling"
+        )
+    warnings.warn(
+        f"{where}: NVIDIA's pooling 'weighted_avg' is a plain sum of token states; L2-normalized it gives the "
+        "same embeddings as 'avg', which bidir uses",
+        stacklevel=4,  # the caller of BiEncoder.from_pretrained (through ModelSource.encoder_config)
+    )
+    return "avg"

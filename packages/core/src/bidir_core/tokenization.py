@@ -25,8 +25,9 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
-def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of a checkpoint folder or a .gguf file."""
+def load_tokenizer(source: Path, llama_bidirec: bool | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint folder or a .gguf file. llama_bidirec: whether the folder is an NVIDIA
+    llama_bidirec one (None: its config.json says; an opened ModelSource knows already)."""
     if source.suffix == ".gguf":
         return prepare_tokenizer(gguf_tokenizer(source))
     if not any(
@@ -37,11 +38,9 @@ def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:
         )
     # transformers does not know model_type llama_bidirec and would warn that it builds "a model of type ``" from
     # it; a Llama config is what such a folder's config is, and names the same tokenizer family.
-    kwargs = (
-        {"config": LlamaConfig()}
-        if _json_field(source / "config.json", "model_type") == "llama_bidirec"
-        else {}
-    )
+    if llama_bidirec is None:
+        llama_bidirec = _json_field(source / "config.json", "model_type") == "llama_bidirec"
+    kwargs = {"config": LlamaConfig()} if llama_bidirec else {}
     try:
         # Never run a folder's code: NVIDIA ships llama_bidirec folders with an `auto_map` naming a .py file, and
         # without trust_remote_code=False transformers asks "Do you wish to run the custom code? [y/N]" on stdin

@@ -31,11 +31,10 @@ from bidir_core.artifacts import (
     read_manifest,
     write_manifest,
 )
-from bidir_core.embedded import EMBEDDED_DEFAULT
 from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError, one_line
-from bidir_core.sources import resolve_source
+from bidir_core.sources import ModelSource, open_source
 from bidir_export.output_folder import staged_folder
 from bidir_export.profiles import check_verify_shape
 from bidir_export.verification import (
@@ -65,7 +64,7 @@ class NotVerifiable(BidirError):
 
 
 def export_onnx(
-    checkpoint: str | Path,
+    checkpoint: str | Path | ModelSource,
     out_dir: str | Path,
     *,
     dtype: str = "fp32",
@@ -76,7 +75,7 @@ def export_onnx(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> OnnxManifest:
-    """Export checkpoint (anything BiEncoder.from_pretrained loads) to out_dir and verify it.
+    """Export checkpoint (anything BiEncoder.from_pretrained loads, an opened source too) to out_dir and verify it.
 
     Raises BidirError for bad input or when onnxruntime disagrees with PyTorch beyond tolerance (then nothing is
     written to out_dir). When the graph cannot run here (bf16 on onnxruntime CPU) the export is written with
@@ -84,13 +83,13 @@ def export_onnx(
     """
     say = progress or (lambda _msg: None)
     _check_options(dtype, opset, verify_shape)
-    source = resolve_source(checkpoint)
+    source = open_source(checkpoint)
     # The output folder is checked (and a temporary one made next to it) before the weights are read.
     with staged_folder(out_dir, "onnx", overwrite=overwrite) as tmp:
         encoder = BiEncoder.from_pretrained(source).eval()  # fp32: also the PyTorch reference
         verify_shape = (verify_shape[0], min(verify_shape[1], encoder.config.max_length))
         say(
-            f"exporting {checkpoint} ({dtype}, opset {opset}, {encoder.config.attention} attention"
+            f"exporting {source.name} ({dtype}, opset {opset}, {encoder.config.attention} attention"
             f"{', with dimensions' if with_dims else ''})"
         )
         exported = encoder if dtype == "fp32" else copy.deepcopy(encoder).to(TORCH_DTYPES[dtype])
@@ -104,8 +103,8 @@ def export_onnx(
             hidden_size=encoder.hidden_size,
             dtype=dtype,
             opset=opset,
-            source=_source_name(checkpoint, source),
-            source_fingerprint=checkpoint_fingerprint(source),
+            source=_source_name(source),
+            source_fingerprint=checkpoint_fingerprint(source.path),
             model_file=MODEL_FILE,
             inputs=input_names,
             node_count=sum(histogram.values()),
@@ -200,9 +199,9 @@ def _check_options(dtype: str, opset: int, verify_shape: tuple[int, int]) -> Non
     check_verify_shape(verify_shape)
 
 
-def _source_name(given: str | Path, resolved: Path) -> str:
+def _source_name(source: ModelSource) -> str:
     """The embedded default by its name (its cache path differs per machine), any other source as an absolute path."""
-    return EMBEDDED_DEFAULT if str(given) == EMBEDDED_DEFAULT else str(resolved.absolute())
+    return source.name if source.format == "embedded" else str(source.path.absolute())
 
 
 def _export_graph(graph: EmbeddingGraph, path: Path, opset: int, metadata: dict[str, str]) -> None:

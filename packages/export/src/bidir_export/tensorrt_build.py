@@ -35,12 +35,12 @@ from bidir_core.artifacts import (
     find_manifest,
     write_manifest,
 )
-from bidir_core.checkpoint import EncoderConfig, read_encoder_config
+from bidir_core.checkpoint import EncoderConfig
 from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.folders import TOKENIZER_FILES
-from bidir_core.sources import resolve_source
+from bidir_core.sources import open_source
 from bidir_export.onnx_export import DEFAULT_OPSET, Progress, describe, export_onnx
 from bidir_export.output_folder import check_target, staged_folder
 from bidir_export.profiles import check_profiles
@@ -116,8 +116,10 @@ def build_engine(
         raise BidirError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     if workspace_gb is not None and not workspace_gb > 0:
         raise BidirError(f"workspace must be a positive number of GB, got {workspace_gb!r}")
-    onnx_manifest = find_manifest(source, "onnx")  # None: a checkpoint
-    max_length = onnx_manifest.encoder.max_length if onnx_manifest else _checkpoint_max_length(source)
+    onnx_manifest = find_manifest(source, "onnx")  # None: a checkpoint, opened here once
+    checkpoint = None if onnx_manifest else open_source(source)
+    # a checkpoint's max_length is its bidir.json's (a source without one has the default): what export_onnx uses
+    max_length = (onnx_manifest.encoder if onnx_manifest else checkpoint.stored or EncoderConfig()).max_length
     check_profiles(profiles, max_length)
     check_target(Path(out_dir).expanduser().absolute(), overwrite, "tensorrt")
     if missing := tensorrt_missing_message():
@@ -134,7 +136,7 @@ def build_engine(
             onnx_dir = tmp / ".onnx"
             say(f"exporting {source} to ONNX ({precision}) first")
             onnx_manifest = export_onnx(
-                source, onnx_dir, dtype=precision, opset=opset, with_dims=with_dims, verify=False
+                checkpoint, onnx_dir, dtype=precision, opset=opset, with_dims=with_dims, verify=False
             )
         plan = precision_plan(major, onnx_manifest.dtype, precision)
         say(
@@ -175,12 +177,6 @@ def build_engine(
         write_manifest(tmp, manifest)
     say(f"wrote {out_dir}" + (f"; {describe(manifest.verification)}" if manifest.verification else ""))
     return manifest
-
-
-def _checkpoint_max_length(source: str | Path) -> int:
-    folder = resolve_source(source)
-    stored = read_encoder_config(folder) if folder.is_dir() else None
-    return (stored or EncoderConfig()).max_length
 
 
 def _copy_tokenizer(onnx_dir: Path, target: Path) -> None:

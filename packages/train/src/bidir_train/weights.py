@@ -20,8 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 from bidir_core.checkpoint import EncoderConfig, write_checkpoint
 from bidir_core.encoder import BiEncoder
 from bidir_core.model import LlamaBidirectionalModel, load_model_weights
-from bidir_core.sources import load_lm_head, resolve_source
-from bidir_core.tokenization import load_tokenizer
+from bidir_core.sources import load_lm_head, open_source, resolve_source
 from bidir_train import lora
 from bidir_train.config import TrainConfig
 from bidir_train.distributed import agreed, from_rank0
@@ -36,11 +35,11 @@ def load_encoder(cfg: TrainConfig, device: torch.device) -> BiEncoder:
     if cfg.model.pooling is None:  # a recipe that did not come through check_run_folder
         cfg = from_rank0(agreed(with_source_pooling, cfg, run=rank == 0))
     agreed(resolve_source, cfg.model.path, run=rank == 0)  # rank 0 imports an embedded default first, once
-    source = agreed(resolve_source, cfg.model.path)
-    tokenizer = agreed(load_tokenizer, source)
+    source = agreed(open_source, cfg.model.path)
+    tokenizer = agreed(source.tokenizer)
     loaded = agreed(load_model_weights, source, torch.float32, run=rank == 0)
-    config, state_dict = loaded if rank == 0 else (None, {})
-    config = from_rank0(config)
+    state_dict = loaded if rank == 0 else {}
+    config = source.config
     with torch.device("meta"):
         model = LlamaBidirectionalModel(config)
     if cfg.lora is not None:  # adapters in, base frozen; rank 0 draws their initial values

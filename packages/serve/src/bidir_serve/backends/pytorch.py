@@ -16,7 +16,7 @@ from bidir_core.encoder import PACKED_DEFAULT, BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.matryoshka import check_dim
 from bidir_core.packed import pack_padded
-from bidir_core.sources import resolve_source
+from bidir_core.sources import open_source
 from bidir_serve.backends.base import model_fingerprint
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,14 +38,14 @@ class TorchBackend:
         precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
         if precision not in PRECISIONS:
             raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        source = resolve_source(model)
+        source = open_source(model)
         self.encoder = BiEncoder.from_pretrained(
             source, dtype=PRECISIONS[precision], device=self.device
         ).eval()
         self.config, self.tokenizer = self.encoder.config, self.encoder.tokenizer
         self.width = self.encoder.hidden_size
         self.dim = check_dim(dim, self.width)
-        self.fingerprint = self.source_fingerprint = model_fingerprint(source)
+        self.fingerprint = self.source_fingerprint = model_fingerprint(source.path)
         self.pin_memory = self.device.type == "cuda"
         self.precision = precision
         self.description = f"torch {self.device.type} {precision}" + (" compiled" if compile else "")
