@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bidir_core.errors import BidirError, one_line
-from bidir_core.folders import fsync_dir, fsync_file
+from bidir_core.file_writes import fsync_dir, fsync_file
 from bidir_core.jsonfile import parse_fields, read_versioned_json, write_json_atomic
 
 EMBEDDINGS_FORMAT_VERSION = 1

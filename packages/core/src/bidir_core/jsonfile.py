@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bidir_core.errors import BidirError, one_line
-from bidir_core.folders import create_temp_file, fsync_dir
+from bidir_core.file_writes import create_temp_file, fsync_dir
 
 
 def read_json_object(path: Path) -> dict:
@@ -56,7 +56,7 @@ def write_json_atomic(path: Path, value) -> Path:
     """Write value as indented JSON to a temporary file next to path and rename it into place, so path is either
     the old file or the complete new one, also after a power loss (the file is fsynced before the rename and the
     folder after it); the temporary file is removed on any error. The file gets the permissions a plain write
-    would give it (folders.create_temp_file)."""
+    would give it (file_writes.create_temp_file)."""
     return _write_atomic(path, [json.dumps(value, indent=2, ensure_ascii=False) + "\n"])
 
 

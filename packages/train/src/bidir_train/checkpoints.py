@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from bidir_core.errors import BidirError, one_line
-from bidir_core.folders import fsync_dir, fsync_file, set_plain_modes
+from bidir_core.file_writes import fsync_dir, fsync_file, set_plain_modes
 from bidir_core.jsonfile import read_json_object, write_json_atomic
 from bidir_train.config import TrainConfig
 
