@@ -119,6 +119,34 @@ def test_cosent_objective_trains_and_gradcache_matches(tiny_checkpoint, sts_tsv,
     assert loss_curve(tmp_path / "cached") == pytest.approx(losses, abs=1e-5)
 
 
+def test_cosent_forwards_follow_schedule_packing(tiny_checkpoint, sts_tsv, tmp_path, monkeypatch):
+    """schedule.packing=packed: every CoSENT forward is a packed batch of at most max_tokens_per_forward real tokens
+    (none padded), as the contrastive objective's are; padded: none is packed. The same losses either way."""
+    from bidir_core.encoder import BiEncoder
+    from bidir_core.packed import PackedBatch
+
+    forward, seen = BiEncoder.forward, []
+
+    def spy(self, input_ids, attention_mask=None, **kw):
+        packed = isinstance(input_ids, PackedBatch)
+        seen.append((packed, input_ids.num_tokens if packed else None))
+        return forward(self, input_ids, attention_mask, **kw)
+
+    monkeypatch.setattr(BiEncoder, "forward", spy)
+    losses = {}
+    for packing in ("packed", "padded"):
+        seen.clear()
+        args = ["schedule.max_steps=2", f"schedule.packing={packing}", "schedule.max_tokens_per_forward=40"]
+        train_recipe(_graded(tiny_checkpoint, sts_tsv, tmp_path / packing, *args))
+        losses[packing] = loss_curve(tmp_path / packing)
+        assert len(seen) >= 2 * 2 * 2  # 2 steps x 2 micro-batches x 2 sentences, at least
+        if packing == "packed":
+            assert all(packed and tokens <= 40 for packed, tokens in seen), seen
+        else:
+            assert not any(packed for packed, _ in seen)
+    assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-5)
+
+
 def test_cosent_objective_refuses_training_rows(tiny_checkpoint, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"query": "a", "pos_doc": "b"}\n')
