@@ -20,29 +20,25 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from train_testing import loss_curve, torchrun_train, train_recipe
+from train_testing import (
+    RESUMABLE,
+    assert_same_final,
+    loss_curve,
+    recipe_args,
+    stopped_run,
+    torchrun_train,
+    train_recipe,
+)
 
 from bidir_core.errors import BidirError
 from bidir_train import load_recipe
-
-
-def _args(model, data, out, *extra):
-    return [
-        "tiny",
-        f"model.path={model}",
-        f"data.train={data}",
-        f"logging.output_dir={out}",
-        "schedule.max_steps=4",
-        "checkpoint.every_steps=1",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
 def straight(tiny_checkpoint, train_jsonl, tmp_path_factory):
     """4 uninterrupted steps: the reference of every resumed run here."""
     out = tmp_path_factory.mktemp("straight")
-    train_recipe(_args(tiny_checkpoint, train_jsonl, out))
+    train_recipe(recipe_args(tiny_checkpoint, train_jsonl, out, *RESUMABLE))
     return out
 
 
@@ -50,8 +46,7 @@ def straight(tiny_checkpoint, train_jsonl, tmp_path_factory):
 def stopped(tiny_checkpoint, train_jsonl, tmp_path):
     """A run stopped after step 2, checkpoints step-1 and step-2; returns (args to resume it, output_dir)."""
     out = tmp_path / "run"
-    args = _args(tiny_checkpoint, train_jsonl, out)
-    train_recipe([*args, "schedule.stop_at_step=2"])
+    args = stopped_run(tiny_checkpoint, train_jsonl, out, 2)
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
     return args, out
 
@@ -175,7 +170,11 @@ def test_diverging_run_stops_before_nan_weights(tiny_checkpoint, train_jsonl, tm
 
     out = tmp_path / "run"
     with pytest.raises(BidirError, match=r"^step \d: the loss is (nan|inf)") as e:
-        train_recipe(_args(tiny_checkpoint, train_jsonl, out, "optim.lr=1e30", "schedule.warmup_steps=0"))
+        train_recipe(
+            recipe_args(
+                tiny_checkpoint, train_jsonl, out, *RESUMABLE, "optim.lr=1e30", "schedule.warmup_steps=0"
+            )
+        )
     assert "\n" not in str(e.value)
     assert not (out / "final").exists()
     assert list((out / "checkpoints").iterdir())
@@ -213,9 +212,7 @@ def test_truncated_distcp_falls_back_to_the_previous_checkpoint(stopped, straigh
     shown = [str(w.message) for w in caught if "resuming from step-00000001" in str(w.message)]
     assert shown and f"{shard}: truncated" in shown[0]
     assert loss_curve(out) == loss_curve(straight)  # resumed from step 1 exactly
-    straight_final = load_file(straight / "final" / "model.safetensors")
-    for key, value in load_file(out / "final" / "model.safetensors").items():
-        assert torch.equal(value, straight_final[key]), key
+    assert_same_final(straight, out)
 
 
 def test_empty_trainer_state_names_the_file(stopped):
@@ -256,7 +253,7 @@ def test_stale_temp_folders_are_removed_and_checkpoints_fsynced(
     monkeypatch.setattr(
         os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))
     )
-    train_recipe(_args(tiny_checkpoint, train_jsonl, out, "schedule.max_steps=2"))
+    train_recipe(recipe_args(tiny_checkpoint, train_jsonl, out, *RESUMABLE, "schedule.max_steps=2"))
     assert sorted(p.name for p in out.iterdir()) == [
         ".not-ours",
         "checkpoints",
@@ -278,7 +275,7 @@ def test_unwritable_output_dir_is_found_before_the_model_loads(train_jsonl, tmp_
         BidirError, match=r"a-file/run/recipe.json: cannot be written \(.*a-file is not a folder\)"
     ):
         train_recipe(
-            _args(tmp_path / "no-such-model", train_jsonl, blocker / "run")
+            recipe_args(tmp_path / "no-such-model", train_jsonl, blocker / "run", *RESUMABLE)
         )  # the model is never looked at
 
 
@@ -305,7 +302,9 @@ def test_disk_full_while_saving_a_checkpoint(stopped, monkeypatch):
 def test_a_config_error_leaves_nothing_behind(tiny_checkpoint, train_jsonl, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(BidirError):
-        train_recipe(_args(tiny_checkpoint, train_jsonl, out, "loss.matryoshka_dims=[9999]"))
+        train_recipe(
+            recipe_args(tiny_checkpoint, train_jsonl, out, *RESUMABLE, "loss.matryoshka_dims=[9999]")
+        )
     assert not out.exists()
 
 
@@ -356,7 +355,7 @@ def test_disk_full_while_writing_the_final_model(tiny_checkpoint, train_jsonl, t
     monkeypatch.setattr(bidir_core.checkpoint, "save_file", full)
     out = tmp_path / "run"
     with pytest.raises(BidirError) as e:
-        train_recipe(_args(tiny_checkpoint, train_jsonl, out, "schedule.max_steps=1"))
+        train_recipe(recipe_args(tiny_checkpoint, train_jsonl, out, *RESUMABLE, "schedule.max_steps=1"))
     # bidir_core.checkpoint names what was not written (final/) and why, in one line
     assert str(e.value) == f"{out / 'final'}: not written: No space left on device"
     assert not (out / "final").exists() and not list(out.glob(".final.*"))
@@ -364,7 +363,9 @@ def test_disk_full_while_writing_the_final_model(tiny_checkpoint, train_jsonl, t
 
 def test_two_ranks_fall_back_together(tiny_checkpoint, train_jsonl, tmp_path):
     """Rank 1's shard of the newest checkpoint is truncated: both ranks skip it and resume from the one before."""
-    args = [*_args(tiny_checkpoint, train_jsonl, tmp_path / "run"), "schedule.micro_batch_size=1"]
+    args = recipe_args(
+        tiny_checkpoint, train_jsonl, tmp_path / "run", *RESUMABLE, "schedule.micro_batch_size=1"
+    )
     torchrun_train(2, [*args, "schedule.stop_at_step=2"])
     shard = tmp_path / "run" / "checkpoints" / "step-00000002" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from train_testing import train_recipe
+from train_testing import recipe_args, train_recipe
 
 
 def test_a_runs_folders_and_files_get_the_umasks_modes(tiny_checkpoint, train_jsonl, tmp_path):
@@ -14,15 +14,7 @@ def test_a_runs_folders_and_files_get_the_umasks_modes(tiny_checkpoint, train_js
     out = tmp_path / "run"
     previous = os.umask(0o022)
     try:
-        train_recipe(
-            [
-                "tiny",
-                f"model.path={tiny_checkpoint}",
-                f"data.train={train_jsonl}",
-                f"logging.output_dir={out}",
-                "checkpoint.every_steps=2",
-            ]
-        )
+        train_recipe(recipe_args(tiny_checkpoint, train_jsonl, out, "checkpoint.every_steps=2"))
     finally:
         os.umask(previous)
     modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
