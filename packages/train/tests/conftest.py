@@ -3,6 +3,7 @@ a small training file, and the process group of a test that builds the trainer's
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -63,3 +64,11 @@ def train_jsonl(tmp_path_factory):
         )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_args(tiny_checkpoint, train_jsonl):
+    """train_testing.recipe_args on the tiny checkpoint and train.jsonl: tiny_args(out, *overrides)."""
+    from train_testing import recipe_args
+
+    return functools.partial(recipe_args, tiny_checkpoint, train_jsonl)

@@ -15,18 +15,18 @@ from bidir_train import load_recipe
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_checkpoint, train_jsonl, tmp_path_factory):
+def straight(tiny_args, tmp_path_factory):
     """The reference: 6 steps on one process (global batch 4 = 2 micro-batches of 2)."""
     out = tmp_path_factory.mktemp("straight")
-    summary = train_recipe(recipe_args(tiny_checkpoint, train_jsonl, out))
+    summary = train_recipe(tiny_args(out))
     assert summary["steps"] == 6
     return out
 
 
-def test_two_ranks_match_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
+def test_two_ranks_match_one(tiny_args, straight, tmp_path):
     """FSDP2 over 2 gloo ranks, micro-batch 1 per rank, same global batch and groups: same losses (fp32). Both
     pack their forwards (schedule.packing auto: packed on CPU)."""
-    torchrun_train(2, recipe_args(tiny_checkpoint, train_jsonl, tmp_path, "schedule.micro_batch_size=1"))
+    torchrun_train(2, tiny_args(tmp_path, "schedule.micro_batch_size=1"))
     one, two = loss_curve(straight), loss_curve(tmp_path)
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, abs=1e-5)
@@ -34,9 +34,9 @@ def test_two_ranks_match_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
     assert_same_final(straight, tmp_path, atol=1e-5)
 
 
-def test_resume_is_exact(straight, tiny_checkpoint, train_jsonl, tmp_path):
+def test_resume_is_exact(tiny_args, straight, tmp_path):
     """3 steps, stop, rerun -> resumes from the step-3 checkpoint: identical losses and final weights."""
-    args = recipe_args(tiny_checkpoint, train_jsonl, tmp_path)
+    args = tiny_args(tmp_path)
     first = train_recipe([*args, "schedule.stop_at_step=3"])
     assert first["steps"] == 3 and first["final"] is None
     assert (tmp_path / "checkpoints" / "step-00000003").is_dir()
@@ -47,21 +47,21 @@ def test_resume_is_exact(straight, tiny_checkpoint, train_jsonl, tmp_path):
     assert_same_final(straight, tmp_path)
 
 
-def test_padded_two_ranks_match_packed_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
+def test_padded_two_ranks_match_packed_one(tiny_args, straight, tmp_path):
     """Padded forwards under FSDP2 over 2 gloo ranks: the losses and final weights of the single-process run, which
     packs (the CPU default; packed FSDP2 runs are test_two_ranks_match_one and test_packed_resume_is_exact)."""
-    args = recipe_args(tiny_checkpoint, train_jsonl, tmp_path, "schedule.micro_batch_size=1")
+    args = tiny_args(tmp_path, "schedule.micro_batch_size=1")
     torchrun_train(2, [*args, "schedule.packing=padded"])
     assert loss_curve(tmp_path) == pytest.approx(loss_curve(straight), abs=1e-5)
     assert_same_final(straight, tmp_path, atol=1e-5)
 
 
-def test_packed_resume_is_exact(tiny_checkpoint, train_jsonl, tmp_path):
+def test_packed_resume_is_exact(tiny_args, tmp_path):
     """Packed forwards of at most 40 real tokens: 3 steps, stop, rerun -> the same losses and final weights, bit
     for bit, as 6 steps straight."""
     packed = "schedule.packing=packed", "schedule.max_tokens_per_forward=40"
-    whole = train_recipe(recipe_args(tiny_checkpoint, train_jsonl, tmp_path / "whole", *packed))
-    args = recipe_args(tiny_checkpoint, train_jsonl, tmp_path / "resumed", *packed)
+    whole = train_recipe(tiny_args(tmp_path / "whole", *packed))
+    args = tiny_args(tmp_path / "resumed", *packed)
     assert train_recipe([*args, "schedule.stop_at_step=3"])["steps"] == 3
     assert train_recipe(args)["steps"] == whole["steps"] == 6
     assert loss_curve(tmp_path / "resumed") == loss_curve(tmp_path / "whole")
@@ -80,13 +80,11 @@ def test_final_checkpoint_loads_and_embeds(straight, tiny_checkpoint):
     assert abs(emb - before).max() > 1e-3  # trained weights, not the initial ones
 
 
-def test_gradcache_and_matryoshka_in_the_loop(tiny_checkpoint, train_jsonl, tmp_path):
+def test_gradcache_and_matryoshka_in_the_loop(tiny_args, tmp_path):
     """loss.cache_chunk_size changes memory, not the result."""
     extra = ("schedule.max_steps=2", "loss.matryoshka_dims=[16, 64]")
-    train_recipe(recipe_args(tiny_checkpoint, train_jsonl, tmp_path / "plain", *extra))
-    train_recipe(
-        recipe_args(tiny_checkpoint, train_jsonl, tmp_path / "cached", *extra, "loss.cache_chunk_size=1")
-    )
+    train_recipe(tiny_args(tmp_path / "plain", *extra))
+    train_recipe(tiny_args(tmp_path / "cached", *extra, "loss.cache_chunk_size=1"))
     assert loss_curve(tmp_path / "cached") == pytest.approx(loss_curve(tmp_path / "plain"), abs=1e-5)
 
 
@@ -129,16 +127,14 @@ def test_empty_dataset(tiny_checkpoint, tmp_path):
         train_recipe(recipe_args(tiny_checkpoint, empty, tmp_path / "out"))
 
 
-def test_fewer_rows_than_a_batch(tiny_checkpoint, train_jsonl, tmp_path):
+def test_fewer_rows_than_a_batch(tiny_args, tmp_path):
     with pytest.raises(BidirError, match="fewer than one global batch of 4"):
-        train_recipe(recipe_args(tiny_checkpoint, train_jsonl, tmp_path / "out", "data.max_examples=3"))
+        train_recipe(tiny_args(tmp_path / "out", "data.max_examples=3"))
 
 
-def test_more_ranks_than_rows(tiny_checkpoint, train_jsonl, tmp_path):
+def test_more_ranks_than_rows(tiny_args, tmp_path):
     message = _cli_error(
-        recipe_args(
-            tiny_checkpoint,
-            train_jsonl,
+        tiny_args(
             tmp_path / "out",
             "data.max_examples=1",
             "schedule.global_batch_size=2",
