@@ -47,10 +47,11 @@ from harness import SHAPES, append_jsonl, check, data_dir, data_file, environmen
 from bidir_core.datasets import read_training_examples, stdlib_train
 from bidir_core.errors import BidirError
 from bidir_core.sources import resolve_source
-from bidir_train.contrastive import Collator, EpochSampler, forward_backward
+from bidir_train.contrastive import Collator, EpochSampler
 from bidir_train.distributed import init_distributed
 from bidir_train.loss import info_nce
 from bidir_train.recipe import load_recipe
+from bidir_train.step import Chunking, forward_backward
 from bidir_train.weights import load_encoder
 
 TEMPERATURE = 0.02
@@ -137,7 +138,7 @@ class BidirPath:
         mask = None if mask is None else mask.to(self.device)
         return self.encoder(ids.to(self.device), mask, normalize=False)
 
-    def loss(self, q, p, batch):
+    def loss(self, q, p):
         return info_nce(q, p, num_negatives=p.shape[0] // q.shape[0] - 1, temperature=TEMPERATURE)
 
     def step(self, rows, forward_chunk=None, max_tokens=None, update=True) -> tuple[float, int]:
@@ -147,9 +148,8 @@ class BidirPath:
 
     def step_batch(self, batch, kw: dict, update: bool = True) -> tuple[float, int]:
         forward_chunk, max_tokens = kw.get("forward_chunk"), kw.get("max_tokens")
-        loss = forward_backward(
-            self.embed, self.loss, batch, forward_chunk=forward_chunk, max_tokens=max_tokens
-        )
+        chunking = Chunking(forward_chunk=forward_chunk, max_tokens=max_tokens)
+        loss = forward_backward(self.embed, self.loss, batch.groups, chunking=chunking)
         if update:
             torch.nn.utils.clip_grad_norm_(self.encoder.model.parameters(), 1.0)
             self.opt.step()
@@ -279,7 +279,7 @@ def bench_gpu(args) -> dict:
     for i in range(args.steps + 2):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        forward_backward(ours.embed, ours.loss, batch)
+        forward_backward(ours.embed, ours.loss, batch.groups)
         torch.nn.utils.clip_grad_norm_(ours.encoder.model.parameters(), 1.0)
         ours.opt.step()
         ours.opt.zero_grad(set_to_none=True)

@@ -1,7 +1,9 @@
-"""Shared fixtures: an isolated model cache, a tiny random model folder and small training / dev files."""
+"""Shared fixtures: an isolated model cache, tiny random model folders (untied, and tied as MNTP reads its LM head),
+a small training file, and the process group of a test that builds the trainer's pieces itself."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -17,6 +19,30 @@ def tiny_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "model"
     tiny_encoder().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tied_checkpoint(tmp_path_factory):
+    """A tiny random checkpoint whose LM head is its input embeddings (as SmolLM2's)."""
+    from bidir_core.testing import tiny_encoder
+
+    folder = tmp_path_factory.mktemp("tied") / "model"
+    tiny_encoder(tie_word_embeddings=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def device():
+    """This process's training device, in a one-rank process group (made here unless one exists) that the test
+    leaves as it found it."""
+    import torch.distributed as dist
+
+    from bidir_train.distributed import init_distributed
+
+    created, device = init_distributed()
+    yield device
+    if created:
+        dist.destroy_process_group()
 
 
 TOPICS = ["sort", "parse", "open", "join", "split", "read", "write", "copy", "hash", "send", "load", "walk"]
@@ -38,3 +64,11 @@ def train_jsonl(tmp_path_factory):
         )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_args(tiny_checkpoint, train_jsonl):
+    """train_testing.recipe_args on the tiny checkpoint and train.jsonl: tiny_args(out, *overrides)."""
+    from train_testing import recipe_args
+
+    return functools.partial(recipe_args, tiny_checkpoint, train_jsonl)

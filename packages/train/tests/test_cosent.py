@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from train_testing import loss_curve, train_recipe
+from train_testing import loss_curve, recipe_args, train_recipe
 
 from bidir_core.errors import BidirError
 from bidir_train.loss import cosent
@@ -94,40 +94,63 @@ def sts_tsv(tmp_path_factory):
     return path
 
 
-def _graded(tiny_checkpoint, data, out, *extra):
-    return [
-        "tiny",
-        "objective=cosent",
-        f"model.path={tiny_checkpoint}",
-        f"data.train={data}",
-        "data.num_negatives=0",
-        "eval.dev=null",
-        f"logging.output_dir={out}",
-        *extra,
-    ]
+def _cosent(model, data, out, *extra):
+    """A run of objective: cosent (no hard negatives, no dev set)."""
+    return recipe_args(model, data, out, "objective=cosent", "data.num_negatives=0", "eval.dev=null", *extra)
 
 
 def test_cosent_objective_trains_and_gradcache_matches(tiny_checkpoint, sts_tsv, tmp_path):
-    plain = _graded(tiny_checkpoint, sts_tsv, tmp_path / "plain", "schedule.max_steps=3")
+    plain = _cosent(tiny_checkpoint, sts_tsv, tmp_path / "plain", "schedule.max_steps=3")
     summary = train_recipe(plain)
     assert summary["steps"] == 3 and (tmp_path / "plain" / "final").is_dir()
     losses = loss_curve(tmp_path / "plain")
     # >= 0 always (log of 1 + a sum); 0 only when a micro-batch's two pairs tie in score.
     assert len(losses) == 3 and all(math.isfinite(x) and x >= 0 for x in losses) and max(losses) > 0
-    train_recipe([*plain[:-1], f"logging.output_dir={tmp_path / 'cached'}", "schedule.max_steps=3",
-                  "loss.cache_chunk_size=1"])  # fmt: skip
+    train_recipe(
+        _cosent(
+            tiny_checkpoint, sts_tsv, tmp_path / "cached", "schedule.max_steps=3", "loss.cache_chunk_size=1"
+        )
+    )
     assert loss_curve(tmp_path / "cached") == pytest.approx(losses, abs=1e-5)
+
+
+def test_cosent_forwards_follow_schedule_packing(tiny_checkpoint, sts_tsv, tmp_path, monkeypatch):
+    """schedule.packing=packed: every CoSENT forward is a packed batch of at most max_tokens_per_forward real tokens
+    (none padded), as the contrastive objective's are; padded: none is packed. The same losses either way."""
+    from bidir_core.encoder import BiEncoder
+    from bidir_core.packed import PackedBatch
+
+    forward, seen = BiEncoder.forward, []
+
+    def spy(self, input_ids, attention_mask=None, **kw):
+        packed = isinstance(input_ids, PackedBatch)
+        seen.append((packed, input_ids.num_tokens if packed else None))
+        return forward(self, input_ids, attention_mask, **kw)
+
+    monkeypatch.setattr(BiEncoder, "forward", spy)
+    losses = {}
+    for packing in ("packed", "padded"):
+        seen.clear()
+        args = ["schedule.max_steps=2", f"schedule.packing={packing}", "schedule.max_tokens_per_forward=40"]
+        train_recipe(_cosent(tiny_checkpoint, sts_tsv, tmp_path / packing, *args))
+        losses[packing] = loss_curve(tmp_path / packing)
+        assert len(seen) >= 2 * 2 * 2  # 2 steps x 2 micro-batches x 2 sentences, at least
+        if packing == "packed":
+            assert all(packed and tokens <= 40 for packed, tokens in seen), seen
+        else:
+            assert not any(packed for packed, _ in seen)
+    assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-5)
 
 
 def test_cosent_objective_refuses_training_rows(tiny_checkpoint, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"query": "a", "pos_doc": "b"}\n')
     with pytest.raises(BidirError, match="STS-style TSV"):
-        train_recipe(_graded(tiny_checkpoint, rows, tmp_path / "out"))
+        train_recipe(_cosent(tiny_checkpoint, rows, tmp_path / "out"))
     bad = tmp_path / "bad.tsv"
     bad.write_text("score\tsentence1\tsentence2\n1.0\ta\tb\nhigh\tc\td\n")
     with pytest.raises(BidirError, match=r"bad.tsv:3: score 'high'"):
-        train_recipe(_graded(tiny_checkpoint, bad, tmp_path / "out2"))
+        train_recipe(_cosent(tiny_checkpoint, bad, tmp_path / "out2"))
 
 
 def test_cosent_refuses_a_file_whose_scores_are_all_equal(tiny_checkpoint, tmp_path):
@@ -136,10 +159,10 @@ def test_cosent_refuses_a_file_whose_scores_are_all_equal(tiny_checkpoint, tmp_p
     flat = tmp_path / "flat.tsv"
     flat.write_text("score\tsentence1\tsentence2\n" + "".join(f"3\ta {i}\tb {i}\n" for i in range(4)))
     with pytest.raises(BidirError) as e:
-        train_recipe(_graded(tiny_checkpoint, flat, tmp_path / "out"))
+        train_recipe(_cosent(tiny_checkpoint, flat, tmp_path / "out"))
     assert str(e.value).startswith(f"{flat}: all 4 gold scores are equal (3.0)")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
     # The rows trained are what counts: data.max_examples that keeps only tied pairs is refused too.
     flat.write_text("3\ta\tb\n3\tc\td\n1\te\tf\n")
     with pytest.raises(BidirError, match=r"flat.tsv: all 2 gold scores .*data.max_examples=2"):
-        train_recipe(_graded(tiny_checkpoint, flat, tmp_path / "out", "data.max_examples=2"))
+        train_recipe(_cosent(tiny_checkpoint, flat, tmp_path / "out", "data.max_examples=2"))

@@ -7,7 +7,7 @@ import pytest
 from bidir_core.datasets import TrainingExample
 from bidir_core.errors import BidirError
 from bidir_train.contrastive import Collator, EpochSampler
-from bidir_train.objective import rank_micro_batches
+from bidir_train.objective import ShuffledSampler, rank_micro_batches
 
 
 def _examples(n=12, negatives=6):
@@ -42,6 +42,19 @@ def test_negatives_are_sampled_per_epoch_and_seeded():
         )
     other_seed = EpochSampler(_examples(), global_batch_size=4, num_negatives=2, seed=8, where="x")
     assert [r.query for s in range(3) for r in other_seed.rows(0, s)] != [r.query for r in epoch0]
+
+
+def test_epochs_are_the_shuffled_samplers():
+    """The contrastive epoch is ShuffledSampler's: the same steps, left-out rows and example order (MNTP's and
+    CoSENT's), with a positive and negatives drawn for each example."""
+    args = dict(global_batch_size=4, seed=3, where="x")
+    examples = _examples(14)
+    contrastive, plain = EpochSampler(examples, num_negatives=2, **args), ShuffledSampler(examples, **args)
+    assert (contrastive.steps_per_epoch, contrastive.unused_per_epoch) == (plain.steps_per_epoch, 2) == (3, 2)
+    for epoch, step in ((0, 0), (0, 2), (1, 1)):
+        assert [r.query for r in contrastive.rows(epoch, step)] == [
+            ex.query for ex in plain.rows(epoch, step)
+        ]
 
 
 def test_rank_blocks_form_the_same_groups_at_any_world_size():

@@ -20,29 +20,25 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from train_testing import loss_curve, torchrun_train, train_recipe
+from train_testing import (
+    RESUMABLE,
+    assert_same_final,
+    loss_curve,
+    recipe_args,
+    stopped_run,
+    torchrun_train,
+    train_recipe,
+)
 
 from bidir_core.errors import BidirError
 from bidir_train import load_recipe
 
 
-def _args(model, data, out, *extra):
-    return [
-        "tiny",
-        f"model.path={model}",
-        f"data.train={data}",
-        f"logging.output_dir={out}",
-        "schedule.max_steps=4",
-        "checkpoint.every_steps=1",
-        *extra,
-    ]
-
-
 @pytest.fixture(scope="module")
-def straight(tiny_checkpoint, train_jsonl, tmp_path_factory):
+def straight(tiny_args, tmp_path_factory):
     """4 uninterrupted steps: the reference of every resumed run here."""
     out = tmp_path_factory.mktemp("straight")
-    train_recipe(_args(tiny_checkpoint, train_jsonl, out))
+    train_recipe(tiny_args(out, *RESUMABLE))
     return out
 
 
@@ -50,8 +46,7 @@ def straight(tiny_checkpoint, train_jsonl, tmp_path_factory):
 def stopped(tiny_checkpoint, train_jsonl, tmp_path):
     """A run stopped after step 2, checkpoints step-1 and step-2; returns (args to resume it, output_dir)."""
     out = tmp_path / "run"
-    args = _args(tiny_checkpoint, train_jsonl, out)
-    train_recipe([*args, "schedule.stop_at_step=2"])
+    args = stopped_run(tiny_checkpoint, train_jsonl, out, 2)
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
     return args, out
 
@@ -170,12 +165,12 @@ def test_non_finite_or_out_of_range_config_value(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_diverging_run_stops_before_nan_weights(tiny_checkpoint, train_jsonl, tmp_path):
+def test_diverging_run_stops_before_nan_weights(tiny_args, tmp_path):
     from bidir_train.checkpoints import SafeReader
 
     out = tmp_path / "run"
     with pytest.raises(BidirError, match=r"^step \d: the loss is (nan|inf)") as e:
-        train_recipe(_args(tiny_checkpoint, train_jsonl, out, "optim.lr=1e30", "schedule.warmup_steps=0"))
+        train_recipe(tiny_args(out, *RESUMABLE, "optim.lr=1e30", "schedule.warmup_steps=0"))
     assert "\n" not in str(e.value)
     assert not (out / "final").exists()
     assert list((out / "checkpoints").iterdir())
@@ -213,9 +208,7 @@ def test_truncated_distcp_falls_back_to_the_previous_checkpoint(stopped, straigh
     shown = [str(w.message) for w in caught if "resuming from step-00000001" in str(w.message)]
     assert shown and f"{shard}: truncated" in shown[0]
     assert loss_curve(out) == loss_curve(straight)  # resumed from step 1 exactly
-    straight_final = load_file(straight / "final" / "model.safetensors")
-    for key, value in load_file(out / "final" / "model.safetensors").items():
-        assert torch.equal(value, straight_final[key]), key
+    assert_same_final(straight, out)
 
 
 def test_empty_trainer_state_names_the_file(stopped):
@@ -236,9 +229,7 @@ def test_empty_trainer_state_names_the_file(stopped):
 # -------------------------------------------------------------------- 11, 12, 13: the run folder itself
 
 
-def test_stale_temp_folders_are_removed_and_checkpoints_fsynced(
-    tiny_checkpoint, train_jsonl, tmp_path, monkeypatch
-):
+def test_stale_temp_folders_are_removed_and_checkpoints_fsynced(tiny_args, tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     # a writer of final/ that died: bidir_core.folders' temp naming, made by a process that has exited
@@ -256,7 +247,7 @@ def test_stale_temp_folders_are_removed_and_checkpoints_fsynced(
     monkeypatch.setattr(
         os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))
     )
-    train_recipe(_args(tiny_checkpoint, train_jsonl, out, "schedule.max_steps=2"))
+    train_recipe(tiny_args(out, *RESUMABLE, "schedule.max_steps=2"))
     assert sorted(p.name for p in out.iterdir()) == [
         ".not-ours",
         "checkpoints",
@@ -278,7 +269,7 @@ def test_unwritable_output_dir_is_found_before_the_model_loads(train_jsonl, tmp_
         BidirError, match=r"a-file/run/recipe.json: cannot be written \(.*a-file is not a folder\)"
     ):
         train_recipe(
-            _args(tmp_path / "no-such-model", train_jsonl, blocker / "run")
+            recipe_args(tmp_path / "no-such-model", train_jsonl, blocker / "run", *RESUMABLE)
         )  # the model is never looked at
 
 
@@ -302,10 +293,10 @@ def test_disk_full_while_saving_a_checkpoint(stopped, monkeypatch):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
 
 
-def test_a_config_error_leaves_nothing_behind(tiny_checkpoint, train_jsonl, tmp_path):
+def test_a_config_error_leaves_nothing_behind(tiny_args, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(BidirError):
-        train_recipe(_args(tiny_checkpoint, train_jsonl, out, "loss.matryoshka_dims=[9999]"))
+        train_recipe(tiny_args(out, *RESUMABLE, "loss.matryoshka_dims=[9999]"))
     assert not out.exists()
 
 
@@ -347,7 +338,7 @@ def test_a_field_added_since_the_run_started_resumes_at_its_default():
     assert recipe_differences(defaults, with_lora, defaults=defaults) == ["lora", "lora.alpha", "lora.rank"]
 
 
-def test_disk_full_while_writing_the_final_model(tiny_checkpoint, train_jsonl, tmp_path, monkeypatch):
+def test_disk_full_while_writing_the_final_model(tiny_args, tmp_path, monkeypatch):
     import bidir_core.checkpoint
 
     def full(tensors, filename, metadata=None):
@@ -356,15 +347,15 @@ def test_disk_full_while_writing_the_final_model(tiny_checkpoint, train_jsonl, t
     monkeypatch.setattr(bidir_core.checkpoint, "save_file", full)
     out = tmp_path / "run"
     with pytest.raises(BidirError) as e:
-        train_recipe(_args(tiny_checkpoint, train_jsonl, out, "schedule.max_steps=1"))
+        train_recipe(tiny_args(out, *RESUMABLE, "schedule.max_steps=1"))
     # bidir_core.checkpoint names what was not written (final/) and why, in one line
     assert str(e.value) == f"{out / 'final'}: not written: No space left on device"
     assert not (out / "final").exists() and not list(out.glob(".final.*"))
 
 
-def test_two_ranks_fall_back_together(tiny_checkpoint, train_jsonl, tmp_path):
+def test_two_ranks_fall_back_together(tiny_args, tmp_path):
     """Rank 1's shard of the newest checkpoint is truncated: both ranks skip it and resume from the one before."""
-    args = [*_args(tiny_checkpoint, train_jsonl, tmp_path / "run"), "schedule.micro_batch_size=1"]
+    args = tiny_args(tmp_path / "run", *RESUMABLE, "schedule.micro_batch_size=1")
     torchrun_train(2, [*args, "schedule.stop_at_step=2"])
     shard = tmp_path / "run" / "checkpoints" / "step-00000002" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])

@@ -9,9 +9,8 @@ import json
 import peft
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
-from train_testing import loss_curve, torchrun_train, train_recipe
+from train_testing import assert_same_final, loss_curve, recipe_args, torchrun_train, train_recipe
 
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
@@ -21,23 +20,15 @@ from bidir_train import load_recipe, lora
 from bidir_train.checkpoints import SafeReader
 from bidir_train.config import LORA_TARGETS
 from bidir_train.contrastive import Contrastive
-from bidir_train.distributed import init_distributed
 from bidir_train.optim import make_optimizer
 from bidir_train.weights import load_encoder
 
 RANK, ALPHA = 4, 8.0
 
 
-def _recipe(tiny_checkpoint, train_jsonl, out, *extra):
-    return [
-        "tiny",
-        f"model.path={tiny_checkpoint}",
-        f"data.train={train_jsonl}",
-        f"logging.output_dir={out}",
-        f"lora.rank={RANK}",
-        f"lora.alpha={ALPHA}",
-        *extra,
-    ]
+def _recipe(model, data, out, *extra):
+    """A LoRA run: rank RANK, alpha ALPHA."""
+    return recipe_args(model, data, out, f"lora.rank={RANK}", f"lora.alpha={ALPHA}", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +63,6 @@ def test_bad_target_modules_names_the_linears(tiny_checkpoint, train_jsonl, tmp_
     assert "lora.target_modules: qkv names no Linear module" in message
     assert message.endswith(", ".join(sorted(LORA_TARGETS)))
     assert not (tmp_path / "out").exists()  # stopped before anything was written
-
-
-@pytest.fixture
-def device():
-    created, device = init_distributed()
-    yield device
-    if created:
-        dist.destroy_process_group()
 
 
 def test_only_adapters_change(tiny_checkpoint, train_jsonl, device):
@@ -182,9 +165,7 @@ def test_two_ranks_match_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, abs=1e-5)
     assert one[0] != pytest.approx(one[-1], abs=1e-3)
-    a, b = (load_file(p / "final" / "model.safetensors") for p in (straight, tmp_path))
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    assert_same_final(straight, tmp_path, atol=1e-5)
 
 
 def test_resume_is_exact(tiny_checkpoint, train_jsonl, tmp_path):
@@ -223,11 +204,9 @@ def test_activation_checkpointing_gives_the_same_run(tiny_checkpoint, train_json
     assert runs["true"] == pytest.approx(runs["false"], abs=1e-6)
 
 
-def test_mntp_with_lora(train_jsonl, tmp_path):
+def test_mntp_with_lora(tied_checkpoint, train_jsonl, tmp_path):
     """MNTP reads the (frozen) tied embeddings as its LM head: it trains the adapters, and final/ keeps the
     embeddings bit-identical."""
-    tied_checkpoint = tmp_path / "tied"
-    tiny_encoder(tie_word_embeddings=True).save_pretrained(tied_checkpoint)
     out = tmp_path / "mntp"
     summary = train_recipe(
         [

@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from train_testing import free_port
 
-from bidir_train.contrastive import MicroBatch, forward_backward
+from bidir_train.contrastive import MicroBatch
 from bidir_train.loss import info_nce
+from bidir_train.step import Chunking, EncoderEmbed, forward_backward
 
 
 def _hand_loss(q, p, group, temperature, mask=None):
@@ -137,17 +138,16 @@ def test_gradcache_sorted_and_packed_forwards_give_plain_gradients():
     p_ids, p_mask = pad_batch([torch.randint(3, 300, (n,), generator=g).tolist() for n in p_lengths], 0)
     batch = MicroBatch(q_ids, q_mask, p_ids, p_mask, torch.arange(12), torch.arange(0, 12, 2)[:, None], 0, 0)
 
-    def embed(ids, mask):  # (ids, mask) or (PackedBatch, None)
-        return encoder(ids, mask, normalize=False)
+    embed = EncoderEmbed(encoder, torch.device("cpu"))  # (ids, mask) or (PackedBatch, None)
 
-    def loss_fn(q, p, b):
+    def loss_fn(q, p):
         return info_nce(
             q,
             p,
             num_negatives=1,
             temperature=0.05,
-            passage_keys=b.passage_keys,
-            positive_keys=b.positive_keys,
+            passage_keys=batch.passage_keys,
+            positive_keys=batch.positive_keys,
         )
 
     grads = []
@@ -160,7 +160,7 @@ def test_gradcache_sorted_and_packed_forwards_give_plain_gradients():
         encoder.zero_grad()
         losses.append(
             forward_backward(
-                embed, loss_fn, batch, scale=0.5, cache_chunk=cache, forward_chunk=forward, max_tokens=tokens
+                embed, loss_fn, batch.groups, scale=0.5, chunking=Chunking(cache, forward, tokens)
             )
         )
         grads.append({n: p.grad.clone() for n, p in encoder.named_parameters()})
@@ -201,16 +201,17 @@ def test_gradcache_replays_dropout(max_tokens):
     p_ids, p_mask = pad_batch([torch.randint(3, 300, (n,), generator=g).tolist() for n in [11, 6, 14, 8]], 0)
     batch = MicroBatch(q_ids, q_mask, p_ids, p_mask, torch.arange(4), torch.arange(4)[:, None], 0, 0)
 
-    def embed(ids, mask):  # (ids, mask) or (PackedBatch, None)
-        return encoder(ids, mask, normalize=False)
+    embed = EncoderEmbed(encoder, torch.device("cpu"))  # (ids, mask) or (PackedBatch, None)
 
-    def loss_fn(q, p, b):
+    def loss_fn(q, p):
         return info_nce(q, p, num_negatives=0, temperature=0.05)
 
     def step(**chunks):
         encoder.zero_grad()
         torch.manual_seed(7)
-        loss = forward_backward(embed, loss_fn, batch, scale=0.5, max_tokens=max_tokens, **chunks)
+        loss = forward_backward(
+            embed, loss_fn, batch.groups, scale=0.5, chunking=Chunking(**chunks, max_tokens=max_tokens)
+        )
         grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
         return loss, grads, torch.get_rng_state()
 
@@ -223,4 +224,7 @@ def test_gradcache_replays_dropout(max_tokens):
     assert torch.equal(cached_rng, plain_rng)
     # The masks matter: another draw gives another loss (so equal gradients above are not dropout being inert).
     torch.manual_seed(8)
-    assert forward_backward(embed, loss_fn, batch, forward_chunk=2, max_tokens=max_tokens) != plain_loss
+    again = forward_backward(
+        embed, loss_fn, batch.groups, chunking=Chunking(forward_chunk=2, max_tokens=max_tokens)
+    )
+    assert again != plain_loss

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from train_testing import loss_curve, torchrun_train
+from train_testing import assert_same_final, loss_curve, recipe_args, torchrun_train, train_recipe
 
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.testing import tiny_encoder, tiny_tokenizer
-from bidir_train import load_recipe, train
+from bidir_train import load_recipe
 from bidir_train.mntp import (
     IGNORE,
     MaskingCollator,
@@ -29,32 +29,21 @@ TEXTS = [f"the {w} of item {i} is {w}ed by the parser" for i in range(20) for w 
 
 
 @pytest.fixture(scope="module")
-def tied_checkpoint(tmp_path_factory):
-    """A tiny random checkpoint whose LM head is its input embeddings (as SmolLM2's)."""
-    folder = tmp_path_factory.mktemp("tied") / "model"
-    tiny_encoder(tie_word_embeddings=True).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def texts_txt(tmp_path_factory):
     path = tmp_path_factory.mktemp("texts") / "texts.txt"
     path.write_text("\n".join(TEXTS) + "\n")
     return path
 
 
-def _mntp_args(model_dir, texts, out, *extra):
-    return [
-        "tiny",
+def _mntp_args(model, texts, out, *extra):
+    """An MNTP run: global batch 8 in micro-batches of 4."""
+    mntp = (
         "objective=mntp",
-        f"model.path={model_dir}",
-        f"data.train={texts}",
         "data.num_negatives=0",
-        f"logging.output_dir={out}",
         "schedule.global_batch_size=8",
         "schedule.micro_batch_size=4",
-        *extra,
-    ]
+    )
+    return recipe_args(model, texts, out, *mntp, *extra)
 
 
 def _collate(probability=0.3):
@@ -149,9 +138,7 @@ def test_sampler_rows_do_not_depend_on_world_size_or_resume():
 
 def test_stage_lowers_the_loss_and_resumes_exactly(tied_checkpoint, texts_txt, tmp_path):
     straight = tmp_path / "straight"
-    summary = train(
-        load_recipe("tiny", _mntp_args(tied_checkpoint, texts_txt, straight, "schedule.max_steps=12")[1:])
-    )
+    summary = train_recipe(_mntp_args(tied_checkpoint, texts_txt, straight, "schedule.max_steps=12"))
     losses = loss_curve(straight)
     assert summary["steps"] == 12 and len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3  # it learns
@@ -160,31 +147,21 @@ def test_stage_lowers_the_loss_and_resumes_exactly(tied_checkpoint, texts_txt, t
     args = _mntp_args(
         tied_checkpoint, texts_txt, resumed, "schedule.max_steps=12", "checkpoint.every_steps=5"
     )
-    first = train(load_recipe("tiny", [*args[1:], "schedule.stop_at_step=7"]))
+    first = train_recipe([*args, "schedule.stop_at_step=7"])
     assert first["final"] is None
-    train(load_recipe("tiny", args[1:]))
+    train_recipe(args)
     assert loss_curve(resumed) == losses
-    a, b = (
-        load_file(straight / "final" / "model.safetensors"),
-        load_file(resumed / "final" / "model.safetensors"),
-    )
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_final(straight, resumed)
 
 
 def test_checkpoint_starts_a_contrastive_run(tied_checkpoint, texts_txt, train_jsonl, tmp_path):
-    mntp = train(
-        load_recipe(
-            "tiny", _mntp_args(tied_checkpoint, texts_txt, tmp_path / "mntp", "schedule.max_steps=3")[1:]
-        )
-    )
+    mntp = train_recipe(_mntp_args(tied_checkpoint, texts_txt, tmp_path / "mntp", "schedule.max_steps=3"))
     adapted = BiEncoder.from_pretrained(mntp["final"])
     before = BiEncoder.from_pretrained(tied_checkpoint)
     assert abs(adapted.encode_queries(["sort"]) - before.encode_queries(["sort"])).max() > 1e-4
 
     out = tmp_path / "contrastive"
-    args = [f"model.path={mntp['final']}", f"data.train={train_jsonl}", f"logging.output_dir={out}"]
-    summary = train(load_recipe("tiny", [*args, "schedule.max_steps=2"]))
+    summary = train_recipe(recipe_args(mntp["final"], train_jsonl, out, "schedule.max_steps=2"))
     assert summary["steps"] == 2 and BiEncoder.from_pretrained(summary["final"]).encode_queries(
         ["x"]
     ).shape == (1, 64)
@@ -194,33 +171,25 @@ def test_two_ranks_match_one(tied_checkpoint, texts_txt, tmp_path):
     """FSDP2 over 2 gloo ranks: the tied LM head is used after the sharded forward; same losses and weights."""
     one, two = tmp_path / "one", tmp_path / "two"
     args = _mntp_args(tied_checkpoint, texts_txt, one, "schedule.max_steps=4", "checkpoint.every_steps=0")
-    train(load_recipe("tiny", args[1:]))
+    train_recipe(args)
     torchrun_train(2, [a.replace(str(one), str(two)) for a in args])
     assert loss_curve(two) == pytest.approx(loss_curve(one), abs=1e-5)
-    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    assert_same_final(one, two, atol=1e-5)
 
 
 def test_bad_input(tied_checkpoint, tiny_checkpoint, texts_txt, tmp_path):
     with pytest.raises(BidirError, match="untied and was not found"):
-        train(load_recipe("tiny", _mntp_args(tiny_checkpoint, texts_txt, tmp_path / "a")[1:]))
+        train_recipe(_mntp_args(tiny_checkpoint, texts_txt, tmp_path / "a"))
     assert not (tmp_path / "a" / "final").exists()
     with pytest.raises(BidirError, match="objective must be one of contrastive, mntp"):
         load_recipe("tiny", ["objective=mlm"])
     with pytest.raises(BidirError, match="mask_probability must be in"):
         load_recipe("tiny", ["objective=mntp", "mntp.mask_probability=1.5"])
     with pytest.raises(BidirError, match="is 4 tokens for this tokenizer"):
-        train(
-            load_recipe(
-                "tiny", [*_mntp_args(tied_checkpoint, texts_txt, tmp_path / "b")[1:], "mntp.mask_token=ab cd"]
-            )
-        )
+        train_recipe([*_mntp_args(tied_checkpoint, texts_txt, tmp_path / "b"), "mntp.mask_token=ab cd"])
     with pytest.raises(BidirError, match="text_fields is for objective: mntp"):
-        train(
-            load_recipe(
-                "tiny", [f"model.path={tied_checkpoint}", f"data.train={texts_txt}", "data.text_fields=[x]"]
-            )
+        train_recipe(
+            ["tiny", f"model.path={tied_checkpoint}", f"data.train={texts_txt}", "data.text_fields=[x]"]
         )
 
 
@@ -235,7 +204,7 @@ def test_untied_checkpoint_uses_its_own_frozen_head(tmp_path, texts_txt):
     assert head is not None and head.shape == (tiny_tokenizer().vocab_size, 64)
     assert load_lm_head(tmp_path / "hf", torch.float32).equal(head)
     out = tmp_path / "out"
-    summary = train(load_recipe("tiny", _mntp_args(folder, texts_txt, out, "schedule.max_steps=2")[1:]))
+    summary = train_recipe(_mntp_args(folder, texts_txt, out, "schedule.max_steps=2"))
     assert summary["steps"] == 2 and all(map(math.isfinite, loss_curve(out)))
     saved = load_file(out / "final" / "model.safetensors")
     assert not any(k.startswith("lm_head") for k in saved)

@@ -8,21 +8,13 @@ import stat
 from train_testing import train_recipe
 
 
-def test_a_runs_folders_and_files_get_the_umasks_modes(tiny_checkpoint, train_jsonl, tmp_path):
+def test_a_runs_folders_and_files_get_the_umasks_modes(tiny_args, tmp_path):
     # Issue 29.8: checkpoint folders were 0700 and model.safetensors, the RNG files and trainer_state.json 0600,
     # so a run's output could not be served or evaluated by another user.
     out = tmp_path / "run"
     previous = os.umask(0o022)
     try:
-        train_recipe(
-            [
-                "tiny",
-                f"model.path={tiny_checkpoint}",
-                f"data.train={train_jsonl}",
-                f"logging.output_dir={out}",
-                "checkpoint.every_steps=2",
-            ]
-        )
+        train_recipe(tiny_args(out, "checkpoint.every_steps=2"))
     finally:
         os.umask(previous)
     modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}

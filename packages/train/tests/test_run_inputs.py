@@ -9,24 +9,12 @@ import os
 import shutil
 
 import pytest
-from train_testing import loss_curve, train_recipe
+from train_testing import RESUMABLE, loss_curve, recipe_args, stopped_run, train_recipe
 
 from bidir_core.errors import BidirError
 from bidir_core.testing import tiny_encoder
 from bidir_train import load_recipe
 from bidir_train.run_inputs import INPUTS, input_identity
-
-
-def _args(model, data, out, *extra):
-    return [
-        "tiny",
-        f"model.path={model}",
-        f"data.train={data}",
-        f"logging.output_dir={out}",
-        "schedule.max_steps=4",
-        "checkpoint.every_steps=1",
-        *extra,
-    ]
 
 
 @pytest.fixture
@@ -53,8 +41,7 @@ def _refused(args, out, *names) -> str:
 def test_lora_resume_refuses_a_replaced_base(inputs, tmp_path):
     model, data = inputs
     out = tmp_path / "run"
-    args = _args(model, data, out, "lora.rank=4")
-    train_recipe([*args, "schedule.stop_at_step=1"])
+    args = stopped_run(model, data, out, 1, "lora.rank=4")
     # Another base of the same architecture (same file names, sizes and safetensors header) at the same path.
     shutil.rmtree(model)
     tiny_encoder(seed=1).save_pretrained(model)
@@ -70,8 +57,7 @@ def test_lora_resume_refuses_a_replaced_base(inputs, tmp_path):
 def test_resume_refuses_training_data_rewritten_in_place(inputs, tmp_path):
     model, data = inputs
     out = tmp_path / "run"
-    args = _args(model, data, out)
-    train_recipe([*args, "schedule.stop_at_step=1"])
+    args = stopped_run(model, data, out, 1)
     text = data.read_text()
     stat = data.stat()
     data.write_text(text.replace("item 7", "item 8"))  # same length: only the bytes differ
@@ -88,8 +74,7 @@ def test_an_unchanged_copy_or_a_touched_file_resumes(inputs, tmp_path):
     """The identity is of contents, not of modification times: a plain copy of the same model resumes."""
     model, data = inputs
     out = tmp_path / "run"
-    args = _args(model, data, out)
-    train_recipe([*args, "schedule.stop_at_step=2"])
+    args = stopped_run(model, data, out, 2)
     copy = tmp_path / "copy"
     shutil.copytree(model, copy)  # new modification times
     shutil.rmtree(model)
@@ -107,9 +92,8 @@ def test_an_unchanged_copy_or_a_touched_file_resumes(inputs, tmp_path):
 def test_a_run_folder_from_before_the_record_resumes_and_gets_one(inputs, tmp_path):
     model, data = inputs
     out, whole = tmp_path / "run", tmp_path / "whole"
-    args = _args(model, data, out)
-    train_recipe(_args(model, data, whole))
-    train_recipe([*args, "schedule.stop_at_step=2"])
+    train_recipe(recipe_args(model, data, whole, *RESUMABLE))
+    args = stopped_run(model, data, out, 2)
     (out / INPUTS).unlink()  # a run folder written before inputs.json existed
     train_recipe(args)
     assert loss_curve(out) == loss_curve(whole)

@@ -7,53 +7,36 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
-from train_testing import loss_curve, torchrun_train, train_recipe
+from train_testing import assert_same_final, loss_curve, recipe_args, torchrun_train, train_recipe
 
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_train import load_recipe
 
 
-def _recipe(tiny_checkpoint, train_jsonl, out, *extra):
-    return [
-        "tiny",
-        f"model.path={tiny_checkpoint}",
-        f"data.train={train_jsonl}",
-        f"logging.output_dir={out}",
-        *extra,
-    ]
-
-
 @pytest.fixture(scope="module")
-def straight(tiny_checkpoint, train_jsonl, tmp_path_factory):
+def straight(tiny_args, tmp_path_factory):
     """The reference: 6 steps on one process (global batch 4 = 2 micro-batches of 2)."""
     out = tmp_path_factory.mktemp("straight")
-    summary = train_recipe(_recipe(tiny_checkpoint, train_jsonl, out))
+    summary = train_recipe(tiny_args(out))
     assert summary["steps"] == 6
     return out
 
 
-def test_two_ranks_match_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
+def test_two_ranks_match_one(tiny_args, straight, tmp_path):
     """FSDP2 over 2 gloo ranks, micro-batch 1 per rank, same global batch and groups: same losses (fp32). Both
     pack their forwards (schedule.packing auto: packed on CPU)."""
-    torchrun_train(2, _recipe(tiny_checkpoint, train_jsonl, tmp_path, "schedule.micro_batch_size=1"))
+    torchrun_train(2, tiny_args(tmp_path, "schedule.micro_batch_size=1"))
     one, two = loss_curve(straight), loss_curve(tmp_path)
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, abs=1e-5)
     assert one[0] != pytest.approx(one[-1], abs=1e-3)  # the model did learn something
-    a, b = (
-        load_file(straight / "final" / "model.safetensors"),
-        load_file(tmp_path / "final" / "model.safetensors"),
-    )
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    assert_same_final(straight, tmp_path, atol=1e-5)
 
 
-def test_resume_is_exact(straight, tiny_checkpoint, train_jsonl, tmp_path):
+def test_resume_is_exact(tiny_args, straight, tmp_path):
     """3 steps, stop, rerun -> resumes from the step-3 checkpoint: identical losses and final weights."""
-    args = _recipe(tiny_checkpoint, train_jsonl, tmp_path)
+    args = tiny_args(tmp_path)
     first = train_recipe([*args, "schedule.stop_at_step=3"])
     assert first["steps"] == 3 and first["final"] is None
     assert (tmp_path / "checkpoints" / "step-00000003").is_dir()
@@ -61,41 +44,28 @@ def test_resume_is_exact(straight, tiny_checkpoint, train_jsonl, tmp_path):
     second = train_recipe(args)
     assert second["steps"] == 6
     assert loss_curve(tmp_path) == loss_curve(straight)
-    a, b = (
-        load_file(straight / "final" / "model.safetensors"),
-        load_file(tmp_path / "final" / "model.safetensors"),
-    )
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_final(straight, tmp_path)
 
 
-def test_padded_two_ranks_match_packed_one(straight, tiny_checkpoint, train_jsonl, tmp_path):
+def test_padded_two_ranks_match_packed_one(tiny_args, straight, tmp_path):
     """Padded forwards under FSDP2 over 2 gloo ranks: the losses and final weights of the single-process run, which
     packs (the CPU default; packed FSDP2 runs are test_two_ranks_match_one and test_packed_resume_is_exact)."""
-    args = _recipe(tiny_checkpoint, train_jsonl, tmp_path, "schedule.micro_batch_size=1")
+    args = tiny_args(tmp_path, "schedule.micro_batch_size=1")
     torchrun_train(2, [*args, "schedule.packing=padded"])
     assert loss_curve(tmp_path) == pytest.approx(loss_curve(straight), abs=1e-5)
-    a, b = (
-        load_file(straight / "final" / "model.safetensors"),
-        load_file(tmp_path / "final" / "model.safetensors"),
-    )
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    assert_same_final(straight, tmp_path, atol=1e-5)
 
 
-def test_packed_resume_is_exact(tiny_checkpoint, train_jsonl, tmp_path):
+def test_packed_resume_is_exact(tiny_args, tmp_path):
     """Packed forwards of at most 40 real tokens: 3 steps, stop, rerun -> the same losses and final weights, bit
     for bit, as 6 steps straight."""
     packed = "schedule.packing=packed", "schedule.max_tokens_per_forward=40"
-    whole = train_recipe(_recipe(tiny_checkpoint, train_jsonl, tmp_path / "whole", *packed))
-    args = _recipe(tiny_checkpoint, train_jsonl, tmp_path / "resumed", *packed)
+    whole = train_recipe(tiny_args(tmp_path / "whole", *packed))
+    args = tiny_args(tmp_path / "resumed", *packed)
     assert train_recipe([*args, "schedule.stop_at_step=3"])["steps"] == 3
     assert train_recipe(args)["steps"] == whole["steps"] == 6
     assert loss_curve(tmp_path / "resumed") == loss_curve(tmp_path / "whole")
-    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("whole", "resumed"))
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_final(tmp_path / "whole", tmp_path / "resumed")
 
 
 def test_final_checkpoint_loads_and_embeds(straight, tiny_checkpoint):
@@ -110,19 +80,11 @@ def test_final_checkpoint_loads_and_embeds(straight, tiny_checkpoint):
     assert abs(emb - before).max() > 1e-3  # trained weights, not the initial ones
 
 
-def test_gradcache_and_matryoshka_in_the_loop(tiny_checkpoint, train_jsonl, tmp_path):
+def test_gradcache_and_matryoshka_in_the_loop(tiny_args, tmp_path):
     """loss.cache_chunk_size changes memory, not the result."""
-    base = _recipe(
-        tiny_checkpoint,
-        train_jsonl,
-        tmp_path / "plain",
-        "schedule.max_steps=2",
-        "loss.matryoshka_dims=[16, 64]",
-    )
-    train_recipe(base)
-    train_recipe(
-        [*base[:-3], f"logging.output_dir={tmp_path / 'cached'}", *base[-2:], "loss.cache_chunk_size=1"]
-    )
+    extra = ("schedule.max_steps=2", "loss.matryoshka_dims=[16, 64]")
+    train_recipe(tiny_args(tmp_path / "plain", *extra))
+    train_recipe(tiny_args(tmp_path / "cached", *extra, "loss.cache_chunk_size=1"))
     assert loss_curve(tmp_path / "cached") == pytest.approx(loss_curve(tmp_path / "plain"), abs=1e-5)
 
 
@@ -154,7 +116,7 @@ def test_malformed_jsonl_row(tiny_checkpoint, train_jsonl, tmp_path):
     lines = train_jsonl.read_text().splitlines()
     lines[4] = '{"query": "unterminated'
     bad.write_text("\n".join(lines) + "\n")
-    message = _cli_error(_recipe(tiny_checkpoint, bad, tmp_path / "out"))
+    message = _cli_error(recipe_args(tiny_checkpoint, bad, tmp_path / "out"))
     assert f"{bad}:5" in message
 
 
@@ -162,19 +124,17 @@ def test_empty_dataset(tiny_checkpoint, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(BidirError, match="no training examples"):
-        train_recipe(_recipe(tiny_checkpoint, empty, tmp_path / "out"))
+        train_recipe(recipe_args(tiny_checkpoint, empty, tmp_path / "out"))
 
 
-def test_fewer_rows_than_a_batch(tiny_checkpoint, train_jsonl, tmp_path):
+def test_fewer_rows_than_a_batch(tiny_args, tmp_path):
     with pytest.raises(BidirError, match="fewer than one global batch of 4"):
-        train_recipe(_recipe(tiny_checkpoint, train_jsonl, tmp_path / "out", "data.max_examples=3"))
+        train_recipe(tiny_args(tmp_path / "out", "data.max_examples=3"))
 
 
-def test_more_ranks_than_rows(tiny_checkpoint, train_jsonl, tmp_path):
+def test_more_ranks_than_rows(tiny_args, tmp_path):
     message = _cli_error(
-        _recipe(
-            tiny_checkpoint,
-            train_jsonl,
+        tiny_args(
             tmp_path / "out",
             "data.max_examples=1",
             "schedule.global_batch_size=2",
@@ -186,7 +146,7 @@ def test_more_ranks_than_rows(tiny_checkpoint, train_jsonl, tmp_path):
 
 
 def test_missing_model_path(train_jsonl, tmp_path):
-    message = _cli_error(_recipe(tmp_path / "no-such-model", train_jsonl, tmp_path / "out"))
+    message = _cli_error(recipe_args(tmp_path / "no-such-model", train_jsonl, tmp_path / "out"))
     assert "no-such-model: no such file or folder" in message
 
 
@@ -209,10 +169,10 @@ def test_the_source_pooling_is_kept_unless_the_recipe_sets_one(train_jsonl, tmp_
     source = tmp_path / "causal"
     tiny_encoder(EncoderConfig(pooling="last", attention="causal")).save_pretrained(source)
     one_step = ["schedule.max_steps=1", "eval.dev=null"]
-    train_recipe(_recipe(source, train_jsonl, tmp_path / "kept", *one_step))
+    train_recipe(recipe_args(source, train_jsonl, tmp_path / "kept", *one_step))
     assert json.loads((tmp_path / "kept" / "final" / "bidir.json").read_text())["pooling"] == "last"
     assert json.loads((tmp_path / "kept" / "recipe.json").read_text())["model"]["pooling"] == "last"
-    train_recipe(_recipe(source, train_jsonl, tmp_path / "set", *one_step, "model.pooling=avg"))
+    train_recipe(recipe_args(source, train_jsonl, tmp_path / "set", *one_step, "model.pooling=avg"))
     assert json.loads((tmp_path / "set" / "final" / "bidir.json").read_text())["pooling"] == "avg"
     # Unset in the recipe (None) until the trainer reads the source.
     assert load_recipe("tiny").model.pooling is None

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from bidir_core.encoder import BiEncoder
 from bidir_core.pooling import pool
 from bidir_train import load_recipe
-from bidir_train.distributed import init_distributed
 from bidir_train.weights import load_encoder
-
-
-@pytest.fixture
-def device():
-    created, device = init_distributed()
-    yield device
-    if created:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -1,5 +1,5 @@
-"""Helpers for the bidir-train tests: a recipe run in this process, the same under torchrun, its losses, and a free
-port for a process group."""
+"""Helpers for the bidir-train tests: a run's recipe arguments, the run in this process or under torchrun, its
+losses and final weights, and a free port for a process group."""
 
 from __future__ import annotations
 
@@ -10,12 +10,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from bidir_train import load_recipe, train
+
+RESUMABLE = ("schedule.max_steps=4", "checkpoint.every_steps=1")
+"""4 steps and a checkpoint after each: a run the resume tests stop, damage and restart."""
+
+
+def recipe_args(model, data, out, *extra: str, recipe: str = "tiny") -> list[str]:
+    """The arguments of a run of `recipe` on model folder `model` and data.train `data`, writing into `out`, with the
+    overrides `extra`: what train_recipe and torchrun_train take."""
+    return [recipe, f"model.path={model}", f"data.train={data}", f"logging.output_dir={out}", *extra]
 
 
 def train_recipe(args: list[str]) -> dict:
     """train() on the recipe args[0] with the overrides args[1:], in this process; returns its summary."""
     return train(load_recipe(args[0], args[1:]))
+
+
+def stopped_run(model, data, out, step: int, *extra: str) -> list[str]:
+    """A RESUMABLE run into `out`, stopped after `step` (its checkpoint written); returns the arguments that resume
+    it."""
+    args = recipe_args(model, data, out, *RESUMABLE, *extra)
+    train_recipe([*args, f"schedule.stop_at_step={step}"])
+    return args
 
 
 def torchrun_train(nproc: int, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -35,6 +55,19 @@ def loss_curve(out: Path) -> list[float]:
     """The per-step losses of the run in out, from its metrics.jsonl."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def assert_same_final(a: Path, b: Path, atol: float | None = None) -> None:
+    """The final/model.safetensors of runs a and b hold the same tensors: bit for bit (atol None), or within atol."""
+    wa, wb = (load_file(out / "final" / "model.safetensors") for out in (a, b))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        if atol is None:
+            assert torch.equal(wa[key], wb[key]), key
+        else:
+            torch.testing.assert_close(
+                wb[key], wa[key], rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
+            )
 
 
 def free_port() -> int:

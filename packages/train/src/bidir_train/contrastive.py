@@ -7,41 +7,29 @@ k of rank r is the contiguous block [(k * W + r) * m, (k * W + r + 1) * m) of th
 W = world size), so a micro-batch group (m x W rows, the in-batch negatives) is the same rows whatever W is.
 The data position of a run is just (epoch, step in epoch): nothing else to save for a resume.
 
-Step: forward + backward of one micro-batch, plain or with GradCache. Plain: embed the queries and the passages, loss, backward. With `forward_chunk`, each side is embedded in
-length-sorted chunks, each padded only to its own longest text: the same embeddings (attention never reads padding)
-for much less compute when lengths vary (2.6x fewer padded tokens on the SNLI + MRPC + STS-B mixture). With
-`max_tokens` (schedule.packing packed, the CPU default: schedule.max_tokens_per_forward), each forward is a packed batch (bidir_core.packed) of at most that
-many real tokens: no padding at all, the same embeddings again. The micro-batch, and so the loss and its in-batch
-negatives, is the same rows either way.
-
-GradCache (Gao et al., 2021): the contrastive loss couples every query with every passage, so the batch cannot
-simply be split. Instead (1) embed everything without autograd, `cache_chunk` texts at a time; (2) compute the loss
-on those embeddings as leaves and backward to get d loss / d embedding; (3) re-embed each chunk with autograd and
-backward the cached embedding gradient through it, each chunk from the random state its forward in (1) started
-from. The parameter gradients equal the plain loss's, while only one chunk's activations are alive at a time; with
-dropout (lora.dropout), the replayed state makes (3) draw the masks (1) drew, so they are the gradients of the loss
-(1) and (2) computed, as a step without the cache and forward_chunk = cache_chunk computes it (same masks, same
-random stream after the step).
+Step: bidir_train.step embeds the queries and the passages (plain, in length-sorted chunks, packed, or with GradCache,
+as the recipe's chunking says) and backwards the InfoNCE loss over them.
 """
 
 from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from bidir_core.batching import pad_batch
-from bidir_core.datasets import read_training_examples
+from bidir_core.datasets import TrainingExample, read_training_examples
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
-from bidir_core.packed import PackedBatch
 from bidir_core.tokenization import tokenize
 from bidir_train.config import TrainConfig
 from bidir_train.loss import doc_key, info_nce
-from bidir_train.objective import first_rows, input_chunks, packed_tokens, warn_left_out
+from bidir_train.objective import ShuffledSampler, first_rows, warn_left_out
+from bidir_train.step import Chunking, EncoderEmbed, Group, forward_backward
 
 
 class Contrastive:
@@ -68,25 +56,15 @@ class Contrastive:
             query_max=cfg.model.query_max_length,
             passage_max=cfg.model.passage_max_length,
         )
+        self.embed = EncoderEmbed(encoder, device)  # raw embeddings: info_nce normalizes per Matryoshka dim
+        self.chunking = Chunking.from_recipe(cfg, device)
 
     def forward_backward(self, batch: MicroBatch, *, scale: float = 1.0) -> float:
-        return forward_backward(
-            self.embed,
-            self.loss,
-            batch,
-            scale=scale,
-            cache_chunk=self.cfg.loss.cache_chunk_size,
-            forward_chunk=self.cfg.schedule.forward_chunk_size,
-            max_tokens=packed_tokens(self.cfg.schedule, self.device),
-        )
-
-    def embed(self, ids: torch.Tensor | PackedBatch, mask: torch.Tensor | None) -> torch.Tensor:
-        """Raw (un-normalized) embeddings of a padded (ids, mask) or a packed (PackedBatch, None) chunk: info_nce
-        normalizes after each Matryoshka truncation."""
-        mask = None if mask is None else mask.to(self.device)
-        return self.encoder(ids.to(self.device), mask, normalize=False)
+        loss = partial(self.loss, batch=batch)
+        return forward_backward(self.embed, loss, batch.groups, scale=scale, chunking=self.chunking)
 
     def loss(self, q: torch.Tensor, p: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+        """InfoNCE of queries q (B, D) against passages p (B * (1 + N), D), grouped by query."""
         cfg, mask = self.cfg.loss, self.cfg.loss.mask_false_negatives
         return info_nce(
             q,
@@ -115,7 +93,7 @@ class Sample:
     positive_keys: tuple[int, ...]  # doc_key of every positive of the example (false-negative masking)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MicroBatch:
     """Tokenized micro-batch of one rank: queries (B, Tq) and passages (B * (1 + N), Tp), grouped by query."""
 
@@ -128,29 +106,37 @@ class MicroBatch:
     tokens: int  # real (non-pad) tokens in the micro-batch
     truncated: int  # texts cut to their max length
 
+    @property
+    def groups(self) -> tuple[Group, Group]:
+        """What bidir_train.step embeds: the queries, then the passages."""
+        return (self.query_ids, self.query_mask), (self.passage_ids, self.passage_mask)
+
 
 def _key(doc_id: str, text: str) -> int:
     # Without an id, a passage's text is its identity: the same text is the same document.
     return doc_key(doc_id) if doc_id else doc_key("text:" + text)
 
 
-class EpochSampler:
-    """Examples -> the rows of (epoch, step) for one rank."""
+class EpochSampler(ShuffledSampler):
+    """Examples -> the rows of (epoch, step): ShuffledSampler's seeded permutation, each example drawn with one of
+    its positives and num_negatives of its hard negatives by the generator that drew the permutation."""
+
+    noun = "training examples"
 
     def __init__(
-        self, examples: Sequence, *, global_batch_size: int, num_negatives: int, seed: int, where: str
+        self,
+        examples: Iterable[TrainingExample],
+        *,
+        global_batch_size: int,
+        num_negatives: int,
+        seed: int,
+        where: str,
     ):
-        self.examples = list(examples)
-        self.global_batch_size = global_batch_size
-        self.num_negatives = num_negatives
-        self.seed = seed
-        if not self.examples:
+        examples = list(examples)
+        if not examples:
             raise BidirError(f"{where}: no training examples")
-        if len(self.examples) < global_batch_size:
-            raise BidirError(
-                f"{where}: {len(self.examples)} training examples, fewer than one global batch of "
-                f"{global_batch_size} (lower schedule.global_batch_size)"
-            )
+        super().__init__(examples, global_batch_size=global_batch_size, seed=seed, where=where)
+        self.num_negatives = num_negatives
         if num_negatives:
             bare = [ex for ex in self.examples if not ex.negatives]
             if bare:
@@ -158,34 +144,30 @@ class EpochSampler:
                     f"{bare[0].origin or where}: no hard negatives, but data.num_negatives={num_negatives} "
                     f"({len(bare)} such examples; set data.num_negatives=0 or add neg_doc)"
                 )
-        self.steps_per_epoch = len(self.examples) // global_batch_size
-        self.unused_per_epoch = len(self.examples) - self.steps_per_epoch * global_batch_size
         self.short_of_negatives = sum(1 for ex in self.examples if 0 < len(ex.negatives) < num_negatives)
-        self._epoch, self._order = None, None
 
-    def _draw(self, epoch: int) -> list[Sample]:
-        """The epoch's example order with its sampled positives and negatives."""
-        rng = random.Random(f"{self.seed}:{epoch}")
-        order = list(range(len(self.examples)))
-        rng.shuffle(order)
-        rows = []
-        for i in order[: self.steps_per_epoch * self.global_batch_size]:
-            ex = self.examples[i]
-            p = rng.randrange(len(ex.positives))
-            negs = self._negatives(rng, len(ex.negatives))
-            pos_ids = ex.positive_ids or ("",) * len(ex.positives)
-            neg_ids = ex.negative_ids or ("",) * len(ex.negatives)
-            rows.append(
-                Sample(
-                    query=ex.query,
-                    positive=ex.positives[p],
-                    negatives=tuple(ex.negatives[j] for j in negs),
-                    passage_keys=(_key(pos_ids[p], ex.positives[p]),)
-                    + tuple(_key(neg_ids[j], ex.negatives[j]) for j in negs),
-                    positive_keys=tuple(_key(d, t) for d, t in zip(pos_ids, ex.positives, strict=True)),
-                )
-            )
-        return rows
+    def draw(self, epoch: int) -> list[Sample]:
+        """The epoch's rows in step order, with their sampled positives and negatives: after the permutation, the
+        same generator draws each used example's positive, then its negatives, in the permutation's order."""
+        order, rng = self.permutation(epoch)
+        return [
+            self._sample(self.examples[i], rng)
+            for i in order[: self.steps_per_epoch * self.global_batch_size]
+        ]
+
+    def _sample(self, ex: TrainingExample, rng: random.Random) -> Sample:
+        p = rng.randrange(len(ex.positives))
+        negs = self._negatives(rng, len(ex.negatives))
+        pos_ids = ex.positive_ids or ("",) * len(ex.positives)
+        neg_ids = ex.negative_ids or ("",) * len(ex.negatives)
+        return Sample(
+            query=ex.query,
+            positive=ex.positives[p],
+            negatives=tuple(ex.negatives[j] for j in negs),
+            passage_keys=(_key(pos_ids[p], ex.positives[p]),)
+            + tuple(_key(neg_ids[j], ex.negatives[j]) for j in negs),
+            positive_keys=tuple(_key(d, t) for d, t in zip(pos_ids, ex.positives, strict=True)),
+        )
 
     def _negatives(self, rng: random.Random, available: int) -> list[int]:
         n = self.num_negatives
@@ -206,13 +188,6 @@ class EpochSampler:
                 "hard negatives; theirs are repeated",
                 stacklevel=2,
             )
-
-    def rows(self, epoch: int, step: int) -> list[Sample]:
-        """All global_batch_size rows of a step, in micro-batch-group order."""
-        if self._epoch != epoch:
-            self._epoch, self._order = epoch, self._draw(epoch)
-        start = step * self.global_batch_size
-        return self._order[start : start + self.global_batch_size]
 
 
 class Collator:
@@ -247,101 +222,3 @@ class Collator:
             tokens=int(query_mask.sum() + passage_mask.sum()),
             truncated=q_cut + p_cut,
         )
-
-
-# ------------------------------------------------------------------------------------------------------ step
-
-
-# (ids, mask) (n, T), or (PackedBatch of n texts, None) -> embeddings (n, D) fp32
-Embed = Callable[[torch.Tensor | PackedBatch, torch.Tensor | None], torch.Tensor]
-Loss = Callable[[torch.Tensor, torch.Tensor, MicroBatch], torch.Tensor]  # (q, p, batch) -> scalar
-
-
-def forward_backward(
-    embed: Embed,
-    loss_fn: Loss,
-    batch: MicroBatch,
-    *,
-    scale: float = 1.0,
-    cache_chunk: int | None = None,
-    forward_chunk: int | None = None,
-    max_tokens: int | None = None,
-) -> float:
-    """Backward `scale * loss` of the micro-batch into the parameters' .grad; return the (unscaled) loss.
-    max_tokens: every forward is a packed batch of at most that many real tokens (and at most cache_chunk /
-    forward_chunk texts when given), never padded; the loss and its gradients are the same."""
-    sides = [(batch.query_ids, batch.query_mask), (batch.passage_ids, batch.passage_mask)]
-    if cache_chunk is None:
-        # (B, D), (B*(1+N), D)
-        q, p = (embed_sorted(embed, ids, mask, forward_chunk, max_tokens) for ids, mask in sides)
-        loss = loss_fn(q, p, batch)
-        (loss * scale).backward()
-        return loss.item()
-
-    # Both passes embed the same chunks in the same order, and each chunk's second forward starts from the random
-    # state its first forward started from: dropout (LoRA's, or any in the model) draws the same masks twice, so the
-    # parameter gradients are those of the loss returned here. (Per process: each rank replays its own generator.)
-    chunks = [list(input_chunks(ids, mask, cache_chunk, max_tokens)) for ids, mask in sides]
-    states = [[], []]  # per side, the RandomState before each chunk's first forward
-    with torch.no_grad():
-        q, p = (_embed_chunks(embed, side, started) for side, started in zip(chunks, states, strict=True))
-    q.requires_grad_(True)
-    p.requires_grad_(True)
-    loss = loss_fn(q, p, batch)
-    (loss * scale).backward()  # only into q.grad, p.grad: no parameter is in this graph
-    # After the step the stream is where the first pass and the loss left it, as after a step without the cache
-    # (forward_chunk = cache_chunk): the replayed draws are not drawn twice.
-    after = RandomState.now()
-    try:
-        for side, started, grad in zip(chunks, states, (q.grad, p.grad), strict=True):
-            for (rows, inputs), state in zip(side, started, strict=True):
-                state.restore()
-                # d(sum(e * g)) / d params = g^T de/dparams: the chain rule through the cached embedding gradient.
-                (embed(*inputs) * grad[rows]).sum().backward()
-    finally:
-        after.restore()
-    return loss.item()
-
-
-@dataclass(frozen=True)
-class RandomState:
-    """The generator state torch's random ops (dropout) draw from in this process: the CPU generator's and, once
-    CUDA is in use, the current CUDA device's (the device a rank trains on: distributed.init_distributed sets it)."""
-
-    cpu: torch.Tensor
-    cuda: torch.Tensor | None
-
-    @classmethod
-    def now(cls) -> RandomState:
-        cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda)
-
-
-def _embed_chunks(
-    embed: Embed, chunks: Iterable[tuple[torch.Tensor, tuple]], started: list[RandomState] | None = None
-) -> torch.Tensor:
-    """input_chunks' (rows, inputs) chunks -> embeddings (n, D) in the batch's row order. `started`: each chunk's
-    RandomState before its forward is appended to it."""
-    parts, order = [], []
-    for rows, inputs in chunks:
-        if started is not None:
-            started.append(RandomState.now())
-        parts.append(embed(*inputs))
-        order.append(rows)
-    inverse = torch.argsort(torch.cat(order))  # row r of the batch is row inverse[r] of the concatenation
-    return torch.cat(parts)[inverse]
-
-
-def embed_sorted(
-    embed: Embed, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None, max_tokens: int | None = None
-) -> torch.Tensor:
-    """embed(ids, mask) (n, D), computed `chunk` length-sorted rows at a time (None: in one forward), or in
-    packed chunks of at most max_tokens real tokens (and `chunk` rows) when max_tokens is given."""
-    if max_tokens is None and (chunk is None or chunk >= ids.shape[0]):
-        return embed(ids, mask)
-    return _embed_chunks(embed, input_chunks(ids, mask, chunk, max_tokens))

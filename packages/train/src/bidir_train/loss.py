@@ -9,7 +9,7 @@ Shapes: q (B, D), p (B * (1 + N), D); scores (B, C) with C = W * B * (1 + N) (ga
 or 1 + N (own passages only).
 
 Also CoSENT, the score-aware loss on graded pairs (sentence1, sentence2, gold score) that objective: cosent
-(bidir_train.graded) trains with.
+(bidir_train.cosent) trains with.
 """
 
 from __future__ import annotations

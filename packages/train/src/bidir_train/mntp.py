@@ -28,7 +28,8 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
 from bidir_train.config import TrainConfig
-from bidir_train.objective import ShuffledSampler, first_rows, input_chunks, packed_tokens
+from bidir_train.objective import ShuffledSampler, first_rows
+from bidir_train.step import input_chunks, packed_tokens
 from bidir_train.weights import load_untied_head
 
 IGNORE = -100
@@ -96,10 +97,10 @@ class TextSampler(ShuffledSampler):
     noun = "texts"
 
     def rows(self, epoch: int, step: int) -> list[TextRow]:
-        start = step * self.global_batch_size
+        start = step * self.global_batch_size  # the first row's position in the epoch
         return [
-            TextRow(self.examples[i], _row_seed(self.seed, epoch, start + k))
-            for k, i in enumerate(self.indices(epoch, step))
+            TextRow(text, _row_seed(self.seed, epoch, start + k))
+            for k, text in enumerate(super().rows(epoch, step))
         ]
 
 

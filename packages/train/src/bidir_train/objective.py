@@ -1,13 +1,15 @@
 """What the training loop needs from an objective, and the pieces the objectives share.
 
-An objective (bidir_train.contrastive, bidir_train.mntp, bidir_train.graded) is a class with
+An objective (bidir_train.contrastive, bidir_train.mntp, bidir_train.cosent) is a class with
 - `sampler(cfg)`, called before the model loads: the run's data as a Sampler, which hands out the rows of
   (epoch, step in epoch) deterministically, so the data position of a run is just those two numbers;
 - `__init__(cfg, encoder, device)`, once the model is loaded and sharded;
 - `collate(rows)`: one rank's rows -> a tokenized micro-batch;
 - `forward_backward(batch, scale=...)`: backward `scale * loss` of the micro-batch into the parameters' .grad and
   return the (unscaled) loss.
-The loop (bidir_train.trainer) picks one by the recipe's `objective` and knows nothing else about it.
+The loop (bidir_train.trainer) picks one by the recipe's `objective` and knows nothing else about it. An objective
+that embeds groups of texts and computes one loss over them (contrastive, cosent) runs its forward_backward through
+bidir_train.step, which also cuts MNTP's forwards into chunks.
 """
 
 from __future__ import annotations
@@ -15,17 +17,15 @@ from __future__ import annotations
 import itertools
 import random
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from bidir_core.batching import length_sorted_batches
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
-from bidir_core.packed import pack_padded
-from bidir_train.config import ScheduleConfig, TrainConfig
+from bidir_train.config import TrainConfig
 
 
 class Sampler(Protocol):
@@ -77,8 +77,10 @@ def rank_micro_batches(rows: list, micro: int, rank: int, world: int) -> list[li
 
 
 class ShuffledSampler:
-    """Examples -> the rows of (epoch, step): a fresh seeded permutation per epoch, global_batch_size rows a step.
-    (MNTP's texts and CoSENT's graded pairs; `noun` names the examples in the error.)"""
+    """Examples -> the rows of (epoch, step): a fresh seeded permutation per epoch, global_batch_size rows a step,
+    the last len(examples) % global_batch_size of the permutation left out. (MNTP's texts and CoSENT's graded pairs
+    as they are; the contrastive objective's examples with the positive and negatives it draws for each; `noun`
+    names the examples in the error.)"""
 
     noun = "examples"
 
@@ -93,23 +95,30 @@ class ShuffledSampler:
             )
         self.steps_per_epoch = len(self.examples) // global_batch_size
         self.unused_per_epoch = len(self.examples) - self.steps_per_epoch * global_batch_size
-        self._epoch, self._order = None, None
+        self._epoch, self._rows = None, None
 
     def warn(self, full_epochs: bool = True) -> None:
         warn_left_out(self, full_epochs)
 
-    def indices(self, epoch: int, step: int) -> list[int]:
-        """The examples of (epoch, step), as indices into self.examples; step * global_batch_size is the first's
-        position in the epoch."""
-        if self._epoch != epoch:
-            order = list(range(len(self.examples)))
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
-            self._epoch, self._order = epoch, order
-        start = step * self.global_batch_size
-        return self._order[start : start + self.global_batch_size]
+    def permutation(self, epoch: int) -> tuple[list[int], random.Random]:
+        """The epoch's order of the examples (indices into self.examples), the same on every rank and after a
+        resume, and the generator, seeded by (seed, epoch), that drew it: what it draws next is the epoch's too."""
+        rng = random.Random(f"{self.seed}:{epoch}")
+        order = list(range(len(self.examples)))
+        rng.shuffle(order)
+        return order, rng
+
+    def draw(self, epoch: int) -> list:
+        """The epoch's rows in step order: the permutation's first steps_per_epoch * global_batch_size examples."""
+        order, _ = self.permutation(epoch)
+        return [self.examples[i] for i in order[: self.steps_per_epoch * self.global_batch_size]]
 
     def rows(self, epoch: int, step: int) -> list:
-        return [self.examples[i] for i in self.indices(epoch, step)]
+        """All global_batch_size rows of a step, in micro-batch-group order (each epoch drawn once)."""
+        if self._epoch != epoch:
+            self._epoch, self._rows = epoch, self.draw(epoch)
+        start = step * self.global_batch_size
+        return self._rows[start : start + self.global_batch_size]
 
 
 def warn_left_out(sampler: Sampler, full_epochs: bool) -> None:
@@ -121,41 +130,3 @@ def warn_left_out(sampler: Sampler, full_epochs: bool) -> None:
             "left out of each epoch (a different random set each epoch)",
             stacklevel=3,
         )
-
-
-def sorted_chunks(
-    mask: torch.Tensor, size: int, *tensors: torch.Tensor
-) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(rows, *tensors[rows], mask[rows]) per chunk of `size` rows, longest rows first, each trimmed to its own
-    longest row (right padding), so a chunk of short texts does not pay for the batch's longest one."""
-    lengths = mask.sum(-1)  # (n,)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    for start in range(0, len(order), size):
-        rows = order[start : start + size]
-        width = max(int(lengths[rows].max()), 1)
-        yield (rows, *(t[rows, :width] for t in tensors), mask[rows, :width])
-
-
-def input_chunks(
-    ids: torch.Tensor, mask: torch.Tensor, rows: int | None, max_tokens: int | None
-) -> Iterator[tuple[torch.Tensor, tuple]]:
-    """(row indices, model inputs) per chunk, longest rows first. With max_tokens: each chunk is one PackedBatch of
-    at most max_tokens real tokens (and `rows` rows, when given), inputs (packed, None): no padding at all. Else
-    sorted_chunks of `rows` rows (all of them: None), inputs (ids, mask) each trimmed to its chunk's longest row."""
-    if max_tokens is None:
-        for chunk_rows, i, m in sorted_chunks(mask, rows or ids.shape[0], ids):
-            yield chunk_rows, (i, m)
-        return
-    lengths = mask.sum(-1).tolist()
-    for chunk in length_sorted_batches(lengths, rows or len(lengths), max_tokens, padded=False):
-        chunk_rows = torch.tensor(chunk, dtype=torch.long)
-        yield chunk_rows, (pack_padded(ids[chunk_rows], mask[chunk_rows]), None)
-
-
-def packed_tokens(schedule: ScheduleConfig, device: torch.device) -> int | None:
-    """The real-token budget of a packed forward, or None for padded forwards (schedule.packing; auto: packed on
-    CPU, padded on CUDA)."""
-    packing = schedule.packing
-    if packing == "auto":
-        packing = "padded" if device.type == "cuda" else "packed"
-    return schedule.max_tokens_per_forward if packing == "packed" else None

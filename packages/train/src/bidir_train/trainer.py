@@ -1,6 +1,6 @@
 """`train(cfg)`: fine-tuning of a bidir model under torchrun (or as one plain process). The recipe's `objective`
 names what a step computes (bidir_train.contrastive: InfoNCE on query / passage rows; bidir_train.mntp: LLM2Vec's
-masked next-token prediction; bidir_train.graded: CoSENT on graded pairs); the loop, sharding, checkpoints and resume are the same for all three.
+masked next-token prediction; bidir_train.cosent: CoSENT on graded pairs); the loop, sharding, checkpoints and resume are the same for all three.
 
 One process per device (bidir_train.distributed). The model is built on the meta device, sharded with FSDP2
 (bidir_train.parallelize), and rank 0's weights are broadcast into the shards (bidir_train.weights), so no rank but
@@ -24,8 +24,8 @@ from bidir_core.errors import BidirError
 from bidir_train.checkpoints import Checkpointer
 from bidir_train.config import ScheduleConfig, TrainConfig
 from bidir_train.contrastive import Contrastive
+from bidir_train.cosent import Cosent
 from bidir_train.distributed import agreed, from_rank0, init_distributed, mean_over_ranks
-from bidir_train.graded import Graded
 from bidir_train.metrics import TrainingLog
 from bidir_train.mntp import Mntp
 from bidir_train.objective import Objective, rank_micro_batches
@@ -34,7 +34,7 @@ from bidir_train.run_folder import FINAL, RunFolder, check_run_folder
 from bidir_train.validation import Validator
 from bidir_train.weights import load_encoder, save_final
 
-OBJECTIVES: dict[str, type[Objective]] = {"contrastive": Contrastive, "mntp": Mntp, "cosent": Graded}
+OBJECTIVES: dict[str, type[Objective]] = {"contrastive": Contrastive, "mntp": Mntp, "cosent": Cosent}
 """A recipe's `objective` -> the class that runs it (a new objective: a module with such a class, and its name here)."""
 
 

@@ -1,4 +1,4 @@
-"""The graded-pairs objective (`objective: cosent`): STS-style rows (score, sentence1, sentence2) -> CoSENT
+"""The CoSENT objective (`objective: cosent`): STS-style graded-pair rows (score, sentence1, sentence2) -> CoSENT
 (bidir_train.loss.cosent), which trains the cosine of each pair to rank the pairs as their gold scores do.
 
 InfoNCE only knows "positive" and "not": a 3.8-of-5 pair is as negative as an unrelated one, and pairs below a cut
@@ -9,12 +9,14 @@ header). Every epoch is a fresh permutation seeded by (seed, epoch), the same on
 sentences are embedded the way bidir_core.evaluation.evaluate_sts embeds them, as queries: query_prefix, cut to
 query_max_length. The ranking is over the pairs of one micro-batch (B pairs: B * (B - 1) / 2 comparisons); a step
 with gradient accumulation or several ranks averages the micro-batches' losses, like the contrastive objective
-without gathering. With loss.cache_chunk_size, GradCache (bidir_train.contrastive.forward_backward) bounds memory.
+without gathering. The step is bidir_train.step's, with the recipe's chunking: packed or padded forwards
+(schedule.packing), length-sorted chunks (schedule.forward_chunk_size), GradCache (loss.cache_chunk_size).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,26 +27,31 @@ from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
 from bidir_train.config import TrainConfig
-from bidir_train.contrastive import forward_backward
 from bidir_train.loss import cosent
 from bidir_train.objective import ShuffledSampler, first_rows
+from bidir_train.step import Chunking, EncoderEmbed, Group, forward_backward
 
 
-@dataclass
-class GradedBatch:
-    """One rank's micro-batch: sentence1 as queries (P, T1), sentence2 as passages (P, T2), and the gold scores;
-    the field names are those bidir_train.contrastive.forward_backward embeds."""
+@dataclass(frozen=True)
+class PairBatch:
+    """One rank's micro-batch of P graded pairs: sentence1 (P, T1) and sentence2 (P, T2), right padded, and the
+    gold scores."""
 
-    query_ids: torch.Tensor
-    query_mask: torch.Tensor
-    passage_ids: torch.Tensor
-    passage_mask: torch.Tensor
+    sentence1_ids: torch.Tensor
+    sentence1_mask: torch.Tensor
+    sentence2_ids: torch.Tensor
+    sentence2_mask: torch.Tensor
     scores: torch.Tensor  # (P,) float32
     tokens: int  # real (non-pad) tokens in the micro-batch
     truncated: int  # texts cut to their max length
 
+    @property
+    def groups(self) -> tuple[Group, Group]:
+        """What bidir_train.step embeds: every sentence1, then every sentence2."""
+        return (self.sentence1_ids, self.sentence1_mask), (self.sentence2_ids, self.sentence2_mask)
 
-class Graded:
+
+class Cosent:
     """The objective bidir_train.trainer runs for `objective: cosent` (see bidir_train.objective)."""
 
     @classmethod
@@ -75,22 +82,15 @@ class Graded:
         self.collate = PairCollator(
             encoder.tokenizer, prefix=cfg.model.query_prefix, max_length=cfg.model.query_max_length
         )
+        self.embed = EncoderEmbed(encoder, device)  # raw embeddings: cosent normalizes per Matryoshka dim
+        self.chunking = Chunking.from_recipe(cfg, device)
 
-    def forward_backward(self, batch: GradedBatch, *, scale: float = 1.0) -> float:
-        return forward_backward(
-            self.embed,
-            self.loss,
-            batch,
-            scale=scale,
-            cache_chunk=self.cfg.loss.cache_chunk_size,
-            forward_chunk=self.cfg.schedule.forward_chunk_size,
-        )
+    def forward_backward(self, batch: PairBatch, *, scale: float = 1.0) -> float:
+        loss = partial(self.loss, batch=batch)
+        return forward_backward(self.embed, loss, batch.groups, scale=scale, chunking=self.chunking)
 
-    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Raw embeddings (n, D): cosent normalizes after each Matryoshka truncation."""
-        return self.encoder(ids.to(self.device), mask.to(self.device), normalize=False)
-
-    def loss(self, a: torch.Tensor, b: torch.Tensor, batch: GradedBatch) -> torch.Tensor:
+    def loss(self, a: torch.Tensor, b: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+        """CoSENT of the pairs' cosines, sentence1 a (P, D) against sentence2 b (P, D), ranked by the gold scores."""
         scores = batch.scores.to(self.device)
         return cosent(a, b, scores, scale=self.cfg.loss.cosent_scale, dims=self.cfg.loss.matryoshka_dims)
 
@@ -102,25 +102,25 @@ class PairSampler(ShuffledSampler):
 
 
 class PairCollator:
-    """StsPairs -> GradedBatch: the prefix, tokenization with counted truncation, right padding."""
+    """StsPairs -> PairBatch: the prefix, tokenization with counted truncation, right padding."""
 
     def __init__(self, tokenizer, *, prefix: str, max_length: int):
         self.tokenizer, self.prefix, self.max_length = tokenizer, prefix, max_length
 
-    def __call__(self, pairs: list[StsPair]) -> GradedBatch:
+    def __call__(self, pairs: list[StsPair]) -> PairBatch:
         pad = self.tokenizer.pad_token_id
         (ids1, cut1), (ids2, cut2) = (
             tokenize(self.tokenizer, [self.prefix + s for s in side], self.max_length)
             for side in ([p.sentence1 for p in pairs], [p.sentence2 for p in pairs])
         )
-        query_ids, query_mask = pad_batch(ids1, pad)
-        passage_ids, passage_mask = pad_batch(ids2, pad)
-        return GradedBatch(
-            query_ids=query_ids,
-            query_mask=query_mask,
-            passage_ids=passage_ids,
-            passage_mask=passage_mask,
+        ids1, mask1 = pad_batch(ids1, pad)
+        ids2, mask2 = pad_batch(ids2, pad)
+        return PairBatch(
+            sentence1_ids=ids1,
+            sentence1_mask=mask1,
+            sentence2_ids=ids2,
+            sentence2_mask=mask2,
             scores=torch.tensor([p.score for p in pairs], dtype=torch.float32),
-            tokens=int(query_mask.sum() + passage_mask.sum()),
+            tokens=int(mask1.sum() + mask2.sum()),
             truncated=cut1 + cut2,
         )
