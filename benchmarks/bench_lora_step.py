@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_train_step import BidirPath, batches, load_triplets
+from bench_train_step import BidirPath, batches, load_examples
 from harness import append_jsonl, check, environment, interleaved, medians
 
 from bidir_core.errors import BidirError
@@ -57,14 +57,14 @@ def _peak_rss_child(args) -> None:
     import ctypes
     import gc
 
-    _, examples = load_triplets()
+    _, examples, negatives = load_examples("snli", Path.cwd())  # SNLI triplets: nothing is written
     _, device = init_distributed()
     rank = None if args.peak_of == "full" else args.lora_rank
     path = _lora_path(resolve_source(args.model), args, device, rank)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
-    for rows in batches(examples, args.batch_size, args.steps):
+    for rows in batches(examples, args.batch_size, args.steps, negatives):
         path.step(rows)
     status = Path("/proc/self/status").read_text()
     peak_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
@@ -88,14 +88,14 @@ def bench_lora(args) -> dict:
     """LoRA vs full fine-tuning, bidir's step on both (same model, data and batches, interleaved): trainable
     parameters, training state (parameters + gradients + AdamW state), median s/step, peak memory (CUDA: peak
     allocated in the step; CPU: peak RSS of a process running that path alone)."""
-    _, examples = load_triplets()
+    _, examples, negatives = load_examples("snli", Path.cwd())  # SNLI triplets: nothing is written
     ckpt = resolve_source(args.model)
     _, device = init_distributed()
     paths = {
         "full": _lora_path(ckpt, args, device, None),
         f"lora r={args.lora_rank}": _lora_path(ckpt, args, device, args.lora_rank),
     }
-    data = batches(examples, args.batch_size, args.steps)
+    data = batches(examples, args.batch_size, args.steps, negatives)
     # Warm-up and check: LoRA's B starts at zero, so both paths start as the same model and agree on the first loss.
     first = {name: path.step(data[0])[0] for name, path in paths.items()}
     a, b = first.values()
