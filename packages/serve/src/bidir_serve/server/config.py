@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bidir_core.errors import BidirError
-from bidir_serve.backends import BACKENDS, PRECISIONS
+from bidir_serve.backends import BackendSpec
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,12 @@ class ServerConfig:
     """Tokens per request after truncation (OpenAI's limit); more is a 400."""
     log_interval: float = 60.0
     """Seconds between two info summaries (requests, tokens/s, latency); none for an interval without requests."""
+    backend_spec: BackendSpec = field(init=False, repr=False, compare=False)
+    """model, backend, device, precision and compile as one BackendSpec (which checks them), for load_backend."""
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise BidirError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        spec = BackendSpec(self.model, self.backend, self.device, self.precision, self.compile)
+        object.__setattr__(self, "backend_spec", spec)  # frozen: set once, here
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise BidirError(f"port must be an integer in 0..65535, got {self.port!r}")
         for name in (
