@@ -56,8 +56,7 @@ def _child(kind: str, inp: str, arg: str) -> dict:
     """One measurement in this (fresh) process; returns what it measured."""
     import pyarrow.parquet  # noqa: F401 (imported before the baseline RSS is taken, as torch is)
 
-    from bidir_serve.input_plan import plan_inputs, shard_rows
-    from bidir_serve.inputs import resolve_inputs
+    from bidir_serve.batch.plan import plan_inputs, resolve_inputs, shard_rows
 
     files = resolve_inputs(inp)
     # after the imports (torch and all): the work's own memory is the peak above this. The kernel's peak (VmHWM) is
@@ -66,7 +65,7 @@ def _child(kind: str, inp: str, arg: str) -> dict:
     rss_start = _status_mb("VmRSS")
     t0 = time.perf_counter()
     if kind in ("validate", "unique"):  # ours: the plan, then every row read and checked
-        from bidir_serve.unique_ids import check_unique_ids
+        from bidir_serve.batch.unique_ids import check_unique_ids
 
         plan = plan_inputs(files, "id", "text", SHARD)
         if kind == "unique":  # --check-unique-ids: ids unique across shards, spilled to disk by hash

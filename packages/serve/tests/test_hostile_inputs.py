@@ -231,8 +231,8 @@ def _same_length_rewrite(path: Path, keep_times: bool) -> None:
 def test_input_rewritten_between_shards_is_refused(tiny_checkpoint, tmp_path, monkeypatch, keep_times, name):
     """The input rewritten in place (same size) when shard 2 starts reading it: one line, nothing marked
     complete; before, shards 0-1 held the old text and the rest the new, in an artifact called complete."""
-    from bidir_serve import input_plan
-    from bidir_serve.input_plan import file_stamp
+    from bidir_serve.batch import plan
+    from bidir_serve.batch.plan import file_stamp
 
     inp, out = tmp_path / name, tmp_path / "out"
     if name.endswith(".txt"):
@@ -242,14 +242,14 @@ def test_input_rewritten_between_shards_is_refused(tiny_checkpoint, tmp_path, mo
         pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(8)], "text": texts}), inp, row_group_size=2)
     else:
         _jsonl(inp, [f"line {i} old" for i in range(8)])
-    real = input_plan._file_rows
+    real = plan._file_rows
 
     def rewrite_at_shard_2(f, lo, hi, *args):
         if lo == 4 and f.stamp == file_stamp(inp):  # not yet rewritten
             _same_length_rewrite(inp, keep_times)
         return real(f, lo, hi, *args)
 
-    monkeypatch.setattr(input_plan, "_file_rows", rewrite_at_shard_2)
+    monkeypatch.setattr(plan, "_file_rows", rewrite_at_shard_2)
     with pytest.raises(BidirError, match=rf"{name}: changed during the job") as e:
         _run(tiny_checkpoint, inp, out, shard_size=2)
     assert "\n" not in str(e.value)
@@ -283,7 +283,7 @@ def test_rewritten_bytes_are_caught_even_where_the_file_times_do_not_move(tmp_pa
     planning pass's digest of the same bytes."""
     import dataclasses
 
-    from bidir_serve.input_plan import file_stamp, plan_inputs, shard_rows
+    from bidir_serve.batch.plan import file_stamp, plan_inputs, shard_rows
 
     inp = tmp_path / "in.jsonl"
     inp.write_text(

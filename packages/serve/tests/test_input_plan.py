@@ -18,9 +18,8 @@ import pytest
 from bidir_core import BidirError
 from bidir_core.embeddings_artifact import read_embeddings
 from bidir_serve import BatchEmbedConfig, embed_corpus
-from bidir_serve.input_plan import file_stamp, plan_inputs, shard_rows
-from bidir_serve.inputs import resolve_inputs
-from bidir_serve.unique_ids import check_unique_ids
+from bidir_serve.batch.plan import file_stamp, plan_inputs, resolve_inputs, shard_rows
+from bidir_serve.batch.unique_ids import check_unique_ids
 
 
 def _mixed_corpus(folder: Path) -> list[Path]:
@@ -81,7 +80,7 @@ def test_duplicate_ids_within_a_shard_and_across_shards(tiny_checkpoint, tmp_pat
 
 
 def test_unique_id_check_reports_the_first_repeat_in_input_order(tmp_path, monkeypatch):
-    import bidir_serve.unique_ids as unique_ids
+    import bidir_serve.batch.unique_ids as unique_ids
 
     monkeypatch.setattr(
         unique_ids, "BUCKET_ROWS", 3
@@ -131,7 +130,7 @@ def _peak_bytes(n_rows: int, folder: Path) -> int:
 
 def test_memory_stays_bounded_as_the_corpus_grows(tmp_path, monkeypatch):
     """5x the rows, same peak: nothing keeps every row or id (before, every id went into one set)."""
-    import bidir_serve.unique_ids as unique_ids
+    import bidir_serve.batch.unique_ids as unique_ids
 
     monkeypatch.setattr(unique_ids, "BUCKET_ROWS", 5_000)  # both corpora: buckets of 5,000 ids
     small, large = _peak_bytes(20_000, tmp_path / "small"), _peak_bytes(100_000, tmp_path / "large")

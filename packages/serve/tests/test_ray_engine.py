@@ -27,7 +27,7 @@ from bidir_serve import BatchEmbedConfig, embed_corpus
 
 ray = pytest.importorskip("ray")
 
-from bidir_serve.ray_engine import embed_corpus_ray  # noqa: E402
+from bidir_serve.batch.ray_engine import embed_corpus_ray  # noqa: E402
 
 ATOL = 1e-5
 # Ray Data's own deprecation notices (its DataContext defaults), not ours
@@ -150,7 +150,7 @@ _SLOW_DRIVER = """
 import sys, time
 from bidir_serve import BatchEmbedConfig
 from bidir_serve.backends import load_backend
-from bidir_serve.ray_engine import embed_corpus_ray
+from bidir_serve.batch.ray_engine import embed_corpus_ray
 
 class Slow:
     def __init__(self, backend):

@@ -7,8 +7,7 @@ from bidir_serve import BatchEmbedConfig, embed_corpus, load_backend
 from __future__ import annotations
 
 from bidir_serve.backends import load_backend
-from bidir_serve.embed_job import EmbedSummary, embed_corpus
-from bidir_serve.job_config import BatchEmbedConfig
+from bidir_serve.batch import BatchEmbedConfig, EmbedSummary, embed_corpus
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,7 @@ one factory that picks among them.
 - `tensorrt`:    a TensorRT engine folder (tensorrt.py).
 
 base.py holds what they share (the Backend protocol, the model fingerprints); the runtime modules import only base,
-and only this module imports them.
+and only this module and spec.py (BackendSpec: the torch backend's precision names) import them.
 
 `auto` picks by artifact and hardware: an engine folder -> tensorrt; an ONNX export -> onnxruntime (the CUDA
 execution provider when onnxruntime has it and a GPU is present, else CPU); a checkpoint -> torch, bf16 on CUDA when
@@ -29,12 +29,14 @@ from bidir_core.folders import interrupted_publish_hint
 from bidir_serve.backends.base import Backend, export_fingerprint, model_fingerprint
 from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend
 from bidir_serve.backends.pytorch import PRECISIONS, TorchBackend
+from bidir_serve.backends.spec import BACKENDS, BackendSpec
 from bidir_serve.backends.tensorrt import TensorRTBackend
 
 __all__ = [
     "BACKENDS",
     "PRECISIONS",
     "Backend",
+    "BackendSpec",
     "ModelKind",
     "OnnxRuntimeBackend",
     "TensorRTBackend",
@@ -45,8 +47,6 @@ __all__ = [
     "model_fingerprint",
     "model_kind",
 ]
-
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ _WHAT = {
 
 
 def load_backend(
-    model: str | Path,
+    spec: BackendSpec | str | Path,
     backend: str = "auto",
     *,
     dim: int | None = None,
@@ -87,11 +87,16 @@ def load_backend(
     compile: bool = False,
     providers: list[str] | None = None,
 ) -> Backend:
-    """The backend for `model` (a checkpoint, an ONNX export folder or an engine folder)."""
-    if backend not in BACKENDS:
-        raise BidirError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    """The backend `spec` describes (a checkpoint, an ONNX export folder or an engine folder), its output cut to `dim`
+    columns when given. A model in place of a spec is the spec of that model and the settings given with it:
+    load_backend("./ckpt", "torch", device="cpu") is load_backend(BackendSpec("./ckpt", "torch", device="cpu"))."""
+    if not isinstance(spec, BackendSpec):
+        spec = BackendSpec(spec, backend, device, precision, compile)
+    elif (backend, device, precision, compile) != ("auto", None, None, False):
+        raise TypeError("load_backend: a BackendSpec holds backend, device, precision and compile; not both")
+    model, device = spec.model, spec.device
     kind = model_kind(model).kind
-    name = auto_backend(kind) if backend == "auto" else backend
+    name = auto_backend(kind) if spec.backend == "auto" else spec.backend
     if _NEEDS[name] != kind:
         if not Path(model).expanduser().exists():  # not "a checkpoint" either: nothing is there
             raise BidirError(
@@ -100,7 +105,7 @@ def load_backend(
             )
         raise BidirError(f"{model}: the {name} backend needs {_WHAT[_NEEDS[name]]}, this is {_WHAT[kind]}")
     if name == "torch":
-        return TorchBackend(model, device=device, precision=precision, compile=compile, dim=dim)
+        return TorchBackend(model, device=device, precision=spec.precision, compile=spec.compile, dim=dim)
     if name == "onnxruntime":
         if device == "cuda" and providers is None:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]

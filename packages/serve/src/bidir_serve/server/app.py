@@ -62,9 +62,7 @@ def create_app(
     if load is None:
 
         def load() -> Backend:
-            return load_backend(
-                cfg.model, cfg.backend, device=cfg.device, precision=cfg.precision, compile=cfg.compile
-            )
+            return load_backend(cfg.backend_spec)
 
     metrics = Metrics()
     state = ServerState(

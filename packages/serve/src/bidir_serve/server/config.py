@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bidir_core.errors import BidirError
-from bidir_serve.backends import BACKENDS, PRECISIONS
+from bidir_serve.backends import BackendSpec
 
 NUMBERS = (
     # name, least, most: a number outside (or inf, nan) is refused at start, not met as a server that hangs
@@ -76,12 +76,12 @@ class ServerConfig:
     timeout_graceful_shutdown: float = 20.0
     """Seconds a shutdown (SIGTERM) waits for in-flight requests before it answers them 503 and stops; below the
     usual 30 s an orchestrator waits before SIGKILL."""
+    backend_spec: BackendSpec = field(init=False, repr=False, compare=False)
+    """model, backend, device, precision and compile as one BackendSpec (which checks them), for load_backend."""
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise BidirError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        spec = BackendSpec(self.model, self.backend, self.device, self.precision, self.compile)
+        object.__setattr__(self, "backend_spec", spec)  # frozen: set once, here
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise BidirError(f"port must be an integer in 0..65535, got {self.port!r}")
         for name in (

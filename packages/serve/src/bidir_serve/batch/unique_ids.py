@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from bidir_core.errors import BidirError
-from bidir_serve.input_plan import InputPlan, shard_rows
+from bidir_serve.batch.plan import InputPlan, shard_rows
 
 BUCKET_ROWS = 100_000
 """Records a bucket may hold to be checked in memory (a set of ~100,000 ids: about 10 MB)."""

@@ -1,11 +1,11 @@
 """batch-embed --engine ray: the same job on a Ray cluster (Ray Data), for more than one machine.
 
-The driver plans the input and prepares the output folder exactly as the local engine does (embed_job.prepare_job),
+The driver plans the input and prepares the output folder exactly as the local engine does (job.prepare_job),
 so the folder is the same embeddings artifact, shard for shard. Then a Ray dataset of the shards still to do (missing
 or incomplete: a rerun after a kill plans only those) flows through two stages:
 
 1. CPU tasks (map_batches with a function, one shard per call): read the shard's slice of the input
-   (input_plan.shard_rows: only its files / row groups / byte range, validated as read, with the same one-line
+   (plan.shard_rows: only its files / row groups / byte range, validated as read, with the same one-line
    errors as local), and tokenize it (prefix, truncation).
 2. An actor pool (map_batches with a class): one backend per actor (load_backend, any backend; num_gpus=1 per actor
    on a GPU cluster) embeds the shard window by window in length-sorted batches and writes it with the same
@@ -30,18 +30,19 @@ from pathlib import Path
 
 from bidir_core.errors import BidirError, one_line
 from bidir_serve.backends import load_backend
-from bidir_serve.input_plan import InputPlan, shard_rows
-from bidir_serve.job_config import BatchEmbedConfig
-from bidir_serve.job_folder import finish, shard_done
-from bidir_serve.job_steps import (
-    EmbedSummary,
+from bidir_serve.batch.config import BatchEmbedConfig
+from bidir_serve.batch.folder import finish, shard_done
+from bidir_serve.batch.job import EmbedSummary, load_job_backend, prepare_job, rank_world
+from bidir_serve.batch.plan import InputPlan, shard_rows
+from bidir_serve.batch.windows import (
+    BatchingConfig,
+    Window,
+    batch_window,
     batching_config,
     embed_window,
-    prepare_job,
+    tokenize_rows,
     warn_truncated,
 )
-from bidir_serve.pipeline import BatchingConfig, Window, batch_window, tokenize_rows
-from bidir_serve.ranks import rank_world
 
 CONNECT_TIMEOUT_S = 10.0
 """How long a cluster's address may take to accept a connection before the job gives up on it."""
@@ -134,9 +135,7 @@ class BackendInfo:
 
 
 def _describe(cfg: BatchEmbedConfig, load: Callable) -> BackendInfo:
-    b = load(
-        cfg.model, cfg.backend, dim=cfg.dim, device=cfg.device, precision=cfg.precision, compile=cfg.compile
-    )
+    b = load_job_backend(cfg, load)
     fields = (
         "name",
         "precision",
@@ -260,14 +259,7 @@ class _EmbedShards:
 
     def __init__(self, cfg: BatchEmbedConfig, out: str, batching: BatchingConfig, load: Callable, job: str):
         self.cfg, self.out, self.batching, self.job = cfg, Path(out), batching, job
-        self.backend = load(
-            cfg.model,
-            cfg.backend,
-            dim=cfg.dim,
-            device=cfg.device,
-            precision=cfg.precision,
-            compile=cfg.compile,
-        )
+        self.backend = load_job_backend(cfg, load)
 
     def __call__(self, batch):
         import pyarrow as pa

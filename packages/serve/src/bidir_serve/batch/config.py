@@ -1,12 +1,13 @@
-"""BatchEmbedConfig: the settings of one batch-embed job, each checked where it is declared."""
+"""BatchEmbedConfig: the settings of one batch-embed job, each checked where it is declared (the backend's in
+BackendSpec)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bidir_core.embeddings_artifact import EMBEDDING_DTYPES
 from bidir_core.errors import BidirError
-from bidir_serve.backends import BACKENDS, PRECISIONS
+from bidir_serve.backends import BackendSpec
 from bidir_serve.prompts import PROMPTS
 
 ENGINES = ("local", "ray")
@@ -17,7 +18,8 @@ class BatchEmbedConfig:
     """One batch-embed job."""
 
     model: str
-    """A checkpoint folder, a .gguf file, the embedded default 'smollm2-135m', an ONNX export or an engine folder."""
+    """A checkpoint folder, a .gguf file, the embedded default 'smollm2-135m', an ONNX export or an engine folder
+    (this and backend, device, precision, compile: the job's BackendSpec, where each is described and checked)."""
     input: str
     """A JSONL, Parquet or plain-text file, or a glob of them (files are taken in sorted order)."""
     output: str
@@ -35,13 +37,9 @@ class BatchEmbedConfig:
     shard_size: int = 100_000
     """Rows per Parquet shard (the unit of resumption and of work split between ranks)."""
     backend: str = "auto"
-    """auto, torch, onnxruntime or tensorrt (auto: see bidir_serve.backends)."""
     device: str | None = None
-    """cpu or cuda (None: cuda when available)."""
     precision: str | None = None
-    """torch backend compute dtype: fp32, bf16 or fp16 (None: bf16 on CUDA, fp32 on CPU)."""
     compile: bool = False
-    """torch backend: torch.compile the model (dynamic shapes)."""
     max_batch_tokens: int = 16384
     """Upper bound on rows x longest row (padded tokens) of a batch."""
     max_batch_size: int = 128
@@ -52,7 +50,7 @@ class BatchEmbedConfig:
     """Windows tokenized and batched ahead of the model (the bounded queue between the tokenizer thread and the
     model); one is enough to overlap tokenizing with the model's work."""
     engine: str = "local"
-    """local (this process, or torchrun ranks) or ray (a Ray cluster: bidir_serve.ray_engine)."""
+    """local (this process, or torchrun ranks) or ray (a Ray cluster: bidir_serve.batch.ray_engine)."""
     ray_address: str | None = None
     """engine ray: the cluster to join (ray.init(address=...)); None starts a local one, or joins RAY_ADDRESS."""
     check_unique_ids: bool = False
@@ -62,6 +60,8 @@ class BatchEmbedConfig:
     """Replace existing embeddings in `output` (of other inputs or settings, or complete ones) instead of refusing."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
+    backend_spec: BackendSpec = field(init=False, repr=False, compare=False)
+    """model, backend, device, precision and compile as one BackendSpec (which checks them), for load_backend."""
 
     def __post_init__(self):
         if self.prompt not in PROMPTS:
@@ -70,10 +70,8 @@ class BatchEmbedConfig:
             raise BidirError(f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype!r}")
         if self.engine not in ENGINES:
             raise BidirError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.backend not in BACKENDS:
-            raise BidirError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        spec = BackendSpec(self.model, self.backend, self.device, self.precision, self.compile)
+        object.__setattr__(self, "backend_spec", spec)  # frozen: set once, here
         for name in ("shard_size", "max_batch_tokens", "max_batch_size", "window", "prefetch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -1,28 +1,31 @@
-"""The steps every batch-embed engine shares (the local loop in embed_job.py, the Ray engine in ray_engine.py):
-plan the input and prepare the output folder, embed one window, and the job's summary.
+"""What every batch-embed engine (the local loop in engine.py, ray_engine.py) starts from and reports: the job
+(the input planned, the model loaded, the output folder prepared) and the summary of what a run did.
+
+Several processes (torchrun) on one job: rank r computes shards k with k % world_size == r. Rank 0 plans the input
+and prepares the output folder while the others wait (a gloo barrier, the only message between processes: shards go
+through the filesystem).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-import numpy as np
-
-from bidir_core.embeddings_artifact import MANIFEST, EmbeddingsManifest, shard_name
+from bidir_core.embeddings_artifact import MANIFEST, EmbeddingsManifest
 from bidir_core.errors import BidirError
 from bidir_core.matryoshka import offered_dim
 from bidir_core.outputs import check_writable
 from bidir_serve.backends import Backend, load_backend
-from bidir_serve.input_plan import InputPlan, plan_inputs
-from bidir_serve.inputs import resolve_inputs
-from bidir_serve.job_config import BatchEmbedConfig
-from bidir_serve.job_folder import plan_job, prepare_output
-from bidir_serve.pipeline import Batch, BatchingConfig, Window
-from bidir_serve.ranks import on_rank_zero, process_group
-from bidir_serve.unique_ids import check_unique_ids
+from bidir_serve.batch.config import BatchEmbedConfig
+from bidir_serve.batch.folder import plan_job, prepare_output
+from bidir_serve.batch.plan import InputPlan, plan_inputs, resolve_inputs
+from bidir_serve.batch.unique_ids import check_unique_ids
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,9 @@ class Job:
     """Whether the folder already holds the complete job."""
 
 
-def load_job_backend(cfg: BatchEmbedConfig) -> Backend:
-    return load_backend(
-        cfg.model, cfg.backend, dim=cfg.dim, device=cfg.device, precision=cfg.precision, compile=cfg.compile
-    )
+def load_job_backend(cfg: BatchEmbedConfig, load: Callable[..., Backend] = load_backend) -> Backend:
+    """The job's backend, its output cut to --dim: how every engine loads it (`load`: load_backend, or a test's)."""
+    return load(cfg.backend_spec, dim=cfg.dim)
 
 
 def prepare_job(
@@ -100,43 +102,47 @@ def _plan(cfg: BatchEmbedConfig, files: list[Path]) -> InputPlan:
     return plan
 
 
-def batching_config(cfg: BatchEmbedConfig, backend: Backend) -> BatchingConfig:
-    return BatchingConfig(
-        max_length=backend.config.max_length,
-        max_batch_tokens=cfg.max_batch_tokens,
-        max_batch_size=cfg.max_batch_size,
-        window=cfg.window,
-        pad_id=backend.tokenizer.pad_token_id,
-        pin_memory=backend.pin_memory,
-    )
+def rank_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) for a single process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def embed_window(backend: Backend, window: Window, out: Path, model: str) -> np.ndarray:
-    """The window's (rows, dim) float32 embeddings in input order; non-finite values are an error."""
-    emb = np.empty((len(window.ids), backend.dim), np.float32)
-    for batch in window.batches:
-        part = backend.embed(batch.input_ids, batch.attention_mask)  # (B, dim)
-        _check_finite(part, window, batch, out, model)
-        emb[batch.positions] = part
-    return emb
+@contextlib.contextmanager
+def process_group(world: int) -> Iterator[None]:
+    """A gloo process group for the setup steps of a job of `world` ranks (none for one process): one for several
+    on_rank_zero calls, since a second group made after the first is destroyed can fail to connect."""
+    import torch.distributed as dist
+
+    own = world > 1 and not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        if own:
+            dist.destroy_process_group()
 
 
-def warn_truncated(truncated: int, backend: Backend) -> None:
-    if truncated:
-        warnings.warn(
-            f"{truncated} rows were longer than max_length={backend.config.max_length} tokens and were truncated",
-            stacklevel=3,
-        )
+def on_rank_zero(rank: int, world: int, prepare: Callable[[], T]) -> T:
+    """Run prepare() on rank 0 only, the other ranks waiting for it; every rank gets its result (or its error)."""
+    if world == 1:
+        return prepare()
+    import torch.distributed as dist
 
-
-def _check_finite(emb: np.ndarray, window: Window, batch: Batch, out: Path, model: str) -> None:
-    """nan/inf embeddings (a NaN checkpoint, a garbled export, fp16 overflow) stop the job before the shard is
-    written: a shard of NaNs marked complete would pass for a result."""
-    bad = ~np.isfinite(emb).all(axis=1)  # (B,)
-    if bad.any():
-        rows = [window.wheres[batch.positions[i]] for i in np.flatnonzero(bad)]
-        raise BidirError(
-            f"{out / shard_name(window.shard)}: the model ({model}) produced non-finite (nan/inf) embeddings for "
-            f"{len(rows)} of the {len(emb)} rows of a batch, the first at {rows[0]}; nothing of this shard was "
-            "written (check the model: NaN weights, a broken export, fp16 overflow: try --precision bf16 or fp32)"
-        )
+    # gloo (CPU) is enough: only this small setup message crosses processes; shards go through the filesystem.
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    result: list = [None]
+    if rank == 0:
+        try:
+            result = [("ok", prepare())]
+        except BidirError as e:
+            result = [("error", str(e))]
+    dist.broadcast_object_list(result, src=0)
+    if own:
+        dist.destroy_process_group()
+    status, value = result[0]
+    if status == "error":
+        raise BidirError(value)
+    return value

@@ -1,11 +1,11 @@
 """The output folder of a batch-embed job: what it will hold (the planned manifest and its fingerprint), whether an
 earlier run left it resumable, which shards are done, and marking it complete.
 
-Shard k holds input rows [k * shard_size, (k + 1) * shard_size) (bidir_serve.input_plan) and appears only when
+Shard k holds input rows [k * shard_size, (k + 1) * shard_size) (plan.py) and appears only when
 complete (temp name + rename), so after a kill a rerun skips the shards that exist intact (readable, with their
 planned row count and their own index and job in their footer; a complete job's shards are checked too) and computes
 the others: every id ends up exactly once. The manifest carries a fingerprint of the inputs (paths, sizes,
-modification and change times; for JSONL and text a digest of their bytes: input_plan.py), the settings and the model; a rerun whose fingerprint differs refuses to mix
+modification and change times; for JSONL and text a digest of their bytes: plan.py), the settings and the model; a rerun whose fingerprint differs refuses to mix
 its rows with the old ones unless --overwrite is given (an unfinished folder with no shard yet holds nothing to mix,
 and is taken over). Nothing in a folder that is not an embeddings folder is touched.
 """
@@ -30,8 +30,8 @@ from bidir_core.embeddings_artifact import (
 )
 from bidir_core.errors import BidirError
 from bidir_serve.backends import Backend
-from bidir_serve.input_plan import InputPlan
-from bidir_serve.job_config import BatchEmbedConfig
+from bidir_serve.batch.config import BatchEmbedConfig
+from bidir_serve.batch.plan import InputPlan
 from bidir_serve.prompts import prompt_prefix
 
 

@@ -1,13 +1,14 @@
-"""embed_corpus: the batch-embed job, from the inputs to a complete embeddings folder (see job_folder.py for what
-the folder holds and how a rerun resumes it, ranks.py for several processes).
+"""embed_corpus: the batch-embed job, from the inputs to a complete embeddings folder, run by the engine its config
+names: here (this process, or each torchrun rank), or on a Ray cluster (ray_engine.py).
 
-The input is planned from the file list and metadata (input_plan.py: row counts, where each shard starts; no row
-kept), on rank 0. Then this rank's missing shards are read (only their slices of the input) and computed window by
-window: rows are validated as they are read (a bad row or a duplicate id within the shard stops the job, naming
-file and line, before that shard is published), the model embeds each batch of a window, the window goes back to
-input order and is appended to its shard, and a shard gets its final name when its last window is in. Non-finite
+Either engine plans the input first (plan.py: row counts, where each shard starts; no row kept) and prepares the
+output folder (folder.py: what it holds, how a rerun resumes it), on rank 0 (job.py). Here, shard k is this rank's
+when k % world == rank; each missing one is read (only its slice of the input) and computed window by window
+(windows.py): rows are validated as they are read (a bad row or a duplicate id within the shard stops the job,
+naming file and line, before that shard is published), the model embeds each batch of a window, the window goes back
+to input order and is appended to its shard, and a shard gets its final name when its last window is in. Non-finite
 embeddings stop the job before the shard is written. Whichever rank finds every shard present after writing its own
-marks the manifest complete (the last one to finish always does). --engine ray hands the job to ray_engine.py.
+marks the manifest complete (the last one to finish always does).
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import time
 from tqdm.auto import tqdm
 
 from bidir_core.embeddings_artifact import ShardWriter
-from bidir_serve.input_plan import shard_rows
-from bidir_serve.job_config import BatchEmbedConfig
-from bidir_serve.job_folder import finish, shard_done
-from bidir_serve.job_steps import EmbedSummary, batching_config, embed_window, prepare_job, warn_truncated
-from bidir_serve.pipeline import prefetch, shard_windows
-from bidir_serve.ranks import rank_world
+from bidir_serve.batch.config import BatchEmbedConfig
+from bidir_serve.batch.folder import finish, shard_done
+from bidir_serve.batch.job import EmbedSummary, prepare_job, rank_world
+from bidir_serve.batch.plan import shard_rows
+from bidir_serve.batch.windows import batching_config, embed_window, prefetch, shard_windows, warn_truncated
 
 __all__ = ["EmbedSummary", "embed_corpus"]
 
@@ -30,7 +30,8 @@ __all__ = ["EmbedSummary", "embed_corpus"]
 def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
     """Embed every row of cfg.input into the embeddings artifact at cfg.output (see the module docstring)."""
     if cfg.engine == "ray":
-        from bidir_serve.ray_engine import embed_corpus_ray  # imports ray, or says which package to install
+        # imports ray, or says which package to install: only a Ray job needs it
+        from bidir_serve.batch.ray_engine import embed_corpus_ray
 
         return embed_corpus_ray(cfg)
     start = time.perf_counter()
@@ -42,8 +43,8 @@ def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
         return EmbedSummary(**summary, seconds=time.perf_counter() - start, complete=True)
 
     todo = [k for k in range(len(planned.shards)) if k % world == rank and not shard_done(out, planned, k)]
-    batching = batching_config(cfg, backend)
     shards = ((k, shard_rows(plan, k, cfg.id_field, cfg.text_field)) for k in todo)
+    batching = batching_config(cfg, backend)
     windows = shard_windows(shards, backend.tokenizer, planned.prefix, batching)
     total = sum(planned.shards[k].rows for k in todo)
     writer: ShardWriter | None = None

@@ -1,6 +1,7 @@
-"""Rows -> windows of padded token batches, made on a background thread so tokenization overlaps the model's compute.
+"""Windows: rows -> windows of padded token batches, made on a background thread so tokenization overlaps the model's
+compute, and a window's embeddings in input order.
 
-Rows come shard by shard (shard k = rows [k * shard_size, (k + 1) * shard_size) of the input, bidir_serve.input_plan,
+Rows come shard by shard (shard k = rows [k * shard_size, (k + 1) * shard_size) of the input, plan.py,
 so a shard's content does not depend on how many processes run or which shards were already done). Within a shard,
 rows are taken in windows of `window` rows; each window is tokenized, sorted by token length and grouped into
 token-budget batches by bidir_core.batching, so padding stays small while memory stays bounded by the window,
@@ -9,21 +10,30 @@ together; each batch carries its rows' positions inside the window, which is how
 before it appends the window to its shard.
 
 The producer thread puts the windows on a bounded queue (at most `prefetch` windows ahead), then None; a failure in
-the producer is put on the queue as the exception, and re-raised by the consumer.
+the producer is put on the queue as the exception, and re-raised by the consumer. There, embed_window runs a window's
+batches through the model and puts each row back in input order; non-finite embeddings stop the job before the
+window's shard is written.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from bidir_core.batching import length_sorted_batches, pad_batch
+from bidir_core.embeddings_artifact import shard_name
+from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
-from bidir_serve.inputs import Row
+from bidir_serve.backends import Backend
+from bidir_serve.batch.config import BatchEmbedConfig
+from bidir_serve.batch.inputs import Row
 
 
 @dataclass(frozen=True)
@@ -150,3 +160,47 @@ def prefetch(items: Iterator, depth: int) -> Iterator:
     finally:
         stop.set()  # the consumer stopped (done, or failed): let the producer exit instead of blocking on put
         thread.join()
+
+
+def batching_config(cfg: BatchEmbedConfig, backend: Backend) -> BatchingConfig:
+    return BatchingConfig(
+        max_length=backend.config.max_length,
+        max_batch_tokens=cfg.max_batch_tokens,
+        max_batch_size=cfg.max_batch_size,
+        window=cfg.window,
+        pad_id=backend.tokenizer.pad_token_id,
+        pin_memory=backend.pin_memory,
+    )
+
+
+def embed_window(backend: Backend, window: Window, out: Path, model: str) -> np.ndarray:
+    """The window's (rows, dim) float32 embeddings in input order; non-finite values are an error."""
+    emb = np.empty((len(window.ids), backend.dim), np.float32)
+    for batch in window.batches:
+        part = backend.embed(batch.input_ids, batch.attention_mask)  # (B, dim)
+        _check_finite(part, window, batch, out, model)
+        emb[batch.positions] = part
+    return emb
+
+
+def warn_truncated(truncated: int, backend: Backend) -> None:
+    if truncated:
+        warnings.warn(
+            f"{truncated} rows were longer than max_length={backend.config.max_length} tokens and were truncated",
+            # here <- the engine <- embed_corpus <- its caller: the warning names the line that ran the job (the
+            # Ray engine's, one frame deeper, names embed_corpus's)
+            stacklevel=4,
+        )
+
+
+def _check_finite(emb: np.ndarray, window: Window, batch: Batch, out: Path, model: str) -> None:
+    """nan/inf embeddings (a NaN checkpoint, a garbled export, fp16 overflow) stop the job before the shard is
+    written: a shard of NaNs marked complete would pass for a result."""
+    bad = ~np.isfinite(emb).all(axis=1)  # (B,)
+    if bad.any():
+        rows = [window.wheres[batch.positions[i]] for i in np.flatnonzero(bad)]
+        raise BidirError(
+            f"{out / shard_name(window.shard)}: the model ({model}) produced non-finite (nan/inf) embeddings for "
+            f"{len(rows)} of the {len(emb)} rows of a batch, the first at {rows[0]}; nothing of this shard was "
+            "written (check the model: NaN weights, a broken export, fp16 overflow: try --precision bf16 or fp32)"
+        )
