@@ -2,8 +2,8 @@
 
 1. planning + validation at --small vs --large rows, wall time and peak RSS above the imports: ours (plan_inputs,
    then every row read and checked shard by shard, ids unique within a shard), ours with --check-unique-ids (ids
-   unique across shards, hash-partitioned on disk), and the baseline of the scan this replaced (the same rows read,
-   every id kept in one Python set, as bidir_serve.inputs.scan did);
+   unique across shards, hash-partitioned on disk), and the baseline of a whole-input scan (the same rows read,
+   every id kept in one Python set);
 2. the bytes each of 2 ranks reads (/proc/self/io rchar) to read its own shards, against the corpus size;
 3. rows/s of the local engine vs the Ray engine (a local cluster, ray.init(num_cpus=2)) on the same corpus
    (--embed-rows of it), and that both give the same artifact.
@@ -75,7 +75,7 @@ def _child(kind: str, inp: str, arg: str) -> dict:
                 for _ in shard_rows(plan, k, "id", "text"):
                     pass
         rows = plan.rows
-    elif kind == "baseline":  # the scan this replaced: every row read, every id kept in one set
+    elif kind == "baseline":  # a whole-input scan: every row read, every id kept in one set
         plan = plan_inputs(files, "id", "text", SHARD)
         seen: set[str] = set()
         for k in range(plan.n_shards):
