@@ -1,4 +1,5 @@
-"""The torch and onnxruntime backends give BiEncoder.encode's embeddings; auto picks by artifact.
+"""The torch and onnxruntime backends give BiEncoder.encode's embeddings from token rows (the torch backend packs
+them itself: nothing pads for it); auto picks by artifact.
 
 Tolerance 1e-4: both run the same fp32 model on CPU; onnxruntime fuses and reorders ops (differences ~1e-6), and
 anything near 1e-4 would mean a wrong pooling, mask or normalization rather than rounding.
@@ -6,14 +7,24 @@ anything near 1e-4 would mean a wrong pooling, mask or normalization rather than
 
 from __future__ import annotations
 
+import json
+import sys
+
 import numpy as np
 import pytest
 import torch
+from server_testing import call, serving
 
+# imported so that the no-padding test below finds every module of batch-embed and the server in sys.modules
+import bidir_serve.batch.engine  # noqa: F401
+import bidir_serve.server.app  # noqa: F401
 from bidir_core import BidirError
 from bidir_core.batching import pad_batch
+from bidir_core.encoder import BiEncoder
+from bidir_core.packed import PackedBatch, pack_padded
 from bidir_core.tokenization import tokenize
-from bidir_serve.backends import load_backend, model_kind
+from bidir_serve import BatchEmbedConfig, embed_corpus
+from bidir_serve.backends import Padded, load_backend, model_kind
 
 ATOL = 1e-4
 
@@ -22,9 +33,9 @@ def _embed_all(backend, texts, batch_size=7):
     ids, _ = tokenize(backend.tokenizer, texts, backend.config.max_length)
     out = []
     for i in range(0, len(ids), batch_size):  # input order: rows of very different lengths share a batch
-        input_ids, mask = pad_batch(ids[i : i + batch_size], backend.tokenizer.pad_token_id)
-        emb = backend.embed(input_ids, mask)
-        assert isinstance(emb, np.ndarray) and emb.dtype == np.float32 and emb.shape[0] == len(input_ids)
+        rows = ids[i : i + batch_size]
+        emb = backend.embed(backend.prepare(rows))
+        assert isinstance(emb, np.ndarray) and emb.dtype == np.float32 and emb.shape[0] == len(rows)
         out.append(emb)
     return np.concatenate(out)
 
@@ -39,7 +50,8 @@ def test_torch_backend_matches_encode(tiny_checkpoint, encoder, texts, dim):
 
 
 def test_torch_backend_packed_equals_padded(tiny_checkpoint, encoder, texts):
-    """The backend's packed batches (no padding) give the padded forward's embeddings, right or left padded."""
+    """The backend's packed batches (no padding: the stream a right or left padded batch unpads to) give the padded
+    forward's embeddings."""
     packed = load_backend(tiny_checkpoint, "torch", device="cpu")
     assert packed.packed  # the CPU default
     padded = load_backend(tiny_checkpoint, "torch", device="cpu")
@@ -49,8 +61,51 @@ def test_torch_backend_packed_equals_padded(tiny_checkpoint, encoder, texts):
     np.testing.assert_allclose(_embed_all(padded, texts), expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(_embed_all(packed, texts), expected, atol=1e-5, rtol=0)
     ids, _ = tokenize(packed.tokenizer, texts[:5], packed.config.max_length)
-    left = pad_batch(ids, packed.tokenizer.pad_token_id, padding_side="left")
-    np.testing.assert_allclose(packed.embed(*left), expected[:5], atol=1e-5, rtol=0)
+    prepared = packed.prepare(ids)
+    assert isinstance(prepared, PackedBatch) and prepared.num_tokens == sum(map(len, ids))
+    for side in ("right", "left"):
+        unpadded = pack_padded(*pad_batch(ids, packed.tokenizer.pad_token_id, padding_side=side))
+        assert prepared.lengths == unpadded.lengths
+        for name in ("input_ids", "cu_seqlens", "position_ids"):
+            assert torch.equal(getattr(prepared, name), getattr(unpadded, name))
+    np.testing.assert_allclose(packed.embed(prepared), expected[:5], atol=1e-5, rtol=0)
+    right = padded.prepare(ids)  # (5, T) right-padded with the pad id
+    assert isinstance(right, Padded)
+    want = pad_batch(ids, packed.tokenizer.pad_token_id)
+    assert torch.equal(right.input_ids, want[0]) and torch.equal(right.attention_mask, want[1])
+
+
+def test_torch_backend_receives_token_rows_never_a_padded_batch(
+    tiny_checkpoint, texts, tmp_path, monkeypatch
+):
+    """batch-embed and the server hand the torch backend token rows; on CPU it packs them, so its encoder only ever
+    sees packed batches and nothing pads for it."""
+    seen = []
+    forward = BiEncoder.forward
+
+    def spy(self, inputs, *args, **kwargs):
+        seen.append(type(inputs))
+        return forward(self, inputs, *args, **kwargs)
+
+    def no_padding(*args, **kwargs):
+        raise AssertionError("a batch for the torch backend was padded")
+
+    monkeypatch.setattr(BiEncoder, "forward", spy)
+    for name, module in list(sys.modules.items()):  # every name pad_batch is bound to in bidir_serve
+        if name.startswith("bidir_serve") and hasattr(module, "pad_batch"):
+            monkeypatch.setattr(module, "pad_batch", no_padding)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    with pytest.warns(UserWarning, match="truncated"):
+        cfg = BatchEmbedConfig(str(tiny_checkpoint), str(inp), str(tmp_path / "out"), device="cpu", window=16)
+        assert embed_corpus(cfg).complete
+    batches = len(seen)
+    assert batches >= 4
+    with serving(tiny_checkpoint, device="cpu") as r:
+        status, _ = call(r.url, "POST", "/v1/embeddings", {"input": [[1, 5, 6], [1, 22, 31, 40, 9], [3]]})
+        assert status == 200
+    assert len(seen) >= batches + 2  # the warm-up and the request
+    assert set(seen) == {PackedBatch}
 
 
 @pytest.mark.parametrize("with_dims", [False, True])
@@ -108,7 +163,7 @@ def test_torch_backend_cuda(tiny_checkpoint, encoder, texts, tmp_path):
     with pytest.warns(UserWarning, match="truncated"):
         expected = encoder.encode(texts)
     fp32 = load_backend(tiny_checkpoint, "torch", device="cuda", precision="fp32")
-    assert fp32.pin_memory
+    assert fp32.prepare([[1, 5, 9], [1, 22]]).input_ids.is_pinned()
     np.testing.assert_allclose(_embed_all(fp32, texts), expected, atol=ATOL, rtol=0)
     bf16 = load_backend(tiny_checkpoint, device="cuda")
     assert bf16.precision == "bf16"

@@ -243,9 +243,9 @@ _SLOW_MAIN = """
 import sys, time
 import bidir_serve.backends as b
 embed = b.TorchBackend.embed
-def slow(self, ids, mask):
+def slow(self, inputs):
     time.sleep(0.15)
-    return embed(self, ids, mask)
+    return embed(self, inputs)
 b.TorchBackend.embed = slow
 from bidir_serve.batch_embed import main
 sys.exit(main(sys.argv[1:]))

@@ -95,11 +95,11 @@ class _FailOnce:
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
-    def embed(self, input_ids, attention_mask):
+    def embed(self, inputs):
         if not self._marker.exists():
             self._marker.write_text("failed once")
             raise RuntimeError("injected actor failure")
-        return self._backend.embed(input_ids, attention_mask)
+        return self._backend.embed(inputs)
 
 
 def _failing_loader(marker: Path):
@@ -157,9 +157,9 @@ class Slow:
         self.backend = backend
     def __getattr__(self, name):
         return getattr(self.backend, name)
-    def embed(self, ids, mask):
+    def embed(self, inputs):
         time.sleep(0.3)
-        return self.backend.embed(ids, mask)
+        return self.backend.embed(inputs)
 
 def load(*args, **kwargs):
     return Slow(load_backend(*args, **kwargs))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from server_testing import call, serving, wait_ready
 
 from bidir_core.errors import BidirError
@@ -24,11 +23,15 @@ class Faulty:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        if (input_ids == FAIL_TOKEN).any():
+    def prepare(self, rows: list[list[int]]) -> tuple[list[list[int]], object]:
+        return rows, self._inner.prepare(rows)  # the rows kept, to find the tokens in embed
+
+    def embed(self, inputs: tuple[list[list[int]], object]) -> np.ndarray:
+        rows, prepared = inputs
+        if any(FAIL_TOKEN in row for row in rows):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        out = self._inner.embed(input_ids, attention_mask)
-        out[(input_ids == NAN_TOKEN).any(dim=1).numpy() | self._always_nan] = np.nan
+        out = self._inner.embed(prepared)
+        out[np.array([NAN_TOKEN in row for row in rows]) | self._always_nan] = np.nan
         return out
 
 

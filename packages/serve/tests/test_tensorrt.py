@@ -15,7 +15,6 @@ import torch
 
 from bidir_core import BidirError
 from bidir_core.artifacts import EngineManifest, Profile, read_manifest, write_manifest
-from bidir_core.batching import pad_batch
 from bidir_core.tokenization import tokenize
 from bidir_serve.backends.tensorrt import plan
 
@@ -82,8 +81,9 @@ def test_tensorrt_backend_matches_encode(onnx_export, encoder, texts, tmp_path):
         backend = load_backend(tmp_path, "auto", dim=dim)
         assert backend.name == "tensorrt"
         ids, _ = tokenize(backend.tokenizer, texts, backend.config.max_length)
-        input_ids, mask = pad_batch(ids, backend.tokenizer.pad_token_id)  # 60 rows: split into runs of 2
-        got = backend.embed(input_ids, mask)
+        inputs = backend.prepare(ids)  # 60 rows: split into runs of 2
+        assert inputs.input_ids.is_pinned() and inputs.attention_mask.is_pinned()
+        got = backend.embed(inputs)
         with pytest.warns(UserWarning, match="truncated"):
             expected = encoder.encode(texts, dim=dim)
         np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)

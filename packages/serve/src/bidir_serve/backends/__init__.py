@@ -1,5 +1,5 @@
-"""Backends: one interface, `embed(input_ids, attention_mask) -> (B, D) float32 numpy`, over three runtimes, and the
-one factory that picks among them.
+"""Backends: one interface, `embed(prepare(token rows)) -> (B, D) float32 numpy` (each backend builds its own input
+form from the rows: see base.Backend), over three runtimes, and the one factory that picks among them.
 
 - `torch`:       a checkpoint (folder, .gguf or the embedded default's name) through bidir_core.BiEncoder, on CPU or
                  CUDA, fp32 / bf16 / fp16, optionally torch.compile'd (pytorch.py).
@@ -7,8 +7,9 @@ one factory that picks among them.
                  (onnxruntime.py).
 - `tensorrt`:    a TensorRT engine folder (tensorrt.py).
 
-base.py holds what they share (the Backend protocol, the model fingerprints); the runtime modules import only base,
-and only this module and spec.py (BackendSpec: the torch backend's precision names) import them.
+base.py holds what they share (the Backend protocol, the padded input form, the model fingerprints); the runtime
+modules import only base, and only this module and spec.py (BackendSpec: the torch backend's precision names) import
+them.
 
 `auto` picks by artifact and hardware: an engine folder -> tensorrt; an ONNX export -> onnxruntime (the CUDA
 execution provider when onnxruntime has it and a GPU is present, else CPU); a checkpoint -> torch, bf16 on CUDA when
@@ -26,7 +27,7 @@ from pathlib import Path
 from bidir_core.artifacts import EngineManifest, OnnxManifest, find_manifest
 from bidir_core.errors import BidirError
 from bidir_core.folders import interrupted_publish_hint
-from bidir_serve.backends.base import Backend, export_fingerprint, model_fingerprint
+from bidir_serve.backends.base import Backend, Padded, export_fingerprint, model_fingerprint
 from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend
 from bidir_serve.backends.pytorch import PRECISIONS, TorchBackend
 from bidir_serve.backends.spec import BACKENDS, BackendSpec
@@ -39,6 +40,7 @@ __all__ = [
     "BackendSpec",
     "ModelKind",
     "OnnxRuntimeBackend",
+    "Padded",
     "TensorRTBackend",
     "TorchBackend",
     "auto_backend",

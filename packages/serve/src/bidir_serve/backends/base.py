@@ -1,19 +1,36 @@
-"""What every backend shares: the Backend interface and the fingerprints of the model a backend runs."""
+"""What every backend shares: the Backend interface, the padded input form, and the fingerprints of the model a
+backend runs."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from bidir_core.artifacts import MANIFEST, checkpoint_fingerprint
+from bidir_core.batching import pad_batch
 from bidir_core.checkpoint import EncoderConfig
 
 
 class Backend(Protocol):
+    """A model that embeds batches of token rows, in two steps: prepare(rows) builds the backend's own input form
+    on the host, embed(inputs) runs the model on it.
+
+    The callers hand a batch around as token rows (a list of token-id lists, already length-sorted and cut to a
+    token budget by bidir_core.batching) and never pad: which form the model wants (one packed stream for the torch
+    backend, right-padded (B, T) tensors for compiled torch and the exported graphs) and whether it is pinned (the
+    backend copies it to a GPU) is the backend's business, so no caller pads what the backend would strip again.
+
+    The split is where the threads are: batch-embed's producer thread calls prepare() for each batch of a window
+    ahead of the model (padding, packing and pinning are host work that would otherwise stall the GPU between
+    batches), and the consumer calls embed() only; the server's model thread calls both in turn. prepare() touches
+    no model state, so it is safe on another thread while embed() runs."""
+
     name: str
     """torch, onnxruntime or tensorrt."""
     precision: str
@@ -31,12 +48,30 @@ class Backend(Protocol):
     source_fingerprint: str
     """checkpoint_fingerprint() of the checkpoint the model is (torch) or was exported from (an export records it):
     what bidir-eval compares with the model it evaluates."""
-    pin_memory: bool
-    """Whether inputs should be pinned (the backend copies them to a GPU)."""
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        """input_ids, attention_mask (B, T) int64 on CPU -> embeddings (B, dim) float32."""
+    def prepare(self, rows: Sequence[Sequence[int]]) -> Any:
+        """B token rows (none longer than config.max_length) -> this backend's input for them, on the host."""
         ...
+
+    def embed(self, inputs: Any) -> np.ndarray:
+        """What prepare() returned -> the rows' embeddings (B, dim) float32, in the rows' order."""
+        ...
+
+
+@dataclass(frozen=True)
+class Padded:
+    """Token rows as the exported graphs take them: right-padded with the tokenizer's pad id."""
+
+    input_ids: torch.Tensor  # (B, T) int64, T the longest row (at least 1)
+    attention_mask: torch.Tensor  # (B, T) int64: 1 on real tokens, 0 on padding
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, pin: bool = False) -> Padded:
+    """Right-pad `rows`; pinned (page-locked) when `pin`, so the copy to a GPU can be asynchronous."""
+    input_ids, mask = pad_batch(rows, pad_id)
+    if pin:
+        input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
+    return Padded(input_ids, mask)
 
 
 def _sha256_file(path: Path) -> str:

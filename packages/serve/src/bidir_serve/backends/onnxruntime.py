@@ -3,6 +3,7 @@ execution provider."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from bidir_core.artifacts import OnnxManifest, read_manifest
 from bidir_core.errors import BidirError, one_line
 from bidir_core.matryoshka import check_dim, truncate_array
 from bidir_core.tokenization import load_tokenizer
-from bidir_serve.backends.base import export_fingerprint
+from bidir_serve.backends.base import Padded, export_fingerprint, pad_rows
 
 
 class OnnxRuntimeBackend:
@@ -42,14 +43,18 @@ class OnnxRuntimeBackend:
         self.dim = check_dim(dim, self.width)
         self.fingerprint = export_fingerprint(folder)
         self.source_fingerprint = self.manifest.source_fingerprint
-        self.pin_memory = False  # onnxruntime reads numpy arrays from host memory
         self.precision = self.manifest.dtype
         self.description = f"onnxruntime {self.session.get_providers()[0]} {self.manifest.dtype}"
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+    def prepare(self, rows: Sequence[Sequence[int]]) -> Padded:
+        """The rows right-padded (B, T), unpinned: onnxruntime reads numpy arrays from host memory (and copies
+        them to a GPU itself under the CUDA provider)."""
+        return pad_rows(rows, self.tokenizer.pad_token_id)
+
+    def embed(self, inputs: Padded) -> np.ndarray:
+        feeds = {"input_ids": inputs.input_ids.numpy(), "attention_mask": inputs.attention_mask.numpy()}
         if self.manifest.with_dims:
             # The graph's per-row Matryoshka input; the slice below makes the output (B, dim) either way.
-            feeds["dimensions"] = np.full((input_ids.shape[0],), self.dim, dtype=np.int64)
+            feeds["dimensions"] = np.full((inputs.input_ids.shape[0],), self.dim, dtype=np.int64)
         (emb,) = self.session.run([self.manifest.output], feeds)  # (B, hidden_size) float32
         return truncate_array(np.asarray(emb, dtype=np.float32), self.dim, self.config.normalize)

@@ -1,12 +1,14 @@
 """The torch backend: a checkpoint (folder, .gguf or the embedded default's name) through bidir_core.BiEncoder, on
 CPU or CUDA, fp32 / bf16 / fp16, optionally torch.compile'd. (Not named torch.py, which would shadow torch.)
 
-Each padded batch it is handed runs packed (bidir_core.packed: its real tokens as one stream, no padding) where that
-is the faster path (bidir_core.encoder.PACKED_DEFAULT, measured by benchmarks/bench_batch_embed.py), padded when
-compiled (a packed batch's per-text lengths would make torch.compile specialize on every batch)."""
+prepare() packs a batch's token rows (bidir_core.packed.pack: its tokens as one stream, no padding) where that is
+the faster path (bidir_core.encoder.PACKED_DEFAULT, measured by benchmarks/bench_batch_embed.py), and right-pads
+them when compiled (a packed batch's per-text lengths would make torch.compile specialize on every batch); on CUDA
+either form is pinned, so embed()'s copy to the GPU is asynchronous."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,9 @@ import torch
 from bidir_core.encoder import PACKED_DEFAULT, BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.matryoshka import check_dim
-from bidir_core.packed import pack_padded
+from bidir_core.packed import PackedBatch, pack
 from bidir_core.sources import open_source
-from bidir_serve.backends.base import model_fingerprint
+from bidir_serve.backends.base import Padded, model_fingerprint, pad_rows
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,23 +48,26 @@ class TorchBackend:
         self.width = self.encoder.hidden_size
         self.dim = check_dim(dim, self.width)
         self.fingerprint = self.source_fingerprint = model_fingerprint(source.path)
-        self.pin_memory = self.device.type == "cuda"
         self.precision = precision
         self.description = f"torch {self.device.type} {precision}" + (" compiled" if compile else "")
         # dynamic=True: one graph for every (batch, seq) instead of a recompile per new shape.
         self._forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
         self.packed = (PACKED_DEFAULT[self.device.type] and not compile) if packed is None else packed
 
+    def prepare(self, rows: Sequence[Sequence[int]]) -> PackedBatch | Padded:
+        """The rows packed (N real tokens, no padding) or right-padded (B, T), on the host; pinned on CUDA."""
+        pin = self.device.type == "cuda"
+        if not self.packed:
+            return pad_rows(rows, self.tokenizer.pad_token_id, pin)
+        packed = pack(rows)
+        return packed.pin_memory() if pin else packed
+
     @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+    def embed(self, inputs: PackedBatch | Padded) -> np.ndarray:
         # non_blocking: with pinned inputs the host-to-device copy overlaps the previous batch's work.
         dim = None if self.dim == self.encoder.hidden_size else self.dim
-        if (
-            self.packed
-        ):  # the real tokens only, packed on the host (the mask's row sums are needed there anyway)
-            packed = pack_padded(input_ids, attention_mask)
-            packed = packed.pin_memory() if self.pin_memory else packed
-            return self._forward(packed.to(self.device, non_blocking=True), dim=dim).float().cpu().numpy()
-        ids = input_ids.to(self.device, non_blocking=True)
-        mask = attention_mask.to(self.device, non_blocking=True)
+        if isinstance(inputs, PackedBatch):
+            return self._forward(inputs.to(self.device, non_blocking=True), dim=dim).float().cpu().numpy()
+        ids = inputs.input_ids.to(self.device, non_blocking=True)
+        mask = inputs.attention_mask.to(self.device, non_blocking=True)
         return self._forward(ids, mask, dim=dim).float().cpu().numpy()  # (B, dim)

@@ -9,6 +9,7 @@ runs under the first profile that fits it, and a batch larger than every profile
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from bidir_core.artifacts import EngineManifest, Profile, read_manifest
 from bidir_core.errors import BidirError
 from bidir_core.matryoshka import check_dim, truncate_array
 from bidir_core.tokenization import load_tokenizer
-from bidir_serve.backends.base import export_fingerprint
+from bidir_serve.backends.base import Padded, export_fingerprint, pad_rows
 
 
 def plan(profiles: tuple[Profile, ...], batch: int, seq: int) -> tuple[int, int]:
@@ -75,7 +76,6 @@ class TensorRTBackend:
         self.dim = check_dim(dim, self.width)
         self.fingerprint = export_fingerprint(folder)
         self.source_fingerprint = onnx.source_fingerprint
-        self.pin_memory = True
         self.precision = self.manifest.precision
         self.description = f"tensorrt {trt.__version__} {self.manifest.precision}"
         self.max_seq = max(p.max[1] for p in self.manifest.profiles)
@@ -85,8 +85,13 @@ class TensorRTBackend:
                 f"profiles stop at {self.max_seq}: rebuild it with a longer profile"
             )
 
+    def prepare(self, rows: Sequence[Sequence[int]]) -> Padded:
+        """The rows right-padded (B, T) and pinned, so _run's copies to the GPU are asynchronous."""
+        return pad_rows(rows, self.tokenizer.pad_token_id, pin=True)
+
     @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+    def embed(self, inputs: Padded) -> np.ndarray:
+        input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
         B, T = input_ids.shape
         profile, rows = plan(self.manifest.profiles, B, T)
         min_batch, min_seq = self.manifest.profiles[profile].min

@@ -45,7 +45,8 @@ def embed_corpus(cfg: BatchEmbedConfig) -> EmbedSummary:
     todo = [k for k in range(len(planned.shards)) if k % world == rank and not shard_done(out, planned, k)]
     shards = ((k, shard_rows(plan, k, cfg.id_field, cfg.text_field)) for k in todo)
     batching = batching_config(cfg, backend)
-    windows = shard_windows(shards, backend.tokenizer, planned.prefix, batching)
+    # backend.prepare runs on the producer thread (prefetch), ahead of the model
+    windows = shard_windows(shards, backend.tokenizer, planned.prefix, batching, backend.prepare)
     total = sum(planned.shards[k].rows for k in todo)
     writer: ShardWriter | None = None
     t0 = time.perf_counter()

@@ -131,7 +131,6 @@ class BackendInfo:
     width: int
     fingerprint: str
     source_fingerprint: str
-    pin_memory: bool
 
 
 def _describe(cfg: BatchEmbedConfig, load: Callable) -> BackendInfo:
@@ -147,7 +146,7 @@ def _describe(cfg: BatchEmbedConfig, load: Callable) -> BackendInfo:
         "fingerprint",
         "source_fingerprint",
     )
-    return BackendInfo(**{f: getattr(b, f) for f in fields}, pin_memory=b.pin_memory)
+    return BackendInfo(**{f: getattr(b, f) for f in fields})
 
 
 def _run(ray, cfg: BatchEmbedConfig, start: float, load: Callable) -> EmbedSummary:
@@ -290,7 +289,7 @@ class _EmbedShards:
             self.out, k, self.backend.dim, self.cfg.dtype, self.job
         ) as writer:  # renamed when complete
             for lo in range(0, len(ids), size):
-                batches = batch_window(token_ids[lo : lo + size], self.batching)
+                batches = batch_window(token_ids[lo : lo + size], self.batching, self.backend.prepare)
                 window = Window(k, ids[lo : lo + size], wheres[lo : lo + size], batches, 0, False)
                 writer.write(window.ids, embed_window(self.backend, window, self.out, self.cfg.model))
                 tokens += sum(b.tokens for b in batches)

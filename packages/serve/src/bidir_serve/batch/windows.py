@@ -1,11 +1,13 @@
-"""Windows: rows -> windows of padded token batches, made on a background thread so tokenization overlaps the model's
-compute, and a window's embeddings in input order.
+"""Windows: rows -> windows of token batches in the backend's input form, made on a background thread so
+tokenization and batch preparation overlap the model's compute, and a window's embeddings in input order.
 
 Rows come shard by shard (shard k = rows [k * shard_size, (k + 1) * shard_size) of the input, plan.py,
 so a shard's content does not depend on how many processes run or which shards were already done). Within a shard,
 rows are taken in windows of `window` rows; each window is tokenized, sorted by token length and grouped into
 token-budget batches by bidir_core.batching, so padding stays small while memory stays bounded by the window,
-whatever the corpus or shard size. A Window is the one message from the tokenizer to the model: its rows' ids (in input order) and their batches
+whatever the corpus or shard size; each batch's token rows are handed to the backend's prepare() there (packed,
+or padded and pinned: the backend's choice, see bidir_serve.backends.base), so the model thread only runs them. A
+Window is the one message from the tokenizer to the model: its rows' ids (in input order) and their batches
 together; each batch carries its rows' positions inside the window, which is how the consumer restores input order
 before it appends the window to its shard.
 
@@ -20,14 +22,14 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
-from bidir_core.batching import length_sorted_batches, pad_batch
+from bidir_core.batching import length_sorted_batches
 from bidir_core.embeddings_artifact import shard_name
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
@@ -35,17 +37,18 @@ from bidir_serve.backends import Backend
 from bidir_serve.batch.config import BatchEmbedConfig
 from bidir_serve.batch.inputs import Row
 
+Prepare = Callable[[list[list[int]]], Any]
+"""A backend's prepare(): a batch's token rows -> its input form (Backend.prepare)."""
+
 
 @dataclass(frozen=True)
 class Batch:
-    """Some rows of a window, padded to their longest."""
+    """Some rows of a window, ready for the backend."""
 
     positions: list[int]
     """Row index inside the window of each batch row."""
-    input_ids: torch.Tensor
-    """(B, T) int64, right-padded; pinned when the backend copies to a GPU."""
-    attention_mask: torch.Tensor
-    """(B, T) int64."""
+    inputs: Any
+    """The rows as the backend's prepare() made them (a PackedBatch, or padded (B, T) tensors), for its embed()."""
     tokens: int
     """Real (unpadded) tokens in the batch."""
 
@@ -79,9 +82,6 @@ class BatchingConfig:
     """Upper bound on rows per batch."""
     window: int
     """Rows sorted together by length (bounded so memory does not grow with the corpus)."""
-    pad_id: int
-    pin_memory: bool = False
-    """Pin batches in page-locked memory, so the copy to the GPU can be asynchronous."""
 
 
 def shard_windows(
@@ -89,6 +89,7 @@ def shard_windows(
     tokenizer,
     prefix: str,
     cfg: BatchingConfig,
+    prepare: Prepare,
 ) -> Iterator[Window]:
     """The windows of each (shard index, its rows), in order. A window ends when it is full or its shard ends
     (windows never span shards)."""
@@ -96,10 +97,10 @@ def shard_windows(
         pending: list[Row] = []
         for row in rows:
             if len(pending) == cfg.window:
-                yield make_window(shard, pending, False, tokenizer, prefix, cfg)
+                yield make_window(shard, pending, False, tokenizer, prefix, cfg, prepare)
                 pending = []
             pending.append(row)
-        yield make_window(shard, pending, True, tokenizer, prefix, cfg)
+        yield make_window(shard, pending, True, tokenizer, prefix, cfg, prepare)
 
 
 def tokenize_rows(rows: list[Row], tokenizer, prefix: str, max_length: int) -> tuple[list[list[int]], int]:
@@ -107,23 +108,21 @@ def tokenize_rows(rows: list[Row], tokenizer, prefix: str, max_length: int) -> t
     return tokenize(tokenizer, [prefix + row.text for row in rows], max_length)
 
 
-def batch_window(token_ids: list[list[int]], cfg: BatchingConfig) -> list[Batch]:
-    """A window's rows sorted by length and grouped into padded batches (each row in exactly one)."""
+def batch_window(token_ids: list[list[int]], cfg: BatchingConfig, prepare: Prepare) -> list[Batch]:
+    """A window's rows sorted by length, grouped into batches (each row in exactly one) and prepared."""
     lengths = [len(t) for t in token_ids]
     batches = []
     for batch in length_sorted_batches(lengths, cfg.max_batch_size, cfg.max_batch_tokens):
-        input_ids, mask = pad_batch([token_ids[i] for i in batch], cfg.pad_id)  # (B, T) each
-        if cfg.pin_memory:
-            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
-        batches.append(Batch(batch, input_ids, mask, sum(lengths[i] for i in batch)))
+        inputs = prepare([token_ids[i] for i in batch])
+        batches.append(Batch(batch, inputs, sum(lengths[i] for i in batch)))
     return batches
 
 
 def make_window(
-    shard: int, rows: list[Row], last: bool, tokenizer, prefix: str, cfg: BatchingConfig
+    shard: int, rows: list[Row], last: bool, tokenizer, prefix: str, cfg: BatchingConfig, prepare: Prepare
 ) -> Window:
     token_ids, n_cut = tokenize_rows(rows, tokenizer, prefix, cfg.max_length)
-    batches = batch_window(token_ids, cfg)
+    batches = batch_window(token_ids, cfg, prepare)
     return Window(shard, [r.id for r in rows], [r.where for r in rows], batches, n_cut, last)
 
 
@@ -168,8 +167,6 @@ def batching_config(cfg: BatchEmbedConfig, backend: Backend) -> BatchingConfig:
         max_batch_tokens=cfg.max_batch_tokens,
         max_batch_size=cfg.max_batch_size,
         window=cfg.window,
-        pad_id=backend.tokenizer.pad_token_id,
-        pin_memory=backend.pin_memory,
     )
 
 
@@ -177,7 +174,7 @@ def embed_window(backend: Backend, window: Window, out: Path, model: str) -> np.
     """The window's (rows, dim) float32 embeddings in input order; non-finite values are an error."""
     emb = np.empty((len(window.ids), backend.dim), np.float32)
     for batch in window.batches:
-        part = backend.embed(batch.input_ids, batch.attention_mask)  # (B, dim)
+        part = backend.embed(batch.inputs)  # (B, dim)
         _check_finite(part, window, batch, out, model)
         emb[batch.positions] = part
     return emb

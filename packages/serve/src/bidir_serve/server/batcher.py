@@ -5,8 +5,9 @@ request past --max-concurrency with a 429 at once, so the queue cannot grow with
 ONE model thread owns the backend: it loads it, runs a warm-up batch, then loops: wait for a job; wait until the
 queued jobs hold --max-batch-tokens tokens or the oldest has waited --max-wait-ms (no wait once shutdown began);
 take the queued jobs in arrival order up to that budget (at least one); sort all their rows by length and cut them
-into batches with bidir_core.batching (the grouping batch-embed uses); embed each batch and write each row's vector
-into its job's array; a job's future is resolved when its last row is in, so no request sees another's rows.
+into batches with bidir_core.batching (the grouping batch-embed uses); hand each batch's token rows to the backend
+(prepare, then embed: the backend builds its own input form) and write each row's vector into its job's array; a
+job's future is resolved when its last row is in, so no request sees another's rows.
 
 A job cancelled before it runs (its client disconnected, or its handler was cancelled) is taken off the queue; rows
 of a cancelled job that was already taken are skipped before each batch runs. A batch that fails (an exception, or
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bidir_core.batching import length_sorted_batches, pad_batch
+from bidir_core.batching import length_sorted_batches
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
 from bidir_serve.backends import Backend
@@ -163,7 +164,7 @@ class Batcher:
         ids, _ = tokenize(
             backend.tokenizer, [backend.config.passage_prefix + "warm-up"], backend.config.max_length
         )
-        emb = backend.embed(*pad_batch(ids, backend.tokenizer.pad_token_id))
+        emb = backend.embed(backend.prepare(ids))
         if not np.isfinite(emb).all():
             raise BidirError(
                 f"{self.cfg.model}: the model produced non-finite (nan/inf) embeddings for its warm-up text "
@@ -200,7 +201,6 @@ class Batcher:
         lengths = [len(job.ids[i]) for job, i in rows]
         for job in jobs:
             job.out, job.left = np.empty((len(job.ids), backend.dim), np.float32), len(job.ids)
-        pad_id = backend.tokenizer.pad_token_id
         for batch in length_sorted_batches(lengths, self.cfg.max_batch_size, self.cfg.max_batch_tokens):
             live = [r for r in batch if not (rows[r][0].cancelled or rows[r][0].done)]
             dropped = sum(1 for r in batch if rows[r][0].cancelled and not rows[r][0].done)
@@ -208,11 +208,8 @@ class Batcher:
                 self._metrics.dropped.inc(dropped)
             if not live:
                 continue
-            input_ids, mask = pad_batch([rows[r][0].ids[rows[r][1]] for r in live], pad_id)  # (B, T) each
-            if backend.pin_memory:
-                input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
             try:
-                emb = backend.embed(input_ids, mask)  # (B, dim)
+                emb = backend.embed(backend.prepare([rows[r][0].ids[rows[r][1]] for r in live]))  # (B, dim)
                 if not np.isfinite(emb).all():
                     raise ApiError(
                         500,
@@ -229,7 +226,9 @@ class Batcher:
                 for job in {rows[r][0] for r in live}:
                     self._settle(job, e)
                 continue
-            self._metrics.batch(len(live), input_ids.numel(), sum(lengths[r] for r in live))
+            # padded size: rows x the longest (at least 1 column), what a padded batch of them holds
+            padded = len(live) * max([lengths[r] for r in live] + [1])
+            self._metrics.batch(len(live), padded, sum(lengths[r] for r in live))
             for k, r in enumerate(live):
                 job, i = rows[r]
                 job.out[i] = emb[k]
