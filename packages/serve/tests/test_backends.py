@@ -6,14 +6,18 @@ anything near 1e-4 would mean a wrong pooling, mask or normalization rather than
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from batch_testing import numbered_texts, write_jsonl
 
 from bidir_core import BidirError
 from bidir_core.batching import pad_batch
 from bidir_core.tokenization import tokenize
 from bidir_serve.backends import load_backend, model_kind
+from bidir_serve.batch_embed import main
 
 ATOL = 1e-4
 
@@ -74,6 +78,19 @@ def test_auto_rule(tiny_checkpoint, onnx_export):
     auto = load_backend(tiny_checkpoint)
     assert auto.device.type == expected_device
     assert auto.precision == ("bf16" if expected_device == "cuda" else "fp32")
+
+
+def test_truncated_onnx_model_is_one_line(onnx_export, tmp_path, capsys):
+    folder = shutil.copytree(onnx_export(), tmp_path / "onnx")
+    model = folder / "model.onnx"
+    model.write_bytes(model.read_bytes()[:1000])
+    inp = write_jsonl(tmp_path / "in.jsonl", numbered_texts(3))
+    assert (
+        main(["--model", str(folder), "--input", str(inp), "--output", str(tmp_path / "o"), "--no-progress"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.onnx: onnxruntime cannot load it" in err
 
 
 def test_backend_artifact_mismatch(tiny_checkpoint, onnx_export):
