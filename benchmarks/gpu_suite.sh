@@ -26,9 +26,9 @@ py="${PYTHON:-python3}"   # the interpreter that has torch and the test dependen
 "$py" -c 'import torch; print("torch", torch.__version__, "| cuda:", torch.cuda.is_available() and torch.cuda.get_device_name(0) or "none")'
 
 echo "== gpu- and tensorrt-marked tests"
-# One pytest over every test folder. --import-mode=importlib: test files of one name in two packages
-# (test_hostile_inputs.py) get distinct module names; it puts no test folder on sys.path, so the folders go on
-# PYTHONPATH for their helper modules (export_testing, train_testing, clis, readme).
+# One pytest over every test folder. --import-mode=importlib: test files of one name in two folders
+# (test_families.py) get distinct module names; it puts no test folder on sys.path, so the folders go on
+# PYTHONPATH for their helper modules (the *_testing modules, clis, readme).
 tests="packages/core/tests packages/train/tests packages/export/tests packages/serve/tests integration_tests"
 PYTHONPATH="$(for t in $tests; do printf '%s:' "$PWD/$t"; done)$PYTHONPATH" "$py" -m pytest $tests -m "gpu or tensorrt" -q -rs \
   -p no:cacheprovider --import-mode=importlib --junit-xml "$out/tests.xml"

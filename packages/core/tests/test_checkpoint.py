@@ -1,16 +1,19 @@
-"""The checkpoint artifact loads back into bidir bit-exactly, into transformers with the same hidden states and into
-sentence-transformers with the same embeddings."""
+"""bidir_core.checkpoint: the checkpoint artifact loads back into bidir bit-exactly, into transformers with the same
+hidden states and into sentence-transformers with the same embeddings; a bad bidir.json is refused in one line; a
+save never replaces what is not a bidir checkpoint and never leaves a half-written folder."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from errors_testing import edit_json, load_error, one_line_error
 from safetensors import safe_open
 
-from bidir_core import BiEncoder, EncoderConfig, LlamaBidirectionalModel
+from bidir_core import BidirError, BiEncoder, EncoderConfig, LlamaBidirectionalModel
 from bidir_core.batching import pad_batch
 from bidir_core.checkpoint import read_encoder_config, write_checkpoint
 from bidir_core.testing import tiny_encoder
@@ -188,3 +191,149 @@ def test_lm_head_of_untied_sources_only(tmp_path, embedded_gguf):
     assert torch.equal(load_lm_head(bin_folder, torch.float32), want)
     assert load_lm_head(tiny_encoder().save_pretrained(tmp_path / "bidir"), torch.float32) is None
     assert load_lm_head(embedded_gguf, torch.float32) is None
+
+
+# --- bidir.json ---------------------------------------------------------------------------------------------------
+
+
+def test_bidir_json_unknown_format_version(bidir_copy):
+    edit_json(bidir_copy / "bidir.json", format_version=99)
+    one_line_error(load_error(bidir_copy), str(bidir_copy / "bidir.json"), "format_version", "99")
+
+
+def test_bidir_json_without_format_version(bidir_copy):
+    config = json.loads((bidir_copy / "bidir.json").read_text())
+    del config["format_version"]
+    (bidir_copy / "bidir.json").write_text(json.dumps(config))
+    one_line_error(load_error(bidir_copy), str(bidir_copy / "bidir.json"), "format_version")
+
+
+def test_bidir_json_unknown_key(bidir_copy):
+    edit_json(bidir_copy / "bidir.json", poolin="cls")
+    message = one_line_error(load_error(bidir_copy), str(bidir_copy / "bidir.json"), "'poolin'")
+    assert "pooling" in message  # the known keys are listed
+
+
+def test_bidir_json_invalid_json(bidir_copy):
+    (bidir_copy / "bidir.json").write_text("{format_version: 1")
+    one_line_error(load_error(bidir_copy), str(bidir_copy / "bidir.json"), "not valid JSON")
+
+
+def test_bidir_json_unknown_pooling_value(bidir_copy):
+    edit_json(bidir_copy / "bidir.json", pooling="max")
+    one_line_error(load_error(bidir_copy), "'max'")
+
+
+@pytest.mark.parametrize(
+    "content", ["[1, 2]", '{"format_version": 1, "matryoshka_dims": 8}'], ids=["list", "dims"]
+)
+def test_bidir_json_wrong_shape(bidir_copy, content):
+    (bidir_copy / "bidir.json").write_text(content)
+    one_line_error(load_error(bidir_copy), str(bidir_copy / "bidir.json"))
+
+
+def test_bidir_json_normalize_must_be_a_bool(bidir_copy):
+    edit_json(bidir_copy / "bidir.json", normalize="false")
+    one_line_error(load_error(bidir_copy), "normalize")
+
+
+# --- saving -------------------------------------------------------------------------------------------------------
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_save_into_non_model_folder_refuses_and_keeps_files(encoder, tmp_path):
+    target = tmp_path / "my-documents"
+    (target / "sub").mkdir(parents=True)
+    (target / "notes.txt").write_text("precious")
+    (target / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = _snapshot(target)
+
+    with pytest.raises(BidirError) as excinfo:
+        encoder.save_pretrained(target)
+    one_line_error(excinfo, str(target), "not empty")
+    with pytest.raises(BidirError) as excinfo:
+        encoder.save_pretrained(target, overwrite=True)  # overwrite replaces model folders only
+    one_line_error(excinfo, str(target), "not a bidir checkpoint")
+
+    assert _snapshot(target) == before
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_overwrite_replaces_only_a_bidir_checkpoint(encoder, tmp_path):
+    # Issue 14.1 (bidir-convert's --overwrite): any folder with a bidir.json was deleted, whatever else it held.
+    added = encoder.save_pretrained(tmp_path / "added")
+    (added / "notes.txt").write_text("precious")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "bidir.json").write_text('{"mine": 1}')
+    (fake / "config.json").write_text("{}")
+    bare = tmp_path / "bare"  # a bidir.json and nothing else a checkpoint has
+    bare.mkdir()
+    shutil.copy(added / "bidir.json", bare / "bidir.json")
+    (bare / "data.csv").write_text("1,2")
+    for target, needles in [
+        (added, ("holds notes.txt", "refusing")),
+        (fake, ("not a bidir checkpoint", "bidir.json", "refusing")),
+        (bare, ("not a bidir checkpoint", "config.json", "refusing")),
+    ]:
+        before = _snapshot(target)
+        with pytest.raises(BidirError) as excinfo:
+            encoder.save_pretrained(target, overwrite=True)
+        one_line_error(excinfo, str(target), *needles)
+        assert _snapshot(target) == before
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_save_onto_a_file_refuses(encoder, tmp_path):
+    target = tmp_path / "model"
+    target.write_text("a file")
+    with pytest.raises(BidirError) as excinfo:
+        encoder.save_pretrained(target, overwrite=True)
+    one_line_error(excinfo, str(target), "not a folder")
+    assert target.read_text() == "a file"
+
+
+def test_save_onto_existing_checkpoint_needs_overwrite(encoder, tmp_path):
+    target = encoder.save_pretrained(tmp_path / "ckpt")
+    before = _snapshot(target)
+    other = tiny_encoder(seed=1)
+    with pytest.raises(BidirError) as excinfo:
+        other.save_pretrained(target)
+    one_line_error(excinfo, str(target), "overwrite")
+    assert _snapshot(target) == before
+
+    other.save_pretrained(target, overwrite=True)  # positive control: overwrite does replace it
+    assert _snapshot(target) != before
+    reloaded = BiEncoder.from_pretrained(target)
+    torch.testing.assert_close(
+        reloaded.model.embed_tokens.weight, other.model.embed_tokens.weight, atol=0, rtol=0
+    )
+
+
+def _failing_save(*args, **kwargs):
+    raise OSError("disk full (simulated)")
+
+
+def test_failed_save_leaves_no_half_written_folder(tmp_path, monkeypatch):
+    encoder = tiny_encoder()
+    monkeypatch.setattr(encoder.tokenizer, "save_pretrained", _failing_save)
+    target = tmp_path / "out" / "ckpt"
+    with pytest.raises(BidirError) as excinfo:
+        encoder.save_pretrained(target)
+    one_line_error(excinfo, str(target), "not written", "simulated")
+    assert not target.exists()
+    assert not [p.name for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    target = tiny_encoder().save_pretrained(tmp_path / "ckpt")
+    before = _snapshot(target)
+    other = tiny_encoder(seed=1)
+    monkeypatch.setattr(other.tokenizer, "save_pretrained", _failing_save)
+    with pytest.raises(BidirError, match="simulated"):
+        other.save_pretrained(target, overwrite=True)
+    assert _snapshot(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

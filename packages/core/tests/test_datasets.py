@@ -1,5 +1,5 @@
-"""Readers for training rows, BEIR folders and STS pairs: good files, every bad-row message, and the embedded
-stdlib dataset's determinism and shape."""
+"""bidir_core.datasets: readers for training rows, BEIR folders and STS pairs (good files, every bad-row message),
+the JSONL line reader they share, and the embedded stdlib dataset's determinism and shape."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from bidir_core.datasets import (
     read_sts,
     read_training_examples,
 )
+from bidir_core.datasets.lines import read_jsonl
 from bidir_core.datasets.stdlib import _build, stdlib_counts, stdlib_dev, stdlib_train
 from bidir_core.errors import BidirError
+
+LONE = '"bad \\ud83d text"'  # JSON text of a string holding half of an emoji
 
 
 def _jsonl(path, rows):
@@ -211,6 +214,39 @@ def test_beir_missing_split_and_bad_utf8(tmp_path):
         f.write(b'{"_id": "d9", "text": "\xff"}\n')
     with pytest.raises(BidirError, match=r"corpus.jsonl:4: invalid UTF-8"):
         load_retrieval(folder)
+
+
+def test_lone_surrogate_is_a_bad_row_with_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f'{{"id": "a", "text": "fine \\ud83d\\ude00 pair"}}\n{{"id": "b", "text": {LONE}}}\n')
+    rows = read_jsonl(path)
+    assert next(rows)[1]["text"] == "fine \U0001f600 pair"  # a surrogate pair is an emoji, not an error
+    with pytest.raises(BidirError, match=r"rows\.jsonl:2: field 'text' holds a lone surrogate"):
+        next(rows)
+    path.write_text('{"id": "\\udc00", "text": "x"}\n{"id": "c", "text": "a \\\\ud83d is no escape"}\n')
+    with pytest.raises(BidirError, match=r"rows\.jsonl:1: field 'id' holds a lone surrogate"):
+        list(read_jsonl(path))
+
+
+def test_lone_surrogate_in_eval_corpus_and_training_rows(tmp_path):
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(f'{{"_id": "d0", "text": "ok"}}\n{{"_id": "d1", "text": {LONE}}}\n')
+    (beir / "queries.jsonl").write_text('{"_id": "q0", "text": "q"}\n')
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
+    with pytest.raises(BidirError, match=r"corpus\.jsonl:2: field 'text' holds a lone surrogate"):
+        load_retrieval(beir)
+    train = tmp_path / "train.jsonl"
+    train.write_text(f'{{"query": "q", "pos_doc": ["a"]}}\n{{"query": "q", "pos_doc": [{LONE}]}}\n')
+    with pytest.raises(BidirError, match=r"train\.jsonl:2: field 'pos_doc' holds a lone surrogate"):
+        list(read_training_examples(train))
+
+
+def test_deeply_nested_json_line_is_one_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n{"x": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
+    with pytest.raises(BidirError, match=r"deep\.jsonl:2: JSON nested too deeply"):
+        list(read_jsonl(path))
 
 
 def test_sts(tmp_path):

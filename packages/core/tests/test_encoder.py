@@ -1,10 +1,12 @@
-"""BiEncoder.encode: padding invariance, order restoration, Matryoshka dims, prefixes, truncation."""
+"""bidir_core.encoder (BiEncoder.encode): padding invariance, order restoration, Matryoshka dims, prefixes, truncation;
+bad arguments (a dim, a text that is no str) are refused in one line."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from errors_testing import one_line_error
 
 from bidir_core import BidirError, EncoderConfig, pool
 from bidir_core.batching import pad_batch
@@ -116,3 +118,44 @@ def test_empty_list_and_numpy_dim():
     )
     with pytest.raises(BidirError, match="positive integer"):
         encoder.encode(TEXTS[:1], dim=True)
+
+
+# --- bad arguments ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [65, 1000])
+def test_dim_larger_than_hidden(encoder, dim):
+    with pytest.raises(BidirError) as excinfo:
+        encoder.encode(["hello"], dim=dim)
+    one_line_error(excinfo, f"dim={dim}", "64")
+
+
+@pytest.mark.parametrize("dim", [0, -3, 2.5])
+def test_dim_not_a_positive_integer(encoder, dim):
+    with pytest.raises(BidirError) as excinfo:
+        encoder.encode(["hello"], dim=dim)
+    one_line_error(excinfo, repr(dim))
+
+
+def test_dim_checked_in_forward_too(encoder):
+    ids, mask = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(BidirError) as excinfo:
+        encoder(ids, mask, dim=65)
+    one_line_error(excinfo, "dim=65")
+
+
+def test_dim_equal_to_hidden_is_fine(encoder):
+    assert encoder.encode(["hello"], dim=64).shape == (1, 64)
+    assert encoder.encode(["hello"], dim=1).shape == (1, 1)
+
+
+def test_non_str_text(encoder):
+    with pytest.raises(BidirError) as excinfo:
+        encoder.encode(["fine", 42])
+    one_line_error(excinfo, "text 1", "int")
+
+
+def test_single_str_to_encode_queries(encoder):
+    with pytest.raises(BidirError) as excinfo:
+        encoder.encode_queries("what is a llama")
+    one_line_error(excinfo, "str")

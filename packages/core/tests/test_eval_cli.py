@@ -1,4 +1,6 @@
-"""bidir-eval: the report and JSON it writes agree with the library functions; bad input is one line, exit 2."""
+"""bidir_core.eval_cli (bidir-eval): the report and JSON it writes agree with the library functions; bad input is
+one line, exit 2, checked before the evaluation; corpus embeddings are refused unless they come from the model and
+prompt evaluated."""
 
 from __future__ import annotations
 
@@ -6,30 +8,34 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from bidir_core.artifacts import checkpoint_fingerprint
 from bidir_core.datasets import load_retrieval, read_sts
+from bidir_core.embeddings_artifact import EmbeddingsManifest, Shard, write_embeddings_manifest, write_shard
 from bidir_core.encoder import BiEncoder
 from bidir_core.eval_cli import main
 from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
-from bidir_core.testing import tiny_encoder
 
 SHARED_DATA = Path(
     os.environ.get("BIDIR_DATA") or Path(__file__).resolve().parents[3].parent / "shared" / "data"
 )
 
 
+DOCS = ["sort a list in place", "open a file for reading", "parse json text", "start a new thread"]
+
+
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return tiny_encoder().save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
+def tiny_checkpoint(encoder, tmp_path_factory):
+    return encoder.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture
 def beir(tmp_path):
     folder = tmp_path / "beir"
     (folder / "qrels").mkdir(parents=True)
-    docs = ["sort a list in place", "open a file for reading", "parse json text", "start a new thread"]
-    rows = [json.dumps({"_id": f"d{i}", "title": "", "text": t}) for i, t in enumerate(docs)]
+    rows = [json.dumps({"_id": f"d{i}", "title": "", "text": t}) for i, t in enumerate(DOCS)]
     (folder / "corpus.jsonl").write_text("\n".join(rows) + "\n")
     queries = ["how to sort", "read a file", "decode json"]
     rows = [json.dumps({"_id": f"q{i}", "text": t}) for i, t in enumerate(queries)]
@@ -104,6 +110,107 @@ def test_needs_exactly_one_task(capsys):
         exit_.value.code == 0
         and "bidir-eval smollm2-135m --retrieval stdlib-docstrings" in capsys.readouterr().out
     )
+
+
+def _embeddings(folder, ids, emb, fingerprint, prompt="passage", prefix="passage: ", settings=None):
+    folder.mkdir()
+    write_shard(folder, 0, ids, emb)
+    write_embeddings_manifest(
+        folder,
+        EmbeddingsManifest(
+            model="m",
+            model_fingerprint=fingerprint,
+            dim=emb.shape[1],
+            dtype=str(emb.dtype),
+            normalize=True,
+            prompt=prompt,
+            prefix=prefix,
+            input_fingerprint="sha256:11",
+            settings=settings or {},
+            shards=(Shard("part-00000.parquet", len(ids)),),
+            complete=True,
+        ),
+    )
+    return folder
+
+
+def _eval(tiny_checkpoint, beir, emb, *extra):
+    return main(
+        [
+            str(tiny_checkpoint),
+            "--retrieval",
+            str(beir),
+            "--corpus-embeddings",
+            str(emb),
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def test_corpus_embeddings_of_another_model_prompt_or_nan_are_refused(
+    tiny_checkpoint, encoder, beir, tmp_path, capsys
+):
+    folder, docs = beir, DOCS
+    ids = [f"d{i}" for i in range(4)]
+    emb = encoder.encode_documents(docs)
+    fp = checkpoint_fingerprint(tiny_checkpoint)
+    ok = _embeddings(tmp_path / "ok", ids, emb, fp)
+    assert _eval(tiny_checkpoint, folder, ok) == 0
+    export = _embeddings(tmp_path / "export", ids, emb, "sha256:export", settings={"source_fingerprint": fp})
+    assert _eval(tiny_checkpoint, folder, export) == 0  # made from an export of this checkpoint
+    capsys.readouterr()
+    other = _embeddings(tmp_path / "other", ids, emb, "sha256:another-model")
+    assert _eval(tiny_checkpoint, folder, other) == 2
+    err = capsys.readouterr().err
+    assert "other: they were made by another model (m)" in err and "--allow-mismatched-embeddings" in err
+    assert err.count("\n") == 1
+    query = _embeddings(tmp_path / "query", ids, emb, fp, prompt="query", prefix="query: ")
+    assert _eval(tiny_checkpoint, folder, query) == 2
+    assert "made with prompt 'query'" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="MISMATCHED CORPUS EMBEDDINGS"):
+        assert _eval(tiny_checkpoint, folder, other, "--allow-mismatched-embeddings") == 0
+    nan = _embeddings(tmp_path / "nan", ids, np.full_like(emb, np.nan), fp)
+    assert _eval(tiny_checkpoint, folder, nan, "--allow-mismatched-embeddings") == 2
+    assert (
+        "part-00000.parquet: non-finite (nan/inf) embeddings, the first of id 'd0'" in capsys.readouterr().err
+    )
+
+
+def test_unwritable_json_is_refused_before_the_evaluation(
+    tiny_checkpoint, beir, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "afile").write_text("x")
+    import bidir_core.evaluation
+
+    def boom(*a, **k):
+        raise AssertionError("evaluated before the output was checked")
+
+    monkeypatch.setattr(bidir_core.evaluation, "evaluate_model", boom)
+    assert (
+        main([str(tiny_checkpoint), "--retrieval", str(beir), "--json", str(tmp_path / "afile" / "r.json")])
+        == 2
+    )
+    assert "r.json: cannot be written" in capsys.readouterr().err
+
+
+def test_sts_with_equal_gold_scores_or_constant_cosines(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("3\tA cat sits.\tA cat is sitting.\n3\tA cat sits.\tStocks fell.\n3\ta b\tb c\n")
+    assert main([str(tiny_checkpoint), "--sts", str(sts), "--json", str(tmp_path / "r.json")]) == 2
+    assert "sts.tsv: all 3 gold scores are equal (3.0)" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+    # A model whose cosines are all equal: the correlation is undefined -> null in the JSON, valid JSON.
+    sts.write_text("5\tA cat sits.\tA cat is sitting.\n0\tA cat sits.\tStocks fell.\n2\ta b\tb c\n")
+    from bidir_core.encoder import BiEncoder
+
+    monkeypatch.setattr(
+        BiEncoder, "encode_queries", lambda self, texts, **kw: np.ones((len(texts), 4), np.float32)
+    )
+    assert main([str(tiny_checkpoint), "--sts", str(sts), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())  # json.loads accepts NaN: check the text too
+    assert report["metrics"] == {"spearman": None, "pearson": None}
+    assert "NaN" not in (tmp_path / "r.json").read_text() and "undefined" in capsys.readouterr().out
 
 
 @pytest.mark.slow

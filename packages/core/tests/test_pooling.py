@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from errors_testing import load_error, one_line_error
 
 from bidir_core import POOLING_STRATEGIES, BidirError, pool
 from bidir_core.batching import length_sorted_batches, pad_batch
@@ -144,6 +145,17 @@ def test_encoder_pools_left_and_right_padded_batches_identically(strategy):
         alone = torch.cat([encoder(*pad_batch([s], pad_id=0)) for s in sequences])
     torch.testing.assert_close(left, right, atol=1e-5, rtol=0)  # fp32, same math on permuted keys
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
+
+
+def test_unknown_pooling_in_pool():
+    hidden, mask = torch.zeros(1, 2, 3), torch.ones(1, 2)
+    with pytest.raises(BidirError) as excinfo:
+        pool(hidden, mask, "max")
+    one_line_error(excinfo, "'max'", "avg")
+
+
+def test_unknown_pooling_in_from_pretrained(hf_source):
+    one_line_error(load_error(hf_source, pooling="max"), "'max'", "avg, cls, last, weighted_avg")
 
 
 # --- batching -----------------------------------------------------------------------------------------------------

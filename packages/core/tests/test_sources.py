@@ -1,5 +1,5 @@
 """bidir_core.sources: a model source is opened once and described by a frozen ModelSource, which every loader
-takes; one load reads each of the source's files once."""
+takes; one load reads each of the source's files once; a path that is no source is one line naming it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from errors_testing import load_error, one_line_error
 
 import bidir_core.sources as sources
 from bidir_core.checkpoint import EncoderConfig
@@ -113,3 +114,39 @@ def test_weights_are_read_on_demand(tmp_path):
         assert torch.equal(state_dict[key], tensor.to(torch.bfloat16)), key
     assert source.read_lm_head(torch.float32) is None
     assert source.tokenizer().pad_token is not None
+
+
+# --- paths that are no source -------------------------------------------------------------------------------------
+
+
+def test_sources_load_before_they_are_damaged(hf_source, bidir_source):
+    # Positive control: every failure below is caused by the damage, not by the fixture.
+    assert BiEncoder.from_pretrained(hf_source).hidden_size == 64
+    assert BiEncoder.from_pretrained(bidir_source).hidden_size == 64
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / "does-not-exist"
+    one_line_error(load_error(missing), str(missing), "no such file or folder")
+    with pytest.raises(BidirError) as excinfo:
+        LlamaBidirectionalModel.from_pretrained(missing)
+    one_line_error(excinfo, str(missing))
+
+
+def test_folder_without_config_json(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    one_line_error(load_error(folder), str(folder), "config.json")
+
+
+def test_text_file_as_model(tmp_path):
+    path = tmp_path / "model.txt"
+    path.write_text("not a model")
+    one_line_error(load_error(path), str(path), "not a checkpoint folder or a .gguf file")
+
+
+@pytest.mark.parametrize("content", [b"definitely not a GGUF file " * 8, b""], ids=["not-gguf", "empty"])
+def test_non_gguf_file_named_gguf(tmp_path, content):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(content)
+    one_line_error(load_error(path), str(path), "GGUF")

@@ -1,4 +1,5 @@
-"""Helpers for the bidir-export tests: onnxruntime on an export folder, and padded input batches."""
+"""Helpers for the bidir-export tests: onnxruntime on an export folder, padded input batches, and the hidden
+(temporary) names a failed write may leave beside its target."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import numpy as np
 import torch
 
 SMALL_VERIFY = (3, 40)  # keeps the export's own verification quick on the tiny model
+
+
+def leftovers(folder: Path) -> list[str]:
+    """The hidden names in folder: temporary folders a write left behind."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
 @functools.lru_cache(maxsize=8)

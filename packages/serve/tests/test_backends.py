@@ -8,11 +8,13 @@ anything near 1e-4 would mean a wrong pooling, mask or normalization rather than
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
 import pytest
 import torch
+from batch_testing import numbered_texts, write_jsonl
 from server_testing import call, serving
 
 # imported so that the no-padding test below finds every module of batch-embed and the server in sys.modules
@@ -25,6 +27,7 @@ from bidir_core.packed import PackedBatch, pack_padded
 from bidir_core.tokenization import tokenize
 from bidir_serve import BatchEmbedConfig, embed_corpus
 from bidir_serve.backends import Padded, load_backend, model_kind
+from bidir_serve.batch_embed import main
 
 ATOL = 1e-4
 
@@ -129,6 +132,19 @@ def test_auto_rule(tiny_checkpoint, onnx_export):
     auto = load_backend(tiny_checkpoint)
     assert auto.device.type == expected_device
     assert auto.precision == ("bf16" if expected_device == "cuda" else "fp32")
+
+
+def test_truncated_onnx_model_is_one_line(onnx_export, tmp_path, capsys):
+    folder = shutil.copytree(onnx_export(), tmp_path / "onnx")
+    model = folder / "model.onnx"
+    model.write_bytes(model.read_bytes()[:1000])
+    inp = write_jsonl(tmp_path / "in.jsonl", numbered_texts(3))
+    assert (
+        main(["--model", str(folder), "--input", str(inp), "--output", str(tmp_path / "o"), "--no-progress"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.onnx: onnxruntime cannot load it" in err
 
 
 def test_backend_artifact_mismatch(tiny_checkpoint, onnx_export):

@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated model cache, tiny random model folders (untied, and tied as MNTP reads its LM head),
-a small training file, and the process group of a test that builds the trainer's pieces itself."""
+a small training file, the process group of a test that builds the trainer's pieces itself, and a run stopped after
+step 2 with the uninterrupted run it must resume into."""
 
 from __future__ import annotations
 
@@ -72,3 +73,24 @@ def tiny_args(tiny_checkpoint, train_jsonl):
     from train_testing import recipe_args
 
     return functools.partial(recipe_args, tiny_checkpoint, train_jsonl)
+
+
+@pytest.fixture(scope="session")
+def straight(tiny_args, tmp_path_factory):
+    """4 uninterrupted RESUMABLE steps: the reference of a resumed run (test_train.py has its own, of 6 steps)."""
+    from train_testing import RESUMABLE, train_recipe
+
+    out = tmp_path_factory.mktemp("straight")
+    train_recipe(tiny_args(out, *RESUMABLE))
+    return out
+
+
+@pytest.fixture
+def stopped(tiny_checkpoint, train_jsonl, tmp_path):
+    """A run stopped after step 2, checkpoints step-1 and step-2; returns (args to resume it, output_dir)."""
+    from train_testing import stopped_run
+
+    out = tmp_path / "run"
+    args = stopped_run(tiny_checkpoint, train_jsonl, out, 2)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
+    return args, out

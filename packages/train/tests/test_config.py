@@ -91,6 +91,24 @@ def test_bad_override(override, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.temperature=.nan", "loss.temperature must be a finite number, got nan"),
+        ("optim.lr=.nan", "optim.lr must be a finite number"),
+        ("optim.lr=-1", "optim.lr must be > 0, got -1.0"),
+        ("optim.lr=.inf", "optim.lr must be a finite number"),
+        ("optim.betas=[0.9, .nan]", "optim.betas must be a finite number"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas must be in [0, 1)"),
+        ("optim.max_grad_norm=0", "optim.max_grad_norm must be > 0 or null"),
+    ],
+)
+def test_non_finite_or_out_of_range_config_value(override, message):
+    with pytest.raises(BidirError) as e:
+        load_recipe("tiny", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_unknown_key_in_file(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model:\n  pooling: avg\n  qeury_prefix: 'q: '\n")

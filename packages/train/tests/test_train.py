@@ -1,13 +1,19 @@
-"""End-to-end training on a tiny random model: FSDP parity across world sizes, exact resume, the final checkpoint,
-GradCache inside the loop, and one-line errors for bad input."""
+"""bidir_train's trainer end to end on a tiny random model: FSDP parity across world sizes, exact resume, the final
+checkpoint, GradCache inside the loop, a diverging run stopped before NaN weights, and one-line errors for bad input
+and a full disk."""
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 
 import pytest
-from train_testing import assert_same_final, loss_curve, recipe_args, torchrun_train, train_recipe
+import torch
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from train_testing import RESUMABLE, assert_same_final, loss_curve, recipe_args, torchrun_train, train_recipe
 
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
@@ -86,6 +92,39 @@ def test_gradcache_and_matryoshka_in_the_loop(tiny_args, tmp_path):
     train_recipe(tiny_args(tmp_path / "plain", *extra))
     train_recipe(tiny_args(tmp_path / "cached", *extra, "loss.cache_chunk_size=1"))
     assert loss_curve(tmp_path / "cached") == pytest.approx(loss_curve(tmp_path / "plain"), abs=1e-5)
+
+
+def test_diverging_run_stops_before_nan_weights(tiny_args, tmp_path):
+    from bidir_train.checkpoints import SafeReader
+
+    out = tmp_path / "run"
+    with pytest.raises(BidirError, match=r"^step \d: the loss is (nan|inf)") as e:
+        train_recipe(tiny_args(out, *RESUMABLE, "optim.lr=1e30", "schedule.warmup_steps=0"))
+    assert "\n" not in str(e.value)
+    assert not (out / "final").exists()
+    assert list((out / "checkpoints").iterdir())
+    for ckpt in (out / "checkpoints").iterdir():  # its tensors, read without a model: every one finite
+        state: dict = {}
+        _load_state_dict(
+            state, storage_reader=SafeReader(ckpt), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+        )
+        tensors = [v for v in state["model"].values() if isinstance(v, torch.Tensor)]
+        assert tensors and all(torch.isfinite(t).all() for t in tensors), ckpt
+
+
+def test_disk_full_while_writing_the_final_model(tiny_args, tmp_path, monkeypatch):
+    import bidir_core.checkpoint
+
+    def full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    monkeypatch.setattr(bidir_core.checkpoint, "save_file", full)
+    out = tmp_path / "run"
+    with pytest.raises(BidirError) as e:
+        train_recipe(tiny_args(out, *RESUMABLE, "schedule.max_steps=1"))
+    # bidir_core.checkpoint names what was not written (final/) and why, in one line
+    assert str(e.value) == f"{out / 'final'}: not written: No space left on device"
+    assert not (out / "final").exists() and not list(out.glob(".final.*"))
 
 
 def _cli_error(args, nproc=1):

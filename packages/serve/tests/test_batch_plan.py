@@ -1,6 +1,7 @@
-"""The input plan: shards are fixed slices found from file metadata and one counting pass, read without the rows
-before them; ids are checked unique within a shard always and across shards with --check-unique-ids; memory does not
-grow with the corpus.
+"""bidir_serve.batch.plan: shards are fixed slices found from file metadata and one counting pass, read without the
+rows before them; ids are checked unique within a shard always and across shards with --check-unique-ids; memory
+does not grow with the corpus; an input rewritten during the job (even where file times do not move) is refused in
+one line before anything is marked complete.
 
 Oracle: the rows a plain read of every file from the top gives, in order (a plan with one shard per file is that)."""
 
@@ -8,15 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from batch_testing import embed, write_jsonl
 
 from bidir_core import BidirError
-from bidir_core.embeddings_artifact import read_embeddings
+from bidir_core.embeddings_artifact import read_embeddings, read_embeddings_manifest
 from bidir_serve import BatchEmbedConfig, embed_corpus
 from bidir_serve.batch.plan import file_stamp, plan_inputs, resolve_inputs, shard_rows
 from bidir_serve.batch.unique_ids import check_unique_ids
@@ -144,3 +147,89 @@ def test_memory_stays_bounded_as_the_corpus_grows(tmp_path, monkeypatch):
     # 80,000 more rows add under a fifth of what their ids alone would take in one set; the bound (one shard's id
     # set, one bucket of 5,000 ids, 64 file buffers, a Parquet batch) is under half of that set.
     assert large - small < 0.2 * one_set and large < 0.5 * one_set, (small, large, one_set)
+
+
+def _same_length_rewrite(path: Path, keep_times: bool) -> None:
+    """Every 'old' becomes 'new': the same size, other text; keep_times puts the modification time back, as a
+    hostile rewrite (or a copy with preserved times) would."""
+    st = path.stat()
+    if path.suffix == ".parquet":
+        texts = [t.replace("old", "new") for t in pq.read_table(path).column("text").to_pylist()]
+        pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(len(texts))], "text": texts}), path)
+    else:
+        path.write_bytes(path.read_bytes().replace(b"old", b"new"))
+    if keep_times:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("keep_times", [False, True])
+@pytest.mark.parametrize("name", ["in.txt", "in.jsonl", "in.parquet"])
+def test_input_rewritten_between_shards_is_refused(tiny_checkpoint, tmp_path, monkeypatch, keep_times, name):
+    """The input rewritten in place (same size) when shard 2 starts reading it: one line, nothing marked
+    complete; before, shards 0-1 held the old text and the rest the new, in an artifact called complete."""
+    from bidir_serve.batch import plan
+    from bidir_serve.batch.plan import file_stamp
+
+    inp, out = tmp_path / name, tmp_path / "out"
+    if name.endswith(".txt"):
+        inp.write_text("".join(f"line {i} old\n" for i in range(8)))
+    elif name.endswith(".parquet"):
+        texts = [f"line {i} old" for i in range(8)]
+        pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(8)], "text": texts}), inp, row_group_size=2)
+    else:
+        write_jsonl(inp, [f"line {i} old" for i in range(8)])
+    real = plan._file_rows
+
+    def rewrite_at_shard_2(f, lo, hi, *args):
+        if lo == 4 and f.stamp == file_stamp(inp):  # not yet rewritten
+            _same_length_rewrite(inp, keep_times)
+        return real(f, lo, hi, *args)
+
+    monkeypatch.setattr(plan, "_file_rows", rewrite_at_shard_2)
+    with pytest.raises(BidirError, match=rf"{name}: changed during the job") as e:
+        embed(tiny_checkpoint, inp, out, shard_size=2)
+    assert "\n" not in str(e.value)
+    assert not read_embeddings_manifest(out).complete
+    assert not (out / "part-00002.parquet").exists()  # the shard that read the new bytes is not published
+
+
+def test_input_rewritten_after_the_last_read_is_refused_before_the_manifest(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    from bidir_core.embeddings_artifact import ShardWriter
+
+    inp, out = tmp_path / "in.txt", tmp_path / "out"
+    inp.write_text("".join(f"line {i} old\n" for i in range(4)))
+    close = ShardWriter.close
+
+    def rewrite_after_the_last_shard(self):
+        path = close(self)
+        if path.name == "part-00001.parquet":  # every row has been read by now
+            _same_length_rewrite(inp, keep_times=True)
+        return path
+
+    monkeypatch.setattr(ShardWriter, "close", rewrite_after_the_last_shard)
+    with pytest.raises(BidirError, match=r"in\.txt: changed during the job"):
+        embed(tiny_checkpoint, inp, out, shard_size=2)
+    assert not read_embeddings_manifest(out).complete
+
+
+def test_rewritten_bytes_are_caught_even_where_the_file_times_do_not_move(tmp_path):
+    """A filesystem whose times do not move (coarse or faked): the bytes a shard reads are compared with the
+    planning pass's digest of the same bytes."""
+    import dataclasses
+
+    from bidir_serve.batch.plan import file_stamp, plan_inputs, shard_rows
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        '{"id": "a", "text": "x old"}\n\n{"id": "b", "text": "y old"}\n  \n{"id": "c", "text": "z"}\n\n'
+    )
+    plan = plan_inputs([inp], "id", "text", 2)
+    assert [r.id for k in range(2) for r in shard_rows(plan, k, "id", "text")] == ["a", "b", "c"]
+    _same_length_rewrite(inp, keep_times=False)
+    f = plan.files[0]
+    stale = dataclasses.replace(plan, files=(dataclasses.replace(f, stamp=file_stamp(inp)),))
+    with pytest.raises(BidirError, match=r"in\.jsonl: changed during the job \(the bytes of rows 1\.\.2"):
+        list(shard_rows(stale, 0, "id", "text"))
+    assert [r.id for r in shard_rows(stale, 1, "id", "text")] == ["c"]  # its bytes did not change
