@@ -263,7 +263,7 @@ def test_save_into_non_model_folder_refuses_and_keeps_files(encoder, tmp_path):
 
 
 def test_overwrite_replaces_only_a_bidir_checkpoint(encoder, tmp_path):
-    # Issue 14.1 (bidir-convert's --overwrite): any folder with a bidir.json was deleted, whatever else it held.
+    # Regression (bidir-convert's --overwrite): any folder with a bidir.json was deleted, whatever else it held.
     added = encoder.save_pretrained(tmp_path / "added")
     (added / "notes.txt").write_text("precious")
     fake = tmp_path / "fake"

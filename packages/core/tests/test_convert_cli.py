@@ -96,7 +96,7 @@ def test_convert_no_normalize_and_overwrite(hf_folder, tmp_path, capsys):
 
 
 def test_convert_overwrite_keeps_a_folder_that_is_not_only_a_checkpoint(hf_folder, tmp_path, capsys):
-    # Issue 14.1: --overwrite replaced any folder holding a bidir.json, with whatever else was in it.
+    # Regression: --overwrite replaced any folder holding a bidir.json, with whatever else was in it.
     out = tmp_path / "ckpt"
     assert main([str(hf_folder), str(out)]) == 0
     (out / "notes.txt").write_text("precious")
@@ -108,7 +108,7 @@ def test_convert_overwrite_keeps_a_folder_that_is_not_only_a_checkpoint(hf_folde
 
 
 def test_convert_disk_full_is_one_line_and_leaves_nothing(hf_folder, tmp_path, capsys, monkeypatch):
-    # Issue 14.12: a full disk while writing gave an errno line naming no file.
+    # Regression: a full disk while writing gave an errno line naming no file.
     import errno
 
     import bidir_core.checkpoint as checkpoint

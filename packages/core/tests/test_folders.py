@@ -49,7 +49,7 @@ def _age(folder, seconds):
 
 
 def test_only_a_dead_writers_temp_folders_are_removed(tmp_path, dead_pid):
-    # Issue 14.11: a killed write left .<target>.tmp-*/ (gigabytes of weights) beside the target, forever.
+    # Regression: a killed write left .<target>.tmp-*/ (gigabytes of weights) beside the target, forever.
     target = tmp_path / "model"
     killed = _as_if_written_by(make_temp_folder(target), dead_pid)
     (killed / "model.safetensors").write_bytes(b"\0" * 1024)
@@ -93,7 +93,7 @@ def test_a_moved_aside_old_folder_is_kept_while_it_is_the_only_copy(tmp_path, de
 
 
 def test_publish_and_json_writers_fsync(tmp_path, monkeypatch):
-    # Issue 14.13: nothing was fsynced before the rename that publishes a manifest or a checkpoint.
+    # Regression: nothing was fsynced before the rename that publishes a manifest or a checkpoint.
     synced = []
     real = os.fsync
 
@@ -135,7 +135,7 @@ def _modes(root):
 
 
 def test_published_files_get_the_modes_a_plain_write_has(tmp_path, umask):
-    # Issue 29.8: checkpoint folders were 0700 (mkdtemp), model.safetensors and every manifest 0600 (mkstemp and
+    # Regression: checkpoint folders were 0700 (mkdtemp), model.safetensors and every manifest 0600 (mkstemp and
     # safetensors' own temp file), so a model store or embeddings folder shared with another user was unreadable.
     folder_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
     ckpt = tiny_encoder().save_pretrained(tmp_path / "ckpt")
@@ -235,7 +235,7 @@ def _theirs(tmp_path):
 
 
 def test_a_publish_killed_between_its_renames_is_finished_by_the_next_write(tmp_path):
-    # Issue 29.17: the target was gone and both complete copies hidden; the next run removed the new one as stale
+    # Regression: the target was gone and both complete copies hidden; the next run removed the new one as stale
     # and never restored the old one.
     target = tmp_path / "model"
     theirs = _theirs(tmp_path)

@@ -54,7 +54,7 @@ def test_config_values_transformers_rejects(hf_copy, change):
 )
 @pytest.mark.parametrize("value", [-5, 0])
 def test_non_positive_sizes_in_config(hf_copy, key, value):
-    # Issue 14.13: max_position_embeddings -5 was accepted.
+    # Regression: max_position_embeddings -5 was accepted.
     edit_json(hf_copy / "config.json", **{key: value})
     one_line_error(load_error(hf_copy), str(hf_copy / "config.json"), key)
 
@@ -107,7 +107,7 @@ def test_shard_index_names_a_missing_shard(hf_source, tmp_path):
 
 @pytest.mark.parametrize("outside", ["../other/model.safetensors", "absolute"])
 def test_shard_index_naming_a_file_outside_the_folder(tmp_path, outside):
-    # Issue 14.2c: an index entry "../../other/model.safetensors" was read from outside the checkpoint folder.
+    # Regression: an index entry "../../other/model.safetensors" was read from outside the checkpoint folder.
     sharded = write_hf_llama(tmp_path / "sharded", max_shard_size="100KB")
     index_path = sharded / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())

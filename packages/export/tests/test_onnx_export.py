@@ -58,7 +58,7 @@ def test_failed_verification_writes_nothing(tmp_path, make_tiny_checkpoint, monk
 
 
 def test_huge_verify_shape_is_refused_before_the_export(tmp_path, make_tiny_checkpoint, capsys, monkeypatch):
-    # Issue 14.12: --verify-shape 99999999999x1 exported, then tried an 800 GB allocation with a traceback.
+    # Regression: --verify-shape 99999999999x1 exported, then tried an 800 GB allocation with a traceback.
     import bidir_export.onnx_export as onnx_export
 
     monkeypatch.setattr(onnx_export, "_export_graph", lambda *a: pytest.fail("exported before the check"))

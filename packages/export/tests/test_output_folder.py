@@ -63,7 +63,7 @@ def _embeddings_folder(folder):
 
 
 def test_overwrite_replaces_only_an_earlier_export(tmp_path, make_tiny_checkpoint, exported, capsys):
-    # Issue 14.1: any folder with a manifest.json was deleted by --overwrite.
+    # Regression: any folder with a manifest.json was deleted by --overwrite.
     ckpt = str(make_tiny_checkpoint("avg"))
     embeddings = tmp_path / "embeddings"
     before = _embeddings_folder(embeddings)
@@ -97,7 +97,7 @@ def test_overwrite_replaces_only_an_earlier_export(tmp_path, make_tiny_checkpoin
 
 
 def test_stale_temp_folders_are_cleaned_at_start(tmp_path, make_tiny_checkpoint):
-    # Issue 14.11: a killed export left .out.tmp-*/ (with the multi-GB graph) beside the target, forever.
+    # Regression: a killed export left .out.tmp-*/ (with the multi-GB graph) beside the target, forever.
     import os
     import subprocess
     import sys

@@ -171,7 +171,7 @@ def test_help_has_examples(main, capsys):
 
 
 def test_overwrite_replaces_only_an_engine_folder(exported, tmp_path, capsys):
-    # Issue 14.1: --overwrite deleted any folder holding a manifest.json, an ONNX export included.
+    # Regression: --overwrite deleted any folder holding a manifest.json, an ONNX export included.
     source, _ = exported("avg")
     onnx_copy = shutil.copytree(source, tmp_path / "onnx")
     mine = tmp_path / "mine"

@@ -9,7 +9,7 @@ from train_testing import train_recipe
 
 
 def test_a_runs_folders_and_files_get_the_umasks_modes(tiny_args, tmp_path):
-    # Issue 29.8: checkpoint folders were 0700 and model.safetensors, the RNG files and trainer_state.json 0600,
+    # Regression: checkpoint folders were 0700 and model.safetensors, the RNG files and trainer_state.json 0600,
     # so a run's output could not be served or evaluated by another user.
     out = tmp_path / "run"
     previous = os.umask(0o022)
