@@ -1,4 +1,4 @@
-"""Who may use bidir-server (issue 29): the API key (the real openai client and raw HTTP), the Host header against DNS
+"""Who may use bidir-server: the API key (the real openai client and raw HTTP), the Host header against DNS
 rebinding, JSON-only bodies, the warning for a server open beyond loopback, and a served name that does not show
 where the model lies on disk."""
 

@@ -1,4 +1,4 @@
-"""bidir-server's limits against slow and heavy clients (issue 29), on real sockets against a live server with short
+"""bidir-server's limits against slow and heavy clients, on real sockets against a live server with short
 timeouts: a client slow to send its request holds a connection for at most --timeout-read and never a slot; idle and
 half-sent connections are closed; one big request neither holds the tokenizer from others nor is tokenized in full
 before its refusal; a client gone mid-body is no error; a setting that would hang the server is refused at start."""
