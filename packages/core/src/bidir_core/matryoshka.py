@@ -16,13 +16,7 @@ from bidir_core.errors import BidirError
 
 def check_dim(dim: int | None, hidden_size: int) -> int:
     """A requested dimension -> the dimension to keep (None: all of them)."""
-    if dim is None:
-        return hidden_size
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-        raise BidirError(f"dim must be a positive integer, got {dim!r}")
-    if dim > hidden_size:
-        raise BidirError(f"dim={dim} is larger than the model's embedding size {hidden_size}")
-    return int(dim)
+    return _requested(dim, hidden_size, "dim", "embedding size")
 
 
 def offered_dim(dim: int | None, width: int, trained_dims: Sequence[int], name: str = "dim") -> int:
@@ -30,17 +24,24 @@ def offered_dim(dim: int | None, width: int, trained_dims: Sequence[int], name: 
     any 1..width for a model whose config lists matryoshka_dims (it was trained to be cut); nothing narrower for one
     that lists none, whose cut vectors were never trained to be embeddings. name: how the caller's user spells the
     setting (dimensions, --dim), for the message."""
-    if dim is None:
-        return width
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-        raise BidirError(f"{name} must be a positive integer, got {dim!r}")
-    if dim > width:
-        raise BidirError(f"{name}={dim} is larger than the model's embedding width {width}")
+    dim = _requested(dim, width, name, "embedding width")
     if dim != width and not trained_dims:
         raise BidirError(
             f"{name}={dim}: this model was not trained for Matryoshka truncation (its config lists no "
             f"matryoshka_dims), so {name} can only be its width {width}"
         )
+    return dim
+
+
+def _requested(dim: int | None, width: int, name: str, width_name: str) -> int:
+    """dim as an int in 1..width (None: width), else one line naming the setting (name) and the width (width_name:
+    how the caller's messages call it)."""
+    if dim is None:
+        return width
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise BidirError(f"{name} must be a positive integer, got {dim!r}")
+    if dim > width:
+        raise BidirError(f"{name}={dim} is larger than the model's {width_name} {width}")
     return int(dim)
 
 
