@@ -8,9 +8,10 @@ from pathlib import Path
 from bidir_serve import BatchEmbedConfig, embed_corpus
 
 
-def write_jsonl(path: Path, texts) -> Path:
-    """texts as JSONL rows {"id": "doc-<i>", "text": ...}."""
-    path.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+def write_jsonl(path: Path, texts, ids=None) -> Path:
+    """texts as JSONL rows {"id": ..., "text": ...}; ids default to "doc-<i>"."""
+    ids = ids or [f"doc-{i}" for i in range(len(texts))]
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts, strict=True)))
     return path
 
 

@@ -7,7 +7,6 @@ on CPU in both, only the batch composition (and so the padding) differs.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,26 +18,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from batch_testing import embed, write_jsonl
 
 from bidir_core import BidirError
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.embeddings_artifact import read_embeddings, read_embeddings_manifest
 from bidir_core.testing import tiny_encoder
-from bidir_serve import BatchEmbedConfig, embed_corpus
 from bidir_serve.batch_embed import main
 
 ATOL = 1e-5
 SERVE_SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def _jsonl(path: Path, texts, ids=None) -> Path:
-    ids = ids or [f"doc-{i}" for i in range(len(texts))]
-    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts, strict=True)))
-    return path
-
-
-def _run(tiny_checkpoint, inp, out, **kw):
-    return embed_corpus(BatchEmbedConfig(str(tiny_checkpoint), str(inp), str(out), progress=False, **kw))
 
 
 def _documents(encoder, texts, **kw):
@@ -48,9 +37,9 @@ def _documents(encoder, texts, **kw):
 
 def test_order_ids_and_shard_boundaries(tiny_checkpoint, encoder, texts, tmp_path):
     """Small windows and token budgets reorder rows heavily; the output is still in input order."""
-    inp = _jsonl(tmp_path / "in.jsonl", texts)
+    inp = write_jsonl(tmp_path / "in.jsonl", texts)
     with pytest.warns(UserWarning, match=r"\d+ rows were longer than max_length=48"):
-        summary = _run(tiny_checkpoint, inp, tmp_path / "out", shard_size=16, window=5, max_batch_tokens=120)
+        summary = embed(tiny_checkpoint, inp, tmp_path / "out", shard_size=16, window=5, max_batch_tokens=120)
     assert summary.complete and summary.rows == summary.rows_embedded == 60 and summary.shards_written == 4
     assert (
         summary.truncated == sum(len(encoder.tokenizer("passage: " + t)["input_ids"]) > 48 for t in texts) > 0
@@ -66,11 +55,11 @@ def test_order_ids_and_shard_boundaries(tiny_checkpoint, encoder, texts, tmp_pat
 def test_three_input_formats(tiny_checkpoint, encoder, make_texts, tmp_path):
     texts = make_texts(20, seed=1, max_words=20)
     expected = _documents_quiet(encoder, texts)
-    _jsonl(tmp_path / "a.jsonl", texts, ids=list(range(20)))  # integer ids are stored as strings
+    write_jsonl(tmp_path / "a.jsonl", texts, ids=list(range(20)))  # integer ids are stored as strings
     pq.write_table(pa.table({"id": [str(i) for i in range(20)], "text": texts}), tmp_path / "a.parquet")
     (tmp_path / "a.txt").write_text("\n".join(texts) + "\n")
     for name, ids in [("a.jsonl", range(20)), ("a.parquet", range(20)), ("a.txt", range(1, 21))]:
-        _run(tiny_checkpoint, tmp_path / name, tmp_path / f"out-{name}", shard_size=8)
+        embed(tiny_checkpoint, tmp_path / name, tmp_path / f"out-{name}", shard_size=8)
         art = read_embeddings(tmp_path / f"out-{name}")
         assert art.ids() == [str(i) for i in ids], name
         np.testing.assert_allclose(art.embeddings(), expected, atol=ATOL, rtol=0, err_msg=name)
@@ -83,10 +72,10 @@ def _documents_quiet(encoder, texts, **kw):
 def test_glob_of_text_files_and_blank_jsonl_lines(tiny_checkpoint, tmp_path):
     (tmp_path / "b.txt").write_text("one more line\nand another\r\n")
     (tmp_path / "a.txt").write_text("first file\n")
-    _run(tiny_checkpoint, tmp_path / "*.txt", tmp_path / "out")
+    embed(tiny_checkpoint, tmp_path / "*.txt", tmp_path / "out")
     assert read_embeddings(tmp_path / "out").ids() == ["a.txt:1", "b.txt:1", "b.txt:2"]
     (tmp_path / "c.jsonl").write_text('{"id": "x", "text": "a"}\n\n{"id": "y", "text": "b"}\n')
-    _run(tiny_checkpoint, tmp_path / "c.jsonl", tmp_path / "out2")
+    embed(tiny_checkpoint, tmp_path / "c.jsonl", tmp_path / "out2")
     assert read_embeddings(tmp_path / "out2").ids() == ["x", "y"]
 
 
@@ -95,8 +84,8 @@ def test_query_prompt_dim_and_float16(encoder, make_texts, tmp_path):
     matryoshka = tiny_encoder(EncoderConfig(max_length=48, matryoshka_dims=(16, 32)))
     model = matryoshka.save_pretrained(tmp_path / "matryoshka")
     texts = make_texts(12, seed=2, max_words=10)
-    inp = _jsonl(tmp_path / "in.jsonl", texts)
-    _run(model, inp, tmp_path / "q", prompt="query", dim=16, dtype="float16")
+    inp = write_jsonl(tmp_path / "in.jsonl", texts)
+    embed(model, inp, tmp_path / "q", prompt="query", dim=16, dtype="float16")
     art = read_embeddings(tmp_path / "q")
     assert art.manifest.dim == 16 and art.manifest.dtype == "float16" and art.manifest.prefix == "query: "
     out = art.embeddings()
@@ -105,7 +94,7 @@ def test_query_prompt_dim_and_float16(encoder, make_texts, tmp_path):
     np.testing.assert_allclose(
         out.astype(np.float32), encoder.encode_queries(texts, dim=16), atol=2e-3, rtol=0
     )
-    _run(model, inp, tmp_path / "none", prompt="none")
+    embed(model, inp, tmp_path / "none", prompt="none")
     np.testing.assert_allclose(
         read_embeddings(tmp_path / "none").embeddings(), encoder.encode(texts), atol=ATOL
     )
@@ -113,7 +102,7 @@ def test_query_prompt_dim_and_float16(encoder, make_texts, tmp_path):
 
 def test_dim_follows_the_servers_rule(tiny_checkpoint, tmp_path, capsys):
     """A model whose config lists no matryoshka_dims is embedded only at its full width, as the server serves it."""
-    inp = _jsonl(tmp_path / "in.jsonl", ["hello world"])
+    inp = write_jsonl(tmp_path / "in.jsonl", ["hello world"])
     args = ["--model", str(tiny_checkpoint), "--input", str(inp), "--no-progress"]
     assert main([*args, "--output", str(tmp_path / "cut"), "--dim", "32"]) == 2
     err = capsys.readouterr().err
@@ -125,29 +114,29 @@ def test_dim_follows_the_servers_rule(tiny_checkpoint, tmp_path, capsys):
 
 def test_rerun_skips_and_changed_input_is_refused(tiny_checkpoint, make_texts, tmp_path):
     texts = make_texts(10, seed=3, max_words=10)
-    inp = _jsonl(tmp_path / "in.jsonl", texts)
+    inp = write_jsonl(tmp_path / "in.jsonl", texts)
     out = tmp_path / "out"
-    _run(tiny_checkpoint, inp, out, shard_size=4)
+    embed(tiny_checkpoint, inp, out, shard_size=4)
     first = read_embeddings(out).embeddings()
-    again = _run(tiny_checkpoint, inp, out, shard_size=4)
+    again = embed(tiny_checkpoint, inp, out, shard_size=4)
     assert again.complete and again.rows_embedded == 0
     with pytest.raises(BidirError, match="holds embeddings of other inputs or settings .* --overwrite"):
-        _run(tiny_checkpoint, inp, out, shard_size=5)  # a setting that moves rows between shards
-    _jsonl(inp, texts[:9] + ["a changed last row"])
+        embed(tiny_checkpoint, inp, out, shard_size=5)  # a setting that moves rows between shards
+    write_jsonl(inp, texts[:9] + ["a changed last row"])
     with pytest.raises(BidirError, match="holds embeddings of other inputs or settings"):
-        _run(tiny_checkpoint, inp, out, shard_size=4)
+        embed(tiny_checkpoint, inp, out, shard_size=4)
     np.testing.assert_array_equal(read_embeddings(out).embeddings(), first)  # refused: nothing touched
-    summary = _run(tiny_checkpoint, inp, out, shard_size=4, overwrite=True)
+    summary = embed(tiny_checkpoint, inp, out, shard_size=4, overwrite=True)
     assert summary.rows_embedded == 10 and read_embeddings(out).manifest.shards[-1].rows == 2
     assert not np.array_equal(read_embeddings(out).embeddings()[-1], first[-1])
 
 
 def test_output_folder_that_is_not_ours(tiny_checkpoint, tmp_path):
-    inp = _jsonl(tmp_path / "in.jsonl", ["hello"])
+    inp = write_jsonl(tmp_path / "in.jsonl", ["hello"])
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(BidirError, match="busy: not empty and not an embeddings folder"):
-        _run(tiny_checkpoint, inp, tmp_path / "busy", overwrite=True)
+        embed(tiny_checkpoint, inp, tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
@@ -175,30 +164,30 @@ def test_output_folder_that_is_not_ours(tiny_checkpoint, tmp_path):
 def test_bad_input_names_file_and_line(tiny_checkpoint, tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(BidirError, match=message):
-        _run(tiny_checkpoint, tmp_path / name, tmp_path / "out")
+        embed(tiny_checkpoint, tmp_path / name, tmp_path / "out")
     # Validation streams: the row is met while its shard is read; that shard is never published.
     assert (
         not list((tmp_path / "out").glob("part-*"))
         and not read_embeddings_manifest(tmp_path / "out").complete
     )
     with pytest.raises(BidirError, match=message):  # --check-unique-ids reads everything before any work
-        _run(tiny_checkpoint, tmp_path / name, tmp_path / "out2", check_unique_ids=True)
+        embed(tiny_checkpoint, tmp_path / name, tmp_path / "out2", check_unique_ids=True)
     assert not (tmp_path / "out2").exists()
 
 
 def test_bad_parquet(tiny_checkpoint, tmp_path):
     pq.write_table(pa.table({"id": ["a", "b"], "text": [1, 2]}), tmp_path / "a.parquet")
     with pytest.raises(BidirError, match=r"a.parquet: column 'text' is int64, not a string"):
-        _run(tiny_checkpoint, tmp_path / "a.parquet", tmp_path / "out")
+        embed(tiny_checkpoint, tmp_path / "a.parquet", tmp_path / "out")
     pq.write_table(pa.table({"id": ["a", "b"], "body": ["x", "y"]}), tmp_path / "b.parquet")
     with pytest.raises(BidirError, match=r"b.parquet: no column 'text' \(columns: id, body\)"):
-        _run(tiny_checkpoint, tmp_path / "b.parquet", tmp_path / "out")
+        embed(tiny_checkpoint, tmp_path / "b.parquet", tmp_path / "out")
     pq.write_table(pa.table({"id": ["a", None], "text": ["x", "y"]}), tmp_path / "c.parquet")
     with pytest.raises(BidirError, match=r"c.parquet row 2: 'id' is null"):
-        _run(tiny_checkpoint, tmp_path / "c.parquet", tmp_path / "out")
+        embed(tiny_checkpoint, tmp_path / "c.parquet", tmp_path / "out")
     (tmp_path / "d.parquet").write_bytes(b"not parquet")
     with pytest.raises(BidirError, match=r"d.parquet: not a readable Parquet file"):
-        _run(tiny_checkpoint, tmp_path / "d.parquet", tmp_path / "out")
+        embed(tiny_checkpoint, tmp_path / "d.parquet", tmp_path / "out")
 
 
 def test_cli_one_line_error_and_summary(tiny_checkpoint, tmp_path, capsys):
@@ -222,7 +211,7 @@ def test_cli_one_line_error_and_summary(tiny_checkpoint, tmp_path, capsys):
         and err.startswith("batch-embed: error: ")
         and "a.jsonl:1: no 'text' field" in err
     )
-    _jsonl(tmp_path / "a.jsonl", ["hello world", "bye"])
+    write_jsonl(tmp_path / "a.jsonl", ["hello world", "bye"])
     args = [
         "--model",
         str(tiny_checkpoint),
@@ -259,8 +248,8 @@ def _env():
 
 def test_kill_mid_run_then_resume(tiny_checkpoint, make_texts, tmp_path):
     texts = make_texts(48, seed=4, max_words=20)
-    inp = _jsonl(tmp_path / "in.jsonl", texts)
-    _run(tiny_checkpoint, inp, tmp_path / "straight", shard_size=6, max_batch_size=3)
+    inp = write_jsonl(tmp_path / "in.jsonl", texts)
+    embed(tiny_checkpoint, inp, tmp_path / "straight", shard_size=6, max_batch_size=3)
     out = tmp_path / "killed"
     args = ["--model", str(tiny_checkpoint), "--input", str(inp), "--output", str(out), "--shard-size", "6"]
     proc = subprocess.Popen(
@@ -280,7 +269,7 @@ def test_kill_mid_run_then_resume(tiny_checkpoint, make_texts, tmp_path):
     assert not read_embeddings_manifest(out).complete
     with pytest.raises(BidirError, match=r"incomplete \(\d of 8 shards written\)"):
         read_embeddings(out)
-    summary = _run(tiny_checkpoint, inp, out, shard_size=6, max_batch_size=3)
+    summary = embed(tiny_checkpoint, inp, out, shard_size=6, max_batch_size=3)
     assert summary.complete and summary.shards_written == 8 - len(done)
     assert summary.rows_embedded == 48 - 6 * len(done)
     art, straight = read_embeddings(out), read_embeddings(tmp_path / "straight")
@@ -299,7 +288,7 @@ def test_nvidia_folder_code_is_not_run_when_y_is_piped(tmp_path):
 
     marker = tmp_path / "folder-code-ran"
     folder = write_nvidia_llama_bidirec(tmp_path / "nv", marker=marker)
-    inp = _jsonl(tmp_path / "in.jsonl", ["hello world", "bye"])
+    inp = write_jsonl(tmp_path / "in.jsonl", ["hello world", "bye"])
     args = ["--model", str(folder), "--input", str(inp), "--output", str(tmp_path / "out"), "--no-progress"]
     run = subprocess.run(
         [sys.executable, "-c", _MAIN, *args],
@@ -316,8 +305,8 @@ def test_nvidia_folder_code_is_not_run_when_y_is_piped(tmp_path):
 
 def test_torchrun_two_processes_equal_one(tiny_checkpoint, make_texts, tmp_path):
     texts = make_texts(30, seed=5, max_words=15)
-    inp = _jsonl(tmp_path / "in.jsonl", texts)
-    _run(tiny_checkpoint, inp, tmp_path / "one", shard_size=4)
+    inp = write_jsonl(tmp_path / "in.jsonl", texts)
+    embed(tiny_checkpoint, inp, tmp_path / "one", shard_size=4)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += ["-m", "bidir_serve.batch_embed", "--model", str(tiny_checkpoint), "--input", str(inp)]
     cmd += ["--output", str(tmp_path / "two"), "--shard-size", "4", "--no-progress"]
@@ -344,7 +333,7 @@ def test_embedded_default_end_to_end(embedded_default, tmp_path, capsys):
     from bidir_core.encoder import BiEncoder
 
     texts = ["A plane is taking off.", "experimental investigation of the aerodynamics of a wing", "hello"]
-    inp = _jsonl(tmp_path / "in.jsonl", texts)
+    inp = write_jsonl(tmp_path / "in.jsonl", texts)
     args = [
         "--model",
         "smollm2-135m",
