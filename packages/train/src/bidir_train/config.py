@@ -1,7 +1,7 @@
 """Training configuration: one frozen dataclass per recipe section, each checking its own values.
 
-A recipe (bidir_train.recipe) is a YAML mapping with one sub-mapping per section (model, data, loss, mntp, lora,
-optim, schedule, parallel, checkpoint, eval, logging) and `objective`. Field types are what the recipe loader checks a
+A recipe (bidir_train.recipe) is a YAML mapping with one sub-mapping per section (model, data, loss, mntp, rerank,
+lora, optim, schedule, parallel, checkpoint, eval, logging) and `objective`. Field types are what the recipe loader checks a
 value against (a `Literal` lists the choices); each section's `__post_init__` checks the ranges, naming the key as
 a recipe spells it.
 """
@@ -88,6 +88,16 @@ class LossConfig:
     cosent_scale: float = 20.0
     """objective: cosent: the scale on cosine differences in CoSENT (20, i.e. a temperature of 0.05, as in the
     paper and in sentence-transformers' CoSENTLoss)."""
+    distill: Literal["none", "kl", "margin_mse"] = "none"
+    """objective: contrastive: add a distillation term over each query's own group (positive + hard negatives)
+    from the rows' teacher scores (pos_score / neg_scores; rows without them are refused): kl (the student's
+    cosines / temperature against the teacher's scores / distill_temperature) or margin_mse (cosine margins
+    against teacher margins). none: InfoNCE alone."""
+    distill_weight: float = 1.0
+    """The distillation term's weight: loss = InfoNCE + distill_weight * term."""
+    distill_temperature: float = 1.0
+    """T of the kl distillation loss (contrastive's loss.distill and objective: reranker's rerank.loss: kl): both
+    sides' softmax at T, times T^2."""
 
     def __post_init__(self):
         _at_least(self, "loss", 1, "cache_chunk_size")
@@ -95,6 +105,11 @@ class LossConfig:
             raise BidirError(f"loss.temperature must be > 0, got {self.temperature}")
         if self.cosent_scale <= 0:
             raise BidirError(f"loss.cosent_scale must be > 0, got {self.cosent_scale}")
+        if self.distill_weight <= 0 or self.distill_temperature <= 0:
+            raise BidirError(
+                "loss.distill_weight and loss.distill_temperature must be > 0, got "
+                f"{self.distill_weight} and {self.distill_temperature}"
+            )
         if any(d < 1 for d in self.matryoshka_dims):
             raise BidirError(f"loss.matryoshka_dims must be positive, got {list(self.matryoshka_dims)}")
 
@@ -114,6 +129,26 @@ class MntpConfig:
         _at_least(self, "mntp", 1, "max_length")
         if not 0 < self.mask_probability < 1:
             raise BidirError(f"mntp.mask_probability must be in (0, 1), got {self.mask_probability}")
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """objective: reranker (bidir_train.reranker): a cross-encoder scores each query's group of 1 positive and
+    data.num_negatives hard negatives (no in-batch negatives)."""
+
+    loss: Literal["group_ce", "bce", "kl", "margin_mse"] = "group_ce"
+    """group_ce: softmax cross-entropy over the group, the positive the target (NeMo AutoModel's); bce: per pair,
+    positive 1, negatives 0; kl and margin_mse: distillation from the rows' teacher scores (pos_score /
+    neg_scores), kl at loss.distill_temperature (see bidir_train.rerank_loss)."""
+    max_length: int | None = None
+    """Each formatted (query, passage) pair is cut to this many tokens (None: the model's own, e.g. a reranker
+    checkpoint's); saved in final/."""
+    template: str | None = None
+    """How a pair becomes one text, with {query} and {passage} (None: the model's own, else bidir_core's
+    default); saved in final/."""
+
+    def __post_init__(self):
+        _at_least(self, "rerank", 1, "max_length")
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -286,9 +321,10 @@ class TrainConfig:
 
     name: str = "default"
     """Recipe name (the file's stem): names the default output folder."""
-    objective: Literal["contrastive", "mntp", "cosent"] = "contrastive"
-    """contrastive (InfoNCE on query / passage pairs), mntp (masked next-token prediction on raw text) or cosent
-    (CoSENT on graded pairs: an STS-style score, sentence1, sentence2 TSV)."""
+    objective: Literal["contrastive", "mntp", "cosent", "reranker"] = "contrastive"
+    """contrastive (InfoNCE on query / passage pairs), mntp (masked next-token prediction on raw text), cosent
+    (CoSENT on graded pairs: an STS-style score, sentence1, sentence2 TSV) or reranker (a cross-encoder on the
+    contrastive rows: final/ is a reranker)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -297,6 +333,8 @@ class TrainConfig:
     """The contrastive loss."""
     mntp: MntpConfig = field(default_factory=MntpConfig)
     """The MNTP objective."""
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    """The reranker objective."""
     lora: LoraConfig | None = None
     """LoRA adapters instead of full fine-tuning (None: every weight trains); final/ holds the merged weights."""
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from bidir_core.batching import pad_batch
 from bidir_core.datasets import TrainingExample, read_training_examples
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.tokenization import tokenize
-from bidir_train.config import TrainConfig
+from bidir_train.config import LossConfig, TrainConfig
 from bidir_train.loss import doc_key, info_nce
 from bidir_train.objective import ShuffledSampler, first_rows, warn_left_out
+from bidir_train.rerank_loss import rerank_loss
 from bidir_train.step import Chunking, EncoderEmbed, Group, forward_backward
 
 
@@ -39,8 +41,14 @@ class Contrastive:
     def sampler(cls, cfg: TrainConfig) -> EpochSampler:
         if cfg.data.text_fields:
             raise BidirError("data.text_fields is for objective: mntp (contrastive rows have fixed fields)")
+        examples = first_rows(read_training_examples(cfg.data.train), cfg)
+        if cfg.loss.distill != "none":
+            if not cfg.data.num_negatives:
+                raise BidirError(f"loss.distill={cfg.loss.distill} compares each query's positive with its hard "
+                                 "negatives: set data.num_negatives >= 1")  # fmt: skip
+            require_teacher_scores(examples, f"loss.distill={cfg.loss.distill}")
         return EpochSampler(
-            first_rows(read_training_examples(cfg.data.train), cfg),
+            examples,
             global_batch_size=cfg.schedule.global_batch_size,
             num_negatives=cfg.data.num_negatives,
             seed=cfg.schedule.seed,
@@ -66,7 +74,7 @@ class Contrastive:
     def loss(self, q: torch.Tensor, p: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
         """InfoNCE of queries q (B, D) against passages p (B * (1 + N), D), grouped by query."""
         cfg, mask = self.cfg.loss, self.cfg.loss.mask_false_negatives
-        return info_nce(
+        loss = info_nce(
             q,
             p,
             num_negatives=self.cfg.data.num_negatives,
@@ -76,6 +84,34 @@ class Contrastive:
             passage_keys=batch.passage_keys.to(self.device) if mask else None,
             positive_keys=batch.positive_keys.to(self.device) if mask else None,
             dims=cfg.matryoshka_dims,
+        )
+        if cfg.distill == "none":
+            return loss
+        teacher = batch.teacher_scores.to(self.device)
+        return loss + cfg.distill_weight * group_distillation(
+            q, p, teacher, cfg, 1 + self.cfg.data.num_negatives
+        )
+
+
+def group_distillation(
+    q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor, cfg: LossConfig, group: int
+) -> torch.Tensor:
+    """loss.distill over each query's own group (no in-batch passages): the student's scores are InfoNCE's logits,
+    cosine / loss.temperature, of query i (B, D) against its `group` passages (B * group, D), positive first;
+    teacher (B * group,) the data's scores of the same passages."""
+    q, p = F.normalize(q.float(), dim=-1), F.normalize(p.float(), dim=-1)
+    cos = (q.unsqueeze(1) * p.view(q.shape[0], group, -1)).sum(-1)  # (B, group)
+    scores = cos.reshape(-1) / cfg.temperature
+    return rerank_loss(cfg.distill, scores, group, teacher, cfg.distill_temperature)
+
+
+def require_teacher_scores(examples: list[TrainingExample], what: str) -> None:
+    """Every example has teacher scores (pos_score / neg_scores), else one line naming the first that has none."""
+    bare = [ex for ex in examples if not ex.positive_scores]
+    if bare:
+        raise BidirError(
+            f"{bare[0].origin or 'a training row'}: no teacher scores (pos_score / neg_scores), which {what} "
+            f"learns from ({len(bare)} of {len(examples)} rows lack them; bidir-mine --rescore writes them)"
         )
 
 
@@ -91,6 +127,9 @@ class Sample:
     negatives: tuple[str, ...]
     passage_keys: tuple[int, ...]  # doc_key of the positive, then of each negative
     positive_keys: tuple[int, ...]  # doc_key of every positive of the example (false-negative masking)
+    teacher_scores: tuple[
+        float, ...
+    ] = ()  # the data's scores of the positive, then of each negative; or none
 
 
 @dataclass(frozen=True)
@@ -103,6 +142,7 @@ class MicroBatch:
     passage_mask: torch.Tensor
     passage_keys: torch.Tensor  # (B * (1 + N),) int64
     positive_keys: torch.Tensor  # (B, K) int64, -1 padded
+    teacher_scores: torch.Tensor | None  # (B * (1 + N),) float32 of the rows' pos_score / neg_scores, or None
     tokens: int  # real (non-pad) tokens in the micro-batch
     truncated: int  # texts cut to their max length
 
@@ -167,6 +207,9 @@ class EpochSampler(ShuffledSampler):
             passage_keys=(_key(pos_ids[p], ex.positives[p]),)
             + tuple(_key(neg_ids[j], ex.negatives[j]) for j in negs),
             positive_keys=tuple(_key(d, t) for d, t in zip(pos_ids, ex.positives, strict=True)),
+            teacher_scores=(ex.positive_scores[p], *(ex.negative_scores[j] for j in negs))
+            if ex.positive_scores
+            else (),
         )
 
     def _negatives(self, rng: random.Random, available: int) -> list[int]:
@@ -219,6 +262,15 @@ class Collator:
             passage_mask=passage_mask,
             passage_keys=torch.tensor([k for s in samples for k in s.passage_keys], dtype=torch.long),
             positive_keys=positive_keys,
+            teacher_scores=teacher_scores(samples),
             tokens=int(query_mask.sum() + passage_mask.sum()),
             truncated=q_cut + p_cut,
         )
+
+
+def teacher_scores(samples: list[Sample]) -> torch.Tensor | None:
+    """The samples' teacher scores (positive, then negatives, per sample) as one (n,) float32 tensor, or None when
+    a sample has none (the losses that need them refused such rows before the model loaded)."""
+    if not all(s.teacher_scores for s in samples):
+        return None
+    return torch.tensor([t for s in samples for t in s.teacher_scores], dtype=torch.float32)

@@ -9,10 +9,15 @@ JSONL, one object per line (NeMo AutoModel's inline format)::
         "neg_doc": ["...", ...],
         "pos_id": ...,
         "neg_ids": [...],
+        "pos_score": 7.1 | [7.1, ...],
+        "neg_scores": [2.3, ...],
     }
 
 `question` is accepted for `query`; `neg_doc` is optional; ids (`pos_id` / `pos_ids`, `neg_id` / `neg_ids`: a str,
 an int or a list of them, one per document) are optional and let the loss recognise the same document in two rows.
+Teacher scores (`pos_score`: a number or a list, one per positive; `neg_scores`: one per negative, e.g. a reranker's
+logits, as `bidir-mine --rescore` writes them) are optional and are what a distillation loss learns from; a row
+that gives one gives both (a row without negatives: `pos_score` alone), every value finite.
 
 TSV, tab-separated and unquoted: `anchor, positive[, negative...]`. A first line whose first two cells are column
 names (`anchor`/`query`/`question`, then `positive`/`pos_doc`) is a header; with a header, only the columns named
@@ -21,6 +26,7 @@ names (`anchor`/`query`/`question`, then `positive`/`pos_doc`) is a header; with
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ from bidir_core.datasets.lines import read_jsonl, read_lines, text_field
 from bidir_core.errors import BidirError
 
 _JSONL_KEYS = {"query", "question", "pos_doc", "neg_doc", "pos_id", "pos_ids", "neg_id", "neg_ids"}
+_SCORE_KEYS = {"pos_score", "neg_scores"}
 _ANCHOR_NAMES = {"anchor", "query", "question"}
 _POSITIVE_NAMES = {"positive", "pos", "pos_doc"}
 
@@ -48,6 +55,10 @@ class TrainingExample:
     """Empty, or one document id per positive (JSONL pos_id / pos_ids)."""
     negative_ids: tuple[str, ...] = ()
     """Empty, or one document id per negative (JSONL neg_id / neg_ids)."""
+    positive_scores: tuple[float, ...] = ()
+    """Empty, or one teacher score per positive (JSONL pos_score)."""
+    negative_scores: tuple[float, ...] = ()
+    """Empty, or one teacher score per negative (JSONL neg_scores); given with positive_scores."""
     origin: str = ""
     """Where the row came from ("path:line"), for error messages."""
 
@@ -68,9 +79,10 @@ def read_jsonl_examples(path: Path) -> Iterator[TrainingExample]:
             negatives=negatives,
             positive_ids=_ids(row, ("pos_id", "pos_ids"), len(positives), "pos_doc", where),
             negative_ids=_ids(row, ("neg_id", "neg_ids"), len(negatives), "neg_doc", where),
+            **_teacher_scores(row, len(positives), len(negatives), where),
             origin=where,
         )
-        new = set(row) - _JSONL_KEYS - unknown_keys
+        new = set(row) - _JSONL_KEYS - _SCORE_KEYS - unknown_keys
         if new:
             unknown_keys |= new
             warnings.warn(f"{where}: ignoring unknown field(s) {', '.join(sorted(new))}", stacklevel=3)
@@ -118,6 +130,39 @@ def _ids(row: dict, keys: tuple[str, str], count: int, docs_key: str, where: str
     if len(ids) != count:
         raise BidirError(f"{where}: field {key!r} has {len(ids)} ids for {count} {docs_key} documents")
     return tuple(ids)
+
+
+def _teacher_scores(row: dict, positives: int, negatives: int, where: str) -> dict:
+    """The optional teacher scores: none, or pos_score (one per positive) and neg_scores (one per negative; not
+    needed when the row has no negatives), every one a finite number."""
+    if not _SCORE_KEYS & set(row):
+        return {}
+    if "pos_score" not in row:
+        raise BidirError(f"{where}: has 'neg_scores' but no 'pos_score'; give both teacher scores or neither")
+    if "neg_scores" not in row and negatives:
+        raise BidirError(
+            f"{where}: has 'pos_score' but no 'neg_scores' for its {negatives} neg_doc documents"
+        )
+    return {
+        "positive_scores": _scores(row, "pos_score", positives, "pos_doc", where),
+        "negative_scores": _scores(row, "neg_scores", negatives, "neg_doc", where)
+        if "neg_scores" in row
+        else (),
+    }
+
+
+def _scores(row: dict, key: str, count: int, docs_key: str, where: str) -> tuple[float, ...]:
+    """A number or a list of numbers, one per document of docs_key, each finite (JSON allows NaN and Infinity)."""
+    value = row[key]
+    items = value if isinstance(value, list) else [value]
+    for i, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise BidirError(f"{where}: {key}[{i}] must be a number, got {item!r}")
+        if not math.isfinite(item):
+            raise BidirError(f"{where}: {key}[{i}] is {item}; teacher scores must be finite")
+    if len(items) != count:
+        raise BidirError(f"{where}: field {key!r} has {len(items)} scores for {count} {docs_key} documents")
+    return tuple(float(x) for x in items)
 
 
 def read_tsv_examples(path: Path) -> Iterator[TrainingExample]:
