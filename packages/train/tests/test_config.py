@@ -43,6 +43,33 @@ def test_nemo_recipes_hyperparameters():
         assert (cfg.model.precision, cfg.model.pooling) == ("bf16", "avg")
 
 
+def test_reranker_recipes():
+    """NeMo AutoModel's Llama-3.2-1B reranker: groups of 1 + 4, lr 3e-6, 128 queries a step, 512 tokens, bf16;
+    and the CPU one on the embedded default."""
+    nemo = load_recipe("reranker_llama3_2_1b")
+    assert (nemo.objective, nemo.rerank.loss, nemo.data.num_negatives) == ("reranker", "group_ce", 4)
+    assert (nemo.optim.lr, nemo.schedule.global_batch_size, nemo.rerank.max_length) == (3e-6, 128, 512)
+    assert nemo.model.precision == "bf16" and nemo.eval.dev is None
+    cpu = load_recipe("reranker")
+    assert (cpu.objective, cpu.model.path, cpu.eval.dev) == ("reranker", "smollm2-135m", None)
+    assert cpu.data.num_negatives >= 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rerank.loss=listwise", "rerank.loss"),
+        ("rerank.max_length=0", "rerank.max_length must be >= 1"),
+        ("loss.distill=kd", "loss.distill"),
+        ("loss.distill_temperature=0", "loss.distill_weight and loss.distill_temperature must be > 0"),
+    ],
+)
+def test_reranker_and_distillation_keys_are_checked(override, message):
+    with pytest.raises(BidirError, match=message) as e:
+        load_recipe("reranker", [override])
+    assert "\n" not in str(e.value)
+
+
 def test_overrides_are_parsed_and_typed():
     cfg = load_recipe(
         "tiny",
