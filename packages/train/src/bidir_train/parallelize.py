@@ -17,14 +17,21 @@ from bidir_train.config import ParallelConfig
 
 
 def parallelize(
-    model: nn.Module, cfg: ParallelConfig, *, device: torch.device, bf16: bool, dropout: bool = False
+    model: nn.Module,
+    cfg: ParallelConfig,
+    *,
+    device: torch.device,
+    bf16: bool,
+    dropout: bool = False,
+    root: nn.Module | None = None,
 ) -> nn.Module:
     """Shard `model` (a LlamaBidirectionalModel, possibly on the meta device) in place over the default process
     group and return it (a single CPU process is left unsharded). bf16 on CUDA: parameters are all-gathered in bf16, gradients reduced in fp32, and the
     sharded master weights stay fp32. (On CPU bf16 comes from autocast in the training step instead.) `dropout`:
     the model draws random numbers in forward (LoRA dropout), which activation checkpointing must replay.
     Frozen parameters (LoRA's base weights) are sharded like the others; FSDP2 reduces gradients only for the
-    trainable ones."""
+    trainable ones. `root`: a module holding `model` and parameters of its own (a CrossEncoder's score head),
+    sharded last as the root, in fp32 (no mixed precision: the head reads fp32 pooled states)."""
     layers = model.layers
     for i, layer in enumerate(layers):
         if cfg.activation_checkpointing:
@@ -47,4 +54,6 @@ def parallelize(
     # The root (embeddings, final norm) stays gathered from forward to backward, as FSDP2 advises: backward needs it
     # at once, and MNTP reads the embeddings again after the forward as its (tied) LM head.
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    if root is not None:
+        fully_shard(root, reshard_after_forward=False)
     return model

@@ -45,8 +45,8 @@ def with_source_pooling(cfg: TrainConfig) -> TrainConfig:
     """cfg with model.pooling filled in when the recipe leaves it unset: the source's own, so that training a causal
     embedder pooled by its last token does not switch it to avg. Reads the source (the embedded default is imported
     on first use)."""
-    if cfg.model.pooling is not None:
-        return cfg
+    if cfg.model.pooling is not None or cfg.objective == "reranker":
+        return cfg  # a reranker's unset pooling is its source's reranker settings' (bidir_train.weights.load_reranker)
     source = resolve_source(cfg.model.path)
     stored = read_encoder_config(source) if source.is_dir() else None  # a .gguf file or a plain folder: none
     pooling = (stored or EncoderConfig()).pooling

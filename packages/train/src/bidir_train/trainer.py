@@ -1,6 +1,8 @@
 """`train(cfg)`: fine-tuning of a bidir model under torchrun (or as one plain process). The recipe's `objective`
 names what a step computes (bidir_train.contrastive: InfoNCE on query / passage rows; bidir_train.mntp: LLM2Vec's
-masked next-token prediction; bidir_train.cosent: CoSENT on graded pairs); the loop, sharding, checkpoints and resume are the same for all three.
+masked next-token prediction; bidir_train.cosent: CoSENT on graded pairs; bidir_train.reranker: a cross-encoder
+on the contrastive rows); the loop, sharding, checkpoints and resume are the same for all four. What is trained
+is a BiEncoder, or a CrossEncoder for the reranker (bidir_train.weights.load_model: the one branch on it).
 
 One process per device (bidir_train.distributed). The model is built on the meta device, sharded with FSDP2
 (bidir_train.parallelize), and rank 0's weights are broadcast into the shards (bidir_train.weights), so no rank but
@@ -9,7 +11,8 @@ through the objective and gradients accumulate until the step.
 
 Outputs under output_dir (bidir_train.run_folder): recipe.json, inputs.json, metrics.jsonl (bidir_train.metrics,
 bidir_train.validation), checkpoints/step-NNNNNNNN/ (bidir_train.checkpoints: DCP, sharded: model, optimizer,
-scheduler, data position, RNG), final/ (a bidir checkpoint that BiEncoder.from_pretrained loads).
+scheduler, data position, RNG), final/ (a bidir checkpoint that BiEncoder.from_pretrained loads, or for the
+reranker CrossEncoder.from_pretrained).
 """
 
 from __future__ import annotations
@@ -30,11 +33,17 @@ from bidir_train.metrics import TrainingLog
 from bidir_train.mntp import Mntp
 from bidir_train.objective import Objective, rank_micro_batches
 from bidir_train.optim import clip_grad_norm, make_optimizer, make_scheduler
+from bidir_train.reranker import Reranker
 from bidir_train.run_folder import FINAL, RunFolder, check_run_folder
 from bidir_train.validation import Validator
-from bidir_train.weights import load_encoder, save_final
+from bidir_train.weights import load_model, save_final, trained_module
 
-OBJECTIVES: dict[str, type[Objective]] = {"contrastive": Contrastive, "mntp": Mntp, "cosent": Cosent}
+OBJECTIVES: dict[str, type[Objective]] = {
+    "contrastive": Contrastive,
+    "mntp": Mntp,
+    "cosent": Cosent,
+    "reranker": Reranker,
+}
 """A recipe's `objective` -> the class that runs it (a new objective: a module with such a class, and its name here)."""
 
 
@@ -66,11 +75,12 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         sampler.warn(full_epochs=total >= sampler.steps_per_epoch)
     validator = agreed(Validator, cfg)
 
-    encoder = load_encoder(cfg, device)
+    encoder = load_model(cfg, device)  # a BiEncoder, or a CrossEncoder (objective: reranker)
+    trained = trained_module(encoder)  # what the optimizer steps and checkpoints hold
     objective = objective_class(cfg, encoder, device)
-    optimizer = make_optimizer(cfg.optim, encoder.model)
+    optimizer = make_optimizer(cfg.optim, trained)
     scheduler = make_scheduler(optimizer, sched, total)
-    checkpointer = Checkpointer(cfg, encoder.model, optimizer, scheduler)
+    checkpointer = Checkpointer(cfg, trained, optimizer, scheduler)
     state = checkpointer.load()
     resumed = state["step"] if state is not None else None
     step = resumed or 0
@@ -86,8 +96,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
         t0 = time.perf_counter()
         micro = rank_micro_batches(sampler.rows(epoch, in_epoch), sched.micro_batch_size, rank, world)
-        step_loss, tokens, truncated = _accumulate(objective, encoder.model, micro, accum)
-        grad_norm = clip_grad_norm(encoder.model, cfg.optim.max_grad_norm)
+        step_loss, tokens, truncated = _accumulate(objective, trained, micro, accum)
+        grad_norm = clip_grad_norm(trained, cfg.optim.max_grad_norm)
         loss = mean_over_ranks(step_loss / accum, device)  # both already read to the host: no extra sync
         _check_finite(step + 1, loss, grad_norm)
         lr = scheduler.get_last_lr()[0]
