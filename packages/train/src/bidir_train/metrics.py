@@ -52,9 +52,11 @@ class TrainingLog:
         self.progress.close()
         truncated = int(sum_over_ranks(self.truncated, self.device))
         if truncated and self.rank0:
+            limit = {"reranker": "rerank.max_length (query and passage pairs)"}.get(
+                self.cfg.objective, "model.query_max_length / passage_max_length"
+            )
             warnings.warn(
-                f"{truncated} training texts were longer than model.query_max_length / passage_max_length and "
-                "were truncated",
+                f"{truncated} training texts were longer than {limit} and were truncated",
                 stacklevel=3,
             )
         return time.perf_counter() - self.t_start
