@@ -122,6 +122,49 @@ class CrossEncoder(nn.Module):
             score = _head_from(head, source.config.hidden_size, head_file, device)
         return cls(model, tokenizer, settings, score, source=source)
 
+    @classmethod
+    def from_causal_lm(
+        cls,
+        source: str | Path | ModelSource,
+        yes_token: str,
+        no_token: str,
+        *,
+        template: str | None = None,
+        pooling: str = "last",
+        attention: str = "causal",
+        max_length: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+    ) -> CrossEncoder:
+        """A token-logit reranker (Qwen3-Reranker style: a causal LM asked whether the passage answers the query,
+        its score logit(yes) - logit(no) at the last token) as a CrossEncoder. That difference is
+        (lm_head[yes] - lm_head[no]) . h_last, so the head's weight is that row difference, on "last" pooling
+        under the causal attention the LM was trained with: the same scores, in the one scorer form. Each token
+        must be exactly one token of the tokenizer (encoded without special tokens); the template is the prompt
+        the model expects around query and passage (e.g. its chat wrapping)."""
+        source = open_source(source, attention)
+        tokenizer = source.tokenizer()
+        ids = [_single_token_id(tokenizer, token, source.path) for token in (yes_token, no_token)]
+        if ids[0] == ids[1]:
+            raise BidirError(
+                f"{source.path}: {yes_token!r} and {no_token!r} are the same token (id {ids[0]})"
+            )
+        lm_head = source.read_lm_head(torch.float32)  # (vocab, H); None: tied to the input embeddings
+        ce = cls.from_pretrained(source, template=template, pooling=pooling, max_length=max_length, dtype=dtype,
+                                 device=device, new_head=True)  # fmt: skip
+        if lm_head is None:
+            if not getattr(source.config, "tie_word_embeddings", False):
+                raise BidirError(
+                    f"{source.path}: no LM head (lm_head.weight) and tie_word_embeddings is false"
+                )
+            lm_head = ce.model.embed_tokens.weight.detach().float()
+        if lm_head.shape[0] <= max(ids):
+            raise BidirError(
+                f"{source.path}: the LM head has {lm_head.shape[0]} rows; token id {max(ids)} is past it"
+            )
+        ce.score = _linear((lm_head[ids[0]] - lm_head[ids[1]])[None].cpu(), device)  # (1, H)
+        return ce
+
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
@@ -259,6 +302,16 @@ def new_score_head(config, *, seed: int, device: str | torch.device | None = Non
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(1, config.hidden_size, generator=generator) * std
     return _linear(weight, device)
+
+
+def _single_token_id(tokenizer, token: str, where: Path) -> int:
+    """The id of token, which must encode (no special tokens) to exactly one token id."""
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise BidirError(
+            f"{where}: {token!r} is {len(ids)} tokens ({ids}) in this tokenizer; a yes/no token must be exactly one"
+        )
+    return ids[0]
 
 
 def _head_from(head: torch.Tensor, hidden: int, file: Path, device) -> nn.Linear:
