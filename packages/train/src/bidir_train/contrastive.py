@@ -9,6 +9,10 @@ The data position of a run is just (epoch, step in epoch): nothing else to save 
 
 Step: bidir_train.step embeds the queries and the passages (plain, in length-sorted chunks, packed, or with GradCache,
 as the recipe's chunking says) and backwards the InfoNCE loss over them.
+
+Distillation (loss.distill): rows with teacher scores (pos_score / neg_scores, e.g. a reranker's) add
+loss.distill_weight x a kl or margin_mse term (bidir_train.rerank_loss) over each query's own group, its positive
+and sampled hard negatives, the student's scores being InfoNCE's logits (cosine / loss.temperature).
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
 """What the training loop needs from an objective, and the pieces the objectives share.
 
-An objective (bidir_train.contrastive, bidir_train.mntp, bidir_train.cosent) is a class with
+An objective (bidir_train.contrastive, bidir_train.mntp, bidir_train.cosent, bidir_train.reranker) is a class with
 - `sampler(cfg)`, called before the model loads: the run's data as a Sampler, which hands out the rows of
   (epoch, step in epoch) deterministically, so the data position of a run is just those two numbers;
-- `__init__(cfg, encoder, device)`, once the model is loaded and sharded;
+- `__init__(cfg, encoder, device)`, once the model is loaded and sharded (a BiEncoder; for the reranker a
+  CrossEncoder, bidir_train.weights.load_model);
 - `collate(rows)`: one rank's rows -> a tokenized micro-batch;
 - `forward_backward(batch, scale=...)`: backward `scale * loss` of the micro-batch into the parameters' .grad and
   return the (unscaled) loss.
 The loop (bidir_train.trainer) picks one by the recipe's `objective` and knows nothing else about it. An objective
-that embeds groups of texts and computes one loss over them (contrastive, cosent) runs its forward_backward through
-bidir_train.step, which also cuts MNTP's forwards into chunks.
+that embeds (or scores) groups of texts and computes one loss over them (contrastive, cosent, reranker) runs its
+forward_backward through bidir_train.step, which also cuts MNTP's forwards into chunks.
 """
 
 from __future__ import annotations
