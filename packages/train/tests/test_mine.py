@@ -216,3 +216,34 @@ def test_unwritable_output_is_refused_before_the_embedding(tmp_path, train_jsonl
     cfg = MineConfig("unused", str(train_jsonl), str(tmp_path / "afile" / "mined.jsonl"), progress=False)
     with pytest.raises(BidirError, match=r"mined\.jsonl: cannot be written \(.*afile is not a folder\)"):
         mine(cfg, encoder=Untouched())
+
+
+@pytest.mark.filterwarnings("ignore:.*rows have fewer than")
+def test_rescore_writes_the_rerankers_scores_of_the_mined_rows(
+    tmp_path, tiny_checkpoint, train_jsonl, capsys
+):
+    """--rescore: each written row carries the reranker's logit of its query with each positive and each (mined,
+    filtered) negative, and reads back as training rows with teacher scores."""
+    from bidir_core.cross_encoder import CrossEncoder, new_score_head
+    from bidir_core.reranker_config import RerankerConfig
+    from bidir_core.testing import tiny_model, tiny_tokenizer
+
+    model = tiny_model(seed=3)
+    reranker = CrossEncoder(model, tiny_tokenizer(), RerankerConfig(), new_score_head(model.config, seed=2))
+    reranker.save_pretrained(tmp_path / "reranker")
+    out = tmp_path / "scored.jsonl"
+    args = [str(tiny_checkpoint), "--train", str(train_jsonl), "--output", str(out), "--no-progress"]
+    assert main([*args, "--num-negatives", "4", "--rescore", str(tmp_path / "reranker")]) == 0
+    plain = tmp_path / "plain.jsonl"
+    assert main([*args[:-3], "--output", str(plain), "--no-progress", "--num-negatives", "4"]) == 0
+    capsys.readouterr()
+    scored, unscored = list(read_training_examples(out)), list(read_training_examples(plain))
+    assert [(ex.query, ex.negatives) for ex in scored] == [(ex.query, ex.negatives) for ex in unscored]
+    assert not any(ex.positive_scores for ex in unscored)
+    loaded = CrossEncoder.from_pretrained(tmp_path / "reranker")
+    for ex in scored[:3]:
+        expected = loaded.predict([(ex.query, d) for d in (*ex.positives, *ex.negatives)])
+        got = (*ex.positive_scores, *ex.negative_scores)
+        assert got == pytest.approx(expected.tolist(), abs=1e-5)
+        assert len(ex.negative_scores) == len(ex.negatives) >= 1
+    assert len({s for ex in scored for s in ex.negative_scores}) > 1  # real scores, not a constant

@@ -9,6 +9,11 @@ where the positive score is the cosine of the query and its least similar positi
 
 The corpus is a BEIR corpus.jsonl (or its folder), a .txt file (one passage per line), or by default every distinct
 positive and negative of the training rows. The output is the training rows, in order, as NeMo-style JSONL.
+
+With `rescore` (a reranker), every written row also gets teacher scores: the reranker's logit of the query with
+each positive (pos_score) and each negative (neg_scores), what the distillation losses learn from
+(bidir_train.rerank_loss). The negatives are the ones mined above, filtered the same way. Without it, a row whose
+negatives were added to loses the scores it came with (its new negatives have none).
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ class MineConfig:
     """Replace an existing output file instead of refusing."""
     progress: bool = True
     """Show progress bars."""
+    rescore: str | None = None
+    """A reranker (anything CrossEncoder.from_pretrained loads with its head) that scores every written row's
+    positives and negatives into pos_score / neg_scores; None: no teacher scores."""
 
     def __post_init__(self):
         for name in ("top_k", "num_negatives", "batch_size"):
@@ -190,10 +198,33 @@ def mine_negatives(
         # Ids only for rows keyed by id, and only when every negative has one: the loss compares passages by id
         # when a row has ids and by text otherwise, so a half-keyed row would hide a repeated document from it.
         keyed = bool(ex.positive_ids or ex.negative_ids) and None not in neg_ids
+        # The row's own teacher scores stay only while its negatives are the ones they score.
+        changed = tuple(negatives) != ex.negatives
+        scored = {"positive_scores": (), "negative_scores": ()} if changed else {}
         rows.append(
-            dataclasses.replace(ex, negatives=tuple(negatives), negative_ids=tuple(neg_ids) if keyed else ())
+            dataclasses.replace(
+                ex, negatives=tuple(negatives), negative_ids=tuple(neg_ids) if keyed else (), **scored
+            )
         )
     return rows, counts
+
+
+def rescore_rows(reranker, rows: Sequence[TrainingExample], *, batch_size: int = 32, progress: bool = False):
+    """rows with teacher scores: the reranker's logits (CrossEncoder.predict) of the query with each positive and
+    each negative. A score that is not finite stops the job naming the row; nothing is written."""
+    pairs = [(ex.query, doc) for ex in rows for doc in (*ex.positives, *ex.negatives)]
+    scores = reranker.predict(pairs, batch_size=batch_size, show_progress_bar=progress).tolist()
+    out, start = [], 0
+    for n, ex in enumerate(rows):
+        mine = scores[start : start + len(ex.positives) + len(ex.negatives)]
+        start += len(mine)
+        if not all(np.isfinite(mine)):
+            raise BidirError(
+                f"row {n + 1} ({ex.query[:60]!r}): the reranker scored it {mine}; nothing was written"
+            )
+        p = len(ex.positives)
+        out.append(dataclasses.replace(ex, positive_scores=tuple(mine[:p]), negative_scores=tuple(mine[p:])))
+    return out
 
 
 def _check_finite(embeddings, what: str, texts: Sequence[str]) -> None:
@@ -236,6 +267,11 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         progress=cfg.progress,
         device=device,
     )
+    if cfg.rescore is not None:
+        from bidir_core.cross_encoder import CrossEncoder  # imported late, as BiEncoder
+
+        reranker = CrossEncoder.from_pretrained(cfg.rescore, device=device).eval()
+        rows = rescore_rows(reranker, rows, batch_size=cfg.batch_size, progress=cfg.progress)
     write_jsonl_atomic(output, map(_as_row, rows))  # a complete-looking file is a complete one
     if counts["short_rows"]:
         warnings.warn(
@@ -262,13 +298,17 @@ def _as_row(ex: TrainingExample) -> dict:
         row["pos_ids"] = list(ex.positive_ids)
     if ex.negative_ids:
         row["neg_ids"] = list(ex.negative_ids)
+    if ex.positive_scores:
+        row["pos_score"] = list(ex.positive_scores)
+        row["neg_scores"] = list(ex.negative_scores)
     return row
 
 
 EXAMPLES = """examples:
   bidir-mine smollm2-135m --train pairs.jsonl --output mined.jsonl
   bidir-mine ./my-embedder --train train.tsv --corpus ./beir-folder --output mined.jsonl --num-negatives 7
-  bidir-mine ./my-embedder --train train.jsonl --corpus passages.txt --output mined.jsonl --margin 0.9 --overwrite"""
+  bidir-mine ./my-embedder --train train.jsonl --corpus passages.txt --output mined.jsonl --margin 0.9 --overwrite
+  bidir-mine ./my-embedder --train train.jsonl --output scored.jsonl --rescore runs/reranker/final"""
 
 
 def parse_args(argv: list[str] | None = None) -> MineConfig:
@@ -304,6 +344,12 @@ def parse_args(argv: list[str] | None = None) -> MineConfig:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--rescore",
+        metavar="RERANKER",
+        help="a reranker checkpoint: write its scores of each row's positives and negatives (pos_score / "
+        "neg_scores), the teacher scores of distillation",
+    )
     a = p.parse_args(argv)
     fields = {k: v for k, v in vars(a).items() if k != "no_progress"}
     return MineConfig(**fields, progress=not a.no_progress)
