@@ -71,3 +71,18 @@ def test_lora_trains_the_head_fully_and_resumes_exactly(tiny_args, tmp_path):
     assert (reranker.score.weight - initial).abs().max() > 1e-3  # the head trained, not adapted or frozen
     assert (whole / "adapter" / "adapter_model.safetensors").is_file()
     assert torch.isfinite(torch.from_numpy(reranker.predict([("q", "p")]))).all()
+
+
+def test_a_reranker_source_keeps_its_head_and_settings(straight, train_jsonl, device):
+    """Training on from a reranker checkpoint starts from its head (no fresh one) and its template and length."""
+    from bidir_train import load_recipe
+    from bidir_train.weights import load_model
+
+    saved = CrossEncoder.from_pretrained(straight / "final")
+    cfg = load_recipe(
+        "tiny", ["objective=reranker", f"model.path={straight / 'final'}", f"data.train={train_jsonl}"]
+    )
+    loaded = load_model(cfg, device)
+    assert isinstance(loaded, CrossEncoder) and loaded.config == saved.config
+    assert torch.equal(loaded.score.weight.detach().cpu(), saved.score.weight)
+    assert loaded.score.weight.requires_grad

@@ -128,3 +128,24 @@ def test_embedder_distillation_over_each_querys_own_group(name):
                 count += 1
     got = group_distillation(q, p, teacher, cfg, G).item()
     assert got == pytest.approx(total / count, rel=1e-4)
+
+
+def test_distillation_in_the_loop_adds_to_infonce_and_survives_gradcache(tiny_args, tmp_path):
+    """loss.distill on scored rows: the first step's loss is InfoNCE's plus the term (so larger, the term being
+    > 0), and GradCache gives the same losses."""
+    from train_testing import loss_curve, train_recipe
+
+    rows = [
+        {"query": f"how do i sort item {i}", "pos_doc": f"sort item {i}", "neg_doc": [f"other {i} {k}" for k in range(3)],
+         "pos_score": 4.0, "neg_scores": [float(k - 2) for k in range(3)]}
+        for i in range(8)
+    ]  # fmt: skip
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (f"data.train={data}", "schedule.max_steps=2", "checkpoint.every_steps=0")
+    train_recipe(tiny_args(tmp_path / "plain", *common))
+    train_recipe(tiny_args(tmp_path / "kl", *common, "loss.distill=kl"))
+    train_recipe(tiny_args(tmp_path / "cached", *common, "loss.distill=kl", "loss.cache_chunk_size=2"))
+    plain, kl = loss_curve(tmp_path / "plain"), loss_curve(tmp_path / "kl")
+    assert kl[0] > plain[0] + 1e-4
+    assert loss_curve(tmp_path / "cached") == pytest.approx(kl, abs=1e-5)
