@@ -76,8 +76,7 @@ class Reranker:
     def __init__(self, cfg: TrainConfig, model, device: torch.device):
         self.cfg, self.model, self.device = cfg, model, device
         self.collate = PairCollator(model.tokenize_pairs, model.tokenizer.pad_token_id)
-        cpu_bf16 = cfg.model.precision == "bf16" and device.type == "cpu"
-        self.score = CrossEncoderScore(model, device, autocast=cpu_bf16)
+        self.score = CrossEncoderScore(model, device)
         self.chunking = Chunking.from_recipe(cfg, device)
 
     def forward_backward(self, batch: PairBatch, *, scale: float = 1.0) -> float:
@@ -115,16 +114,15 @@ def check_recipe(cfg: TrainConfig) -> None:
 @dataclass(frozen=True)
 class CrossEncoderScore:
     """bidir_train.step's score function of a cross-encoder: logits (n, 1) fp32 of a padded or packed chunk of
-    pairs, on `device`; bf16 autocast when `autocast` (CPU training in bf16: fp32 master weights)."""
+    pairs, on `device`. (bf16 on CPU is the CrossEncoder's own autocast of its decoder, which
+    bidir_train.weights.load_reranker sets; pooling and head stay fp32.)"""
 
     model: torch.nn.Module
     device: torch.device
-    autocast: bool = False
 
     def __call__(self, ids: torch.Tensor | PackedBatch, mask: torch.Tensor | None) -> torch.Tensor:
         mask = None if mask is None else mask.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.model(ids.to(self.device), mask).float().unsqueeze(-1)
+        return self.model(ids.to(self.device), mask).float().unsqueeze(-1)
 
 
 class PairCollator:
