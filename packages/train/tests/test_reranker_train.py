@@ -58,7 +58,9 @@ def test_two_ranks_match_one(tiny_args, straight, tmp_path):
     assert_same_final(straight, tmp_path, atol=1e-4)
 
 
-def test_lora_trains_the_head_fully_and_resumes_exactly(tiny_args, tmp_path):
+def test_lora_trains_the_head_fully_resumes_exactly_and_shards(tiny_args, tmp_path):
+    """LoRA on the decoder, the head trained fully: resume is exact, and two FSDP2 ranks (frozen base, adapters and
+    the root's head sharded) give the losses and final weights of one process."""
     whole = tmp_path / "whole"
     train_recipe(tiny_args(whole, *RERANKER, *LORA))
     args = tiny_args(tmp_path / "resumed", *RERANKER, *LORA)
@@ -66,6 +68,9 @@ def test_lora_trains_the_head_fully_and_resumes_exactly(tiny_args, tmp_path):
     train_recipe(args)
     assert loss_curve(tmp_path / "resumed") == loss_curve(whole)
     assert_same_final(whole, tmp_path / "resumed")
+    torchrun_train(2, tiny_args(tmp_path / "ranks", *RERANKER, *LORA, "schedule.micro_batch_size=1"))
+    assert loss_curve(tmp_path / "ranks") == pytest.approx(loss_curve(whole), abs=1e-5)
+    assert_same_final(whole, tmp_path / "ranks", atol=1e-4)  # see test_two_ranks_match_one
     reranker = CrossEncoder.from_pretrained(whole / "final")
     initial = new_score_head(reranker.model.config, seed=0).weight
     assert (reranker.score.weight - initial).abs().max() > 1e-3  # the head trained, not adapted or frozen
