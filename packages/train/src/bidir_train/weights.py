@@ -119,12 +119,11 @@ def load_reranker(cfg: TrainConfig, device: torch.device) -> CrossEncoder:
     if cfg.lora is not None:  # adapters in the decoder, its base frozen; the head stays trainable
         agreed(lora.add_adapters, model, cfg.lora)
         if rank == 0:
+            head = state_dict["score.weight"]
             decoder = lora.initial_state_dict(
                 config, _part(state_dict, "model."), cfg.lora, cfg.schedule.seed
             )
-            state_dict = {f"model.{k}": v for k, v in decoder.items()} | {
-                "score.weight": state_dict["score.weight"]
-            }
+            state_dict = {f"model.{k}": v for k, v in decoder.items()} | {"score.weight": head}
     cpu_bf16 = cfg.model.precision == "bf16" and device.type == "cpu"
     reranker = CrossEncoder(
         model, tokenizer, settings, score, autocast_dtype=torch.bfloat16 if cpu_bf16 else None, source=source
@@ -161,21 +160,20 @@ def load_untied_head(cfg: TrainConfig, encoder: BiEncoder, device: torch.device)
     return head
 
 
-def save_final(trained: BiEncoder | CrossEncoder, target: Path, cfg: TrainConfig) -> None:
+def save_final(encoder: BiEncoder | CrossEncoder, target: Path, cfg: TrainConfig) -> None:
     """Gather the full state dict to rank 0 and write the bidir checkpoint there (atomically): an embedder, or for
     a CrossEncoder a reranker checkpoint (CrossEncoder.save_pretrained). With LoRA, the adapters are merged into the
     base weights first, and the adapter alone goes to output_dir/adapter/ (PEFT's format; a reranker's head is in
     final/ only)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state_dict = get_model_state_dict(
-        trained_module(trained), options=options
-    )  # collective: every rank calls it
-    agreed(_write_final, trained, state_dict, target, cfg, run=dist.get_rank() == 0)
+    module = trained_module(encoder)
+    state_dict = get_model_state_dict(module, options=options)  # collective: every rank calls it
+    agreed(_write_final, encoder, state_dict, target, cfg, run=dist.get_rank() == 0)
 
 
-def _write_final(trained: BiEncoder | CrossEncoder, state_dict: dict, target: Path, cfg: TrainConfig) -> None:
-    config = trained.model.config
-    reranker = isinstance(trained, CrossEncoder)
+def _write_final(encoder: BiEncoder | CrossEncoder, state_dict: dict, target: Path, cfg: TrainConfig) -> None:
+    config = encoder.model.config
+    reranker = isinstance(encoder, CrossEncoder)
     decoder = _part(state_dict, "model.") if reranker else state_dict
     if cfg.lora is None:
         model = LlamaBidirectionalModel.from_state_dict(config, decoder)
@@ -187,8 +185,8 @@ def _write_final(trained: BiEncoder | CrossEncoder, state_dict: dict, target: Pa
     # A full disk is one line naming target from the writer, which removes its temporary folder; an earlier final/
     # stays as it was.
     if not reranker:
-        write_checkpoint(target, model, trained.tokenizer, trained.config, overwrite=True)
+        write_checkpoint(target, model, encoder.tokenizer, encoder.config, overwrite=True)
         return
     score = nn.Linear(config.hidden_size, 1, bias=False)
     score.weight = nn.Parameter(state_dict["score.weight"].float())
-    CrossEncoder(model, trained.tokenizer, trained.config, score).save_pretrained(target, overwrite=True)
+    CrossEncoder(model, encoder.tokenizer, encoder.config, score).save_pretrained(target, overwrite=True)
