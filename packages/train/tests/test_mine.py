@@ -207,15 +207,18 @@ def test_nan_model_is_an_error_and_writes_nothing(tmp_path, train_jsonl):
 def test_unwritable_output_is_refused_before_the_embedding(tmp_path, train_jsonl):
     (tmp_path / "afile").write_text("x")
 
-    class Untouched:
-        def encode_documents(self, *a, **k):
-            raise AssertionError("embedded before the output was checked")
-
-        encode_queries = encode_documents
-
     cfg = MineConfig("unused", str(train_jsonl), str(tmp_path / "afile" / "mined.jsonl"), progress=False)
     with pytest.raises(BidirError, match=r"mined\.jsonl: cannot be written \(.*afile is not a folder\)"):
         mine(cfg, encoder=Untouched())
+
+
+class Untouched:
+    """An encoder a test expects never to be asked for embeddings."""
+
+    def encode_documents(self, *a, **k):
+        raise AssertionError("embedded before the input was checked")
+
+    encode_queries = encode_documents
 
 
 @pytest.mark.filterwarnings("ignore:.*rows have fewer than")
@@ -247,3 +250,15 @@ def test_rescore_writes_the_rerankers_scores_of_the_mined_rows(
         assert got == pytest.approx(expected.tolist(), abs=1e-5)
         assert len(ex.negative_scores) == len(ex.negatives) >= 1
     assert len({s for ex in scored for s in ex.negative_scores}) > 1  # real scores, not a constant
+
+
+def test_rescore_with_a_model_that_is_no_reranker_is_refused_before_mining(
+    tmp_path, tiny_checkpoint, train_jsonl
+):
+    out = tmp_path / "scored.jsonl"
+    cfg = MineConfig(
+        str(tiny_checkpoint), str(train_jsonl), str(out), rescore=str(tiny_checkpoint), progress=False
+    )
+    with pytest.raises(BidirError, match="has no reranker head") as e:
+        mine(cfg, encoder=Untouched())
+    assert "\n" not in str(e.value) and not out.exists()

@@ -131,9 +131,8 @@ class Sample:
     negatives: tuple[str, ...]
     passage_keys: tuple[int, ...]  # doc_key of the positive, then of each negative
     positive_keys: tuple[int, ...]  # doc_key of every positive of the example (false-negative masking)
-    teacher_scores: tuple[
-        float, ...
-    ] = ()  # the data's scores of the positive, then of each negative; or none
+    # The data's teacher scores of the positive, then of each negative; empty when the row has none.
+    teacher_scores: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -211,19 +211,20 @@ def mine_negatives(
 
 def rescore_rows(reranker, rows: Sequence[TrainingExample], *, batch_size: int = 32, progress: bool = False):
     """rows with teacher scores: the reranker's logits (CrossEncoder.predict) of the query with each positive and
-    each negative. A score that is not finite stops the job naming the row; nothing is written."""
+    each negative. A score that is not finite stops the job (predict names the pair); nothing is written."""
     pairs = [(ex.query, doc) for ex in rows for doc in (*ex.positives, *ex.negatives)]
     scores = reranker.predict(pairs, batch_size=batch_size, show_progress_bar=progress).tolist()
     out, start = [], 0
-    for n, ex in enumerate(rows):
-        mine = scores[start : start + len(ex.positives) + len(ex.negatives)]
-        start += len(mine)
-        if not all(np.isfinite(mine)):
-            raise BidirError(
-                f"row {n + 1} ({ex.query[:60]!r}): the reranker scored it {mine}; nothing was written"
+    for ex in rows:
+        p, n = len(ex.positives), len(ex.negatives)
+        out.append(
+            dataclasses.replace(
+                ex,
+                positive_scores=tuple(scores[start : start + p]),
+                negative_scores=tuple(scores[start + p : start + p + n]),
             )
-        p = len(ex.positives)
-        out.append(dataclasses.replace(ex, positive_scores=tuple(mine[:p]), negative_scores=tuple(mine[p:])))
+        )
+        start += p + n
     return out
 
 
@@ -255,6 +256,11 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         from bidir_core.encoder import BiEncoder  # imported late: transformers takes a while
 
         encoder = BiEncoder.from_pretrained(cfg.model, max_length=cfg.max_length, device=device).eval()
+    reranker = None
+    if cfg.rescore is not None:  # loaded before the embedding: a bad reranker costs nothing
+        from bidir_core.cross_encoder import CrossEncoder
+
+        reranker = CrossEncoder.from_pretrained(cfg.rescore, device=device).eval()
     rows, counts = mine_negatives(
         encoder,
         examples,
@@ -267,10 +273,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         progress=cfg.progress,
         device=device,
     )
-    if cfg.rescore is not None:
-        from bidir_core.cross_encoder import CrossEncoder  # imported late, as BiEncoder
-
-        reranker = CrossEncoder.from_pretrained(cfg.rescore, device=device).eval()
+    if reranker is not None:
         rows = rescore_rows(reranker, rows, batch_size=cfg.batch_size, progress=cfg.progress)
     write_jsonl_atomic(output, map(_as_row, rows))  # a complete-looking file is a complete one
     if counts["short_rows"]:
