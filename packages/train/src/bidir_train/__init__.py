@@ -1,4 +1,5 @@
-"""bidir_train: fine-tuning of bidir models (contrastive, or MNTP) under torchrun + FSDP2, configured by YAML recipes.
+"""bidir_train: fine-tuning of bidir models (contrastive, MNTP, CoSENT, or a cross-encoder reranker) under torchrun
++ FSDP2, configured by YAML recipes.
 
 from bidir_train import load_recipe, train
 train(load_recipe("default", ["optim.lr=1e-5"]))
