@@ -280,7 +280,7 @@ def write_reranker(
     """Write a reranker checkpoint, atomically and with write_checkpoint's rules for an existing target: a
     Hugging Face {Family}ForSequenceClassification folder (config.json with one label and the tokenizer's pad
     token, which transformers finds the last real token by; weights `model.*` and the head `score.weight`
-    (1, H)) plus the tokenizer and bidir.json (the RerankerConfig, kind "reranker")."""
+    (1, H), fp32) plus the tokenizer and bidir.json (the RerankerConfig, kind "reranker")."""
     _check_attention(target, model.causal, reranker_config)
     if tuple(score.shape) != (1, model.config.hidden_size):
         raise BidirError(
@@ -299,7 +299,9 @@ def write_reranker(
             pad_token_id=tokenizer.pad_token_id,
         )
         _write_json(tmp / "config.json", config)
-        weights = {f"model.{k}": v for k, v in decoder.items()} | {"score.weight": score.to(dtype)}
+        # The head in fp32 whatever the decoder's dtype: a reranker computes it in fp32 (transformers casts it to
+        # the dtype it loads the model in).
+        weights = {f"model.{k}": v for k, v in decoder.items()} | {"score.weight": score.float()}
         _write_weights(tmp, weights, max_shard_bytes)
         tokenizer.save_pretrained(tmp)
         _write_json(
