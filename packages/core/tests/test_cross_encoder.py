@@ -118,14 +118,30 @@ def test_rank_sorts_by_predict():
 
 
 def test_format_keeps_user_braces_and_truncation_cuts_the_passage():
-    ce = tiny_cross_encoder(RerankerConfig(template="<{query}|{passage}>", max_length=12))
-    assert ce.format("{passage}", "{{x}}") == "<{passage}|{{x}}>"
+    ce = tiny_cross_encoder(RerankerConfig(template="<{query}|{passage}", max_length=12))
+    assert ce.format("{passage}", "{{x}}") == "<{passage}|{{x}}"
     ids, cut = ce.tokenize_pairs([("fox", "the quick brown fox jumps over the lazy dog " * 3), ("a", "b")])
     assert cut == 1 and len(ids[0]) == 12
     whole = ce.tokenizer(ce.format("fox", "the quick brown fox jumps over the lazy dog " * 3))["input_ids"]
     assert ids[0] == whole[:12]  # the head of the joined text: the query and the start of the passage
     with pytest.warns(UserWarning, match="1 of 2 pairs were longer than max_length=12"):
         ce.predict([("fox", "the quick brown fox jumps over the lazy dog " * 3), ("a", "b")])
+
+
+def test_truncation_keeps_what_the_template_puts_after_the_passage():
+    """A template with text after {passage} (a chat prompt's end) keeps it whole; the passage's end is cut."""
+    ce = tiny_cross_encoder(RerankerConfig(template="Q {query} P {passage} the end", max_length=16))
+    long = "the quick brown fox jumps over the lazy dog " * 3
+    (ids, short), cut = ce.tokenize_pairs([("fox", long), ("a", "b")])
+    assert cut == 1 and len(ids) <= 16 and short == ce.tokenizer(ce.format("a", "b"))["input_ids"]
+    end = ce.tokenizer(" the end", add_special_tokens=False)["input_ids"]
+    assert ids[-len(end) :] == end
+    kept = next(
+        k for k in range(len(long), -1, -1) if ce.tokenizer(ce.format("fox", long[:k]))["input_ids"] == ids
+    )
+    assert (
+        len(ce.tokenizer(ce.format("fox", long[: kept + 1]))["input_ids"]) > 16
+    )  # the longest start that fits
 
 
 def test_save_load_round_trip_and_transformers(tmp_path):

@@ -51,6 +51,13 @@ class RerankerConfig:
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
             raise BidirError(f"max_length must be a positive integer, got {self.max_length!r}")
 
+    @property
+    def passage_is_last(self) -> bool:
+        """Whether nothing follows {passage} in the template, so that cutting the joined text cuts the passage."""
+        parts = _template_parts(self.template)
+        after = next(i for i, (_, field) in enumerate(parts) if field == "passage") + 1
+        return all(not literal and field is None for literal, field in parts[after:])
+
     def format(self, query: str, passage: str) -> str:
         """The template with query and passage put in as they are: user text is never parsed as a format string
         (it may hold braces), unlike template.format(query=..., passage=...)."""
