@@ -80,6 +80,8 @@ def test_stock_sequence_classification_folder_scores_as_transformers(tmp_path, f
     """A transformers *ForSequenceClassification folder loads causal with last pooling (as transformers runs it) and
     gives transformers' logits on the same formatted text."""
     folder = write_hf_model(tmp_path / family, family=family, classifier=True)
+    source = open_source(folder)
+    assert (source.kind, source.format, source.attention) == ("reranker", "huggingface", "causal")
     ce = CrossEncoder.from_pretrained(folder)
     assert ce.config == RerankerConfig(pooling="last", attention="causal")
     auto = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
@@ -89,6 +91,7 @@ def test_stock_sequence_classification_folder_scores_as_transformers(tmp_path, f
     np.testing.assert_allclose(ce.predict(PAIRS), want, atol=ATOL)
     # Saved by bidir, it loads in transformers with the same logits again.
     out = ce.save_pretrained(tmp_path / "saved")
+    assert (open_source(out).kind, open_source(out).format) == ("reranker", "checkpoint")
     again = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
         np.testing.assert_allclose(again(**batch).logits[:, 0].numpy(), want, atol=ATOL)
@@ -141,3 +144,12 @@ def test_reranker_bidir_json_is_checked(tmp_path):
     with pytest.raises(BidirError) as e:
         CrossEncoder.from_pretrained(folder)
     one_line_error(e, str(folder / "bidir.json"), "unknown kind 'classifier'")
+
+
+def test_classifier_saying_is_causal_false_loads_bidirectional(tmp_path):
+    """transformers reads config.json's is_causal, so bidir does too for a *ForSequenceClassification folder."""
+    folder = write_hf_model(tmp_path / "hf", classifier=True)
+    edit_json(folder / "config.json", is_causal=False)
+    assert open_source(folder).attention == "bidirectional"
+    assert CrossEncoder.from_pretrained(folder).config.pooling == "last"
+    assert open_source(folder, "causal").attention == "causal"  # the caller's choice wins
