@@ -8,6 +8,10 @@ MistralModel, Qwen2Model, ... that attends as bidir does) and in sentence-transf
     bidir.json                  EncoderConfig + format_version
     modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/, [2_Normalize/]
 
+A reranker checkpoint (write_reranker, CrossEncoder.save_pretrained) is a {Family}ForSequenceClassification folder
+instead: `model.*` decoder keys and the head `score.weight`, one label, bidir.json with "kind": "reranker" and the
+RerankerConfig; read_settings reads either kind.
+
 A folder is written under a temporary name and renamed when complete, so a folder with this name is never
 half-written.
 """
