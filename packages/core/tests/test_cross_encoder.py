@@ -276,3 +276,13 @@ def test_sentence_transformers_loads_it_and_scores_its_tokens_as_bidir(tmp_path)
         with torch.no_grad():
             want.append(float(ce(features["input_ids"], features["attention_mask"])[0]))
     np.testing.assert_allclose(model.predict(PAIRS), want, atol=ATOL)
+
+
+def test_embedded_default_needs_a_new_head(embedded_default):
+    with pytest.raises(BidirError) as e:
+        CrossEncoder.from_pretrained(embedded_default)
+    one_line_error(e, "smollm2-135m: has no reranker head", "new_head=True")
+    ce = CrossEncoder.from_pretrained(embedded_default, new_head=True, max_length=32)
+    assert ce.config == RerankerConfig(max_length=32) and ce.score.weight.shape == (1, 576)
+    scores = ce.predict(PAIRS[:2])
+    assert scores.shape == (2,) and np.isfinite(scores).all()

@@ -105,15 +105,15 @@ class CrossEncoder(nn.Module):
         settings = source.reranker_config(
             config, template=template, pooling=pooling, temperature=temperature, max_length=max_length
         )
+        if source.kind != RERANKER and not new_head:
+            raise BidirError(
+                f"{source.name}: has no reranker head ({SCORE_KEY}); pass new_head=True to start a new one"
+            )
         tokenizer = source.tokenizer()
         state_dict, where, head = source.read_weights_and_head(dtype)
         head_file = where.get(SCORE_KEY, source.path) if isinstance(where, dict) else where
         if head is None and not new_head:
-            if source.kind == RERANKER:
-                raise BidirError(f"{source.path}: no {SCORE_KEY} in the weights (a reranker's head)")
-            raise BidirError(
-                f"{source.name}: has no reranker head ({SCORE_KEY}); pass new_head=True to start a new one"
-            )
+            raise BidirError(f"{source.path}: no {SCORE_KEY} in the weights (a reranker's head)")
         check_state_dict(source.config, state_dict, where)
         model = LlamaBidirectionalModel.from_state_dict(source.config, state_dict, device=device)
         if new_head:
