@@ -261,21 +261,20 @@ def test_settings_must_suit_the_model():
     one_line_error(e, "score must be nn.Linear(64, 1, bias=False)")
 
 
-def test_sentence_transformers_loads_it_and_scores_its_tokens_as_bidir(tmp_path):
-    """sentence-transformers' CrossEncoder loads a saved reranker (pooling last, temperature 1) as a
-    {Family}ForSequenceClassification, and scores the tokens it makes exactly as bidir scores them. It makes them
-    from (query, passage) as a tokenizer pair, not from the template, so its scores are not predict()'s: the
-    README says so."""
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_sentence_transformers_cross_encoder_scores_as_bidir(tmp_path, attention):
+    """sentence-transformers' CrossEncoder loads a saved reranker (pooling last, temperature 1) and gives
+    predict()'s scores: it hands a pair to a model with a chat template as "query" / "document" messages, and the
+    checkpoint's chat_template.jinja renders them as the template (a template holding Jinja syntax included)."""
     st = pytest.importorskip("sentence_transformers")
-    ce = tiny_cross_encoder(RerankerConfig(pooling="last", attention="causal"))
+    config = RerankerConfig(
+        pooling="last", attention=attention, template="{{% raw %}} {query} \n{{{{ {passage}"
+    )
+    ce = tiny_cross_encoder(config)
     folder = ce.save_pretrained(tmp_path / "rr")
+    assert (folder / "chat_template.jinja").is_file()
     model = st.CrossEncoder(str(folder), activation_fn=torch.nn.Identity(), device="cpu")
-    want = []
-    for pair in PAIRS:
-        features = model.preprocess([pair])
-        with torch.no_grad():
-            want.append(float(ce(features["input_ids"], features["attention_mask"])[0]))
-    np.testing.assert_allclose(model.predict(PAIRS), want, atol=ATOL)
+    np.testing.assert_allclose(model.predict(PAIRS), ce.predict(PAIRS), atol=ATOL)
 
 
 def test_embedded_default_needs_a_new_head(embedded_default):

@@ -41,7 +41,7 @@ class RerankerConfig:
     def __post_init__(self):
         if not isinstance(self.template, str):
             raise BidirError(f"template must be a string, got {self.template!r}")
-        _template_parts(self.template)
+        template_parts(self.template)
         check_pooling(self.pooling)
         check_attention(self.attention)
         t = self.temperature
@@ -54,7 +54,7 @@ class RerankerConfig:
     @property
     def passage_is_last(self) -> bool:
         """Whether nothing follows {passage} in the template, so that cutting the joined text cuts the passage."""
-        parts = _template_parts(self.template)
+        parts = template_parts(self.template)
         after = next(i for i, (_, field) in enumerate(parts) if field == "passage") + 1
         return all(not literal and field is None for literal, field in parts[after:])
 
@@ -62,10 +62,12 @@ class RerankerConfig:
         """The template with query and passage put in as they are: user text is never parsed as a format string
         (it may hold braces), unlike template.format(query=..., passage=...)."""
         values = {"query": query, "passage": passage}
-        return "".join(literal + values.get(field, "") for literal, field in _template_parts(self.template))
+        return "".join(literal + values.get(field, "") for literal, field in template_parts(self.template))
 
 
-def _template_parts(template: str) -> list[tuple[str, str | None]]:
+def template_parts(template: str) -> list[tuple[str, str | None]]:
+    # Checks the template too: RerankerConfig's check and the parsed form (format, the chat template a reranker
+    # checkpoint carries) are one function.
     """The template as (literal text, then field "query" / "passage" or None) in order, literal braces unescaped;
     a BidirError when a field is missing, repeated, unknown or malformed."""
     try:
