@@ -153,3 +153,16 @@ def test_classifier_saying_is_causal_false_loads_bidirectional(tmp_path):
     assert open_source(folder).attention == "bidirectional"
     assert CrossEncoder.from_pretrained(folder).config.pooling == "last"
     assert open_source(folder, "causal").attention == "causal"  # the caller's choice wins
+
+
+def test_embedder_bidir_json_with_or_without_kind(bidir_copy):
+    """An embedder's bidir.json has no kind (every one written before rerankers) or "kind": "embedder"."""
+    from bidir_core import BiEncoder
+    from bidir_core.checkpoint import EncoderConfig, read_encoder_config, read_settings
+
+    assert "kind" not in json.loads((bidir_copy / "bidir.json").read_text())
+    before = read_settings(bidir_copy)
+    edit_json(bidir_copy / "bidir.json", kind="embedder")
+    assert isinstance(before, EncoderConfig) and read_settings(bidir_copy) == before
+    assert read_encoder_config(bidir_copy) == before and open_source(bidir_copy).kind == "embedder"
+    assert BiEncoder.from_pretrained(bidir_copy).config == before
