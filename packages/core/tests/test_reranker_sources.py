@@ -19,11 +19,12 @@ import transformers
 from errors_testing import edit_json, one_line_error
 from safetensors.torch import load_file, save_file
 
-from bidir_core import BidirError, CrossEncoder, RerankerConfig
+from bidir_core import BidirError, BiEncoder, CrossEncoder, RerankerConfig
 from bidir_core.batching import pad_batch
+from bidir_core.checkpoint import EncoderConfig, read_encoder_config, read_settings
 from bidir_core.reranker_config import NEMO_TEMPLATE
 from bidir_core.sources import open_source
-from bidir_core.testing import tiny_config, write_hf_model, write_nvidia_llama_bidirec
+from bidir_core.testing import tiny_config, tiny_cross_encoder, write_hf_model, write_nvidia_llama_bidirec
 
 ATOL = 1e-5
 PAIRS = [
@@ -127,8 +128,6 @@ def test_head_of_wrong_shape_or_missing_names_the_file(tmp_path):
 
 
 def test_reranker_bidir_json_is_checked(tmp_path):
-    from bidir_core.testing import tiny_cross_encoder
-
     folder = tiny_cross_encoder().save_pretrained(tmp_path / "rr")
     stored = json.loads((folder / "bidir.json").read_text())
     assert stored["kind"] == "reranker" and stored["template"] == NEMO_TEMPLATE
@@ -157,9 +156,6 @@ def test_classifier_saying_is_causal_false_loads_bidirectional(tmp_path):
 
 def test_embedder_bidir_json_with_or_without_kind(bidir_copy):
     """An embedder's bidir.json has no kind (every one written before rerankers) or "kind": "embedder"."""
-    from bidir_core import BiEncoder
-    from bidir_core.checkpoint import EncoderConfig, read_encoder_config, read_settings
-
     assert "kind" not in json.loads((bidir_copy / "bidir.json").read_text())
     before = read_settings(bidir_copy)
     edit_json(bidir_copy / "bidir.json", kind="embedder")
