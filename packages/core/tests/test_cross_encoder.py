@@ -255,7 +255,7 @@ def test_settings_must_suit_the_model():
     ce = tiny_cross_encoder()
     with pytest.raises(BidirError) as e:
         CrossEncoder(ce.model, ce.tokenizer, RerankerConfig(attention="causal"))
-    one_line_error(e, "attends bidirectionally")
+    one_line_error(e, "attends bidirectionally but the reranker config says attention='causal'")
     with pytest.raises(BidirError) as e:
         CrossEncoder(ce.model, ce.tokenizer, ce.config, torch.nn.Linear(64, 1))
     one_line_error(e, "score must be nn.Linear(64, 1, bias=False)")
