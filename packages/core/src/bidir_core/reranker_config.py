@@ -16,7 +16,7 @@ RERANKER = "reranker"
 
 # NeMo AutoModel's cross-encoder prompt: the default `prompt_template` of CrossEncoderCollator in
 # nemo_automodel/components/datasets/llm/retrieval_collator.py (also in its examples/retrieval/cross_encoder
-# configs), which NVIDIA's llama_bidirec rerankers are trained with.
+# configs): the text NeMo's cross-encoder recipe trains a llama_bidirec reranker on.
 NEMO_TEMPLATE = "question:{query} \n \n passage:{passage}"
 
 
@@ -34,7 +34,8 @@ class RerankerConfig:
     """The head's logit is divided by it (> 0, finite); NeMo's LlamaBidirectionalForSequenceClassification does
     the same with config.json's `temperature`."""
     max_length: int = 512
-    """Token ids of a formatted pair beyond this many are cut (the passage's tail, since it comes last)."""
+    """A formatted pair longer than this many tokens loses the end of its passage; template text after the passage
+    is kept (CrossEncoder.tokenize_pairs)."""
     attention: str = "bidirectional"
     """bidirectional or causal: as EncoderConfig.attention (its form on disk; config.is_causal is the record)."""
 
