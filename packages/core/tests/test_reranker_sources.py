@@ -19,11 +19,12 @@ import transformers
 from errors_testing import edit_json, one_line_error
 from safetensors.torch import load_file, save_file
 
-from bidir_core import BidirError, CrossEncoder, RerankerConfig
+from bidir_core import BidirError, BiEncoder, CrossEncoder, RerankerConfig
 from bidir_core.batching import pad_batch
+from bidir_core.checkpoint import EncoderConfig, read_encoder_config, read_settings
 from bidir_core.reranker_config import NEMO_TEMPLATE
 from bidir_core.sources import open_source
-from bidir_core.testing import tiny_config, write_hf_model, write_nvidia_llama_bidirec
+from bidir_core.testing import tiny_config, tiny_cross_encoder, write_hf_model, write_nvidia_llama_bidirec
 
 ATOL = 1e-5
 PAIRS = [
@@ -80,6 +81,8 @@ def test_stock_sequence_classification_folder_scores_as_transformers(tmp_path, f
     """A transformers *ForSequenceClassification folder loads causal with last pooling (as transformers runs it) and
     gives transformers' logits on the same formatted text."""
     folder = write_hf_model(tmp_path / family, family=family, classifier=True)
+    source = open_source(folder)
+    assert (source.kind, source.format, source.attention) == ("reranker", "huggingface", "causal")
     ce = CrossEncoder.from_pretrained(folder)
     assert ce.config == RerankerConfig(pooling="last", attention="causal")
     auto = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
@@ -89,6 +92,7 @@ def test_stock_sequence_classification_folder_scores_as_transformers(tmp_path, f
     np.testing.assert_allclose(ce.predict(PAIRS), want, atol=ATOL)
     # Saved by bidir, it loads in transformers with the same logits again.
     out = ce.save_pretrained(tmp_path / "saved")
+    assert (open_source(out).kind, open_source(out).format) == ("reranker", "checkpoint")
     again = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
         np.testing.assert_allclose(again(**batch).logits[:, 0].numpy(), want, atol=ATOL)
@@ -124,8 +128,6 @@ def test_head_of_wrong_shape_or_missing_names_the_file(tmp_path):
 
 
 def test_reranker_bidir_json_is_checked(tmp_path):
-    from bidir_core.testing import tiny_cross_encoder
-
     folder = tiny_cross_encoder().save_pretrained(tmp_path / "rr")
     stored = json.loads((folder / "bidir.json").read_text())
     assert stored["kind"] == "reranker" and stored["template"] == NEMO_TEMPLATE
@@ -141,3 +143,22 @@ def test_reranker_bidir_json_is_checked(tmp_path):
     with pytest.raises(BidirError) as e:
         CrossEncoder.from_pretrained(folder)
     one_line_error(e, str(folder / "bidir.json"), "unknown kind 'classifier'")
+
+
+def test_classifier_saying_is_causal_false_loads_bidirectional(tmp_path):
+    """transformers reads config.json's is_causal, so bidir does too for a *ForSequenceClassification folder."""
+    folder = write_hf_model(tmp_path / "hf", classifier=True)
+    edit_json(folder / "config.json", is_causal=False)
+    assert open_source(folder).attention == "bidirectional"
+    assert CrossEncoder.from_pretrained(folder).config.pooling == "last"
+    assert open_source(folder, "causal").attention == "causal"  # the caller's choice wins
+
+
+def test_embedder_bidir_json_with_or_without_kind(bidir_copy):
+    """An embedder's bidir.json has no kind (every one written before rerankers) or "kind": "embedder"."""
+    assert "kind" not in json.loads((bidir_copy / "bidir.json").read_text())
+    before = read_settings(bidir_copy)
+    edit_json(bidir_copy / "bidir.json", kind="embedder")
+    assert isinstance(before, EncoderConfig) and read_settings(bidir_copy) == before
+    assert read_encoder_config(bidir_copy) == before and open_source(bidir_copy).kind == "embedder"
+    assert BiEncoder.from_pretrained(bidir_copy).config == before
