@@ -7,9 +7,19 @@ spent on padding; the caller restores the input order from the returned indices.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
+
+from bidir_core.packed import pack
+
+PACKED_DEFAULT = {"cpu": True, "cuda": False}
+"""Whether encode() / predict() (and the serve torch backend) pack by default, per device type: the faster path by
+benchmarks/bench_encode.py and bench_batch_embed.py on CPU (figures: the core README, "Packed batches"). CUDA stays
+padded until benchmarks/gpu_suite.sh's packed rows have a measurement to decide it."""
+PACKED_TOKENS = 4096
+"""encode()'s and predict()'s default real-token budget per packed batch."""
 
 
 def length_sorted_batches(
@@ -57,3 +67,37 @@ def pad_batch(
         ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, cols] = 1
     return ids, mask
+
+
+def batched_forward(
+    forward: Callable[..., torch.Tensor],
+    ids: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device,
+    *,
+    batch_size: int,
+    packed: bool | None,
+    max_tokens: int | None,
+    show_progress_bar: bool = False,
+    desc: str = "encode",
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """forward over token id rows in length-sorted batches: (the rows' indices, forward's output for them) per
+    batch, in batch order (the caller puts the rows back in input order).
+
+    packed (None: PACKED_DEFAULT for the device): each batch is one PackedBatch of at most max_tokens real tokens
+    (default PACKED_TOKENS) and batch_size rows, forward(packed); else forward(input_ids, attention_mask) on
+    right-padded batches of batch_size rows (and at most max_tokens padded tokens when given)."""
+    packed = PACKED_DEFAULT[device.type] if packed is None else packed
+    if packed:
+        max_tokens = max_tokens or PACKED_TOKENS
+    batches = length_sorted_batches([len(row) for row in ids], batch_size, max_tokens, padded=not packed)
+    with tqdm(total=len(ids), disable=not show_progress_bar, desc=desc, unit="text") as progress:
+        for batch in batches:
+            rows = [ids[i] for i in batch]
+            if packed:
+                out = forward(pack(rows).to(device))
+            else:
+                input_ids, attention_mask = pad_batch(rows, pad_id)
+                out = forward(input_ids.to(device), attention_mask.to(device))
+            yield batch, out
+            progress.update(len(batch))

@@ -34,9 +34,11 @@ from bidir_core.folders import (
 )
 from bidir_core.jsonfile import parse_fields, read_versioned_json
 from bidir_core.pooling import check_pooling
+from bidir_core.reranker_config import RERANKER, RerankerConfig
 
 FORMAT_VERSION = 1
 BIDIR_JSON = "bidir.json"
+EMBEDDER = "embedder"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
@@ -87,17 +89,35 @@ class EncoderConfig:
         }
 
 
-def read_encoder_config(folder: Path) -> EncoderConfig | None:
-    """The one reader of bidir.json: None when the folder has none (a plain Llama folder)."""
+# bidir.json's `kind`: what the checkpoint's model is, and the settings class that describes it. An embedder's
+# bidir.json may have no kind key (every one written before rerankers existed).
+SETTINGS_KINDS = {EMBEDDER: EncoderConfig, RERANKER: RerankerConfig}
+
+
+def read_settings(folder: Path) -> EncoderConfig | RerankerConfig | None:
+    """The one reader of bidir.json: the settings of the kind it names (EncoderConfig for an embedder, the
+    default; RerankerConfig for "kind": "reranker"), or None when the folder has none (a plain Llama folder)."""
     path = folder / BIDIR_JSON
     if not path.is_file():
         return None
     raw = read_versioned_json(path, FORMAT_VERSION)
-    known = {f.name for f in dataclasses.fields(EncoderConfig)}
+    kind = raw.pop("kind", EMBEDDER)
+    if kind not in SETTINGS_KINDS:
+        raise BidirError(f"{path}: unknown kind {kind!r} (known: {', '.join(SETTINGS_KINDS)})")
+    settings_class = SETTINGS_KINDS[kind]
+    known = {f.name for f in dataclasses.fields(settings_class)}
     for key in raw:
         if key not in known:
-            raise BidirError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-    return parse_fields(path, lambda: EncoderConfig(**raw))
+            raise BidirError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known | {'kind'}))})")
+    return parse_fields(path, lambda: settings_class(**raw))
+
+
+def read_encoder_config(folder: Path) -> EncoderConfig | None:
+    """An embedder checkpoint's settings (read_settings), None without bidir.json; a reranker's is refused."""
+    settings = read_settings(folder)
+    if isinstance(settings, RerankerConfig):
+        raise BidirError(f"{folder}: is a reranker ({BIDIR_JSON} kind {RERANKER!r}), not an embedder")
+    return settings
 
 
 def _config_json(config, causal: bool, dtype: torch.dtype) -> dict:
@@ -234,6 +254,74 @@ def write_weights(
 ) -> Path:
     """write_checkpoint of a model given as its config and {Family}Model state dict (the tensors as they are: no
     model is built, so nothing checks them against the config here), attending causally or not."""
+    _check_attention(target, causal, encoder_config)
+
+    def fill(tmp: Path) -> None:
+        dtype = state_dict["embed_tokens.weight"].dtype  # the model's dtype: its first parameter's
+        _write_json(tmp / "config.json", _config_json(config, causal, dtype))
+        _write_weights(tmp, state_dict, max_shard_bytes)
+        tokenizer.save_pretrained(tmp)
+        _write_sentence_transformers(tmp, config.hidden_size, encoder_config)
+        _write_json(tmp / BIDIR_JSON, encoder_config.to_json())
+
+    return _write_folder(target, fill, overwrite=overwrite, exist_ok=exist_ok)
+
+
+def write_reranker(
+    target: str | Path,
+    model,
+    score: torch.Tensor,
+    tokenizer,
+    reranker_config: RerankerConfig,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a reranker checkpoint, atomically and with write_checkpoint's rules for an existing target: a
+    Hugging Face {Family}ForSequenceClassification folder (config.json with one label and the tokenizer's pad
+    token, which transformers finds the last real token by; weights `model.*` and the head `score.weight`
+    (1, H)) plus the tokenizer and bidir.json (the RerankerConfig, kind "reranker")."""
+    _check_attention(target, model.causal, reranker_config)
+    if tuple(score.shape) != (1, model.config.hidden_size):
+        raise BidirError(
+            f"{Path(target).expanduser()}: not written: the score head has shape {list(score.shape)}, "
+            f"expected [1, {model.config.hidden_size}]"
+        )
+
+    def fill(tmp: Path) -> None:
+        decoder = model.state_dict()
+        dtype = decoder["embed_tokens.weight"].dtype
+        config = _config_json(model.config, model.causal, dtype)
+        config.update(
+            architectures=[family_of(model.config).name + "ForSequenceClassification"],
+            id2label={"0": "LABEL_0"},  # one label: transformers' num_labels, stored as it writes it
+            label2id={"LABEL_0": 0},
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        _write_json(tmp / "config.json", config)
+        weights = {f"model.{k}": v for k, v in decoder.items()} | {"score.weight": score.to(dtype)}
+        _write_weights(tmp, weights, max_shard_bytes)
+        tokenizer.save_pretrained(tmp)
+        _write_json(
+            tmp / BIDIR_JSON,
+            {"format_version": FORMAT_VERSION, "kind": RERANKER, **dataclasses.asdict(reranker_config)},
+        )
+
+    return _write_folder(target, fill, overwrite=overwrite)
+
+
+def _check_attention(target: str | Path, causal: bool, settings: EncoderConfig | RerankerConfig) -> None:
+    if causal != (settings.attention == "causal"):
+        what = "reranker" if isinstance(settings, RerankerConfig) else "encoder"
+        raise BidirError(
+            f"{Path(target).expanduser()}: not written: the model attends "
+            f"{'causally' if causal else 'bidirectionally'} but the {what} config says "
+            f"attention={settings.attention!r}"
+        )
+
+
+def _write_folder(target: str | Path, fill, *, overwrite: bool, exist_ok: bool = False) -> Path:
+    """Publish the folder fill(tmp) writes at target (write_checkpoint says how an existing target is treated)."""
     target = Path(target).expanduser()
     finish_interrupted_publish(target)
     if target.exists() and not target.is_dir():
@@ -246,20 +334,10 @@ def write_weights(
         raise BidirError(f"{target}: exists and is not empty (pass overwrite to replace it)")
     if occupied:
         check_replaceable(target)
-    if causal != (encoder_config.attention == "causal"):
-        raise BidirError(
-            f"{target}: not written: the model attends {'causally' if causal else 'bidirectionally'} "
-            f"but the encoder config says attention={encoder_config.attention!r}"
-        )
 
     tmp = start_writing(target)
     try:
-        dtype = state_dict["embed_tokens.weight"].dtype  # the model's dtype: its first parameter's
-        _write_json(tmp / "config.json", _config_json(config, causal, dtype))
-        _write_weights(tmp, state_dict, max_shard_bytes)
-        tokenizer.save_pretrained(tmp)
-        _write_sentence_transformers(tmp, config.hidden_size, encoder_config)
-        _write_json(tmp / BIDIR_JSON, encoder_config.to_json())
+        fill(tmp)
         _publish(tmp, target, exist_ok)
     except OSError as e:  # a full disk, a quota: one line naming the checkpoint; nothing is left at target
         raise BidirError(f"{target}: not written: {e.strerror or one_line(e)}") from None
@@ -293,7 +371,7 @@ def check_replaceable(folder: Path) -> None:
     if not (folder / BIDIR_JSON).is_file() or not (folder / "config.json").is_file():
         raise BidirError(f"{refusing} (no {BIDIR_JSON} and config.json); refusing to replace it")
     try:
-        read_encoder_config(folder)
+        read_settings(folder)
     except BidirError as e:
         raise BidirError(f"{refusing} ({one_line(e)}); refusing to replace it") from None
     if unknown := unknown_files(folder, CHECKPOINT_FILES):

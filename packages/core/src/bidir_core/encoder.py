@@ -14,25 +14,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from bidir_core.batching import length_sorted_batches, pad_batch
+from bidir_core.batching import PACKED_DEFAULT, PACKED_TOKENS, batched_forward
 from bidir_core.checkpoint import EncoderConfig, write_checkpoint
 from bidir_core.errors import BidirError
 from bidir_core.families import check_max_length, is_causal_config
 from bidir_core.matryoshka import check_dim, truncate
 from bidir_core.model import LlamaBidirectionalModel
-from bidir_core.packed import PackedBatch, pack
+from bidir_core.packed import PackedBatch
 from bidir_core.pooling import pool, pool_packed
+from bidir_core.reranker_config import RerankerConfig
 from bidir_core.sources import ModelSource, open_source
 from bidir_core.tokenization import tokenize
 
-PACKED_DEFAULT = {"cpu": True, "cuda": False}
-"""Whether encode() (and the serve torch backend) packs by default, per device type: the faster path by
-benchmarks/bench_encode.py and bench_batch_embed.py on CPU (figures: the core README, "Packed batches"). CUDA stays
-padded until benchmarks/gpu_suite.sh's packed rows have a measurement to decide it."""
-PACKED_TOKENS = 4096
-"""encode()'s default real-token budget per packed batch."""
+__all__ = ["PACKED_DEFAULT", "PACKED_TOKENS", "BiEncoder"]  # the packing defaults live in batching.py
 
 
 class BiEncoder(nn.Module):
@@ -123,9 +118,7 @@ class BiEncoder(nn.Module):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the decoder stack runs in: torch.autocast to autocast_dtype on the model's device, or none."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast_dtype)
+        return decoder_autocast(self.model, self.autocast_dtype)
 
     # no_grad rather than inference_mode: a model being trained under FSDP2 is evaluated with encode(), and FSDP2
     # cannot unshard its parameters into inference-mode tensors.
@@ -165,23 +158,19 @@ class BiEncoder(nn.Module):
         if n_empty:
             warnings.warn(f"{n_empty} texts have no tokens; their embeddings are zero vectors", stacklevel=2)
 
-        device = next(self.model.parameters()).device
         out = np.zeros((len(texts), dim or self.hidden_size), dtype=np.float32)
-        packed = PACKED_DEFAULT[device.type] if packed is None else packed
-        if packed:
-            max_tokens = max_tokens or PACKED_TOKENS
-        lengths = [len(row) for row in ids]
-        batches = length_sorted_batches(lengths, batch_size, max_tokens, padded=not packed)
-        with tqdm(total=len(texts), disable=not show_progress_bar, desc="encode", unit="text") as progress:
-            for batch in batches:
-                rows = [ids[i] for i in batch]
-                if packed:
-                    emb = self(pack(rows).to(device), dim=dim, normalize=normalize)
-                else:
-                    input_ids, attention_mask = pad_batch(rows, self.tokenizer.pad_token_id)
-                    emb = self(input_ids.to(device), attention_mask.to(device), dim=dim, normalize=normalize)
-                out[batch] = emb.cpu().numpy()
-                progress.update(len(batch))
+        batches = batched_forward(
+            lambda *inputs: self(*inputs, dim=dim, normalize=normalize),
+            ids,
+            self.tokenizer.pad_token_id,
+            next(self.model.parameters()).device,
+            batch_size=batch_size,
+            packed=packed,
+            max_tokens=max_tokens,
+            show_progress_bar=show_progress_bar,
+        )
+        for batch, emb in batches:
+            out[batch] = emb.cpu().numpy()
         return out[0] if single else out
 
     def encode_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
@@ -203,8 +192,15 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     return list(texts)
 
 
-def check_settings(config, settings: EncoderConfig) -> None:
-    """An encoder's settings must suit its model config: the same attention mode (config.is_causal is the record
+def decoder_autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast to dtype on the model's device, or no context (dtype None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
+def check_settings(config, settings: EncoderConfig | RerankerConfig) -> None:
+    """An encoder's (or a reranker's) settings must suit its model config: the same attention mode (config.is_causal is the record
     of it, settings.attention its form on disk) and a max_length the attention covers."""
     causal = is_causal_config(config)
     if causal != (settings.attention == "causal"):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from bidir_core.checkpoint import EncoderConfig, read_encoder_config
+from bidir_core.checkpoint import EMBEDDER, EncoderConfig, read_settings
 from bidir_core.embedded import EMBEDDED_DEFAULT, embedded_checkpoint
 from bidir_core.errors import BidirError
 from bidir_core.families import check_attention, check_max_length, is_causal_config
@@ -38,16 +38,20 @@ from bidir_core.hf_folder import (
     read_state_dict,
     stored_attention,
 )
+from bidir_core.reranker_config import RERANKER, RerankerConfig
 from bidir_core.tokenization import load_tokenizer
 
 FORMATS = ("checkpoint", "huggingface", "llama_bidirec", "gguf", "embedded")
 """How a source is stored: a bidir checkpoint (a bidir.json), another Hugging Face folder, an NVIDIA llama_bidirec
 folder, a .gguf file, or the embedded default (read from its cached checkpoint)."""
-EMBEDDER = "embedder"
-MODEL_KINDS = (EMBEDDER,)
-"""What a source's model is (ModelSource.kind). Every source is an embedder today: a decoder whose states are
-pooled. A checkpoint of another kind (a decoder with a scoring head) says so in its bidir.json, which open_source
-reads; the loaders then build what the kind names."""
+MODEL_KINDS = (EMBEDDER, RERANKER)
+"""What a source's model is (ModelSource.kind): an embedder (a decoder whose states are pooled: BiEncoder) or a
+reranker (the same plus a one-logit head, `score.weight`: CrossEncoder). A bidir checkpoint names its kind in
+bidir.json; a Hugging Face folder is a reranker when config.json's architectures is a *ForSequenceClassification
+with one label (NVIDIA's LlamaBidirectionalForSequenceClassification too). Everything else is an embedder, which
+CrossEncoder loads only with a new head."""
+SCORE_KEY = "score.weight"
+"""A reranker's head in its weights: transformers' *ForSequenceClassification `score`, (1, H), no bias."""
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,13 @@ class ModelSource:
     """How the model is stored: one of FORMATS."""
     config: LlamaConfig
     """The family's transformers config (LlamaConfig, Qwen2Config, ...), checked; is_causal is the attention mode."""
-    stored: EncoderConfig | None = None
-    """The encoder settings the source stores (a checkpoint's bidir.json), or None."""
+    stored: EncoderConfig | RerankerConfig | None = None
+    """The settings the source stores (a checkpoint's bidir.json: an embedder's or a reranker's), or None."""
     config_pooling: str | None = None
     """A folder without bidir.json: its config.json `pooling` (NVIDIA llama_bidirec folders name theirs there, in
     NeMo's terms), or None."""
+    config_temperature: float | None = None
+    """An NVIDIA llama_bidirec reranker folder: its config.json `temperature` (the logit is divided by it), or None."""
     kind: str = EMBEDDER
     """What the model is for: one of MODEL_KINDS."""
 
@@ -110,7 +116,10 @@ class ModelSource:
         """The encoder settings: given (e.g. an export manifest's), else the source's own (bidir.json; else a
         config.json `pooling` in NeMo's meaning, see _nemo_pooling; else the defaults, with pooling "last" under
         causal attention), with the arguments that are not None; attention is the source's. Checked against the
-        model config (a max_length its attention cannot cover), in one line naming the file."""
+        model config (a max_length its attention cannot cover), in one line naming the file. A reranker source is
+        refused: its head would be dropped."""
+        if self.kind == RERANKER:
+            raise BidirError(f"{self.name}: is a reranker; load it with CrossEncoder")
         overrides = {
             "pooling": pooling,
             "normalize": normalize,
@@ -140,17 +149,77 @@ class ModelSource:
             raise BidirError(f"{self.config_file}: {e}") from None
         return settings
 
+    def reranker_config(
+        self,
+        given: RerankerConfig | None = None,
+        *,
+        template: str | None = None,
+        pooling: str | None = None,
+        temperature: float | None = None,
+        max_length: int | None = None,
+    ) -> RerankerConfig:
+        """The reranker settings: given, else the source's own (a reranker checkpoint's bidir.json; an NVIDIA
+        reranker's config.json pooling and temperature; "last" pooling for a Hugging Face *ForSequenceClassification
+        folder, as transformers pools; an embedder checkpoint's pooling and max_length; else the defaults, with
+        pooling "last" under causal attention), with the arguments that are not None; attention is the source's.
+        Checked against the model config, in one line naming the file."""
+        overrides = {
+            "template": template,
+            "pooling": pooling,
+            "temperature": temperature,
+            "max_length": max_length,
+        }
+        fields = {k: v for k, v in overrides.items() if v is not None} | {"attention": self.attention}
+        where = self.path
+        if given is None and isinstance(self.stored, RerankerConfig):
+            given = self.stored
+        if given is None and self.kind == RERANKER and self.format == "llama_bidirec":
+            where = self.path / "config.json"
+            if self.config_pooling is not None and "pooling" not in fields:
+                fields["pooling"] = _nemo_reranker_pooling(self.config_pooling, where)
+            if self.config_temperature is not None:
+                fields.setdefault("temperature", self.config_temperature)
+        elif given is None and self.kind == RERANKER:
+            fields.setdefault(
+                "pooling", "last"
+            )  # transformers' *ForSequenceClassification: the last real token
+        elif given is None and isinstance(self.stored, EncoderConfig):
+            # An embedder checkpoint (a reranker is often trained from one): its pooling and length carry over.
+            fields.setdefault("pooling", self.stored.pooling)
+            fields.setdefault("max_length", self.stored.max_length)
+        if self.attention == "causal" and given is None:
+            fields.setdefault("pooling", "last")  # only the last token has seen the whole pair
+        try:
+            settings = dataclasses.replace(given, **fields) if given is not None else RerankerConfig(**fields)
+        except BidirError as e:
+            raise BidirError(f"{where}: {e}") from None
+        try:
+            check_max_length(self.config, settings.max_length)
+        except BidirError as e:
+            raise BidirError(f"{self.config_file}: {e}") from None
+        return settings
+
     def tokenizer(self):
         """The source's tokenizer, loaded now (with a pad token and right padding)."""
         return load_tokenizer(self.path, llama_bidirec=self.format == "llama_bidirec")
 
     def read_weights(self, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Path] | Path]:
         """(state dict in dtype under {Family}Model keys, where): `where` is the file each key came from (a folder)
-        or the source itself, for errors. Not yet checked against the model: bidir_core.model does that."""
+        or the source itself, for errors. Not yet checked against the model: bidir_core.model does that. A
+        reranker's head is left out (read_weights_and_head gives it)."""
+        return self.read_weights_and_head(dtype)[:2]
+
+    def read_weights_and_head(
+        self, dtype: torch.dtype
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Path] | Path, torch.Tensor | None]:
+        """read_weights, and the head SCORE_KEY (in dtype; None when the source has none) taken out of the state
+        dict, each file read once; `where` still names the head's file. The head's shape is checked by the
+        caller (bidir_core.cross_encoder)."""
         if self.format == "gguf":
-            return read_gguf(self.path, dtype)[1], self.path
+            return read_gguf(self.path, dtype)[1], self.path, None
         state_dict, origin = read_state_dict(self.path, dtype)
-        return state_dict, origin or self.path
+        head = state_dict.pop(SCORE_KEY, None)
+        return state_dict, origin or self.path, head
 
     def read_lm_head(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The LM head (vocab, hidden) of a source whose head is not its input embeddings (lm_head.weight of a
@@ -188,16 +257,42 @@ def open_source(source: str | Path | ModelSource, attention: str | None = None) 
         config = gguf_config(path)
         config.is_causal = attention == "causal"
         return ModelSource(name, path, "gguf", config)
-    stored = read_encoder_config(path)  # first: a checkpoint's settings are checked before its model config
+    stored = read_settings(path)  # first: a checkpoint's settings are checked before its model config
     raw = read_config_dict(path)
     own = stored_attention(path, raw, stored)  # also checks that a checkpoint's two files agree
+    fmt = "llama_bidirec" if raw["model_type"] == "llama_bidirec" else "huggingface"
+    kind = _folder_kind(path, raw)
+    if stored is None and kind == RERANKER and fmt == "huggingface" and raw.get("is_causal") is not False:
+        # A stock *ForSequenceClassification was trained (and runs in transformers) causally.
+        own = "causal"
     config = build_config(path, raw, own if attention is None else attention)
     if name == EMBEDDED_DEFAULT:
         return ModelSource(name, path, "embedded", config, stored)
     if stored is not None:
-        return ModelSource(name, path, "checkpoint", config, stored)
-    fmt = "llama_bidirec" if raw["model_type"] == "llama_bidirec" else "huggingface"
-    return ModelSource(name, path, fmt, config, config_pooling=raw.get("pooling"))
+        kind = RERANKER if isinstance(stored, RerankerConfig) else EMBEDDER
+        return ModelSource(name, path, "checkpoint", config, stored, kind=kind)
+    temperature = raw.get("temperature") if kind == RERANKER and fmt == "llama_bidirec" else None
+    return ModelSource(
+        name, path, fmt, config, config_pooling=raw.get("pooling"), kind=kind, config_temperature=temperature
+    )
+
+
+def _folder_kind(folder: Path, raw: dict) -> str:
+    """RERANKER for a config.json whose architectures is a *ForSequenceClassification (one label: a relevance
+    logit; transformers stores num_labels as id2label, and its default is 2), else EMBEDDER."""
+    architectures = raw.get("architectures") or []
+    classifier = next(
+        (a for a in architectures if isinstance(a, str) and a.endswith("ForSequenceClassification")), None
+    )
+    if classifier is None:
+        return EMBEDDER
+    id2label = raw.get("id2label")
+    labels = len(id2label) if isinstance(id2label, dict) else raw.get("num_labels", 2)
+    if labels != 1:
+        raise BidirError(
+            f"{folder / 'config.json'}: {classifier} with {labels} labels; a reranker has one (its relevance logit)"
+        )
+    return RERANKER
 
 
 def load_lm_head(path_or_name: str | Path, dtype: torch.dtype) -> torch.Tensor | None:
@@ -206,6 +301,16 @@ def load_lm_head(path_or_name: str | Path, dtype: torch.dtype) -> torch.Tensor |
     if path.suffix == ".gguf":
         return read_gguf_tensor(path, "output.weight", dtype)
     return read_lm_head(path, dtype)
+
+
+def _nemo_reranker_pooling(pooling, where: Path) -> str:
+    """bidir's pooling for an NVIDIA reranker config's `pooling`: NeMo's LlamaBidirectionalForSequenceClassification
+    pools avg, cls or last and falls back to cls for any other name, which is refused here rather than guessed."""
+    if pooling not in ("avg", "cls", "last"):
+        raise BidirError(
+            f"{where}: pooling {pooling!r} is not one NeMo's reranker pools by (avg, cls, last); pass a pooling"
+        )
+    return pooling
 
 
 # NVIDIA llama_bidirec configs name their pooling in NeMo's terms: its "mean" is our "avg".

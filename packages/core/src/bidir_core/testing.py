@@ -10,9 +10,11 @@ import torch
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from bidir_core.checkpoint import EncoderConfig
+from bidir_core.cross_encoder import CrossEncoder, new_score_head
 from bidir_core.encoder import BiEncoder
 from bidir_core.families import config_class
 from bidir_core.model import LlamaBidirectionalModel
+from bidir_core.reranker_config import RerankerConfig
 
 # A fixed corpus for the tiny tokenizer's BPE merges: any text still tokenizes (byte-level fallback).
 _CORPUS = [
@@ -116,6 +118,16 @@ def tiny_encoder(
     causal = config is not None and config.attention == "causal"
     model = tiny_model(tiny_config(family, causal=causal, **model_overrides), seed=seed)
     return BiEncoder(model, tiny_tokenizer(), config)
+
+
+def tiny_cross_encoder(
+    config: RerankerConfig | None = None, seed: int = 0, family: str = "llama", **model_overrides
+) -> CrossEncoder:
+    """A tiny CrossEncoder of family with a random head (seeded); its attention mode is config's (bidirectional,
+    avg pooling and NeMo's template by default)."""
+    config = config or RerankerConfig()
+    model = tiny_model(tiny_config(family, causal=config.attention == "causal", **model_overrides), seed=seed)
+    return CrossEncoder(model, tiny_tokenizer(), config, new_score_head(model.config, seed=seed))
 
 
 def write_hf_model(
