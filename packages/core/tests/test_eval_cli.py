@@ -309,6 +309,7 @@ def test_rerank_refusals(tiny_checkpoint, reranker, beir, tmp_path, capsys):
             ["bm25", "--retrieval", str(beir), "--rerank", str(tiny_checkpoint)],
             "is an embedder, not a reranker",
         ),
+        (["bm25", "--retrieval", str(beir), "--rerank-top-k", "5"], "--rerank-top-k is for a reranker"),
         (["bm25", "--sts", str(sts)], "bm25 is a retrieval first stage"),
         (["bm25", "--retrieval", str(beir), "--dim", "16"], "bm25 ranks by words"),
     ]

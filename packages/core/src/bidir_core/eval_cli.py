@@ -64,7 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--rerank-top-k",
         type=int,
-        default=RERANK_TOP_K,
         metavar="K",
         help=f"documents per query the reranker scores (default: {RERANK_TOP_K}); the ones below are dropped",
     )
@@ -86,7 +85,9 @@ def evaluate(args: argparse.Namespace) -> None:
         raise BidirError(f"--batch-size must be positive, got {args.batch_size}")
     if args.rerank is not None and args.sts is not None:
         raise BidirError("--rerank reorders a retrieval run: use it with --retrieval, not --sts")
-    if args.rerank_top_k < 1:
+    if args.rerank_top_k is not None and args.rerank is None:
+        raise BidirError("--rerank-top-k is for a reranker: give --rerank RERANKER too")
+    if args.rerank_top_k is not None and args.rerank_top_k < 1:
         raise BidirError(f"--rerank-top-k must be positive, got {args.rerank_top_k}")
     if args.json:
         check_writable(Path(args.json))  # before the evaluation, not after it
@@ -100,7 +101,7 @@ def evaluate(args: argparse.Namespace) -> None:
         corpus_embeddings=args.corpus_embeddings,
         allow_mismatched_embeddings=args.allow_mismatched_embeddings,
         rerank=args.rerank,
-        rerank_top_k=args.rerank_top_k,
+        rerank_top_k=RERANK_TOP_K if args.rerank_top_k is None else args.rerank_top_k,
         progress=not args.no_progress,
     )
     if args.json:
