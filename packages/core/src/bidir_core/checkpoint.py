@@ -8,6 +8,10 @@ MistralModel, Qwen2Model, ... that attends as bidir does) and in sentence-transf
     bidir.json                  EncoderConfig + format_version
     modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/, [2_Normalize/]
 
+A reranker checkpoint (write_reranker, CrossEncoder.save_pretrained) is a {Family}ForSequenceClassification folder
+instead: `model.*` decoder keys and the head `score.weight`, one label, bidir.json with "kind": "reranker" and the
+RerankerConfig; read_settings reads either kind.
+
 A folder is written under a temporary name and renamed when complete, so a folder with this name is never
 half-written.
 """
@@ -34,7 +38,7 @@ from bidir_core.folders import (
 )
 from bidir_core.jsonfile import parse_fields, read_versioned_json
 from bidir_core.pooling import check_pooling
-from bidir_core.reranker_config import RERANKER, RerankerConfig
+from bidir_core.reranker_config import RERANKER, RerankerConfig, template_parts
 
 FORMAT_VERSION = 1
 BIDIR_JSON = "bidir.json"
@@ -280,7 +284,7 @@ def write_reranker(
     """Write a reranker checkpoint, atomically and with write_checkpoint's rules for an existing target: a
     Hugging Face {Family}ForSequenceClassification folder (config.json with one label and the tokenizer's pad
     token, which transformers finds the last real token by; weights `model.*` and the head `score.weight`
-    (1, H)) plus the tokenizer and bidir.json (the RerankerConfig, kind "reranker")."""
+    (1, H), fp32) plus the tokenizer and bidir.json (the RerankerConfig, kind "reranker")."""
     _check_attention(target, model.causal, reranker_config)
     if tuple(score.shape) != (1, model.config.hidden_size):
         raise BidirError(
@@ -299,15 +303,54 @@ def write_reranker(
             pad_token_id=tokenizer.pad_token_id,
         )
         _write_json(tmp / "config.json", config)
-        weights = {f"model.{k}": v for k, v in decoder.items()} | {"score.weight": score.to(dtype)}
+        # The head in fp32 whatever the decoder's dtype: a reranker computes it in fp32 (transformers casts it to
+        # the dtype it loads the model in).
+        weights = {f"model.{k}": v for k, v in decoder.items()} | {"score.weight": score.float()}
         _write_weights(tmp, weights, max_shard_bytes)
         tokenizer.save_pretrained(tmp)
+        chat_template = _pair_chat_template(reranker_config, tokenizer)
+        if chat_template is not None:
+            (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
         _write_json(
             tmp / BIDIR_JSON,
             {"format_version": FORMAT_VERSION, "kind": RERANKER, **dataclasses.asdict(reranker_config)},
         )
 
     return _write_folder(target, fill, overwrite=overwrite)
+
+
+def _pair_chat_template(config: RerankerConfig, tokenizer) -> str | None:
+    """A chat template that renders a pair given as messages of roles "query" and "document" (how
+    sentence-transformers' CrossEncoder hands a pair to a model with a chat template) to the text bidir reads: the
+    special tokens the tokenizer adds around a text, then the formatted pair. sentence-transformers tokenizes the
+    rendered text without adding special tokens, so it reads bidir's tokens. Checked on a probe pair; None (no
+    template written) when the rendering does not tokenize as bidir does."""
+    plain = tokenizer.encode("x", add_special_tokens=False)
+    full = tokenizer.encode("x")
+    at = next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), None)
+    if at is None:
+        return None
+    role = 'messages | selectattr("role", "eq", "{}") | map(attribute="content") | first'
+    fields = {"query": role.format("query"), "passage": role.format("document")}
+
+    def text(literal: str) -> str:  # a literal as a Jinja string expression: no Jinja syntax inside it is run
+        return f"{{{{ {json.dumps(literal, ensure_ascii=False)} }}}}" if literal else ""
+
+    # the special tokens before a text (Llama's <s>) and after it, as text, around the formatted pair
+    chat_template = text(tokenizer.decode(full[:at]))
+    for literal, field in template_parts(config.template):
+        chat_template += text(literal) + (f"{{{{ {fields[field]} }}}}" if field else "")
+    chat_template += text(tokenizer.decode(full[at + len(plain) :]))
+    probe = [{"role": "query", "content": "a {q}"}, {"role": "document", "content": "b {{p}}"}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, chat_template=chat_template, tokenize=False)
+    except Exception:  # noqa: BLE001 (a tokenizer that cannot render: no template, as before)
+        return None
+    if tokenizer.encode(rendered, add_special_tokens=False) != tokenizer.encode(
+        config.format("a {q}", "b {{p}}")
+    ):
+        return None
+    return chat_template
 
 
 def _check_attention(target: str | Path, causal: bool, settings: EncoderConfig | RerankerConfig) -> None:

@@ -1,4 +1,5 @@
-"""bidir-convert: turn any supported source into a bidir checkpoint (a thin CLI over BiEncoder)."""
+"""bidir-convert: turn any supported source into a bidir checkpoint (a thin CLI over BiEncoder), or with --reranker
+into a reranker checkpoint (over CrossEncoder)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 
 from bidir_core.cli import run_cli
+from bidir_core.errors import BidirError
 from bidir_core.families import ATTENTION_MODES
 from bidir_core.pooling import POOLING_STRATEGIES
 
@@ -15,7 +17,11 @@ EXAMPLES = """examples:
   bidir-convert ./Llama-3.2-1B ./llama-1b-bidir --pooling avg --dtype bfloat16
   bidir-convert ./model.Q4_1.gguf ./bidir-ckpt
   bidir-convert ./Qwen3-Embedding-0.6B ./qwen3-embed --attention causal   # causal, last-token pooling
-  bidir-convert smollm2-135m ./smollm2-bidir --pooling weighted_avg"""
+  bidir-convert smollm2-135m ./smollm2-bidir --pooling weighted_avg
+  bidir-convert ./llama-nemotron-rerank-1b-v2 ./nemotron-rerank --reranker        # a reranker folder as it is
+  bidir-convert ./Qwen3-Reranker-0.6B ./qwen3-rerank --reranker --yes-token yes --no-token no \\
+      --template "$(cat qwen3-reranker-prompt.txt)"     # {query} and {passage} in the model's chat prompt
+"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +48,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "pooling to last",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at OUT")
+    rr = p.add_argument_group(
+        "reranker (a cross-encoder checkpoint: one relevance logit per query-passage pair)"
+    )
+    rr.add_argument(
+        "--reranker",
+        action="store_true",
+        help="write a reranker: from a reranker source (a bidir reranker, an NVIDIA "
+        "LlamaBidirectionalForSequenceClassification or a *ForSequenceClassification folder) as it is, or from a "
+        "causal LM with --yes-token/--no-token",
+    )
+    rr.add_argument(
+        "--yes-token",
+        help="with --no-token: score logit(yes) - logit(no) of a causal LM at the last token (a head of "
+        "lm_head[yes] - lm_head[no], last pooling, causal attention); each must be one token",
+    )
+    rr.add_argument("--no-token", help="see --yes-token")
+    rr.add_argument("--template", help="the text a pair becomes, with {query} and {passage} once each")
+    rr.add_argument(
+        "--temperature", type=float, help="the logit is divided by it (default: the source's, or 1)"
+    )
     return p.parse_args(argv)
 
 
@@ -56,6 +82,12 @@ def convert(args: argparse.Namespace) -> None:
 
     from bidir_core.encoder import BiEncoder
 
+    if args.reranker:
+        return convert_reranker(args)
+    for flag in ("yes_token", "no_token", "template", "temperature"):
+        if getattr(args, flag) is not None:
+            raise BidirError(f"--{flag.replace('_', '-')} applies to a reranker: add --reranker")
+
     encoder = BiEncoder.from_pretrained(
         args.src,
         pooling=args.pooling,
@@ -69,6 +101,48 @@ def convert(args: argparse.Namespace) -> None:
     print(
         f"wrote {out} ({n_params / 1e6:.1f}M parameters, {args.dtype}, {encoder.config.attention} attention, "
         f"pooling={encoder.config.pooling})"
+    )
+
+
+def convert_reranker(args: argparse.Namespace) -> None:
+    """--reranker: a reranker source as it is, or a causal LM's yes/no token logits as the head."""
+    import torch
+
+    from bidir_core.cross_encoder import CrossEncoder
+
+    if args.no_normalize:
+        raise BidirError("--no-normalize applies to an embedder; a reranker's score is not normalized")
+    if (args.yes_token is None) != (args.no_token is None):
+        raise BidirError("--yes-token and --no-token go together")
+    dtype = getattr(torch, args.dtype)
+    if args.yes_token is not None:
+        if args.temperature is not None:
+            raise BidirError("--temperature would change the yes/no logit difference; leave it out")
+        ce = CrossEncoder.from_causal_lm(
+            args.src,
+            args.yes_token,
+            args.no_token,
+            template=args.template,
+            pooling=args.pooling or "last",
+            attention=args.attention or "causal",
+            max_length=args.max_length,
+            dtype=dtype,
+        )
+    else:
+        ce = CrossEncoder.from_pretrained(
+            args.src,
+            template=args.template,
+            pooling=args.pooling,
+            temperature=args.temperature,
+            max_length=args.max_length,
+            attention=args.attention,
+            dtype=dtype,
+        )
+    out = ce.save_pretrained(args.out, overwrite=args.overwrite)
+    n_params = sum(p.numel() for p in ce.model.parameters())
+    print(
+        f"wrote reranker {out} ({n_params / 1e6:.1f}M parameters, {args.dtype}, {ce.config.attention} attention, "
+        f"pooling={ce.config.pooling}, temperature={ce.config.temperature:g})"
     )
 
 

@@ -35,7 +35,7 @@ from bidir_core.packed import PackedBatch
 from bidir_core.pooling import pool, pool_packed
 from bidir_core.reranker_config import RERANKER, RerankerConfig
 from bidir_core.sources import SCORE_KEY, ModelSource, open_source
-from bidir_core.tokenization import tokenize
+from bidir_core.tokenization import max_chars, tokenize
 
 ACTIVATIONS = ("sigmoid",)
 """predict()'s activation names (None: the raw logits)."""
@@ -105,15 +105,15 @@ class CrossEncoder(nn.Module):
         settings = source.reranker_config(
             config, template=template, pooling=pooling, temperature=temperature, max_length=max_length
         )
+        if source.kind != RERANKER and not new_head:
+            raise BidirError(
+                f"{source.name}: has no reranker head ({SCORE_KEY}); pass new_head=True to start a new one"
+            )
         tokenizer = source.tokenizer()
         state_dict, where, head = source.read_weights_and_head(dtype)
         head_file = where.get(SCORE_KEY, source.path) if isinstance(where, dict) else where
         if head is None and not new_head:
-            if source.kind == RERANKER:
-                raise BidirError(f"{source.path}: no {SCORE_KEY} in the weights (a reranker's head)")
-            raise BidirError(
-                f"{source.name}: has no reranker head ({SCORE_KEY}); pass new_head=True to start a new one"
-            )
+            raise BidirError(f"{source.path}: no {SCORE_KEY} in the weights (a reranker's head)")
         check_state_dict(source.config, state_dict, where)
         model = LlamaBidirectionalModel.from_state_dict(source.config, state_dict, device=device)
         if new_head:
@@ -121,6 +121,49 @@ class CrossEncoder(nn.Module):
         else:
             score = _head_from(head, source.config.hidden_size, head_file, device)
         return cls(model, tokenizer, settings, score, source=source)
+
+    @classmethod
+    def from_causal_lm(
+        cls,
+        source: str | Path | ModelSource,
+        yes_token: str,
+        no_token: str,
+        *,
+        template: str | None = None,
+        pooling: str = "last",
+        attention: str = "causal",
+        max_length: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+    ) -> CrossEncoder:
+        """A token-logit reranker (Qwen3-Reranker style: a causal LM asked whether the passage answers the query,
+        its score logit(yes) - logit(no) at the last token) as a CrossEncoder. That difference is
+        (lm_head[yes] - lm_head[no]) . h_last, so the head's weight is that row difference, on "last" pooling
+        under the causal attention the LM was trained with: the same scores, in the one scorer form. Each token
+        must be exactly one token of the tokenizer (encoded without special tokens); the template is the prompt
+        the model expects around query and passage (e.g. its chat wrapping)."""
+        source = open_source(source, attention)
+        tokenizer = source.tokenizer()
+        ids = [_single_token_id(tokenizer, token, source.path) for token in (yes_token, no_token)]
+        if ids[0] == ids[1]:
+            raise BidirError(
+                f"{source.path}: {yes_token!r} and {no_token!r} are the same token (id {ids[0]})"
+            )
+        lm_head = source.read_lm_head(torch.float32)  # (vocab, H); None: tied to the input embeddings
+        ce = cls.from_pretrained(source, template=template, pooling=pooling, max_length=max_length, dtype=dtype,
+                                 device=device, new_head=True)  # fmt: skip
+        if lm_head is None:
+            if not getattr(source.config, "tie_word_embeddings", False):
+                raise BidirError(
+                    f"{source.path}: no LM head (lm_head.weight) and tie_word_embeddings is false"
+                )
+            lm_head = ce.model.embed_tokens.weight.detach().float()
+        if lm_head.shape[0] <= max(ids):
+            raise BidirError(
+                f"{source.path}: the LM head has {lm_head.shape[0]} rows; token id {max(ids)} is past it"
+            )
+        ce.score = _linear((lm_head[ids[0]] - lm_head[ids[1]])[None].cpu(), device)  # (1, H)
+        return ce
 
     @property
     def hidden_size(self) -> int:
@@ -153,9 +196,11 @@ class CrossEncoder(nn.Module):
         return self.config.format(query, passage)
 
     def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], int]:
-        """Token ids of each formatted pair (special tokens included, cut at max_length tokens: the passage's tail
-        goes, as it comes last, as NeMo truncates the joined text) and how many were cut. A pair that is not two
-        strings, or whose query or passage is empty (after strip), is an error naming its index."""
+        """Token ids of each formatted pair (special tokens included) and how many were cut to max_length tokens.
+        What is cut is the passage's end: the joined text's end when the passage comes last (as NeMo truncates its
+        joined text), else the longest start of the passage with which the whole pair fits, so the template's text
+        after the passage (a chat prompt's end, whose last token a "last"-pooled reranker reads) is kept. A pair
+        that is not two strings, or whose query or passage is empty (after strip), is an error naming its index."""
         texts = []
         for i, pair in enumerate(pairs):
             if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
@@ -166,7 +211,29 @@ class CrossEncoder(nn.Module):
                 if not text.strip():
                     raise BidirError(f"pair {i}: the {name} is empty")
             texts.append(self.format(*pair))
-        return tokenize(self.tokenizer, texts, self.config.max_length)
+        ids, n_cut = tokenize(self.tokenizer, texts, self.config.max_length)
+        if n_cut and not self.config.passage_is_last:
+            for i, row in enumerate(ids):
+                if len(row) == self.config.max_length:  # cut, or exactly as long (then it stays as it is)
+                    ids[i] = self._fit_passage(*pairs[i]) or row
+        return ids, n_cut
+
+    def _fit_passage(self, query: str, passage: str) -> list[int] | None:
+        """The token ids of the pair with the longest start of passage that fits max_length tokens (a binary
+        search over its length in characters, each try a bounded text: tokenization.max_chars); None when not
+        even an empty passage fits (then the joined text's end is cut, as for a passage that comes last)."""
+        limit = self.config.max_length
+        bound = max_chars(self.tokenizer, limit)
+        query, passage = query[:bound], passage[:bound]
+        lo, hi, best = 0, len(passage), None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            row = self.tokenizer(self.format(query, passage[:mid]), add_special_tokens=True)["input_ids"]
+            if len(row) <= limit:
+                best, lo = row, mid + 1
+            else:
+                hi = mid - 1
+        return best
 
     # no_grad rather than inference_mode, as BiEncoder.encode: a model being trained under FSDP2 is scored here.
     @torch.no_grad()
@@ -259,6 +326,16 @@ def new_score_head(config, *, seed: int, device: str | torch.device | None = Non
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(1, config.hidden_size, generator=generator) * std
     return _linear(weight, device)
+
+
+def _single_token_id(tokenizer, token: str, where: Path) -> int:
+    """The id of token, which must encode (no special tokens) to exactly one token id."""
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise BidirError(
+            f"{where}: {token!r} is {len(ids)} tokens ({ids}) in this tokenizer; a yes/no token must be exactly one"
+        )
+    return ids[0]
 
 
 def _head_from(head: torch.Tensor, hidden: int, file: Path, device) -> nn.Linear:

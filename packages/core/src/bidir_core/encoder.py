@@ -200,12 +200,14 @@ def decoder_autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.
 
 
 def check_settings(config, settings: EncoderConfig | RerankerConfig) -> None:
-    """An encoder's (or a reranker's) settings must suit its model config: the same attention mode (config.is_causal is the record
-    of it, settings.attention its form on disk) and a max_length the attention covers."""
+    """An encoder's (or a reranker's) settings must suit its model config: the same attention mode
+    (config.is_causal is the record of it, settings.attention its form on disk) and a max_length the attention
+    covers."""
     causal = is_causal_config(config)
     if causal != (settings.attention == "causal"):
+        what = "reranker" if isinstance(settings, RerankerConfig) else "encoder"
         raise BidirError(
-            f"the model attends {'causally' if causal else 'bidirectionally'} but the encoder config "
+            f"the model attends {'causally' if causal else 'bidirectionally'} but the {what} config "
             f"says attention={settings.attention!r}"
         )
     check_max_length(config, settings.max_length)

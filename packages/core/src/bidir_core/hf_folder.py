@@ -79,7 +79,8 @@ def build_config(folder: Path, raw: dict, attention: str) -> LlamaConfig:
 
 
 def _hf_key(key: str) -> str | None:
-    """Checkpoint key -> LlamaModel key, or None for tensors an embedder does not use."""
+    """Checkpoint key -> LlamaModel key (a reranker's head `score.weight` stays as it is), or None for tensors
+    no bidir model uses."""
     if key.startswith("lm_head.") or key.endswith("rotary_emb.inv_freq"):
         return None
     return key.removeprefix("model.")
@@ -123,8 +124,11 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def read_state_dict(folder: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    """All LlamaModel tensors of a folder, cast to dtype as they are read; also which file held each key."""
+def read_state_dict(
+    folder: Path, dtype: torch.dtype, keep_dtype: frozenset[str] = frozenset()
+) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All LlamaModel tensors of a folder (and a reranker's score.weight), cast to dtype as they are read except
+    the keys in keep_dtype; also which file held each key."""
     state_dict: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for path in _weight_files(folder):
@@ -132,7 +136,8 @@ def read_state_dict(folder: Path, dtype: torch.dtype) -> tuple[dict[str, torch.T
             hf_key = _hf_key(key)
             if hf_key is None:
                 continue
-            state_dict[hf_key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            cast = tensor.is_floating_point() and hf_key not in keep_dtype
+            state_dict[hf_key] = tensor.to(dtype) if cast else tensor
             origin[hf_key] = path
     return state_dict, origin
 

@@ -16,7 +16,7 @@ RERANKER = "reranker"
 
 # NeMo AutoModel's cross-encoder prompt: the default `prompt_template` of CrossEncoderCollator in
 # nemo_automodel/components/datasets/llm/retrieval_collator.py (also in its examples/retrieval/cross_encoder
-# configs), which NVIDIA's llama_bidirec rerankers are trained with.
+# configs): the text NeMo's cross-encoder recipe trains a llama_bidirec reranker on.
 NEMO_TEMPLATE = "question:{query} \n \n passage:{passage}"
 
 
@@ -34,14 +34,15 @@ class RerankerConfig:
     """The head's logit is divided by it (> 0, finite); NeMo's LlamaBidirectionalForSequenceClassification does
     the same with config.json's `temperature`."""
     max_length: int = 512
-    """Token ids of a formatted pair beyond this many are cut (the passage's tail, since it comes last)."""
+    """A formatted pair longer than this many tokens loses the end of its passage; template text after the passage
+    is kept (CrossEncoder.tokenize_pairs)."""
     attention: str = "bidirectional"
     """bidirectional or causal: as EncoderConfig.attention (its form on disk; config.is_causal is the record)."""
 
     def __post_init__(self):
         if not isinstance(self.template, str):
             raise BidirError(f"template must be a string, got {self.template!r}")
-        _template_parts(self.template)
+        template_parts(self.template)
         check_pooling(self.pooling)
         check_attention(self.attention)
         t = self.temperature
@@ -51,14 +52,23 @@ class RerankerConfig:
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
             raise BidirError(f"max_length must be a positive integer, got {self.max_length!r}")
 
+    @property
+    def passage_is_last(self) -> bool:
+        """Whether nothing follows {passage} in the template, so that cutting the joined text cuts the passage."""
+        parts = template_parts(self.template)
+        after = next(i for i, (_, field) in enumerate(parts) if field == "passage") + 1
+        return all(not literal and field is None for literal, field in parts[after:])
+
     def format(self, query: str, passage: str) -> str:
         """The template with query and passage put in as they are: user text is never parsed as a format string
         (it may hold braces), unlike template.format(query=..., passage=...)."""
         values = {"query": query, "passage": passage}
-        return "".join(literal + values.get(field, "") for literal, field in _template_parts(self.template))
+        return "".join(literal + values.get(field, "") for literal, field in template_parts(self.template))
 
 
-def _template_parts(template: str) -> list[tuple[str, str | None]]:
+def template_parts(template: str) -> list[tuple[str, str | None]]:
+    # Checks the template too: RerankerConfig's check and the parsed form (format, the chat template a reranker
+    # checkpoint carries) are one function.
     """The template as (literal text, then field "query" / "passage" or None) in order, literal braces unescaped;
     a BidirError when a field is missing, repeated, unknown or malformed."""
     try:

@@ -5,9 +5,10 @@
     source.tokenizer(), source.read_weights(torch.bfloat16)   # read when asked for
 
 Sources: a Hugging Face folder of a supported family (families.py: Llama, Mistral, Ministral, Ministral3, Qwen2,
-Qwen3; ForCausalLM or the base model; one or sharded safetensors, or pytorch_model.bin), an NVIDIA
-`llama_bidirec` folder, a bidir checkpoint (a Hugging Face folder too), a .gguf file, or the name of the embedded
-default model. Each format has its reader (hf_folder.py, gguf_import.py, embedded.py); a new input format gets its
+Qwen3; ForCausalLM, ForSequenceClassification or the base model; one or sharded safetensors, or
+pytorch_model.bin), an NVIDIA `llama_bidirec` folder (an embedder or a reranker), a bidir checkpoint (a Hugging
+Face folder too; an embedder's or a reranker's), a .gguf file, or the name of the embedded default model. Its
+`kind` says which model it holds: an embedder (BiEncoder) or a reranker (CrossEncoder). Each format has its reader (hf_folder.py, gguf_import.py, embedded.py); a new input format gets its
 own reader module and a branch in open_source. A ModelSource is handed to whatever builds from it
 (LlamaBidirectionalModel.from_pretrained, BiEncoder.from_pretrained, the trainer's loader, the torch backend,
 export), so no file of a source is read twice for one load.
@@ -212,12 +213,12 @@ class ModelSource:
     def read_weights_and_head(
         self, dtype: torch.dtype
     ) -> tuple[dict[str, torch.Tensor], dict[str, Path] | Path, torch.Tensor | None]:
-        """read_weights, and the head SCORE_KEY (in dtype; None when the source has none) taken out of the state
-        dict, each file read once; `where` still names the head's file. The head's shape is checked by the
-        caller (bidir_core.cross_encoder)."""
+        """read_weights, and the head SCORE_KEY (in the dtype it is stored in, since a reranker computes it in
+        fp32; None when the source has none) taken out of the state dict, each file read once; `where` still
+        names the head's file. The head's shape is checked by the caller (bidir_core.cross_encoder)."""
         if self.format == "gguf":
             return read_gguf(self.path, dtype)[1], self.path, None
-        state_dict, origin = read_state_dict(self.path, dtype)
+        state_dict, origin = read_state_dict(self.path, dtype, keep_dtype=frozenset({SCORE_KEY}))
         head = state_dict.pop(SCORE_KEY, None)
         return state_dict, origin or self.path, head
 

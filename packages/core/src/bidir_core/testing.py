@@ -135,12 +135,14 @@ def write_hf_model(
     *,
     family: str = "llama",
     causal_lm: bool = True,
+    classifier: bool = False,
     max_shard_size: str | None = None,
     seed: int = 0,
     **config_overrides,
 ) -> Path:
-    """A random transformers {Family}ForCausalLM (or {Family}Model) saved with its tokenizer, as a user's folder
-    would be: the source side of every loading test. Returns the folder."""
+    """A random transformers {Family}ForCausalLM (or {Family}Model; or with classifier=True a one-label
+    {Family}ForSequenceClassification, a reranker) saved with its tokenizer, as a user's folder would be: the
+    source side of every loading test. Returns the folder."""
     import transformers
 
     folder = Path(folder)
@@ -148,7 +150,11 @@ def write_hf_model(
     config.is_causal = True  # as a stock causal checkpoint says
     torch.manual_seed(seed)
     name = config_class(family).__name__.removesuffix("Config")
-    model = getattr(transformers, f"{name}ForCausalLM" if causal_lm else f"{name}Model")(config)
+    if classifier:
+        config.num_labels = 1
+        model = getattr(transformers, f"{name}ForSequenceClassification")(config)
+    else:
+        model = getattr(transformers, f"{name}ForCausalLM" if causal_lm else f"{name}Model")(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -163,27 +169,41 @@ write_hf_llama = write_hf_model  # family="llama" by default
 
 
 def write_nvidia_llama_bidirec(
-    folder: str | Path, *, pooling: str = "avg", marker: str | Path | None = None, seed: int = 0
+    folder: str | Path,
+    *,
+    pooling: str = "avg",
+    marker: str | Path | None = None,
+    seed: int = 0,
+    reranker: bool = False,
+    temperature: float = 0.02,
 ) -> Path:
     """A folder laid out as NVIDIA ships its llama_bidirec embedders (e.g. nvidia/llama-nemotron-embed-1b-v2):
     LlamaModel keys without a `model.` prefix; config.json with model_type llama_bidirec, NeMo's `pooling` name and
     `temperature`, and an `auto_map` naming llama_bidirectional_model.py beside it; a standard tokenizer_class.
+    reranker=True: as its rerankers (nvidia/llama-nemotron-rerank-1b-v2): architectures
+    LlamaBidirectionalForSequenceClassification, one label, weights `model.*` and the head `score.weight`.
 
     The .py file is a trap: importing it writes `marker` (when given) and raises, so a test sees whether a loader
     ran the folder's code. Returns the folder."""
     import json
 
-    folder = write_hf_llama(folder, causal_lm=False, seed=seed)
+    folder = write_hf_llama(folder, causal_lm=False, classifier=reranker, seed=seed)
     config = json.loads((folder / "config.json").read_text())
+    architecture = "LlamaBidirectionalForSequenceClassification" if reranker else "LlamaBidirectionalModel"
     config.update(
         model_type="llama_bidirec",
-        architectures=["LlamaBidirectionalModel"],
+        architectures=[architecture],
         auto_map={
             "AutoConfig": "llama_bidirectional_model.LlamaBidirectionalConfig",
             "AutoModel": "llama_bidirectional_model.LlamaBidirectionalModel",
-        },
+        }
+        | (
+            {"AutoModelForSequenceClassification": f"llama_bidirectional_model.{architecture}"}
+            if reranker
+            else {}
+        ),
         pooling=pooling,
-        temperature=0.02,
+        temperature=temperature,
     )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
