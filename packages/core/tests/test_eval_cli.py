@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 
 from bidir_core.artifacts import checkpoint_fingerprint
+from bidir_core.bm25 import bm25_run
 from bidir_core.datasets import load_retrieval, read_sts
 from bidir_core.embeddings_artifact import EmbeddingsManifest, Shard, write_embeddings_manifest, write_shard
 from bidir_core.encoder import BiEncoder
 from bidir_core.eval_cli import main
 from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
+from bidir_core.metrics import retrieval_metrics
+from bidir_core.runs import embedder_run, rerank_run
 
 SHARED_DATA = Path(
     os.environ.get("BIDIR_DATA") or Path(__file__).resolve().parents[3].parent / "shared" / "data"
@@ -230,3 +233,88 @@ def test_embedded_default_by_name(embedded_gguf, tmp_path):
     assert report["counts"] == {"pairs": 40} and report["dim"] == 576
     want = evaluate_sts(BiEncoder.from_pretrained("smollm2-135m"), read_sts(small))
     assert report["metrics"] == pytest.approx(want, abs=1e-6)
+
+
+def test_bm25_first_stage(beir, tmp_path, capsys):
+    out = tmp_path / "bm25.json"
+    assert main(["bm25", "--retrieval", str(beir), "--json", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    data = load_retrieval(beir)
+    assert report["model"] == "bm25" and report["dim"] is None and "reranked" not in report
+    assert report["metrics"] == pytest.approx(retrieval_metrics(bm25_run(data), data.qrels))
+    assert report["metrics"]["recall@100"] == 1.0  # 4 documents: every one is in the run
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"bm25 on {data.name} (retrieval: 3 queries, 4 documents, 3 judgments)\n")
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory):
+    from bidir_core.cross_encoder import CrossEncoder
+    from bidir_core.testing import write_hf_llama
+
+    folder = tmp_path_factory.mktemp("rr")
+    decoder = write_hf_llama(folder / "decoder")
+    return CrossEncoder.from_pretrained(decoder, new_head=True, seed=0).save_pretrained(folder / "reranker")
+
+
+@pytest.mark.parametrize("first_stage", ["bm25", "embedder"])
+def test_rerank_report_beside_the_first_stage(first_stage, tiny_checkpoint, reranker, beir, tmp_path, capsys):
+    from bidir_core.cross_encoder import CrossEncoder
+
+    model = "bm25" if first_stage == "bm25" else str(tiny_checkpoint)
+    out = tmp_path / "r.json"
+    argv = [
+        model,
+        "--retrieval",
+        str(beir),
+        "--rerank",
+        str(reranker),
+        "--rerank-top-k",
+        "2",
+        "--json",
+        str(out),
+    ]
+    assert main([*argv, "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    data = load_retrieval(beir)
+    if first_stage == "bm25":
+        run = bm25_run(data)
+    else:
+        run = embedder_run(BiEncoder.from_pretrained(tiny_checkpoint), data)
+    assert report["metrics"] == pytest.approx(retrieval_metrics(run, data.qrels))  # still the first stage's
+    reranked = rerank_run(CrossEncoder.from_pretrained(reranker), data, run, 2)
+    assert report["reranked"]["metrics"] == pytest.approx(retrieval_metrics(reranked, data.qrels), abs=1e-6)
+    assert report["reranked"]["model"] == str(reranker) and report["reranked"]["top_k"] == 2
+    assert report["reranked"]["counts"] == {"pairs": 6}  # 3 queries x their top 2
+    assert set(report["reranked"]["timing"]) == {"model_s", "eval_s"}
+    want = report["metrics"]["ndcg@10"], report["reranked"]["metrics"]["ndcg@10"]
+    assert f"ndcg@10     {want[0]:>9.4f} {want[1]:>9.4f}" in capsys.readouterr().out
+
+
+def test_rerank_refusals(tiny_checkpoint, reranker, beir, tmp_path, capsys):
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("5\tA cat sits.\tA cat is sitting.\n0\tA cat sits.\tStocks fell.\n")
+    out = tmp_path / "r.json"
+    cases = [
+        (
+            [str(tiny_checkpoint), "--sts", str(sts), "--rerank", str(reranker)],
+            "--rerank reorders a retrieval run",
+        ),
+        (
+            ["bm25", "--retrieval", str(beir), "--rerank", str(reranker), "--rerank-top-k", "0"],
+            "--rerank-top-k must",
+        ),
+        ([str(reranker), "--retrieval", str(beir)], f"{reranker} is a reranker: pass it as --rerank"),
+        (
+            ["bm25", "--retrieval", str(beir), "--rerank", str(tiny_checkpoint)],
+            "is an embedder, not a reranker",
+        ),
+        (["bm25", "--retrieval", str(beir), "--rerank-top-k", "5"], "--rerank-top-k is for a reranker"),
+        (["bm25", "--sts", str(sts)], "bm25 is a retrieval first stage"),
+        (["bm25", "--retrieval", str(beir), "--dim", "16"], "bm25 ranks by words"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--json", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("bidir-eval: error: ") and message in err and err.count("\n") == 1, err
+        assert not out.exists()

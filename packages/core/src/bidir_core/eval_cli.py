@@ -1,4 +1,5 @@
-"""bidir-eval: retrieval (nDCG@10, recall@k, MRR@10, MAP@100) or STS (Spearman, Pearson) scores of a model."""
+"""bidir-eval: retrieval (nDCG@10, recall@k, MRR@10, MAP@100) or STS (Spearman, Pearson) scores of a model, or of
+BM25; a reranker can reorder the retrieval run, and is scored beside it."""
 
 from __future__ import annotations
 
@@ -11,25 +12,33 @@ from bidir_core.cli import run_cli
 from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_json_atomic
 from bidir_core.outputs import check_writable
+from bidir_core.runs import RERANK_TOP_K
 
 EXAMPLES = """examples:
   bidir-eval smollm2-135m --retrieval stdlib-docstrings
   bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --split test --json runs/cranfield.json
   bidir-eval ./my-embedder --sts ../shared/data/stsb/sts-dev.tsv --dim 256
-  bidir-eval ./my-embedder --retrieval ./beir-folder --corpus-embeddings ./corpus-emb   (from batch-embed)"""
+  bidir-eval ./my-embedder --retrieval ./beir-folder --corpus-embeddings ./corpus-emb   (from batch-embed)
+  bidir-eval bm25 --retrieval ../shared/data/cranfield
+  bidir-eval bm25 --retrieval ../shared/data/cranfield --rerank ./my-reranker --rerank-top-k 50
+  bidir-eval ./my-embedder --retrieval stdlib-docstrings --rerank ./my-reranker"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bidir-eval",
-        description="Evaluate an embedding model on a retrieval dataset (a BEIR folder: corpus.jsonl, "
+        description="Evaluate an embedding model (or BM25) on a retrieval dataset (a BEIR folder: corpus.jsonl, "
         "queries.jsonl, qrels/<split>.tsv; or the embedded 'stdlib-docstrings') or on an STS TSV file "
-        "(score<TAB>sentence1<TAB>sentence2). Scores are cosine similarities; metrics are fractions.",
+        "(score<TAB>sentence1<TAB>sentence2). Scores are cosine similarities; metrics are fractions. With --rerank, a "
+        "reranker rescores each query's top documents and its metrics are printed beside the first stage's.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "model", help="a bidir checkpoint, a Hugging Face Llama folder, a .gguf file or 'smollm2-135m'"
+        "model",
+        metavar="FIRST_STAGE",
+        help="an embedder: a bidir checkpoint, a Hugging Face Llama folder, a .gguf file or 'smollm2-135m'; or the "
+        "word 'bm25' (retrieval only; a folder named bm25 is ./bm25)",
     )
     task = p.add_mutually_exclusive_group(required=True)
     task.add_argument("--retrieval", metavar="BEIR_DIR_OR_NAME", help="a BEIR folder or 'stdlib-docstrings'")
@@ -47,6 +56,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="score --corpus-embeddings made by another model or prompt anyway (with a warning)",
     )
+    p.add_argument(
+        "--rerank",
+        metavar="RERANKER",
+        help="with --retrieval: a reranker checkpoint that rescores each query's top documents of the first stage",
+    )
+    p.add_argument(
+        "--rerank-top-k",
+        type=int,
+        metavar="K",
+        help=f"documents per query the reranker scores (default: {RERANK_TOP_K}); the ones below are dropped",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -63,6 +83,12 @@ def evaluate(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise BidirError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.rerank is not None and args.sts is not None:
+        raise BidirError("--rerank reorders a retrieval run: use it with --retrieval, not --sts")
+    if args.rerank_top_k is not None and args.rerank is None:
+        raise BidirError("--rerank-top-k is for a reranker: give --rerank RERANKER too")
+    if args.rerank_top_k is not None and args.rerank_top_k < 1:
+        raise BidirError(f"--rerank-top-k must be positive, got {args.rerank_top_k}")
     if args.json:
         check_writable(Path(args.json))  # before the evaluation, not after it
     report = evaluate_model(
@@ -74,6 +100,8 @@ def evaluate(args: argparse.Namespace) -> None:
         dim=args.dim,
         corpus_embeddings=args.corpus_embeddings,
         allow_mismatched_embeddings=args.allow_mismatched_embeddings,
+        rerank=args.rerank,
+        rerank_top_k=RERANK_TOP_K if args.rerank_top_k is None else args.rerank_top_k,
         progress=not args.no_progress,
     )
     if args.json:
@@ -87,14 +115,33 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def format_report(report: dict) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in report["counts"].items() if isinstance(v, int))
-    lines = [f"{report['model']} on {report['dataset']} ({report['task']}: {counts}, dim {report['dim']})"]
-    lines += [
-        f"  {name:<11} " + ("undefined" if value is None else f"{value:.4f}")
-        for name, value in report["metrics"].items()
-    ]
+    dim = "" if report["dim"] is None else f", dim {report['dim']}"
+    lines = [f"{report['model']} on {report['dataset']} ({report['task']}: {counts}{dim})"]
     timing = report["timing"]
+    reranked = report.get("reranked")
+    if reranked is None:
+        lines += [f"  {name:<11} {_value(value)}" for name, value in report["metrics"].items()]
+    else:  # the first stage's metrics and the reranked ones side by side
+        lines.append(
+            f"  reranked by {reranked['model']}: each query's top {reranked['top_k']} "
+            f"({reranked['counts']['pairs']} pairs)"
+        )
+        lines.append(f"  {'':<11} {'first':>9} {'reranked':>9}")
+        lines += [
+            f"  {name:<11} {_value(value):>9} {_value(reranked['metrics'][name]):>9}"
+            for name, value in report["metrics"].items()
+        ]
     lines.append(f"  model loaded in {timing['model_s']:.1f} s, evaluated in {timing['eval_s']:.1f} s")
+    if reranked is not None:
+        lines.append(
+            f"  reranker loaded in {reranked['timing']['model_s']:.1f} s, "
+            f"reranked in {reranked['timing']['eval_s']:.1f} s"
+        )
     return "\n".join(lines)
+
+
+def _value(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Evaluating an encoder: retrieval on a RetrievalDataset (exact search + trec_eval-style metrics) and STS
-correlation. Works on any encoder with BiEncoder's encode_queries / encode_documents (e.g. during training).
+"""Evaluating a model: retrieval on a RetrievalDataset (the run of a first stage, optionally reranked, scored with
+trec_eval-style metrics) and STS correlation. evaluate_retrieval works on any encoder with BiEncoder's
+encode_queries / encode_documents (e.g. during training).
 
 Embeddings are L2-normalized, so every score is a cosine similarity. Queries get the model's query prefix and
 documents its passage prefix; both sentences of an STS pair get the query prefix (a symmetric task, as E5 does).
@@ -7,15 +8,15 @@ documents its passage prefix; both sentences of an STS pair get the query prefix
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
 
 import numpy as np
-import torch
 
 from bidir_core.artifacts import checkpoint_fingerprint
+from bidir_core.bm25 import bm25_run
+from bidir_core.cross_encoder import CrossEncoder
 from bidir_core.datasets import (
     RetrievalDataset,
     StsPair,
@@ -26,12 +27,14 @@ from bidir_core.datasets import (
 from bidir_core.embeddings_artifact import Embeddings, read_embeddings
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
-from bidir_core.metrics import RETRIEVAL_METRICS, pearson, retrieval_metrics, spearman
-from bidir_core.search import RunningTopK, exact_search
+from bidir_core.metrics import RETRIEVAL_METRICS, TOP_K, pearson, retrieval_metrics, spearman
+from bidir_core.runs import RERANK_TOP_K, embedder_run, evaluating, finite, progress_option, rerank_run
+from bidir_core.search import exact_search
 from bidir_core.sources import ModelSource, open_source
 
 __all__ = [
     "RETRIEVAL_METRICS",
+    "TOP_K",
     "evaluate_model",
     "evaluate_retrieval",
     "evaluate_sts",
@@ -39,22 +42,8 @@ __all__ = [
     "retrieval_metrics",
 ]
 
-TOP_K = 100
-"""Hits kept per query: the deepest cutoff of RETRIEVAL_METRICS."""
-
-
-@contextlib.contextmanager
-def evaluating(encoder):
-    """eval() mode and no autograd for the duration; a model that was training is put back into train()."""
-    was_training = bool(getattr(encoder, "training", False))
-    if hasattr(encoder, "eval"):
-        encoder.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training:
-            encoder.train()
+BM25 = "bm25"
+"""The first stage that is not a model (bidir-eval bm25 --retrieval DATA): bm25.py's BM25 over the corpus's words."""
 
 
 def evaluate_retrieval(
@@ -67,67 +56,18 @@ def evaluate_retrieval(
     corpus_embeddings: Embeddings | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """RETRIEVAL_METRICS of the encoder on the dataset's judged queries.
-
-    The corpus is embedded corpus_chunk documents at a time and each chunk is searched right away (a running
-    top-100 per query), so memory holds the query embeddings and one chunk, never the whole corpus's embeddings.
-    With corpus_embeddings (an embeddings folder written by batch-embed, read with read_embeddings) the corpus is
-    not embedded again: its shards are searched one at a time instead, and only the queries go through encoder.
-    """
-    if isinstance(corpus_chunk, bool) or not isinstance(corpus_chunk, int) or corpus_chunk < 1:
-        raise BidirError(f"corpus_chunk must be a positive integer, got {corpus_chunk!r}")
-    missing = [q for q in dataset.qrels if q not in dataset.queries]
-    if missing:
-        raise BidirError(f"{dataset.name}: {len(missing)} judged queries have no text, e.g. {missing[0]!r}")
-    query_ids = list(dataset.qrels)
-    doc_ids = list(dataset.corpus)
-    options = {"batch_size": batch_size, "dim": dim, "normalize": True, **_progress(progress)}
-    with evaluating(encoder):
-        queries = _finite(encoder.encode_queries([dataset.queries[q] for q in query_ids], **options), dataset)
-        top = RunningTopK(torch.from_numpy(queries), TOP_K)
-        if corpus_embeddings is not None:
-            doc_ids = _search_written(top, corpus_embeddings, dataset, queries.shape[1])
-        else:
-            for start in range(0, len(doc_ids), corpus_chunk):
-                texts = [dataset.corpus[d] for d in doc_ids[start : start + corpus_chunk]]
-                top.add(torch.from_numpy(_finite(encoder.encode_documents(texts, **options), dataset)))
-    scores, indices = top.result()  # (Q, min(100, N)), best first
-    run = {
-        query_id: {doc_ids[i]: s for i, s in zip(row_indices.tolist(), row_scores.tolist(), strict=True)}
-        for query_id, row_scores, row_indices in zip(query_ids, scores, indices, strict=True)
-    }
+    """RETRIEVAL_METRICS of the encoder on the dataset's judged queries: the metrics of its run (embedder_run, which
+    says how the corpus is searched in bounded memory, or read from corpus_embeddings)."""
+    run = embedder_run(
+        encoder,
+        dataset,
+        batch_size=batch_size,
+        dim=dim,
+        corpus_chunk=corpus_chunk,
+        corpus_embeddings=corpus_embeddings,
+        progress=progress,
+    )
     return retrieval_metrics(run, dataset.qrels)
-
-
-def _search_written(top: RunningTopK, written: Embeddings, dataset: RetrievalDataset, dim: int) -> list[str]:
-    """Search the shards of an embeddings folder; returns the document ids in the order they were searched.
-    Rows whose id is not in the dataset's corpus are skipped; a corpus document without a row is an error."""
-    stored = written.manifest.dim
-    if stored < dim:
-        raise BidirError(
-            f"{written.folder}: embeddings have dim {stored}, the queries {dim}; evaluate with --dim {stored}"
-        )
-    doc_ids: list[str] = []
-    for shard, (ids, emb) in zip(written.manifest.shards, written.iter_shards(), strict=True):
-        if not np.isfinite(emb).all():
-            row = int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
-            raise BidirError(
-                f"{written.folder / shard.name}: non-finite (nan/inf) embeddings, the first of id {ids[row]!r}; "
-                "embed the corpus again with a working model"
-            )
-        keep = [i for i, doc_id in enumerate(ids) if doc_id in dataset.corpus]
-        # (n, stored) float16/32 -> (n, dim) float32, re-normalized: a prefix of a normalized vector is not
-        chunk = torch.from_numpy(np.asarray(emb[keep, :dim], dtype=np.float32))
-        top.add(torch.nn.functional.normalize(chunk, dim=-1))
-        doc_ids += [ids[i] for i in keep]
-    found = set(doc_ids)
-    if len(found) < len(dataset.corpus):
-        absent = next(d for d in dataset.corpus if d not in found)
-        raise BidirError(
-            f"{written.folder}: {len(dataset.corpus) - len(found)} of the {len(dataset.corpus)} documents "
-            f"of {dataset.name} have no embedding there, e.g. id {absent!r}"
-        )
-    return doc_ids
 
 
 def evaluate_sts(
@@ -140,9 +80,9 @@ def evaluate_sts(
     row = {s: i for i, s in enumerate(sentences)}  # each distinct sentence is embedded once
     with evaluating(encoder):
         emb = encoder.encode_queries(
-            sentences, batch_size=batch_size, dim=dim, normalize=True, **_progress(progress)
+            sentences, batch_size=batch_size, dim=dim, normalize=True, **progress_option(progress)
         )
-        emb = _finite(emb, "STS")
+        emb = finite(emb, "STS")
     first = emb[[row[p.sentence1] for p in pairs]].astype(np.float64)  # (P, D)
     second = emb[[row[p.sentence2] for p in pairs]].astype(np.float64)
     cosine = (first * second).sum(axis=1)
@@ -155,18 +95,6 @@ def evaluate_sts(
     # nan, which is not JSON.
     metrics = {"spearman": spearman(cosine, gold), "pearson": pearson(cosine, gold)}
     return {name: None if math.isnan(value) else value for name, value in metrics.items()}
-
-
-def _progress(show: bool) -> dict:
-    # Only asked for when wanted: an encoder other than BiEncoder need not know show_progress_bar.
-    return {"show_progress_bar": True} if show else {}
-
-
-def _finite(embeddings: np.ndarray, what) -> np.ndarray:
-    if not np.isfinite(embeddings).all():
-        name = what.name if isinstance(what, RetrievalDataset) else what
-        raise BidirError(f"{name}: the model produced non-finite (nan/inf) embeddings")
-    return embeddings
 
 
 def check_embeddings_match(
@@ -206,18 +134,33 @@ def evaluate_model(
     dim: int | None = None,
     corpus_embeddings: str | None = None,
     allow_mismatched_embeddings: bool = False,
+    rerank: str | None = None,
+    rerank_top_k: int = RERANK_TOP_K,
     progress: bool = False,
 ) -> dict:
-    """Load a model (anything BiEncoder.from_pretrained accepts) and evaluate it on one task: a retrieval dataset
-    (a BEIR folder or "stdlib-docstrings") or an STS TSV file. Returns the report bidir-eval prints and writes:
-    {"task", "model", "dataset", "dim", "metrics", "counts", "timing"}; metrics are fractions. corpus_embeddings:
-    an embeddings folder (batch-embed's output) holding the retrieval corpus, searched instead of embedding it; it
-    must have been made by this model with its passage prompt (check_embeddings_match), unless
-    allow_mismatched_embeddings, which only warns."""
+    """Evaluate a first stage on one task: an embedder (anything BiEncoder.from_pretrained accepts) or "bm25", on a
+    retrieval dataset (a BEIR folder or "stdlib-docstrings") or, for an embedder, an STS TSV file. Returns the
+    report bidir-eval prints and writes: {"task", "model", "dataset", "dim", "metrics", "counts", "timing"};
+    metrics are fractions. corpus_embeddings: an embeddings folder (batch-embed's output) holding the retrieval
+    corpus, searched instead of embedding it; it must have been made by this model with its passage prompt
+    (check_embeddings_match), unless allow_mismatched_embeddings, which only warns.
+
+    rerank: a reranker checkpoint that reorders each query's top rerank_top_k documents of the first stage's run;
+    the report then also holds "reranked": {"model", "top_k", "metrics", "counts", "timing"}, and "metrics" stays
+    the first stage's."""
     if (retrieval is None) == (sts is None):
         raise BidirError("give exactly one task: a retrieval dataset or an STS file")
     if corpus_embeddings is not None and retrieval is None:
         raise BidirError("corpus embeddings are for a retrieval task")
+    if rerank is not None and retrieval is None:
+        raise BidirError("a reranker reorders a retrieval run: give a retrieval dataset, not an STS file")
+    if isinstance(rerank_top_k, bool) or not isinstance(rerank_top_k, int) or rerank_top_k < 1:
+        raise BidirError(f"the rerank top k must be a positive integer, got {rerank_top_k!r}")
+    bm25 = model == BM25
+    if bm25 and retrieval is None:
+        raise BidirError("bm25 is a retrieval first stage: give a retrieval dataset, not an STS file")
+    if bm25 and (dim is not None or corpus_embeddings is not None):
+        raise BidirError("bm25 ranks by words: a dim or corpus embeddings are for an embedder")
     start = time.perf_counter()
     # Data first: a bad file is reported before the (slow) model load.
     if retrieval is not None:
@@ -239,29 +182,66 @@ def evaluate_model(
                 "undefined"
             )
     loaded_data = time.perf_counter()
-    source = open_source(model)
-    encoder = BiEncoder.from_pretrained(source)
+    # Both sources are opened (cheap) before either model is loaded, so a model in the wrong place is refused early.
+    source = None if bm25 else open_source(model)
+    if source is not None and source.kind == "reranker":
+        raise BidirError(f"{model} is a reranker: pass it as --rerank")
+    rerank_source = open_source(rerank) if rerank is not None else None
+    if rerank_source is not None and rerank_source.kind != "reranker":
+        raise BidirError(f"{rerank} is an {rerank_source.kind}, not a reranker: --rerank takes a reranker")
+    encoder = None if bm25 else BiEncoder.from_pretrained(source)
     if written is not None:
         check_embeddings_match(written, source, encoder.config.passage_prefix, allow_mismatched_embeddings)
     loaded_model = time.perf_counter()
+    # The reranker too is loaded before any evaluation: a reranker that fails to load wastes no first stage.
+    cross_encoder = CrossEncoder.from_pretrained(rerank_source) if rerank_source is not None else None
+    loaded_reranker = time.perf_counter()
     if retrieval is not None:
-        metrics = evaluate_retrieval(
-            encoder, data, batch_size=batch_size, dim=dim, corpus_embeddings=written, progress=progress
-        )
+        top_k = max(TOP_K, rerank_top_k) if rerank is not None else TOP_K
+        if bm25:
+            run = bm25_run(data, top_k)
+        else:
+            run = embedder_run(
+                encoder,
+                data,
+                top_k=top_k,
+                batch_size=batch_size,
+                dim=dim,
+                corpus_embeddings=written,
+                progress=progress,
+            )
+        metrics = retrieval_metrics(run, data.qrels)
     else:
         metrics = evaluate_sts(encoder, pairs, batch_size=batch_size, dim=dim, progress=progress)
     done = time.perf_counter()
-    return {
+    report = {
         "task": "retrieval" if retrieval is not None else "sts",
         "model": str(model),
         "dataset": data.name if retrieval is not None else str(sts),
-        "dim": dim or encoder.hidden_size,
+        "dim": None if bm25 else dim or encoder.hidden_size,
         "metrics": metrics,
         "counts": counts,
         "timing": {
             "data_s": round(loaded_data - start, 3),
             "model_s": round(loaded_model - loaded_data, 3),
-            "eval_s": round(done - loaded_model, 3),
+            "eval_s": round(done - loaded_reranker, 3),
             "total_s": round(done - start, 3),
         },
     }
+    if cross_encoder is not None:
+        reranked = rerank_run(
+            cross_encoder, data, run, rerank_top_k, batch_size=batch_size, progress=progress
+        )
+        reranked_at = time.perf_counter()
+        report["reranked"] = {
+            "model": str(rerank),
+            "top_k": rerank_top_k,
+            "metrics": retrieval_metrics(reranked, data.qrels),
+            "counts": {"pairs": sum(map(len, reranked.values()))},
+            "timing": {
+                "model_s": round(loaded_reranker - loaded_model, 3),
+                "eval_s": round(reranked_at - done, 3),
+            },
+        }
+        report["timing"]["total_s"] = round(reranked_at - start, 3)
+    return report

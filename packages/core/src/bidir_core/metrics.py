@@ -23,6 +23,8 @@ import numpy as np
 from bidir_core.errors import BidirError
 
 RETRIEVAL_METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map@100")
+TOP_K = 100
+"""Documents a run keeps per query: the deepest cutoff of RETRIEVAL_METRICS."""
 
 
 def ranked(scores: dict[str, float]) -> list[str]:

@@ -29,6 +29,13 @@ class RetrievalDataset:
     qrels: dict[str, dict[str, int]]
     """Query id -> {document id: graded relevance}; relevance <= 0 means judged non-relevant."""
 
+    def judged_queries(self) -> list[str]:
+        """The ids of the judged queries, the ones a run ranks documents for; each must have a text."""
+        missing = [q for q in self.qrels if q not in self.queries]
+        if missing:
+            raise BidirError(f"{self.name}: {len(missing)} judged queries have no text, e.g. {missing[0]!r}")
+        return list(self.qrels)
+
 
 def load_beir(folder: Path, split: str = "test") -> RetrievalDataset:
     """A BEIR folder's corpus, the queries judged in qrels/<split>.tsv and those judgments.
