@@ -7,10 +7,9 @@ embedded default given a fresh seeded head), with "last" pooling and causal atte
 *ForSequenceClassification reads it, saved with save_pretrained and loaded back by both libraries. Every path is
 timed from pairs to raw float32 logits, tokenizing included, at the same dtype and batch size:
 
-- sentence-transformers: sentence_transformers.CrossEncoder(folder).predict(pairs, activation_fn=Identity): its own
-                         length sorting, each batch padded to its longest pair. It is given each pair as the template's
-                         text up to the passage and the passage, with its chat-template wrapping off, so its
-                         tokenizer reads the text ours does, cut at the same max_length (the same tokens).
+- sentence-transformers: sentence_transformers.CrossEncoder(folder, max_length).predict(pairs, activation_fn=Identity):
+                         its own length sorting, each batch padded to its longest pair; the checkpoint's chat template
+                         renders a pair as our template does, so it reads the same tokens.
 - bidir padded:          CrossEncoder.predict(packed=False): length-sorted batches of batch_size pairs, each padded.
 - bidir packed:          CrossEncoder.predict(packed=True): length-sorted packed batches of at most --max-tokens real
                          tokens and batch_size pairs.
@@ -52,16 +51,6 @@ def load_pairs(queries: int, top_k: int) -> list[tuple[str, str]]:
     data = load_retrieval(data_file("bench_rerank", "cranfield"), "test")
     run = bm25_run(data, top_k)
     return [(data.queries[q], data.corpus[d]) for q in list(run)[:queries] for d in ranked(run[q])]
-
-
-def as_st_pair(reranker: CrossEncoder, query: str, passage: str) -> tuple[str, str]:
-    """(the template's text up to the passage, the passage): sentence-transformers joins a pair itself."""
-    text = reranker.format(query, passage)
-    if not text.endswith(passage):
-        sys.exit(
-            "bench_rerank: the template must end with {passage} to hand sentence-transformers the same text"
-        )
-    return text[: len(text) - len(passage)], passage
 
 
 def main() -> None:
@@ -111,16 +100,11 @@ def main() -> None:
         reranker = CrossEncoder.from_pretrained(folder, dtype=dtype, device=device).eval()
         max_length = reranker.config.max_length  # both cut a long pair's passage at the same token
         st = StCrossEncoder(str(folder), device=device, max_length=max_length, model_kwargs={"dtype": dtype})
-        # sentence-transformers 6 wraps a pair in the tokenizer's chat template when it has one (SmolLM2's does):
-        # pinned to plain text, it reads the tokens ours does.
-        st[0].modality_config = {"text": st[0].modality_config["text"]}
 
     ids, _ = reranker.tokenize_pairs(pairs)
     lengths = [len(row) for row in ids]
-    st_pairs = [as_st_pair(reranker, q, p) for q, p in pairs]
-    st_lengths = [
-        len(st.tokenizer(a, b, truncation=True, max_length=max_length)["input_ids"]) for a, b in st_pairs
-    ]
+    st_batch = st.preprocess(pairs)
+    st_lengths = st_batch["attention_mask"].sum(dim=1).tolist()  # its real tokens
     shapes = {
         "pairs": len(pairs),
         "queries": args.queries,
@@ -139,8 +123,7 @@ def main() -> None:
         BASELINE: lambda p: reranker.predict(p, batch_size=bs, packed=False),
         "bidir packed": lambda p: reranker.predict(p, batch_size=bs, packed=True, max_tokens=args.max_tokens),
         "sentence-transformers": lambda p: np.asarray(
-            st.predict([as_st_pair(reranker, q, d) for q, d in p], batch_size=bs, activation_fn=identity),
-            np.float32,
+            st.predict(p, batch_size=bs, activation_fn=identity), np.float32
         ),
     }
     with torch.inference_mode():
