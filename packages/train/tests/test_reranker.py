@@ -4,6 +4,7 @@ of pairs, and its step's gradients whatever the chunking (packed, sorted chunks,
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -64,10 +65,41 @@ def test_distillation_needs_every_rows_teacher_scores(tmp_path, loss):
 
 
 @pytest.mark.usefixtures("device")
-def test_a_row_without_negatives_is_refused_naming_it(tmp_path):
+@pytest.mark.parametrize("loss", ["group_ce", "bce", "kl", "margin_mse"])
+def test_rows_without_negatives_are_left_out_in_one_warning(tmp_path, loss):
+    """bidir-mine's margin filter can leave a row no negatives (pos_score alone with --rescore): such rows are left
+    out of every epoch, counted in one warning naming the first, and the others are sampled as ever."""
+    path = tmp_path / "train.jsonl"
+    rows = []
+    for i in range(12):
+        negatives = [] if i % 3 == 1 else [f"n{i}.{k}" for k in range(3)]
+        row = {"query": f"q{i}", "pos_doc": f"p{i}", "neg_doc": negatives, "pos_score": 5.0}
+        rows.append(row | ({"neg_scores": [0.0] * 3} if negatives else {}))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sampler = Reranker.sampler(_recipe(path, f"rerank.loss={loss}"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sampler.warn(full_epochs=True)
+    assert [str(w.message) for w in caught] == [
+        "4 of 12 training rows have no hard negatives (neg_doc) and are left out: a group of the positive alone has "
+        f"nothing to rank (the first: {path}:2)"
+    ]
+    with_negatives = {f"q{i}" for i in range(12) if i % 3 != 1}
+    assert sampler.steps_per_epoch == 2 and sampler.unused_per_epoch == 0
+    for epoch in range(2):
+        drawn = [s.query for step in range(2) for s in sampler.rows(epoch, step)]
+        assert sorted(drawn) == sorted(with_negatives)
+    # The same rows in the same order on every build of the sampler: a resume draws what the run drew.
+    again = Reranker.sampler(_recipe(path, f"rerank.loss={loss}"))
+    assert again.rows(1, 1) == sampler.rows(1, 1)
+
+
+@pytest.mark.usefixtures("device")
+def test_a_file_without_any_negatives_is_refused(tmp_path):
     path = _rows(tmp_path, scored=False, negatives=0)
-    with pytest.raises(BidirError, match=rf"^{path}:1: no hard negatives"):
+    with pytest.raises(BidirError, match=rf"^{path}: none of its 8 training rows has hard negatives") as e:
         Reranker.sampler(_recipe(path))
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.usefixtures("device")

@@ -6,14 +6,16 @@ its positives and data.num_negatives of its neg_doc, drawn from (seed, epoch): t
 resume. A query's group is those G = 1 + data.num_negatives pairs, positive first; there are no in-batch negatives
 (a cross-encoder scores pairs, and another query's passage is an easy negative). A row with fewer neg_doc than
 data.num_negatives has its negatives repeated (counted in one warning, as for the contrastive objective), so every
-group has G pairs; a row with none is refused, naming it.
+group has G pairs. A row with none (bidir-mine's margin filter can leave a row so) is left out of the sampler, counted
+in one warning naming the first: a group of its positive alone has a constant loss and nothing to learn. Only a file
+with no row left is refused.
 
 Step. Each pair is formatted with the model's template (rerank.template), tokenized at rerank.max_length, and
 bidir_train.step scores the micro-batch's B * G pairs as one group of texts with a score function returning
 (n, 1) logits: packed forwards (schedule.packing), length-sorted chunks and GradCache (loss.cache_chunk_size) work
 as for the embedders, with the same gradients. The loss (rerank.loss, bidir_train.rerank_loss) is over each
-query's group; the distillation losses read the rows' teacher scores (pos_score / neg_scores), and rows without
-them are refused before the model loads.
+query's group; the distillation losses read the rows' teacher scores (pos_score / neg_scores), and rows (of those
+with negatives) without them are refused before the model loads.
 
 The dev evaluation (eval.dev) scores embedders only: a reranker recipe sets eval.dev=null, and final/ is scored
 with bidir-eval afterwards.
@@ -21,6 +23,7 @@ with bidir-eval afterwards.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +31,7 @@ from functools import partial
 import torch
 
 from bidir_core.batching import pad_batch
-from bidir_core.datasets import read_training_examples
+from bidir_core.datasets import TrainingExample, read_training_examples
 from bidir_core.errors import BidirError
 from bidir_core.packed import PackedBatch
 from bidir_train.config import TrainConfig
@@ -60,13 +63,21 @@ class Reranker:
     bidir_core.CrossEncoder."""
 
     @classmethod
-    def sampler(cls, cfg: TrainConfig) -> EpochSampler:
+    def sampler(cls, cfg: TrainConfig) -> GroupSampler:
         check_recipe(cfg)
-        examples = first_rows(read_training_examples(cfg.data.train), cfg)
+        rows = first_rows(read_training_examples(cfg.data.train), cfg)
+        # The file's order is kept, so the sampler's rows, and a resume's, are the same every run.
+        examples = [ex for ex in rows if ex.negatives]
+        if not examples:
+            raise BidirError(
+                f"{cfg.data.train}: none of its {len(rows)} training rows has hard negatives (neg_doc), and "
+                "objective: reranker scores each query's positive against them (bidir-mine adds them)"
+            )
         if cfg.rerank.loss in DISTILL_LOSSES:
             require_teacher_scores(examples, f"rerank.loss={cfg.rerank.loss}")
-        return EpochSampler(
+        return GroupSampler(
             examples,
+            without_negatives=[ex for ex in rows if not ex.negatives],
             global_batch_size=cfg.schedule.global_batch_size,
             num_negatives=cfg.data.num_negatives,
             seed=cfg.schedule.seed,
@@ -88,6 +99,25 @@ class Reranker:
         teacher = None if batch.teacher_scores is None else batch.teacher_scores.to(self.device)
         group = 1 + self.cfg.data.num_negatives
         return rerank_loss(self.cfg.rerank.loss, scores, group, teacher, self.cfg.loss.distill_temperature)
+
+
+class GroupSampler(EpochSampler):
+    """The EpochSampler of the rows with hard negatives; `without_negatives`, the rows left out, are said in its
+    warning (rank 0, once) rather than when each rank builds it."""
+
+    def __init__(self, examples: list[TrainingExample], *, without_negatives: list[TrainingExample], **kw):
+        super().__init__(examples, **kw)
+        self.without_negatives = without_negatives
+
+    def warn(self, full_epochs: bool = True) -> None:
+        super().warn(full_epochs)
+        if self.without_negatives:
+            left_out, total = len(self.without_negatives), len(self.without_negatives) + len(self.examples)
+            warnings.warn(
+                f"{left_out} of {total} training rows have no hard negatives (neg_doc) and are left out: a group "
+                f"of the positive alone has nothing to rank (the first: {self.without_negatives[0].origin})",
+                stacklevel=2,
+            )
 
 
 def check_recipe(cfg: TrainConfig) -> None:
