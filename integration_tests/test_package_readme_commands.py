@@ -58,6 +58,14 @@ ACCOUNTED = {
         ),
         "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b model.path=/models/Llama-3.2-1B "
         "data.train=/data/train.jsonl eval.dev=/data/beir/nq optim.lr=1e-5": "test_train_1b_recipe",
+        "torchrun --nproc-per-node 8 -m bidir_train --config reranker_llama3_2_1b model.path=/models/Llama-3.2-1B "
+        "data.train=/data/mined.jsonl": "test_train_1b_recipe",
+        "bidir-mine smollm2-135m --train stdlib-docstrings --output runs/mined/stdlib-docstrings.jsonl": (
+            "test_readme_commands.py::test_readme_reranker (README.md shows the same command)"
+        ),
+        "torchrun --nproc-per-node 1 -m bidir_train --config reranker": (
+            "test_readme_commands.py::test_readme_reranker (README.md shows the same command)"
+        ),
         "python -m bidir_train --config default schedule.max_steps=10": "test_train_mntp_default_mine",
         "torchrun --nproc-per-node 1 -m bidir_train --config mntp": "test_train_mntp_default_mine",
         "torchrun --nproc-per-node 1 -m bidir_train --config default model.path=runs/mntp/final": (
@@ -280,6 +288,15 @@ def test_train_1b_recipe(production):
     run(*words, "schedule.max_steps=1", "schedule.global_batch_size=2", "schedule.micro_batch_size=2",
         "logging.output_dir=runs/lr", cwd=production["work"])  # fmt: skip
     assert (production["work"] / "runs" / "lr" / "final" / "bidir.json").is_file()
+    # the reranker recipe, on the production rows (4 hard negatives each, the recipe's groups of 1 + 4)
+    words = command(
+        "packages/train/README.md", "torchrun --nproc-per-node 8 -m bidir_train --config reranker_"
+    )
+    paths = {**production["paths"], "/data/mined.jsonl": production["paths"]["/data/train.jsonl"]}
+    run(*miniature(words, paths, {"--nproc-per-node": "1"}), "schedule.max_steps=1", "schedule.global_batch_size=2",
+        "schedule.micro_batch_size=2", cwd=production["work"])  # fmt: skip
+    final = production["work"] / "runs" / "reranker_llama3_2_1b" / "final"
+    assert json.loads((final / "bidir.json").read_text())["kind"] == "reranker"
 
 
 def test_train_mntp_default_mine(work):
