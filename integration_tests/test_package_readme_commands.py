@@ -39,7 +39,7 @@ ACCOUNTED = {
         "bidir-convert ./Llama-3.2-1B ./llama-1b-bidir --pooling avg --dtype bfloat16": "test_core_convert",
         "bidir-convert ./llama-nemotron-rerank-1b-v2 ./nemotron-rerank --reranker": "test_core_convert",
         "bidir-convert ./Qwen3-Reranker-0.6B ./qwen3-rerank --reranker --yes-token yes --no-token no "
-        "--template $(cat prompt.txt)": "test_core_convert (through bash, as written)",
+        "--template-file prompt.txt": "test_core_convert",
         "bidir-eval smollm2-135m --retrieval stdlib-docstrings": "test_core_eval",
         "bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --split test --json runs/cranfield.json": (
             "test_core_eval"
@@ -226,13 +226,12 @@ def test_core_convert(tmp_path):
     tokenizer.add_tokens(["yes", "no"])
     tokenizer.save_pretrained(qwen3)
     (prompt,) = (b for b in blocks("packages/core/README.md", "text") if b.startswith("<|im_start|>system"))
-    (tmp_path / "prompt.txt").write_text(prompt)
-    (line,) = (line for b in blocks("packages/core/README.md", "bash") for line in b.splitlines()
-               if line.startswith("bidir-convert ./Qwen3-Reranker-0.6B"))  # fmt: skip
-    run("bash", "-c", line, cwd=tmp_path)
+    assert prompt.endswith("</think>\n\n")
+    (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
+    run(*command("packages/core/README.md", "bidir-convert ./Qwen3-Reranker-0.6B"), cwd=tmp_path)
     ce = CrossEncoder.from_pretrained(tmp_path / "qwen3-rerank")
-    # $(cat ...) drops the file's trailing newlines
-    assert (ce.config.pooling, ce.config.template) == ("last", prompt.rstrip("\n"))
+    # read exactly: the prompt's final newlines (after </think>) are part of the template
+    assert (ce.config.pooling, ce.config.template) == ("last", prompt)
     assert ce.predict([("sort a list", "Return a new sorted list.")]).shape == (1,)
 
 

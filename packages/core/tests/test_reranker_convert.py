@@ -65,6 +65,17 @@ def test_reranker_folder_converts_as_it_is(tmp_path, capsys):
     np.testing.assert_array_equal(converted.predict(PAIRS), source.predict(PAIRS))
 
 
+def test_template_file_is_read_exactly(tmp_path, capsys):
+    # A chat prompt ends in newlines (Qwen3-Reranker's: "</think>\n\n") that $(cat FILE) would drop.
+    template = "<q>{query}</q>\r\n<p>{passage}</p>\n\n"
+    (tmp_path / "prompt.txt").write_bytes(template.encode())
+    folder = write_nvidia_llama_bidirec(tmp_path / "nv", reranker=True)
+    out = tmp_path / "rerank"
+    argv = [str(folder), str(out), "--reranker", "--template-file", str(tmp_path / "prompt.txt")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert CrossEncoder.from_pretrained(out).config.template == template
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -75,6 +86,7 @@ def test_reranker_folder_converts_as_it_is(tmp_path, capsys):
         (["--reranker", "--template", "{query}"], "must contain {passage} exactly once"),
         (["--reranker", "--no-normalize"], "--no-normalize applies to an embedder"),
         (["--template", "{query}{passage}"], "--template applies to a reranker: add --reranker"),
+        (["--reranker", "--template-file", "missing.txt"], "missing.txt: cannot read the template"),
     ],
 )
 def test_bad_reranker_flags_get_one_line(hf_source, tmp_path, capsys, extra, needle):

@@ -20,7 +20,7 @@ EXAMPLES = """examples:
   bidir-convert smollm2-135m ./smollm2-bidir --pooling weighted_avg
   bidir-convert ./llama-nemotron-rerank-1b-v2 ./nemotron-rerank --reranker        # a reranker folder as it is
   bidir-convert ./Qwen3-Reranker-0.6B ./qwen3-rerank --reranker --yes-token yes --no-token no \\
-      --template "$(cat qwen3-reranker-prompt.txt)"     # {query} and {passage} in the model's chat prompt
+      --template-file qwen3-reranker-prompt.txt     # {query} and {passage} in the model's chat prompt
 """
 
 
@@ -64,7 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "lm_head[yes] - lm_head[no], last pooling, causal attention); each must be one token",
     )
     rr.add_argument("--no-token", help="see --yes-token")
-    rr.add_argument("--template", help="the text a pair becomes, with {query} and {passage} once each")
+    template = rr.add_mutually_exclusive_group()
+    template.add_argument("--template", help="the text a pair becomes, with {query} and {passage} once each")
+    template.add_argument(
+        "--template-file",
+        metavar="FILE",
+        help="--template read from a UTF-8 file, exactly (a chat prompt's trailing newlines included, which a "
+        "shell's $(cat FILE) would drop)",
+    )
     rr.add_argument(
         "--temperature", type=float, help="the logit is divided by it (default: the source's, or 1)"
     )
@@ -84,7 +91,7 @@ def convert(args: argparse.Namespace) -> None:
 
     if args.reranker:
         return convert_reranker(args)
-    for flag in ("yes_token", "no_token", "template", "temperature"):
+    for flag in ("yes_token", "no_token", "template", "template_file", "temperature"):
         if getattr(args, flag) is not None:
             raise BidirError(f"--{flag.replace('_', '-')} applies to a reranker: add --reranker")
 
@@ -114,6 +121,8 @@ def convert_reranker(args: argparse.Namespace) -> None:
         raise BidirError("--no-normalize applies to an embedder; a reranker's score is not normalized")
     if (args.yes_token is None) != (args.no_token is None):
         raise BidirError("--yes-token and --no-token go together")
+    if args.template_file is not None:
+        args.template = read_template(args.template_file)
     dtype = getattr(torch, args.dtype)
     if args.yes_token is not None:
         if args.temperature is not None:
@@ -144,6 +153,17 @@ def convert_reranker(args: argparse.Namespace) -> None:
         f"wrote reranker {out} ({n_params / 1e6:.1f}M parameters, {args.dtype}, {ce.config.attention} attention, "
         f"pooling={ce.config.pooling}, temperature={ce.config.temperature:g})"
     )
+
+
+def read_template(path: str) -> str:
+    """A --template-file's text as it is (no newline stripped or translated)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except OSError as e:
+        raise BidirError(f"{path}: cannot read the template: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise BidirError(f"{path}: the template is not UTF-8 text") from None
 
 
 if __name__ == "__main__":
