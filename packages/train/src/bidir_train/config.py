@@ -1,8 +1,8 @@
 """Training configuration: one frozen dataclass per recipe section, each checking its own values.
 
 A recipe (bidir_train.recipe) is a YAML mapping with one sub-mapping per section (model, data, loss, mntp, rerank,
-lora, optim, schedule, parallel, checkpoint, eval, logging) and `objective`. Field types are what the recipe loader checks a
-value against (a `Literal` lists the choices); each section's `__post_init__` checks the ranges, naming the key as
+lora, optim, schedule, parallel, checkpoint, eval, logging) and `objective`. Field types are what the recipe
+loader checks a value against (a `Literal` lists the choices); each section's `__post_init__` checks the ranges, naming the key as
 a recipe spells it.
 """
 

@@ -26,8 +26,8 @@ def parallelize(
     root: nn.Module | None = None,
 ) -> nn.Module:
     """Shard `model` (a LlamaBidirectionalModel, possibly on the meta device) in place over the default process
-    group and return it (a single CPU process is left unsharded). bf16 on CUDA: parameters are all-gathered in bf16, gradients reduced in fp32, and the
-    sharded master weights stay fp32. (On CPU bf16 comes from autocast in the training step instead.) `dropout`:
+    group and return it (a single CPU process is left unsharded). bf16 on CUDA: parameters are all-gathered in
+    bf16, gradients reduced in fp32, and the sharded master weights stay fp32. (On CPU bf16 comes from autocast in the training step instead.) `dropout`:
     the model draws random numbers in forward (LoRA dropout), which activation checkpointing must replay.
     Frozen parameters (LoRA's base weights) are sharded like the others; FSDP2 reduces gradients only for the
     trainable ones. `root`: a module holding `model` and parameters of its own (a CrossEncoder's score head),

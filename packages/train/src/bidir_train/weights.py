@@ -145,7 +145,8 @@ def _part(state_dict: dict, prefix: str) -> dict:
 
 def load_untied_head(cfg: TrainConfig, encoder: BiEncoder, device: torch.device) -> torch.Tensor | None:
     """An untied checkpoint's LM head (V, H), read by rank 0 and broadcast: frozen, whole on every rank (it is not
-    sharded or trained, and not part of the saved embedder). None for a tied checkpoint, or when the checkpoint has none."""
+    sharded or trained, and not part of the saved embedder). None for a tied checkpoint, or when the checkpoint
+    has none."""
     config = encoder.model.config
     if getattr(config, "tie_word_embeddings", False):
         return None
