@@ -3,7 +3,8 @@
 Three systems on three tasks, all scored by bidir_core.evaluation (the same metrics bidir-eval reports):
 
 - BM25:          rank_bm25's BM25Okapi over lowercase word tokens (\\w+): bidir_core.bm25 for retrieval, bm25.py
-                 for STS, where it is the BM25 score of each sentence against the other (both directions averaged) over an index of all STS sentences.
+                 for STS, where it is the BM25 score of each sentence against the other (both directions
+                 averaged) over an index of all STS sentences.
 - bidir:         the embedded default SmolLM2-135M loaded bidirectionally (BiEncoder.from_pretrained), untrained
                  as an embedder: avg pooling, L2-normalized, "query: " / "passage: " prefixes.
 - causal (HF):   the same weights through transformers' AutoModel with is_causal=True (the model as it was
