@@ -145,9 +145,9 @@ class MicroBatch:
     passage_mask: torch.Tensor
     passage_keys: torch.Tensor  # (B * (1 + N),) int64
     positive_keys: torch.Tensor  # (B, K) int64, -1 padded
-    teacher_scores: torch.Tensor | None  # (B * (1 + N),) float32 of the rows' pos_score / neg_scores, or None
     tokens: int  # real (non-pad) tokens in the micro-batch
     truncated: int  # texts cut to their max length
+    teacher_scores: torch.Tensor | None = None  # (B * (1 + N),) float32 of the rows' pos_score / neg_scores
 
     @property
     def groups(self) -> tuple[Group, Group]:
