@@ -314,7 +314,10 @@ def test_train_mntp_default_mine(work):
     words = miniature(command(readme, "python -m bidir_train"), settings={"schedule.max_steps": "2"})
     run(*words, tiny, *short[1:], "eval.dev=null", cwd=single)
     assert (single / "runs" / "default" / "final" / "bidir.json").is_file()
-    run(*miniature(command(readme, "bidir-mine smollm2-135m"), {SMOLLM2: "./ckpt"}), cwd=single)
+    run(
+        *miniature(command(readme, "bidir-mine smollm2-135m --train pairs.jsonl"), {SMOLLM2: "./ckpt"}),
+        cwd=single,
+    )
     assert (single / "mined.jsonl").read_text().count("\n") == 12
 
 
