@@ -18,6 +18,7 @@ from bidir_core.embeddings_artifact import EmbeddingsManifest, Shard, write_embe
 from bidir_core.encoder import BiEncoder
 from bidir_core.eval_cli import main
 from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
+from bidir_core.fusion import fuse
 from bidir_core.metrics import retrieval_metrics
 from bidir_core.runs import embedder_run, rerank_run
 
@@ -289,6 +290,47 @@ def test_rerank_report_beside_the_first_stage(first_stage, tiny_checkpoint, rera
     assert set(report["reranked"]["timing"]) == {"model_s", "eval_s"}
     want = report["metrics"]["ndcg@10"], report["reranked"]["metrics"]["ndcg@10"]
     assert f"ndcg@10     {want[0]:>9.4f} {want[1]:>9.4f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fusion", ["rrf", "weighted"])
+def test_hybrid_report_beside_dense_and_bm25(fusion, tiny_checkpoint, reranker, beir, tmp_path, capsys):
+    from bidir_core.cross_encoder import CrossEncoder
+
+    out = tmp_path / "h.json"
+    argv = [str(tiny_checkpoint), "--retrieval", str(beir), "--hybrid", fusion, "--rerank", str(reranker)]
+    assert main([*argv, "--rerank-top-k", "3", "--json", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    data = load_retrieval(beir)
+    dense, lexical = embedder_run(BiEncoder.from_pretrained(tiny_checkpoint), data), bm25_run(data)
+    fused = fuse([dense, lexical], fusion)
+    assert report["metrics"] == pytest.approx(retrieval_metrics(dense, data.qrels))  # still the dense run's
+    assert report["hybrid"]["fusion"] == fusion
+    assert report["hybrid"]["bm25"] == pytest.approx(retrieval_metrics(lexical, data.qrels))
+    assert report["hybrid"]["metrics"] == pytest.approx(retrieval_metrics(fused, data.qrels))
+    reranked = rerank_run(CrossEncoder.from_pretrained(reranker), data, fused, 3)  # the fused run is reranked
+    assert report["reranked"]["metrics"] == pytest.approx(retrieval_metrics(reranked, data.qrels), abs=1e-6)
+    printed = capsys.readouterr().out
+    assert f"hybrid: the dense run and BM25's fused by {fusion}" in printed
+    assert "dense      bm25    hybrid  reranked" in printed
+
+
+def test_hybrid_refusals(tiny_checkpoint, beir, tmp_path, capsys):
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("5\tA cat sits.\tA cat is sitting.\n0\tA cat sits.\tStocks fell.\n")
+    cases = [
+        (
+            ["bm25", "--retrieval", str(beir), "--hybrid", "rrf"],
+            "give an embedder as the first stage, not bm25",
+        ),
+        (
+            [str(tiny_checkpoint), "--sts", str(sts), "--hybrid", "rrf"],
+            "give a retrieval dataset, not an STS file",
+        ),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_rerank_refusals(tiny_checkpoint, reranker, beir, tmp_path, capsys):

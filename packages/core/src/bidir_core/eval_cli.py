@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bidir_core.cli import run_cli
 from bidir_core.errors import BidirError
+from bidir_core.fusion import FUSIONS
 from bidir_core.jsonfile import write_json_atomic
 from bidir_core.outputs import check_writable
 from bidir_core.runs import RERANK_TOP_K
@@ -21,7 +22,8 @@ EXAMPLES = """examples:
   bidir-eval ./my-embedder --retrieval ./beir-folder --corpus-embeddings ./corpus-emb   (from batch-embed)
   bidir-eval bm25 --retrieval ../shared/data/cranfield
   bidir-eval bm25 --retrieval ../shared/data/cranfield --rerank ./my-reranker --rerank-top-k 50
-  bidir-eval ./my-embedder --retrieval stdlib-docstrings --rerank ./my-reranker"""
+  bidir-eval ./my-embedder --retrieval stdlib-docstrings --rerank ./my-reranker
+  bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --hybrid weighted   (dense + BM25, fused)"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="K",
         help=f"documents per query the reranker scores (default: {RERANK_TOP_K}); the ones below are dropped",
     )
+    p.add_argument(
+        "--hybrid",
+        choices=FUSIONS,
+        help="with --retrieval and an embedder: also run BM25 and fuse the two runs (weighted: min-max scaled scores "
+        "summed with equal weights; rrf: reciprocal-rank fusion); printed beside each alone, and what --rerank "
+        "reorders",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -102,6 +111,7 @@ def evaluate(args: argparse.Namespace) -> None:
         allow_mismatched_embeddings=args.allow_mismatched_embeddings,
         rerank=args.rerank,
         rerank_top_k=RERANK_TOP_K if args.rerank_top_k is None else args.rerank_top_k,
+        hybrid=args.hybrid,
         progress=not args.no_progress,
     )
     if args.json:
@@ -118,18 +128,25 @@ def format_report(report: dict) -> str:
     dim = "" if report["dim"] is None else f", dim {report['dim']}"
     lines = [f"{report['model']} on {report['dataset']} ({report['task']}: {counts}{dim})"]
     timing = report["timing"]
-    reranked = report.get("reranked")
-    if reranked is None:
-        lines += [f"  {name:<11} {_value(value)}" for name, value in report["metrics"].items()]
-    else:  # the first stage's metrics and the reranked ones side by side
+    reranked, hybrid = report.get("reranked"), report.get("hybrid")
+    # One column per run: the first stage, then BM25 and the fused run (hybrid), then the reranked run.
+    columns = [("first" if hybrid is None else "dense", report["metrics"])]
+    if hybrid is not None:
+        lines.append(f"  hybrid: the dense run and BM25's fused by {hybrid['fusion']}")
+        columns += [("bm25", hybrid["bm25"]), ("hybrid", hybrid["metrics"])]
+    if reranked is not None:
         lines.append(
             f"  reranked by {reranked['model']}: each query's top {reranked['top_k']} "
             f"({reranked['counts']['pairs']} pairs)"
         )
-        lines.append(f"  {'':<11} {'first':>9} {'reranked':>9}")
+        columns.append(("reranked", reranked["metrics"]))
+    if len(columns) == 1:
+        lines += [f"  {name:<11} {_value(value)}" for name, value in report["metrics"].items()]
+    else:
+        lines.append(f"  {'':<11} " + " ".join(f"{title:>9}" for title, _ in columns))
         lines += [
-            f"  {name:<11} {_value(value):>9} {_value(reranked['metrics'][name]):>9}"
-            for name, value in report["metrics"].items()
+            f"  {name:<11} " + " ".join(f"{_value(metrics[name]):>9}" for _, metrics in columns)
+            for name in report["metrics"]
         ]
     lines.append(f"  model loaded in {timing['model_s']:.1f} s, evaluated in {timing['eval_s']:.1f} s")
     if reranked is not None:

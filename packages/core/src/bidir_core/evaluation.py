@@ -27,6 +27,7 @@ from bidir_core.datasets import (
 from bidir_core.embeddings_artifact import Embeddings, read_embeddings
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
+from bidir_core.fusion import FUSIONS, fuse
 from bidir_core.metrics import RETRIEVAL_METRICS, TOP_K, pearson, retrieval_metrics, spearman
 from bidir_core.runs import RERANK_TOP_K, embedder_run, evaluating, finite, progress_option, rerank_run
 from bidir_core.search import exact_search
@@ -136,6 +137,7 @@ def evaluate_model(
     allow_mismatched_embeddings: bool = False,
     rerank: str | None = None,
     rerank_top_k: int = RERANK_TOP_K,
+    hybrid: str | None = None,
     progress: bool = False,
 ) -> dict:
     """Evaluate a first stage on one task: an embedder (anything BiEncoder.from_pretrained accepts) or "bm25", on a
@@ -147,7 +149,11 @@ def evaluate_model(
 
     rerank: a reranker checkpoint that reorders each query's top rerank_top_k documents of the first stage's run;
     the report then also holds "reranked": {"model", "top_k", "metrics", "counts", "timing"}, and "metrics" stays
-    the first stage's."""
+    the first stage's.
+
+    hybrid: a fusion rule (fusion.FUSIONS) that fuses an embedder's run with BM25's; the report then also holds
+    "hybrid": {"fusion", "bm25": BM25's metrics, "metrics": the fused run's, "timing"}, and a reranker reorders the
+    fused run."""
     if (retrieval is None) == (sts is None):
         raise BidirError("give exactly one task: a retrieval dataset or an STS file")
     if corpus_embeddings is not None and retrieval is None:
@@ -156,7 +162,15 @@ def evaluate_model(
         raise BidirError("a reranker reorders a retrieval run: give a retrieval dataset, not an STS file")
     if isinstance(rerank_top_k, bool) or not isinstance(rerank_top_k, int) or rerank_top_k < 1:
         raise BidirError(f"the rerank top k must be a positive integer, got {rerank_top_k!r}")
+    if hybrid is not None and hybrid not in FUSIONS:
+        raise BidirError(f"hybrid fusion must be one of {', '.join(FUSIONS)}, got {hybrid!r}")
+    if hybrid is not None and retrieval is None:
+        raise BidirError("hybrid fuses retrieval runs: give a retrieval dataset, not an STS file")
     bm25 = model == BM25
+    if bm25 and hybrid is not None:
+        raise BidirError(
+            "hybrid fuses an embedder's run with BM25's: give an embedder as the first stage, not bm25"
+        )
     if bm25 and retrieval is None:
         raise BidirError("bm25 is a retrieval first stage: give a retrieval dataset, not an STS file")
     if bm25 and (dim is not None or corpus_embeddings is not None):
@@ -228,6 +242,18 @@ def evaluate_model(
             "total_s": round(done - start, 3),
         },
     }
+    if hybrid is not None:
+        lexical = bm25_run(data, top_k)
+        run = fuse([run, lexical], hybrid, top_k=top_k)  # what a reranker then reorders
+        fused_at = time.perf_counter()
+        report["hybrid"] = {
+            "fusion": hybrid,
+            "bm25": retrieval_metrics(lexical, data.qrels),
+            "metrics": retrieval_metrics(run, data.qrels),
+            "timing": {"eval_s": round(fused_at - done, 3)},
+        }
+        report["timing"]["total_s"] = round(fused_at - start, 3)
+        done = fused_at
     if cross_encoder is not None:
         reranked = rerank_run(
             cross_encoder, data, run, rerank_top_k, batch_size=batch_size, progress=progress
