@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         "--max-inputs", type=int, default=d.max_inputs, help=f"inputs per request (default {d.max_inputs})"
     )
     p.add_argument(
+        "--max-rerank-documents",
+        type=int,
+        default=d.max_rerank_documents,
+        help=f"documents per rerank request (default {d.max_rerank_documents})",
+    )
+    p.add_argument(
         "--max-request-bytes",
         type=int,
         default=d.max_request_bytes,
