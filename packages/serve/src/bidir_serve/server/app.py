@@ -1,9 +1,11 @@
 """The FastAPI app: POST /v1/embeddings, GET /health, GET /v1/models, GET /metrics, and OpenAI-style error JSON for
-every refusal (`{"error": {"message", "type", "param", "code"}}`).
+every refusal (`{"error": {"message", "type", "param", "code"}}`); the rerank routes come from rerank.py, each with
+its API's error JSON. A model serves the routes of its kind; the others refuse it (handling.check_kind).
 
-Every request first passes guard.py (the Host header, the API key). A request to /v1/embeddings goes: JSON
+Every request first passes guard.py (the Host header, the API key). A request to /v1/embeddings goes (handling.py): JSON
 Content-Type (else 415) -> body read up to --max-request-bytes (413) within --timeout-read (408) -> admitted (or 429
-at once: batcher.slot; only now, so a client slow to send its body never holds a slot) -> validated (schema.py,
+at once: batcher.slot; only now, so a client slow to send its body never holds a slot) -> an embedder is served
+(else 400) -> validated (schema.py,
 400/404) -> tokenized on the one tokenizer thread, in parts that take turns with other requests' (tokens.py) ->
 queued for the model thread (batcher.py), while a watcher notices a client that disconnects and takes its job off
 the queue -> Matryoshka cut (bidir_core.matryoshka, from the full-width output) -> JSON.
