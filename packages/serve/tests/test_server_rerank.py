@@ -9,6 +9,7 @@ request's, packed) against predict's; the sigmoid is compared after it (its slop
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -284,3 +285,55 @@ def test_concurrent_requests_share_batches_and_keep_their_scores(server, logits,
         for r in body["rankings"]:
             got[r["index"]] = r["logit"]
         np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def test_scores_in_float64_and_ties_keep_the_documents_order():
+    from bidir_serve.server.rerank_schema import ranking, sigmoid
+
+    logits = np.array([-1000, 0, 1000, 40, 40], np.float32)
+    with np.errstate(
+        over="raise", invalid="raise"
+    ):  # no overflow either side (exp(-1000) underflows to 0: fine)
+        scores = sigmoid(logits)
+    assert scores.dtype == np.float64 and scores.tolist()[:3] == [0.0, 0.5, 1.0]
+    assert scores[3] == scores[2] == 1.0  # the sigmoid saturates: the ranking goes by the logit
+    assert ranking(logits) == [2, 3, 4, 1, 0] and ranking(logits, 2) == [2, 3]
+
+
+def test_admission_key_and_tei_429(reranker_checkpoint):
+    """A rerank request passes the API key check (the cohere SDK sends it as a Bearer token) and the admission
+    limit: past --max-concurrency, TEI's route answers 429 error_type overloaded at once."""
+    cohere = pytest.importorskip("cohere")
+    with serving(reranker_checkpoint, api_key="sesame", max_concurrency=1, max_wait_ms=800) as runner:
+        assert (
+            cohere.ClientV2(api_key="sesame", base_url=runner.url)
+            .rerank(model="tiny-reranker", query=QUERY, documents=DOCS)
+            .results
+        )
+        with pytest.raises(cohere.errors.UnauthorizedError):
+            cohere.ClientV2(api_key="wrong", base_url=runner.url).rerank(
+                model="tiny-reranker", query=QUERY, documents=DOCS
+            )
+        key = {"Authorization": "Bearer sesame"}
+        held = {}
+        holder = threading.Thread(  # waits ~0.8 s in the batcher (max_wait_ms), holding the one slot
+            target=lambda: held.setdefault(
+                "status", call(runner.url, "POST", "/rerank", _good("/rerank"), headers=key)[0]
+            )  # fmt: skip
+        )
+        holder.start()
+        deadline = time.monotonic() + 10
+        while metric_with_key(runner.url, key) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, body = call(runner.url, "POST", "/rerank", _good("/rerank"), headers=key)
+        assert (status, body["error_type"]) == (429, "overloaded") and "--max-concurrency" in body["error"]
+        holder.join()
+        assert held == {"status": 200}
+
+
+def metric_with_key(url, headers):
+    for line in call(url, "GET", "/metrics", headers=headers)[1].splitlines():
+        if line.startswith("bidir_server_requests_in_flight "):
+            return float(line.split()[-1])
+    return 0.0

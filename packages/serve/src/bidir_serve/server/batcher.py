@@ -153,7 +153,11 @@ class Batcher:
             self._on_fatal(e)
             return
         self.backend, self.state = backend, "ready"
-        shape = "scores pairs" if backend_kind(backend) == RERANKER else f"{backend.dim} dimensions"
+        shape = (
+            "scores (query, passage) pairs"
+            if backend_kind(backend) == RERANKER
+            else f"{backend.dim} dimensions"
+        )
         log.info("model ready: %s, %s, max_length %d", backend.description, shape, backend.config.max_length)
         while jobs := self._take():
             self._embed(backend, jobs)
