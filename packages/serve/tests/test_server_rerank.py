@@ -17,6 +17,8 @@ import pytest
 from server_testing import call, metric, serving
 
 from bidir_core.reranker_config import tokenize_pairs
+from bidir_core.tokenization import max_chars
+from bidir_serve.server import rerank_schema
 
 ATOL = 1e-5
 QUERY = "sort a list"
@@ -25,6 +27,7 @@ LONG = "the quick brown fox jumps over the lazy dog " * 20  # past max_length 48
 
 
 def sigmoid(x):
+    """The textbook formula, the oracle of the server's overflow-safe one."""
     return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
 
 
@@ -288,16 +291,14 @@ def test_concurrent_requests_share_batches_and_keep_their_scores(server, logits,
 
 
 def test_scores_in_float64_and_ties_keep_the_documents_order():
-    from bidir_serve.server.rerank_schema import ranking, sigmoid
-
     logits = np.array([-1000, 0, 1000, 40, 40], np.float32)
     with np.errstate(
         over="raise", invalid="raise"
     ):  # no overflow either side (exp(-1000) underflows to 0: fine)
-        scores = sigmoid(logits)
+        scores = rerank_schema.sigmoid(logits)
     assert scores.dtype == np.float64 and scores.tolist()[:3] == [0.0, 0.5, 1.0]
     assert scores[3] == scores[2] == 1.0  # the sigmoid saturates: the ranking goes by the logit
-    assert ranking(logits) == [2, 3, 4, 1, 0] and ranking(logits, 2) == [2, 3]
+    assert rerank_schema.ranking(logits) == [2, 3, 4, 1, 0] and rerank_schema.ranking(logits, 2) == [2, 3]
 
 
 def test_admission_key_and_tei_429(reranker_checkpoint):
@@ -337,3 +338,16 @@ def metric_with_key(url, headers):
         if line.startswith("bidir_server_requests_in_flight "):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_huge_query_and_documents_score_as_predict(server, reranker, logits):
+    """A query and documents far past what max_length tokens can cover (the server cuts each to that many
+    characters before formatting: the kept tokens do not change) score as predict() scores the whole texts."""
+    huge = "the quick brown fox jumps over the lazy dog " * 1000  # 44k characters
+    assert len(huge) > max_chars(reranker.tokenizer, reranker.config.max_length)
+    for query, docs in ((QUERY, [huge, DOCS[0]]), (huge, DOCS)):
+        body = {"query": {"text": query}, "passages": [{"text": d} for d in docs], "truncate": "END"}
+        status, got = call(server.url, "POST", "/v1/ranking", body)
+        assert status == 200
+        want = logits(query, docs)
+        np.testing.assert_allclose([r["logit"] for r in got["rankings"]], want[_order(want)], atol=ATOL)
