@@ -14,11 +14,13 @@ import warnings
 
 import numpy as np
 import pytest
-from server_testing import call, metric, serving
+from server_testing import call, metric, serving, wait_ready
 
+from bidir_core import BidirError
 from bidir_core.reranker_config import tokenize_pairs
 from bidir_core.tokenization import max_chars
-from bidir_serve.server import rerank_schema
+from bidir_serve.backends import load_backend
+from bidir_serve.server import Runner, ServerConfig, rerank_schema
 
 ATOL = 1e-5
 QUERY = "sort a list"
@@ -351,3 +353,32 @@ def test_huge_query_and_documents_score_as_predict(server, reranker, logits):
         assert status == 200
         want = logits(query, docs)
         np.testing.assert_allclose([r["logit"] for r in got["rankings"]], want[_order(want)], atol=ATOL)
+
+
+class NanScorer:
+    """The torch scorer, but NaN for every pair of a batch of more than `rows` pairs."""
+
+    def __init__(self, inner, rows: int):
+        self._inner, self._rows = inner, rows
+
+    def score(self, inputs):
+        out = self._inner.score(inputs)
+        return out if len(out) <= self._rows else np.full_like(out, np.nan)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_non_finite_scores_are_500s_and_a_nan_model_never_serves(reranker_checkpoint):
+    def load(rows):
+        return lambda: NanScorer(load_backend(reranker_checkpoint, "torch", device="cpu"), rows)
+
+    with serving(reranker_checkpoint, load=load(1)) as runner:
+        wait_ready(runner)
+        status, body = call(runner.url, "POST", "/v2/rerank", {"query": QUERY, "documents": DOCS[:2]})
+        assert status == 500 and body["message"] == "the model produced non-finite (nan/inf) scores"
+        status, body = call(runner.url, "POST", "/v2/rerank", {"query": QUERY, "documents": DOCS[:1]})
+        assert status == 200 and 0 < body["results"][0]["relevance_score"] < 1  # and it goes on serving
+    runner = Runner(ServerConfig(str(reranker_checkpoint), port=0), load=load(0))
+    with pytest.raises(BidirError, match="non-finite .* scores for its warm-up pair"):
+        runner.run()  # ends by itself: the model thread's failure stops the server
