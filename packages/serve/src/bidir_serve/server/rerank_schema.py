@@ -199,7 +199,9 @@ def cohere_response(r: Rerank, logits: np.ndarray, tokens: int, model: str) -> d
         "id": str(uuid.uuid4()),
         "model": model,
         "results": results,
-        "meta": {"billed_units": {"search_units": 1}, "tokens": {"input_tokens": tokens, "output_tokens": 0}},
+        "meta": {
+            "tokens": {"input_tokens": tokens}
+        },  # Cohere's place for the count; usage is Jina's and vLLM's
         "usage": {"total_tokens": tokens},
     }
 
