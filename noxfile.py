@@ -13,6 +13,8 @@ Jobs (run explicitly, e.g. ``nox -s demo``):
 
 - ``demo``         the main job end to end on the embedded default: train, export, batch-embed, evaluate
 - ``bench``        benchmarks/bench_encode.py
+- ``bench-server`` benchmarks/bench_server.py; without arguments its reranker smoke run (``--rerank --tiny --quick``:
+                   a tiny random reranker, concurrency 1 and 8, one round), which checks that it runs
 - ``quality``      benchmarks/quality.py: fine-tune the embedded default on real data (MNTP, contrastive, mined
                    negatives, CoSENT) and compare with a sentence-transformers peer, BM25 and all-MiniLM-L6-v2;
                    about 4 hours on 2 CPU cores (``nox -s quality -- --only best``: the best recipe alone;
@@ -129,6 +131,15 @@ def bench(session: nox.Session) -> None:
     _install(session, "./packages/core[test]")
     _install_default_model(session)
     session.run("python", "benchmarks/bench_encode.py", *session.posargs)
+
+
+@nox.session(name="bench-server")
+def bench_server(session: nox.Session) -> None:
+    _install(session, "./packages/core", "./packages/serve", "httpx")  # httpx: the load client
+    _install_default_model(session)
+    session.run(
+        "python", "benchmarks/bench_server.py", *(session.posargs or ["--rerank", "--tiny", "--quick"])
+    )
 
 
 @nox.session

@@ -28,6 +28,16 @@ answers; then rows/s over the ceiling's (goal: >= 0.70 at concurrency 32) and ov
         [--quick] [--json PATH]
 
 --quick is a smoke run (64 queries, concurrency 1 and 8, one round; about 30 s here without infinity).
+
+Reranker mode (--rerank): POST /v1/ranking (NIM's route, which answers the raw logit), each request one
+stdlib-docstrings dev query with --docs (20) passages of the corpus, cells at each --concurrency; pairs/s and p50/p99
+latency per request, against the offline scoring rate of the same backend in this process on all the requests' pairs
+(tokenize_pairs, length-sorted batches of the server's token budget, prepare, score; the model loaded before timing):
+the ratio at concurrency 32 has the goal >= 0.70. Before timing, the server's logits of the first requests must equal
+the offline ones (fp32: max |diff| <= 1e-4). --model is a reranker checkpoint, or a decoder given a fresh seeded head
+(speed does not depend on the head); --tiny a tiny random reranker, for a smoke run with --quick:
+
+    python benchmarks/bench_server.py --rerank [--model M] [--docs 20] [--device cuda --precision bf16] [--tiny]
 """
 
 from __future__ import annotations
@@ -47,15 +57,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from harness import agreement, append_jsonl, check, environment, interleaved, medians, warn_if_busy
-from http_load import Endpoint, Server, drive, embed_once
+from http_load import Endpoint, Server, drive, embed_once, embed_requests, rank_once, rank_requests
 
+from bidir_core.batching import length_sorted_batches
 from bidir_core.checkpoint import read_encoder_config
+from bidir_core.cross_encoder import CrossEncoder
 from bidir_core.datasets import stdlib_dev
 from bidir_core.embeddings_artifact import read_embeddings
 from bidir_core.errors import BidirError
-from bidir_core.sources import resolve_source
+from bidir_core.reranker_config import RERANKER, RerankerConfig, tokenize_pairs
+from bidir_core.sources import open_source, resolve_source
+from bidir_core.testing import tiny_cross_encoder
 from bidir_core.tokenization import load_tokenizer, tokenize
 from bidir_serve import BatchEmbedConfig, embed_corpus
+from bidir_serve.backends import load_backend
+from bidir_serve.server import ServerConfig
 
 PROG = "bench_server"
 SERVER = (
@@ -146,8 +162,17 @@ def measure(name: str, ep: Endpoint, pool: list[str], want: np.ndarray, args, st
         check(f"{name} check", figures, ok, f"{PROG}: {name} and batch-embed disagree")
     else:
         print(f"{name} vectors (not expected to match: causal attention): {figures}")
+    return {"check": agree, **time_cells(name, ep, lambda s: embed_requests(ep, pool, s), args)}
+
+
+def time_cells(name: str, ep: Endpoint, requests_of, args) -> dict:
+    """Time every cell (requests_of(size) gives request k's body), cells interleaved over --repeats rounds;
+    {cell name: figures}."""
     plan = cells(args)
-    runs = {f"{s}x{c}": (lambda s=s, c=c, k=k: asyncio.run(drive(ep, pool, s, c, k))) for s, c, k in plan}
+    runs = {
+        f"{s}x{c}": (lambda s=s, c=c, k=k: asyncio.run(drive(ep, requests_of(s), s, c, k)))
+        for s, c, k in plan
+    }
     results = {key: [] for key in runs}
 
     def after(r, key, seconds, result):
@@ -158,7 +183,7 @@ def measure(name: str, ep: Endpoint, pool: list[str], want: np.ndarray, args, st
         )
 
     interleaved(runs, [()] * args.repeats, after=after)
-    out = {"check": agree}
+    out = {}
     for (s, c, k), key in zip(plan, runs, strict=True):
         seconds = [r["seconds"] for r in results[key]]
         lat = sorted(x for r in results[key] for x in r["latencies"])
@@ -182,15 +207,112 @@ def measure(name: str, ep: Endpoint, pool: list[str], want: np.ndarray, args, st
     return out
 
 
+# --- reranker mode -----------------------------------------------------------------------------------------------
+
+
+def reranker_checkpoint(args, tmp: Path) -> str:
+    """The reranker to serve: --tiny's tiny random one, --model when it is a reranker, else --model (a decoder or an
+    embedder) given a fresh head seeded 0 (speed does not depend on the head's values), saved under tmp."""
+    if args.tiny:
+        return str(tiny_cross_encoder(RerankerConfig(max_length=128)).save_pretrained(tmp / "tiny-reranker"))
+    if open_source(args.model).kind == RERANKER:
+        return args.model
+    return str(
+        CrossEncoder.from_pretrained(args.model, new_head=True, seed=0).save_pretrained(tmp / "reranker")
+    )
+
+
+def rerank_requests(docs: int, limit: int | None) -> list[tuple[str, list[str]]]:
+    """One request per stdlib-docstrings dev query (in id order, at most `limit`): the query and the next `docs`
+    passages of the corpus (cycling), a first stage's candidates as far as their lengths go."""
+    dev = stdlib_dev()
+    queries = [dev.queries[k] for k in sorted(dev.queries)][:limit]
+    passages = [dev.corpus[k] for k in sorted(dev.corpus)]
+    return [
+        (q, [passages[(i * docs + j) % len(passages)] for j in range(docs)]) for i, q in enumerate(queries)
+    ]
+
+
+def offline_scoring(
+    args, model: str, requests: list[tuple[str, list[str]]]
+) -> tuple[float, list[float], list]:
+    """(pairs/s, seconds per run, each request's logits) of the server's backend scoring every pair in this process:
+    tokenize_pairs, then length-sorted batches of the server's token budget (bidir_core.batching), prepare, score.
+    The model is loaded before timing; the median over --repeats runs."""
+    cfg = ServerConfig(
+        model, device=args.device, precision=args.precision, max_batch_tokens=args.max_batch_tokens
+    )
+    backend = load_backend(cfg.backend_spec)
+    pairs = [(q, d) for q, docs in requests for d in docs]
+
+    def run() -> np.ndarray:
+        ids, _ = tokenize_pairs(backend.tokenizer, backend.config, pairs)
+        out = np.empty(len(ids), np.float32)
+        for batch in length_sorted_batches([len(r) for r in ids], cfg.max_batch_size, cfg.max_batch_tokens):
+            out[batch] = backend.score(backend.prepare([ids[i] for i in batch]))
+        return out
+
+    run()  # warm-up
+    out = {}
+
+    def after(r, name, seconds, result):
+        print(f"  offline scoring run {r + 1} ({len(result)} pairs): {seconds:.1f} s", flush=True)
+        out["logits"] = result
+
+    times = interleaved({"offline": run}, [()] * args.repeats, device=args.device, after=after)["offline"]
+    sizes = np.cumsum([0] + [len(docs) for _, docs in requests])
+    logits = [out["logits"][a:b] for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    return len(pairs) / statistics.median(times), times, logits
+
+
+def rerank_main(args, busy: float) -> None:
+    args.sizes = [args.docs]
+    tmp = Path(tempfile.mkdtemp(prefix=f"{PROG}."))
+    try:
+        model = reranker_checkpoint(args, tmp)
+        requests = rerank_requests(args.docs, args.limit)
+        print(f"{torch.get_num_threads()} threads; reranker {model}; {len(requests)} requests of 1 query + {args.docs} "
+              "stdlib-docstrings dev passages")  # fmt: skip
+        rate, times, want = offline_scoring(args, model, requests)
+        print(f"offline scoring (ceiling): {rate:.1f} pairs/s")
+        server = Server("bidir-server", None if args.url else args.server,
+                        {"model": model, "device": args.device, "precision": args.precision,
+                         "max_batch_tokens": args.max_batch_tokens}, args.url, tmp / "server.log")  # fmt: skip
+        with server:
+            ep = Endpoint(server.url, "/v1/ranking", Path(model).name, "", "float")
+            got = np.concatenate([asyncio.run(rank_once(ep, q, docs)) for q, docs in requests[:4]])
+            diff = float(np.abs(got - np.concatenate(want[:4])).max())
+            # fp32: only batch composition differs (measured ~1e-6 on CPU); bf16/fp16: the decoder's rounding
+            tolerance = 1e-4 if args.precision == "fp32" else 0.1
+            check("bidir-server check", f"max |logit diff| {diff:.2e} vs offline scoring (<= {tolerance:g})",
+                  diff <= tolerance, f"{PROG}: bidir-server and offline scoring disagree")  # fmt: skip
+            results = {"bidir-server": {"check": {"max_abs_logit_diff": diff},
+                                        **time_cells("bidir-server", ep, lambda s: rank_requests(ep, requests), args)}}  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratios = table(results, rate, "offline scoring")
+    if args.json:
+        record = {
+            "benchmark": PROG,
+            "mode": "rerank",
+            **environment(busy),
+            "shapes": {"requests": len(requests), "documents_per_request": args.docs, "concurrency": args.concurrency,
+                       "rows_per_cell": args.rows, "repeats": args.repeats, "max_batch_tokens": args.max_batch_tokens},
+            "commands": {"bidir-server": args.url or args.server},
+            "ceiling": {"pairs_per_s": rate, "seconds": times},
+            "servers": results,
+            "ratios": ratios,
+        }  # fmt: skip
+        append_jsonl(args.json, record)
+
+
 # --- the report --------------------------------------------------------------------------------------------------
 
 
-def table(results: dict[str, dict], ceiling_rows: float) -> dict:
+def table(results: dict[str, dict], ceiling_rows: float, ceiling_name: str = "batch-embed") -> dict:
     """Print one line per server and cell; return the ratios."""
     ratios = {}
-    head = (
-        f"{'server':<14} {'texts/req':>9} {'conc':>4} {'reqs':>5} {'req/s':>7} {'rows/s':>7} {'p50 ms':>8} "
-    )
+    head = f"{'server':<14} {'rows/req':>9} {'conc':>4} {'reqs':>5} {'req/s':>7} {'rows/s':>7} {'p50 ms':>8} "
     print("\n" + head + f"{'p99 ms':>8} {'errors':>6} {'/ceiling':>8} {'/infinity':>9}")
     for name, cells_ in results.items():
         for key, c in cells_.items():
@@ -206,12 +328,12 @@ def table(results: dict[str, dict], ceiling_rows: float) -> dict:
                 f"{sum(c['errors'].values()):>6} {vs_ceiling:>8.2f} "
                 + (f"{vs_inf:>9.2f}" if vs_inf is not None else f"{'-':>9}")
             )
-    print(f"{'batch-embed':<14} {'(offline ceiling)':>26} {ceiling_rows:>15.1f}")
+    print(f"{ceiling_name:<14} {'(offline ceiling)':>26} {ceiling_rows:>15.1f}")
     for key, c in results.get("bidir-server", {}).items():
         if key != "check" and c["concurrency"] == 32:
             r = c["rows_per_s"] / ceiling_rows
             print(
-                f"bidir-server / ceiling at concurrency 32, {c['size']} text(s) per request: {r:.2f} (goal >= 0.70)"
+                f"bidir-server / ceiling at concurrency 32, {c['size']} row(s) per request: {r:.2f} (goal >= 0.70)"
             )
     return ratios
 
@@ -225,7 +347,13 @@ def main() -> None:
     )
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
     ap.add_argument("--sizes", default="1,32", help="comma-separated texts per request")
-    ap.add_argument("--rows", type=int, default=256, help="rows per cell (at least one request per worker)")
+    ap.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="rows (texts, or pairs) per cell, at least one request per worker (default: 256; --rerank: 128 "
+        "requests' worth)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="rounds (cells interleaved); medians are reported")
     ap.add_argument("--server", default=SERVER, help=f"the server command (default: {SERVER!r})")
     ap.add_argument(
@@ -263,24 +391,46 @@ def main() -> None:
         "--quick", action="store_true", help="a smoke run: queries, 64 texts, concurrency 1,8, 1 round"
     )
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line with all figures")
+    ap.add_argument(
+        "--rerank",
+        action="store_true",
+        help="the reranker mode: pairs/s of POST /v1/ranking, 1 query + --docs documents per request, against the "
+        "offline scoring rate of the same backend (--model a reranker, or a decoder given a fresh head)",
+    )
+    ap.add_argument("--docs", type=int, default=20, help="--rerank: documents per request (default 20)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="--rerank: a tiny random reranker instead of --model (a smoke run)",
+    )
     args = ap.parse_args()
     # A SIGTERM (a timeout, a Ctrl-C'd parent) unwinds like an exit, so the servers started here are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"{PROG}: terminated"))
-    if args.quick:
+    if args.quick and args.rerank:
+        args.limit, args.concurrency, args.rows, args.repeats = 8, "1,8", 2 * args.docs, 1
+    elif args.quick:
         args.texts, args.limit, args.concurrency, args.rows, args.repeats = "queries", 64, "1,8", 16, 1
+    if args.rows is None:
+        args.rows = 128 * args.docs if args.rerank else 256
     try:
         args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
         args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     except ValueError:
         sys.exit(f"{PROG}: --concurrency and --sizes are comma-separated integers")
-    if min(args.concurrency + args.sizes + [args.rows, args.repeats, args.max_batch_tokens]) < 1:
+    if min(args.concurrency + args.sizes + [args.rows, args.repeats, args.max_batch_tokens, args.docs]) < 1:
         sys.exit(
-            f"{PROG}: --concurrency, --sizes, --rows, --repeats and --max-batch-tokens must be at least 1"
+            f"{PROG}: --concurrency, --sizes, --rows, --repeats, --max-batch-tokens and --docs must be at least 1"
         )
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the servers' (subprocesses inherit it)
     busy = warn_if_busy()
+    if args.rerank:
+        try:
+            rerank_main(args, busy)
+        except BidirError as e:
+            sys.exit(f"{PROG}: {e}")
+        return
     try:
         checkpoint = resolve_source(args.model)
     except BidirError as e:

@@ -1,6 +1,6 @@
 """The HTTP side of bench_server.py: a server under test as a subprocess (ready once GET /health answers 200,
-stopped with SIGTERM) and the load, `concurrency` workers of one httpx.AsyncClient posting OpenAI-style
-/embeddings requests back to back, each request timed.
+stopped with SIGTERM) and the load, `concurrency` workers of one httpx.AsyncClient posting requests back to back
+(OpenAI-style /embeddings, or NIM-style /v1/ranking for a reranker), each request timed.
 
 Only loopback: every server here listens on 127.0.0.1, and every loop is bounded by its request count.
 """
@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,28 +120,41 @@ def vectors(body: dict) -> np.ndarray:
     )
 
 
-async def post(client: httpx.AsyncClient, ep: Endpoint, texts: list[str]) -> httpx.Response:
-    payload = {
-        "input": [ep.prefix + t for t in texts],
-        "model": ep.model,
-        "encoding_format": ep.encoding_format,
-    }
-    return await client.post(ep.url + ep.path, json=payload)
+def embed_payload(ep: Endpoint, texts: list[str]) -> dict:
+    return {"input": [ep.prefix + t for t in texts], "model": ep.model, "encoding_format": ep.encoding_format}
 
 
-async def drive(ep: Endpoint, pool: list[str], size: int, concurrency: int, requests: int) -> dict:
-    """`concurrency` workers send `requests` POSTs of `size` texts each, back to back; request k takes the pool's
-    texts k*size .. k*size+size-1 (cycling). Returns wall seconds, latencies and rows of the 200s, other statuses."""
+def embed_requests(ep: Endpoint, pool: list[str], size: int) -> Callable[[int], dict]:
+    """Request k's body: the pool's texts k*size .. k*size+size-1 (cycling)."""
+    return lambda k: embed_payload(ep, [pool[(k * size + j) % len(pool)] for j in range(size)])
+
+
+def rank_payload(ep: Endpoint, query: str, documents: list[str]) -> dict:
+    """A NIM /v1/ranking body (the route whose answer is the raw logit), over-long pairs cut as offline scoring does."""
+    passages = [{"text": d} for d in documents]
+    return {"model": ep.model, "query": {"text": query}, "passages": passages, "truncate": "END"}
+
+
+def rank_requests(ep: Endpoint, requests: list[tuple[str, list[str]]]) -> Callable[[int], dict]:
+    """Request k's body: the k-th (query, documents) of `requests` (cycling)."""
+    return lambda k: rank_payload(ep, *requests[k % len(requests)])
+
+
+async def drive(
+    ep: Endpoint, payload: Callable[[int], dict], size: int, concurrency: int, requests: int
+) -> dict:
+    """`concurrency` workers send `requests` POSTs, request k with the body payload(k) holding `size` rows (texts, or
+    pairs), back to back. Returns wall seconds, latencies and rows of the 200s, other statuses."""
     latencies, statuses, rows = [], {}, 0
     next_request = iter(range(requests))
 
     async def worker(client):
         nonlocal rows
         for k in next_request:  # one shared iterator: each request goes to whichever worker is free
-            texts = [pool[(k * size + j) % len(pool)] for j in range(size)]
+            body = payload(k)
             start = time.perf_counter()
             try:
-                response = await post(client, ep, texts)
+                response = await client.post(ep.url + ep.path, json=body)
                 code = response.status_code
             except httpx.HTTPError as e:
                 code = type(e).__name__
@@ -158,9 +172,21 @@ async def drive(ep: Endpoint, pool: list[str], size: int, concurrency: int, requ
     return {"seconds": seconds, "latencies": latencies, "rows": rows, "errors": statuses}
 
 
-async def embed_once(ep: Endpoint, texts: list[str]) -> np.ndarray:
+async def _post_once(ep: Endpoint, body: dict) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        response = await post(client, ep, texts)
+        response = await client.post(ep.url + ep.path, json=body)
     if response.status_code != 200:
         sys.exit(f"{ep.url}{ep.path} answered {response.status_code}: {response.text[:300]}")
-    return vectors(response.json())
+    return response.json()
+
+
+async def rank_once(ep: Endpoint, query: str, documents: list[str]) -> np.ndarray:
+    """The (len(documents),) logits of one /v1/ranking request, in the documents' order."""
+    logits = np.empty(len(documents), np.float32)
+    for r in (await _post_once(ep, rank_payload(ep, query, documents)))["rankings"]:
+        logits[r["index"]] = r["logit"]
+    return logits
+
+
+async def embed_once(ep: Endpoint, texts: list[str]) -> np.ndarray:
+    return vectors(await _post_once(ep, embed_payload(ep, texts)))

@@ -23,8 +23,10 @@ from test_pipeline import write_data
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.cross_encoder import CrossEncoder
 from bidir_core.embeddings_artifact import read_embeddings
+from bidir_core.reranker_config import RerankerConfig
 from bidir_core.testing import (
     TINY_VOCAB_SIZE,
+    tiny_cross_encoder,
     tiny_encoder,
     tiny_tokenizer,
     write_hf_llama,
@@ -111,6 +113,17 @@ ACCOUNTED = {
         "bidir-server ./onnx-export --max-batch-tokens 32768 --max-wait-ms 5 --max-concurrency 512": "test_server",
         "curl -s localhost:8080/v1/embeddings -H Content-Type: application/json -d "
         '{"model": "smollm2-135m", "input": ["how do I sort a list?"], "input_type": "query"}': "test_server",
+        "bidir-server ./reranker-ckpt --port 8081": "test_server_rerank",
+        "curl -s localhost:8081/v2/rerank -H Content-Type: application/json -d "
+        '{"model": "reranker-ckpt", "query": "how do I sort a list?", "documents": ["sorted(iterable)", "open(file)"], '
+        '"top_n": 1}': "test_server_rerank",
+        "curl -s localhost:8081/rerank -H Content-Type: application/json -d "
+        '{"query": "how do I sort a list?", "texts": ["sorted(iterable)", "open(file)"], "raw_scores": true}': (
+            "test_server_rerank"
+        ),
+        "curl -s localhost:8081/v1/ranking -H Content-Type: application/json -d "
+        '{"model": "reranker-ckpt", "query": {"text": "how do I sort a list?"}, "passages": [{"text": '
+        '"sorted(iterable)"}], "truncate": "END"}': "test_server_rerank",
     },
     "containers/README.md": {
         **{
@@ -473,6 +486,30 @@ def test_server(work, onnx_export):
     with serving(*words, port=port, cwd=onnx) as url:
         reply = _post(url, {"input": ["one", "two"], "dimensions": 256})
         assert [d["index"] for d in reply["data"]] == [0, 1]
+
+
+def test_server_rerank(work):
+    """The README's reranker commands: bidir-server on a tiny reranker saved as ./reranker-ckpt, its three curl
+    examples (Cohere v2, TEI, NIM) and the cohere client example against it."""
+    cwd = _folder(work, "server-rerank")
+    tiny_cross_encoder(RerankerConfig(max_length=64)).save_pretrained(cwd / "reranker-ckpt")
+    port = free_port()
+    words = miniature(command(SERVE, "bidir-server ./reranker-ckpt"), options={"--port": str(port)})
+    with serving(*words, port=port, cwd=cwd) as url:
+        replies = {}
+        for route in ("v2/rerank", "rerank", "v1/ranking"):
+            curl = shell_command(SERVE, f"curl -s localhost:8081/{route} ")
+            curl = [w.replace("localhost:8081", f"127.0.0.1:{port}") for w in curl]
+            replies[route] = json.loads(run(*curl, cwd=cwd))
+        assert len(replies["v2/rerank"]["results"]) == 1  # top_n 1
+        assert sorted(r["index"] for r in replies["rerank"]) == [0, 1]
+        assert [r["index"] for r in replies["v1/ranking"]["rankings"]] == [0]
+        client = next(b for b in blocks(SERVE, "python") if "cohere.ClientV2" in b)
+        assert "http://localhost:8081" in client
+        (cwd / "rerank_client.py").write_text(
+            client.replace("http://localhost:8081", url) + "\nassert best in (0, 1)\n"
+        )
+        run("python", cwd / "rerank_client.py", cwd=cwd)
 
 
 # -- containers/README.md: the arguments after the image name, given to the image's ENTRYPOINT -------------------

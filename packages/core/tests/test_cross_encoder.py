@@ -21,7 +21,8 @@ from bidir_core import BidirError, BiEncoder, CrossEncoder, RerankerConfig
 from bidir_core.batching import pad_batch
 from bidir_core.families import family_of
 from bidir_core.packed import pack
-from bidir_core.testing import tiny_cross_encoder
+from bidir_core.reranker_config import tokenize_pairs
+from bidir_core.testing import tiny_cross_encoder, tiny_tokenizer
 
 ATOL = 1e-5
 
@@ -142,6 +143,23 @@ def test_truncation_keeps_what_the_template_puts_after_the_passage():
     assert (
         len(ce.tokenizer(ce.format("fox", long[: kept + 1]))["input_ids"]) > 16
     )  # the longest start that fits
+
+
+def test_tokenize_pairs_is_the_core_function_without_a_model():
+    """reranker_config.tokenize_pairs needs only a tokenizer and the settings (the serving backends call it so), and
+    CrossEncoder.tokenize_pairs is that function; bad pairs are errors naming their index."""
+    config = RerankerConfig(template="Q {query} P {passage} the end", max_length=16)
+    ce = tiny_cross_encoder(config)
+    pairs = [("fox", "the quick brown fox jumps over the lazy dog " * 3), ("a", "b")]
+    assert tokenize_pairs(tiny_tokenizer(), config, pairs) == ce.tokenize_pairs(pairs)
+    for bad, message in (
+        ([("a", "b"), "ab"], "pair 1: expected (query, passage), got str"),
+        ([("a", 3)], "pair 0: the passage is a int, not a str"),
+        ([("a", "b"), (" ", "b")], "pair 1: the query is empty"),
+    ):
+        with pytest.raises(BidirError) as e:
+            tokenize_pairs(tiny_tokenizer(), config, bad)
+        one_line_error(e, message)
 
 
 def test_save_load_round_trip_and_transformers(tmp_path):

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated model cache, tiny checkpoints, an ONNX export of one, and a corpus of varied length."""
+"""Shared fixtures: an isolated model cache, tiny checkpoints (an embedder and a reranker), an ONNX export of one, and
+a corpus of varied length."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from bidir_core.artifacts import OnnxManifest, checkpoint_fingerprint, write_man
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.pytest_plugin import *  # noqa: F403 (the cache, hardware skips, embedded default: see there)
-from bidir_core.testing import random_texts, tiny_encoder
+from bidir_core.reranker_config import RerankerConfig
+from bidir_core.testing import random_texts, tiny_cross_encoder, tiny_encoder
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +28,17 @@ def encoder():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(encoder, tmp_path_factory):
     return encoder.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def reranker():
+    """The tiny reranker (NeMo's template, avg pooling, max_length 48, so long pairs get their passage cut)."""
+    return tiny_cross_encoder(RerankerConfig(max_length=48)).eval()
+
+
+@pytest.fixture(scope="session")
+def reranker_checkpoint(reranker, tmp_path_factory):
+    return reranker.save_pretrained(tmp_path_factory.mktemp("reranker") / "tiny-reranker")
 
 
 @pytest.fixture(scope="session")

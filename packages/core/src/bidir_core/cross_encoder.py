@@ -33,9 +33,8 @@ from bidir_core.errors import BidirError
 from bidir_core.model import LlamaBidirectionalModel, check_state_dict
 from bidir_core.packed import PackedBatch
 from bidir_core.pooling import pool, pool_packed
-from bidir_core.reranker_config import RERANKER, RerankerConfig
+from bidir_core.reranker_config import RERANKER, RerankerConfig, tokenize_pairs
 from bidir_core.sources import SCORE_KEY, ModelSource, open_source
-from bidir_core.tokenization import max_chars, tokenize
 
 ACTIVATIONS = ("sigmoid",)
 """predict()'s activation names (None: the raw logits)."""
@@ -196,44 +195,9 @@ class CrossEncoder(nn.Module):
         return self.config.format(query, passage)
 
     def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], int]:
-        """Token ids of each formatted pair (special tokens included) and how many were cut to max_length tokens.
-        What is cut is the passage's end: the joined text's end when the passage comes last (as NeMo truncates its
-        joined text), else the longest start of the passage with which the whole pair fits, so the template's text
-        after the passage (a chat prompt's end, whose last token a "last"-pooled reranker reads) is kept. A pair
-        that is not two strings, or whose query or passage is empty (after strip), is an error naming its index."""
-        texts = []
-        for i, pair in enumerate(pairs):
-            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
-                raise BidirError(f"pair {i}: expected (query, passage), got {type(pair).__name__}")
-            for name, text in zip(("query", "passage"), pair, strict=True):
-                if not isinstance(text, str):
-                    raise BidirError(f"pair {i}: the {name} is a {type(text).__name__}, not a str")
-                if not text.strip():
-                    raise BidirError(f"pair {i}: the {name} is empty")
-            texts.append(self.format(*pair))
-        ids, n_cut = tokenize(self.tokenizer, texts, self.config.max_length)
-        if n_cut and not self.config.passage_is_last:
-            for i, row in enumerate(ids):
-                if len(row) == self.config.max_length:  # cut, or exactly as long (then it stays as it is)
-                    ids[i] = self._fit_passage(*pairs[i]) or row
-        return ids, n_cut
-
-    def _fit_passage(self, query: str, passage: str) -> list[int] | None:
-        """The token ids of the pair with the longest start of passage that fits max_length tokens (a binary
-        search over its length in characters, each try a bounded text: tokenization.max_chars); None when not
-        even an empty passage fits (then the joined text's end is cut, as for a passage that comes last)."""
-        limit = self.config.max_length
-        bound = max_chars(self.tokenizer, limit)
-        query, passage = query[:bound], passage[:bound]
-        lo, hi, best = 0, len(passage), None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            row = self.tokenizer(self.format(query, passage[:mid]), add_special_tokens=True)["input_ids"]
-            if len(row) <= limit:
-                best, lo = row, mid + 1
-            else:
-                hi = mid - 1
-        return best
+        """Token ids of each formatted pair and how many were cut to max_length (reranker_config.tokenize_pairs,
+        the one home of pair tokenization)."""
+        return tokenize_pairs(self.tokenizer, self.config, pairs)
 
     # no_grad rather than inference_mode, as BiEncoder.encode: a model being trained under FSDP2 is scored here.
     @torch.no_grad()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bidir_core.errors import BidirError
 from bidir_core.families import check_attention
 from bidir_core.pooling import check_pooling
+from bidir_core.tokenization import max_chars, tokenize
 
 RERANKER = "reranker"
 """bidir.json's `kind` of a reranker checkpoint (an embedder's has no kind key, or "embedder")."""
@@ -35,7 +37,7 @@ class RerankerConfig:
     the same with config.json's `temperature`."""
     max_length: int = 512
     """A formatted pair longer than this many tokens loses the end of its passage; template text after the passage
-    is kept (CrossEncoder.tokenize_pairs)."""
+    is kept (tokenize_pairs)."""
     attention: str = "bidirectional"
     """bidirectional or causal: as EncoderConfig.attention (its form on disk; config.is_causal is the record)."""
 
@@ -92,3 +94,51 @@ def template_parts(template: str) -> list[tuple[str, str | None]]:
                 f"template {template!r} must contain {{{name}}} exactly once (found {fields.count(name)})"
             )
     return [(literal, field) for literal, field, _, _ in parsed]
+
+
+def tokenize_pairs(
+    tokenizer, config: RerankerConfig, pairs: Sequence[tuple[str, str]]
+) -> tuple[list[list[int]], int]:
+    """Token ids of each formatted pair (special tokens included) and how many were cut to config.max_length tokens:
+    the one place a pair becomes tokens (CrossEncoder, training, every serving backend and route call it). Each pair
+    is formatted whole and the texts are tokenized in one batched call, as NeMo and sentence-transformers do (a
+    query tokenized apart from its passage could split differently at the template's boundary).
+
+    What is cut is the passage's end: the joined text's end when the passage comes last (as NeMo truncates its
+    joined text), else the longest start of the passage with which the whole pair fits, so the template's text
+    after the passage (a chat prompt's end, whose last token a "last"-pooled reranker reads) is kept. A pair that is
+    not two strings, or whose query or passage is empty (after strip), is an error naming its index."""
+    texts = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise BidirError(f"pair {i}: expected (query, passage), got {type(pair).__name__}")
+        for name, text in zip(("query", "passage"), pair, strict=True):
+            if not isinstance(text, str):
+                raise BidirError(f"pair {i}: the {name} is a {type(text).__name__}, not a str")
+            if not text.strip():
+                raise BidirError(f"pair {i}: the {name} is empty")
+        texts.append(config.format(*pair))
+    ids, n_cut = tokenize(tokenizer, texts, config.max_length)
+    if n_cut and not config.passage_is_last:
+        for i, row in enumerate(ids):
+            if len(row) == config.max_length:  # cut, or exactly as long (then it stays as it is)
+                ids[i] = _fit_passage(tokenizer, config, *pairs[i]) or row
+    return ids, n_cut
+
+
+def _fit_passage(tokenizer, config: RerankerConfig, query: str, passage: str) -> list[int] | None:
+    """The token ids of the pair with the longest start of passage that fits max_length tokens (a binary search
+    over its length in characters, each try a bounded text: tokenization.max_chars); None when not even an empty
+    passage fits (then the joined text's end is cut, as for a passage that comes last)."""
+    limit = config.max_length
+    bound = max_chars(tokenizer, limit)
+    query, passage = query[:bound], passage[:bound]
+    lo, hi, best = 0, len(passage), None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        row = tokenizer(config.format(query, passage[:mid]), add_special_tokens=True)["input_ids"]
+        if len(row) <= limit:
+            best, lo = row, mid + 1
+        else:
+            hi = mid - 1
+    return best

@@ -1,5 +1,7 @@
 """Backends: one interface, `embed(prepare(token rows)) -> (B, D) float32 numpy` (each backend builds its own input
-form from the rows: see base.Backend), over three runtimes, and the one factory that picks among them.
+form from the rows: see base.Backend), over three runtimes, and the one factory that picks among them. A reranker is
+served by a Scorer (base.Scorer: `score(prepare(pair rows)) -> (B,) float32` raw logits), which load_backend returns
+for a reranker model: TorchScorer (pytorch_scorer.py) for a checkpoint whose kind is "reranker".
 
 - `torch`:       a checkpoint (folder, .gguf or the embedded default's name) through bidir_core.BiEncoder, on CPU or
                  CUDA, fp32 / bf16 / fp16, optionally torch.compile'd (pytorch.py).
@@ -27,9 +29,19 @@ from pathlib import Path
 from bidir_core.artifacts import EngineManifest, OnnxManifest, find_manifest
 from bidir_core.errors import BidirError
 from bidir_core.folders import interrupted_publish_hint
-from bidir_serve.backends.base import Backend, Padded, export_fingerprint, model_fingerprint
+from bidir_core.reranker_config import RERANKER
+from bidir_core.sources import open_source
+from bidir_serve.backends.base import (
+    Backend,
+    Padded,
+    Scorer,
+    backend_kind,
+    export_fingerprint,
+    model_fingerprint,
+)
 from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend
 from bidir_serve.backends.pytorch import PRECISIONS, TorchBackend
+from bidir_serve.backends.pytorch_scorer import TorchScorer
 from bidir_serve.backends.spec import BACKENDS, BackendSpec
 from bidir_serve.backends.tensorrt import TensorRTBackend
 
@@ -41,9 +53,12 @@ __all__ = [
     "ModelKind",
     "OnnxRuntimeBackend",
     "Padded",
+    "Scorer",
     "TensorRTBackend",
     "TorchBackend",
+    "TorchScorer",
     "auto_backend",
+    "backend_kind",
     "export_fingerprint",
     "load_backend",
     "model_fingerprint",
@@ -88,10 +103,11 @@ def load_backend(
     precision: str | None = None,
     compile: bool = False,
     providers: list[str] | None = None,
-) -> Backend:
+) -> Backend | Scorer:
     """The backend `spec` describes (a checkpoint, an ONNX export folder or an engine folder), its output cut to `dim`
-    columns when given. A model in place of a spec is the spec of that model and the settings given with it:
-    load_backend("./ckpt", "torch", device="cpu") is load_backend(BackendSpec("./ckpt", "torch", device="cpu"))."""
+    columns when given; a Scorer when the model is a reranker (then `dim` must be None). A model in place of a spec
+    is the spec of that model and the settings given with it: load_backend("./ckpt", "torch", device="cpu") is
+    load_backend(BackendSpec("./ckpt", "torch", device="cpu"))."""
     if not isinstance(spec, BackendSpec):
         spec = BackendSpec(spec, backend, device, precision, compile)
     elif (backend, device, precision, compile) != ("auto", None, None, False):
@@ -107,6 +123,13 @@ def load_backend(
             )
         raise BidirError(f"{model}: the {name} backend needs {_WHAT[_NEEDS[name]]}, this is {_WHAT[kind]}")
     if name == "torch":
+        source = open_source(model)
+        if source.kind == RERANKER:
+            if dim is not None:
+                raise BidirError(
+                    f"{model}: a reranker has no embedding dim; dim={dim} applies to embedders only"
+                )
+            return TorchScorer(source, device=device, precision=spec.precision, compile=spec.compile)
         return TorchBackend(model, device=device, precision=spec.precision, compile=spec.compile, dim=dim)
     if name == "onnxruntime":
         if device == "cuda" and providers is None:

@@ -1,5 +1,5 @@
-"""What every backend shares: the Backend interface, the padded input form, and the fingerprints of the model a
-backend runs."""
+"""What every backend shares: the Backend interface (embedders) and the Scorer interface (rerankers), the padded input
+form, and the fingerprints of the model a backend runs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import torch
 
 from bidir_core.artifacts import MANIFEST, checkpoint_fingerprint
 from bidir_core.batching import pad_batch
-from bidir_core.checkpoint import EncoderConfig
+from bidir_core.checkpoint import EMBEDDER, EncoderConfig
+from bidir_core.errors import BidirError
+from bidir_core.reranker_config import RerankerConfig
 
 
 class Backend(Protocol):
@@ -31,6 +33,8 @@ class Backend(Protocol):
     batches), and the consumer calls embed() only; the server's model thread calls both in turn. prepare() touches
     no model state, so it is safe on another thread while embed() runs."""
 
+    kind: str
+    """"embedder" (bidir_core.sources.MODEL_KINDS; a Scorer's is "reranker")."""
     name: str
     """torch, onnxruntime or tensorrt."""
     precision: str
@@ -56,6 +60,47 @@ class Backend(Protocol):
     def embed(self, inputs: Any) -> np.ndarray:
         """What prepare() returned -> the rows' embeddings (B, dim) float32, in the rows' order."""
         ...
+
+
+class Scorer(Protocol):
+    """A reranker that scores batches of token rows, each row one (query, passage) pair formatted and tokenized by
+    bidir_core.reranker_config.tokenize_pairs (the template is applied there, never by a backend). Two steps as
+    Backend's, on the same threads: prepare(rows) builds the input form on the host, score(inputs) runs the model.
+    A scorer has no `dim`: asking for it is a one-line BidirError."""
+
+    kind: str
+    """"reranker"."""
+    name: str
+    """torch, onnxruntime or tensorrt."""
+    precision: str
+    """Compute dtype (fp32, bf16, fp16) of the decoder; the pooling, head and score are fp32 whatever it is."""
+    description: str
+    """What runs, for logs, e.g. "torch cpu fp32 reranker"."""
+    config: RerankerConfig
+    """The template, pooling, temperature and max_length the model was trained and exported with."""
+    tokenizer: object
+    fingerprint: str
+    source_fingerprint: str
+
+    def prepare(self, rows: Sequence[Sequence[int]]) -> Any:
+        """B pair rows (none longer than config.max_length) -> this backend's input for them, on the host."""
+        ...
+
+    def score(self, inputs: Any) -> np.ndarray:
+        """What prepare() returned -> (B,) float32: each pair's raw logit (divided by the temperature, no sigmoid),
+        in the rows' order."""
+        ...
+
+
+def backend_kind(backend: Backend | Scorer) -> str:
+    """What a loaded backend serves: its `kind`, "embedder" for a backend class that does not say (every embedder
+    backend was one before scorers came, as a manifest without a kind is an embedder's)."""
+    return getattr(backend, "kind", EMBEDDER)
+
+
+def no_dim(description: str) -> BidirError:
+    """The error of asking a scorer for `dim`."""
+    return BidirError(f"{description}: a reranker has no embedding dim; it scores (query, passage) pairs")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bidir_core.checkpoint import EMBEDDER
 from bidir_core.encoder import PACKED_DEFAULT, BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.matryoshka import check_dim
@@ -24,7 +25,28 @@ from bidir_serve.backends.base import Padded, model_fingerprint, pad_rows
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def device_and_precision(device: str | None, precision: str | None) -> tuple[torch.device, str]:
+    """The torch backends' defaults: cuda when available, bf16 on CUDA and fp32 on CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in PRECISIONS:
+        raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return device, precision
+
+
+def torch_inputs(
+    rows: Sequence[Sequence[int]], packed: bool, pad_id: int, device: torch.device
+) -> PackedBatch | Padded:
+    """The rows packed (N real tokens, no padding) or right-padded (B, T), on the host; pinned for a CUDA device."""
+    pin = device.type == "cuda"
+    if not packed:
+        return pad_rows(rows, pad_id, pin)
+    batch = pack(rows)
+    return batch.pin_memory() if pin else batch
+
+
 class TorchBackend:
+    kind = EMBEDDER
     name = "torch"
 
     def __init__(
@@ -36,10 +58,7 @@ class TorchBackend:
         dim: int | None = None,
         packed: bool | None = None,
     ):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
-        if precision not in PRECISIONS:
-            raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.device, precision = device_and_precision(device, precision)
         source = open_source(model)
         self.encoder = BiEncoder.from_pretrained(
             source, dtype=PRECISIONS[precision], device=self.device
@@ -56,11 +75,7 @@ class TorchBackend:
 
     def prepare(self, rows: Sequence[Sequence[int]]) -> PackedBatch | Padded:
         """The rows packed (N real tokens, no padding) or right-padded (B, T), on the host; pinned on CUDA."""
-        pin = self.device.type == "cuda"
-        if not self.packed:
-            return pad_rows(rows, self.tokenizer.pad_token_id, pin)
-        packed = pack(rows)
-        return packed.pin_memory() if pin else packed
+        return torch_inputs(rows, self.packed, self.tokenizer.pad_token_id, self.device)
 
     @torch.inference_mode()
     def embed(self, inputs: PackedBatch | Padded) -> np.ndarray:

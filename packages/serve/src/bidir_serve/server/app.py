@@ -1,9 +1,11 @@
 """The FastAPI app: POST /v1/embeddings, GET /health, GET /v1/models, GET /metrics, and OpenAI-style error JSON for
-every refusal (`{"error": {"message", "type", "param", "code"}}`).
+every refusal (`{"error": {"message", "type", "param", "code"}}`); the rerank routes come from rerank.py, each with
+its API's error JSON. A model serves the routes of its kind; the others refuse it (handling.check_kind).
 
-Every request first passes guard.py (the Host header, the API key). A request to /v1/embeddings goes: JSON
+Every request first passes guard.py (the Host header, the API key). A request to /v1/embeddings goes (handling.py): JSON
 Content-Type (else 415) -> body read up to --max-request-bytes (413) within --timeout-read (408) -> admitted (or 429
-at once: batcher.slot; only now, so a client slow to send its body never holds a slot) -> validated (schema.py,
+at once: batcher.slot; only now, so a client slow to send its body never holds a slot) -> an embedder is served
+(else 400) -> validated (schema.py,
 400/404) -> tokenized on the one tokenizer thread, in parts that take turns with other requests' (tokens.py) ->
 queued for the model thread (batcher.py), while a watcher notices a client that disconnects and takes its job off
 the queue -> Matryoshka cut (bidir_core.matryoshka, from the full-width output) -> JSON.
@@ -17,51 +19,48 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
+from bidir_core.checkpoint import EMBEDDER
 from bidir_core.errors import BidirError
 from bidir_core.matryoshka import offered_dim, truncate_array
-from bidir_serve.backends import Backend, load_backend
+from bidir_serve.backends import Backend, Scorer, load_backend
 from bidir_serve.server.batcher import Batcher
 from bidir_serve.server.config import ServerConfig
-from bidir_serve.server.errors import ApiError, bad_request, error_response, unavailable
+from bidir_serve.server.errors import ApiError, bad_request, error_response
 from bidir_serve.server.guard import Guard
+from bidir_serve.server.handling import (
+    CLIENT_GONE,
+    ServerState,
+    check_kind,
+    check_model,
+    check_ready,
+    handle,
+    read_request,
+    run_rows,
+)
 from bidir_serve.server.metrics import Metrics
+from bidir_serve.server.rerank import add_rerank_routes
 from bidir_serve.server.schema import EmbeddingRequest, embedding_response, parse_request
 from bidir_serve.server.tokens import check_size, input_ids, parts
 
 log = logging.getLogger("bidir_serve.server")
 
-CLIENT_GONE = 499
-"""Recorded (nginx's convention) for a request whose client disconnected before its answer; nothing is sent."""
-
-
-@dataclass
-class ServerState:
-    cfg: ServerConfig
-    batcher: Batcher
-    metrics: Metrics
-    tokenizer_thread: ThreadPoolExecutor
-    started: int
-
 
 def create_app(
     cfg: ServerConfig,
-    load: Callable[[], Backend] | None = None,
+    load: Callable[[], Backend | Scorer] | None = None,
     on_fatal: Callable[[BaseException], None] = lambda e: None,
 ) -> FastAPI:
     """The app serving cfg.model; `load` builds the backend (default: load_backend with cfg's settings), on the
     model thread once the app starts, and `on_fatal` is called there when that fails."""
     if load is None:
 
-        def load() -> Backend:
+        def load() -> Backend | Scorer:
             return load_backend(cfg.backend_spec)
 
     metrics = Metrics()
@@ -120,77 +119,25 @@ def create_app(
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
-        start = time.perf_counter()
-        error_type = None
-        try:
-            response, what = await _embed(request, state)
-        except ApiError as e:
-            response, what, error_type = error_response(e), e.message, e.type
-        except ClientDisconnect:  # gone before its body was in: nothing to answer, nothing wrong here
-            response, what = Response(status_code=CLIENT_GONE), "the client left mid-body"
-        except asyncio.CancelledError:
-            # Only the shutdown cancels a request: the one still running --timeout-graceful-shutdown after SIGTERM
-            # (uvicorn's). It is answered as a request arriving during the shutdown would be, not logged as a crash.
-            e = unavailable("the server is shutting down", "shutting_down")
-            response, what, error_type = error_response(e), "cancelled by the shutdown", e.type
-        except Exception as e:  # a bug, not the request's fault: logged with its traceback, answered 500
-            log.exception("POST /v1/embeddings failed")
-            response = error_response(
-                ApiError(500, f"internal error ({type(e).__name__})", type="server_error")
-            )
-            what, error_type = "internal error", "server_error"
-        if response.status_code == CLIENT_GONE:
-            error_type = "client_disconnected"
-        seconds = time.perf_counter() - start
-        metrics.request(response.status_code, seconds, error_type)
-        log.debug("POST /v1/embeddings %d %.1f ms: %s", response.status_code, seconds * 1e3, what)
-        return response
+        return await handle(request, state, _embed)
 
+    add_rerank_routes(app, state)
     return app
 
 
 async def _embed(request: Request, state: ServerState) -> tuple[Response, str]:
-    cfg, batcher = state.cfg, state.batcher
-    _check_ready(batcher)
-    _check_json(request)
-    body = await _read_body(request, cfg.max_request_bytes, cfg.timeout_read)
+    batcher = state.batcher
+    body = await read_request(request, state)
     with batcher.slot():
-        _check_ready(batcher)
+        check_ready(batcher)
+        check_kind(state, EMBEDDER, request.url.path)
         return await _answer(request, state, parse_request(body))
-
-
-def _check_ready(batcher: Batcher) -> None:
-    if batcher.state != "ready":
-        message = "the model is still loading (GET /health answers 200 once it is ready)"
-        raise unavailable(
-            message if batcher.state == "loading" else "the server is shutting down", batcher.state
-        )
-
-
-def _check_json(request: Request) -> None:
-    """A JSON body says so: a web page can POST text/plain (or a form) to any server without a CORS preflight,
-    never application/json (guard.py)."""
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise ApiError(
-            415,
-            f"the body must be JSON sent as Content-Type: application/json, got {media_type or 'no Content-Type'}",
-            param="Content-Type",
-            code="unsupported_media_type",
-        )
 
 
 async def _answer(request: Request, state: ServerState, req: EmbeddingRequest) -> tuple[Response, str]:
     cfg, batcher = state.cfg, state.batcher
     backend = batcher.backend
-    # MODEL as given is accepted too: the id earlier versions listed (it is never shown to clients any more)
-    if req.model is not None and req.model not in (cfg.model_id, cfg.model):
-        raise ApiError(
-            404,
-            f"the model {req.model!r} is not served here; this server serves {cfg.model_id!r}",
-            param="model",
-            code="model_not_found",
-        )
+    check_model(req.model, cfg)
     inputs = [req.input] if isinstance(req.input, str) else req.input
     if isinstance(inputs[0], int):  # one token id list
         inputs = [inputs]
@@ -203,7 +150,7 @@ async def _answer(request: Request, state: ServerState, req: EmbeddingRequest) -
     dim = _dimensions(req, backend)
     ids = await _tokenize(state, backend, inputs, req)
     tokens = sum(map(len, ids))
-    emb = await _run(request, batcher, ids)
+    emb = await run_rows(request, batcher, ids)
     if emb is None:
         return Response(status_code=CLIENT_GONE), f"{len(ids)} inputs dropped: the client disconnected"
     emb = truncate_array(emb, dim, backend.config.normalize)  # (N, dim)
@@ -255,54 +202,6 @@ async def _tokenize(
                 code="too_many_tokens",
             )
     return ids
-
-
-async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
-    too_big = f"the request body is larger than the limit of {limit} bytes"
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"{too_big} ({declared} bytes)", code="request_too_large")
-
-    async def read() -> bytes:
-        chunks, size = [], 0
-        async for (
-            chunk
-        ) in request.stream():  # a body without (or lying about) its length is counted as it comes
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, too_big, code="request_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    try:
-        return await asyncio.wait_for(read(), timeout)
-    except asyncio.TimeoutError:
-        raise ApiError(
-            408,
-            f"the request body did not arrive within {timeout:g} s (--timeout-read)",
-            code="request_timeout",
-        ) from None
-
-
-async def _run(request: Request, batcher: Batcher, ids: list[list[int]]) -> np.ndarray | None:
-    """The embeddings of ids from the model thread, or None when the client disconnected first (its job is then
-    dropped, so no work is left queued for nobody)."""
-    job = batcher.submit(ids)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not job.future.done():
-            batcher.cancel(job)
-            job.future.cancel()
-    return job.future.result() if job.future in done else None
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body is read, so receive() now waits for that)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _summaries(state: ServerState) -> None:

@@ -6,12 +6,14 @@ ONE model thread owns the backend: it loads it, runs a warm-up batch, then loops
 queued jobs hold --max-batch-tokens tokens or the oldest has waited --max-wait-ms (no wait once shutdown began);
 take the queued jobs in arrival order up to that budget (at least one); sort all their rows by length and cut them
 into batches with bidir_core.batching (the grouping batch-embed uses); hand each batch's token rows to the backend
-(prepare, then embed: the backend builds its own input form) and write each row's vector into its job's array; a
-job's future is resolved when its last row is in, so no request sees another's rows.
+(prepare, then embed, or score for a reranker: the backend builds its own input form) and write each row's vector
+(or score) into its job's array; a job's future is resolved when its last row is in, so no request sees another's
+rows. An embedder's rows are texts, a reranker's are (query, passage) pairs: both are token rows here, so pairs of
+concurrent rerank requests share batches as texts do.
 
 A job cancelled before it runs (its client disconnected, or its handler was cancelled) is taken off the queue; rows
 of a cancelled job that was already taken are skipped before each batch runs. A batch that fails (an exception, or
-non-finite embeddings) fails the requests in it with a 500 and the thread goes on serving.
+non-finite outputs) fails the requests in it with a 500 and the thread goes on serving.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import numpy as np
 
 from bidir_core.batching import length_sorted_batches
 from bidir_core.errors import BidirError
+from bidir_core.reranker_config import RERANKER, tokenize_pairs
 from bidir_core.tokenization import tokenize
-from bidir_serve.backends import Backend
+from bidir_serve.backends import Backend, Scorer, backend_kind
 from bidir_serve.server.config import ServerConfig
 from bidir_serve.server.errors import ApiError, overloaded, unavailable
 from bidir_serve.server.metrics import Metrics
@@ -51,7 +54,8 @@ class Job:
     arrived: float
     """time.monotonic() at submit."""
     future: asyncio.Future
-    """Resolved (on the event loop) with the (len(ids), dim) float32 embeddings in input order, or an ApiError."""
+    """Resolved (on the event loop) with the (len(ids), dim) float32 embeddings (a reranker's (len(ids),) float32
+    scores) in input order, or an ApiError."""
     loop: asyncio.AbstractEventLoop
     cancelled: bool = False
     """Set by the event loop: the rows not yet run are dropped."""
@@ -65,13 +69,13 @@ class Batcher:
     def __init__(
         self,
         cfg: ServerConfig,
-        load: Callable[[], Backend],
+        load: Callable[[], Backend | Scorer],
         metrics: Metrics,
         on_fatal: Callable[[BaseException], None],
     ):
         self.cfg = cfg
         self._load, self._metrics, self._on_fatal = load, metrics, on_fatal
-        self.backend: Backend | None = None
+        self.backend: Backend | Scorer | None = None
         self.state = "loading"
         """loading, ready, failed (load_error says why) or stopped."""
         self.load_error: BaseException | None = None
@@ -149,25 +153,29 @@ class Batcher:
             self._on_fatal(e)
             return
         self.backend, self.state = backend, "ready"
-        log.info(
-            "model ready: %s, %d dimensions, max_length %d",
-            backend.description,
-            backend.dim,
-            backend.config.max_length,
+        shape = (
+            "scores (query, passage) pairs"
+            if backend_kind(backend) == RERANKER
+            else f"{backend.dim} dimensions"
         )
+        log.info("model ready: %s, %s, max_length %d", backend.description, shape, backend.config.max_length)
         while jobs := self._take():
             self._embed(backend, jobs)
 
-    def _warm_up(self, backend: Backend) -> None:
+    def _warm_up(self, backend: Backend | Scorer) -> None:
         """One small batch through the whole path, so the first request does not pay for lazy initialization; a
-        model that gives non-finite embeddings is refused here rather than answering requests with them."""
-        ids, _ = tokenize(
-            backend.tokenizer, [backend.config.passage_prefix + "warm-up"], backend.config.max_length
-        )
-        emb = backend.embed(backend.prepare(ids))
-        if not np.isfinite(emb).all():
+        model that gives non-finite outputs is refused here rather than answering requests with them."""
+        if backend_kind(backend) == RERANKER:
+            ids, _ = tokenize_pairs(backend.tokenizer, backend.config, [("warm-up", "warm-up")])
+            what = "scores for its warm-up pair"
+        else:
+            ids, _ = tokenize(
+                backend.tokenizer, [backend.config.passage_prefix + "warm-up"], backend.config.max_length
+            )
+            what = "embeddings for its warm-up text"
+        if not np.isfinite(_forward(backend, backend.prepare(ids))).all():
             raise BidirError(
-                f"{self.cfg.model}: the model produced non-finite (nan/inf) embeddings for its warm-up text "
+                f"{self.cfg.model}: the model produced non-finite (nan/inf) {what} "
                 "(check the model: NaN weights, a broken export, fp16 overflow: try --precision bf16 or fp32)"
             )
 
@@ -196,11 +204,12 @@ class Batcher:
                     tokens += job.tokens
                 return jobs
 
-    def _embed(self, backend: Backend, jobs: list[Job]) -> None:
+    def _embed(self, backend: Backend | Scorer, jobs: list[Job]) -> None:
         rows = [(job, i) for job in jobs for i in range(len(job.ids))]
         lengths = [len(job.ids[i]) for job, i in rows]
+        width = () if backend_kind(backend) == RERANKER else (backend.dim,)  # a score per row, or a vector
         for job in jobs:
-            job.out, job.left = np.empty((len(job.ids), backend.dim), np.float32), len(job.ids)
+            job.out, job.left = np.empty((len(job.ids), *width), np.float32), len(job.ids)
         for batch in length_sorted_batches(lengths, self.cfg.max_batch_size, self.cfg.max_batch_tokens):
             live = [r for r in batch if not (rows[r][0].cancelled or rows[r][0].done)]
             dropped = sum(1 for r in batch if rows[r][0].cancelled and not rows[r][0].done)
@@ -209,11 +218,11 @@ class Batcher:
             if not live:
                 continue
             try:
-                emb = backend.embed(backend.prepare([rows[r][0].ids[rows[r][1]] for r in live]))  # (B, dim)
+                emb = _forward(backend, backend.prepare([rows[r][0].ids[rows[r][1]] for r in live]))
                 if not np.isfinite(emb).all():
                     raise ApiError(
                         500,
-                        "the model produced non-finite (nan/inf) embeddings",
+                        f"the model produced non-finite (nan/inf) {'scores' if emb.ndim == 1 else 'embeddings'}",
                         type="server_error",
                         code="non_finite",
                     )
@@ -250,3 +259,8 @@ class Batcher:
 
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             job.loop.call_soon_threadsafe(settle)
+
+
+def _forward(backend: Backend | Scorer, inputs) -> np.ndarray:
+    """An embedder's (B, dim) embeddings or a reranker's (B,) scores of prepared rows."""
+    return backend.score(inputs) if backend_kind(backend) == RERANKER else backend.embed(inputs)

@@ -17,7 +17,9 @@ EXAMPLES = """examples:
   BIDIR_API_KEY=... bidir-server ./ckpt --host 0.0.0.0 --port 9000 --served-model-name my-embedder
   bidir-server ./ckpt --host 0.0.0.0 --allowed-hosts embed.example.com,*.internal --api-key "$(cat key.txt)"
   bidir-server ./onnx-export --backend onnxruntime --max-batch-tokens 32768 --max-wait-ms 5
-  curl -s localhost:8080/v1/embeddings -H 'Content-Type: application/json' -d '{"input": ["hello"]}'"""
+  curl -s localhost:8080/v1/embeddings -H 'Content-Type: application/json' -d '{"input": ["hello"]}'
+  bidir-server ./reranker-ckpt --port 8081
+  curl -s localhost:8081/v2/rerank -H 'Content-Type: application/json' -d '{"query": "q", "documents": ["a", "b"]}'"""
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 API_KEY_ENV = "BIDIR_API_KEY"
@@ -28,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     p = argparse.ArgumentParser(
         prog="bidir-server",
         description="Serve a bidir model over an OpenAI-compatible HTTP API: POST /v1/embeddings (with NVIDIA NIM's "
-        "input_type and truncate), GET /health, GET /v1/models, GET /metrics. Concurrent requests are merged into "
+        "input_type and truncate), GET /health, GET /v1/models, GET /metrics; a reranker model over POST /v1/rerank and "
+        "/v2/rerank (Cohere, Jina), /rerank (TEI) and /v1/ranking (NIM). Concurrent requests are merged into "
         "token-budget batches.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     )
     p.add_argument(
         "--max-inputs", type=int, default=d.max_inputs, help=f"inputs per request (default {d.max_inputs})"
+    )
+    p.add_argument(
+        "--max-rerank-documents",
+        type=int,
+        default=d.max_rerank_documents,
+        help=f"documents per rerank request (default {d.max_rerank_documents})",
     )
     p.add_argument(
         "--max-request-bytes",

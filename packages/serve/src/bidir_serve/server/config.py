@@ -54,6 +54,10 @@ class ServerConfig:
     """Requests admitted at once (queued or running); the next one gets 429 at once instead of a growing queue."""
     max_inputs: int = 2048
     """Inputs per request (OpenAI's limit); more is a 400."""
+    max_rerank_documents: int = 1000
+    """Documents per rerank request (on every rerank route); more is a 4xx before any tokenizing. Cohere asks for at
+    most 1,000 per request; each document is a (query, document) pair through the model, so 10,000 of them is
+    seconds of GPU time for one request that would hold up every other."""
     max_request_bytes: int = 8 * 1024 * 1024
     """Size of a request body; more is a 413, refused before the body is read in full."""
     max_request_tokens: int = 300_000
@@ -89,6 +93,7 @@ class ServerConfig:
             "max_batch_size",
             "max_concurrency",
             "max_inputs",
+            "max_rerank_documents",
             "max_request_bytes",
             "max_request_tokens",
         ):

@@ -39,8 +39,9 @@ def unavailable(message: str, code: str) -> ApiError:
     return ApiError(503, message, type="service_unavailable", code=code)
 
 
-def error_response(e: ApiError) -> JSONResponse:
-    """The HTTP answer carrying e: 429 and 503 say when to retry, 401 which scheme to use, and a 408 closes the
+def error_response(e: ApiError, body: dict | None = None, status: int | None = None) -> JSONResponse:
+    """The HTTP answer carrying e (as OpenAI's error JSON, or `body`: another API's shape of it, with `status` when
+    that API uses another one): 429 and 503 say when to retry, 401 which scheme to use, and a 408 closes the
     connection (its client was too slow to send the request; the rest of it is not waited for)."""
     headers = {
         429: {"Retry-After": "1"},
@@ -48,4 +49,4 @@ def error_response(e: ApiError) -> JSONResponse:
         401: {"WWW-Authenticate": "Bearer"},
         408: {"Connection": "close"},
     }.get(e.status)
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return JSONResponse(e.body() if body is None else body, status_code=status or e.status, headers=headers)

@@ -21,19 +21,26 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
-            "bidir_server_requests", "Embedding requests answered, by HTTP status", ["code"], registry=r
+            "bidir_server_requests",
+            "Requests answered (embeddings or rerank), by HTTP status",
+            ["code"],
+            registry=r,
         )
         self.errors = Counter(
             "bidir_server_errors",
-            "Embedding requests refused or failed, by HTTP status and error type",
+            "Requests refused or failed, by HTTP status and error type",
             ["code", "type"],
             registry=r,
         )
         self.latency = Histogram(
-            "bidir_server_request_seconds", "Embedding request latency, arrival to response", registry=r
+            "bidir_server_request_seconds", "Request latency, arrival to response", registry=r
         )
-        self.inputs = Counter("bidir_server_inputs", "Inputs embedded", registry=r)
-        self.tokens = Counter("bidir_server_tokens", "Real (unpadded) tokens embedded", registry=r)
+        self.inputs = Counter(
+            "bidir_server_inputs", "Inputs run through the model (texts, or a reranker's pairs)", registry=r
+        )
+        self.tokens = Counter(
+            "bidir_server_tokens", "Real (unpadded) tokens run through the model", registry=r
+        )
         self.tokens_per_second = Gauge(
             "bidir_server_tokens_per_second",
             "Tokens embedded per second over the last summary interval",

@@ -41,32 +41,32 @@ class EmbeddingRequest(BaseModel):
     def _check_input(cls, value):
         """Clear messages for the input's shape (the union's own errors would list every alternative)."""
         if isinstance(value, str):
-            _check_text(value, "input")
+            check_text(value, "input")
             return value
         if not isinstance(value, list):
-            raise ValueError(f"must be {INPUT_FORMS}, got {_kind(value)}")
+            raise ValueError(f"must be {INPUT_FORMS}, got {json_kind(value)}")
         if not value:
             raise ValueError("is an empty list")
-        first = _kind(value[0])
+        first = json_kind(value[0])
         for i, item in enumerate(value):
-            if _kind(item) != first:
-                raise ValueError(f"mixes types: input[0] is {first}, input[{i}] is {_kind(item)}")
+            if json_kind(item) != first:
+                raise ValueError(f"mixes types: input[0] is {first}, input[{i}] is {json_kind(item)}")
         if first == "a string":
             for i, text in enumerate(value):
-                _check_text(text, f"input[{i}]")
+                check_text(text, f"input[{i}]")
         elif first == "a list":
             for i, ids in enumerate(value):
                 if not ids:
                     raise ValueError(f"input[{i}] is an empty token list")
                 for j, token in enumerate(ids):
-                    if _kind(token) != "an integer":
-                        raise ValueError(f"input[{i}][{j}] is {_kind(token)}, not a token id")
+                    if json_kind(token) != "an integer":
+                        raise ValueError(f"input[{i}][{j}] is {json_kind(token)}, not a token id")
         elif first != "an integer":
             raise ValueError(f"must be {INPUT_FORMS}, got a list of {first[first.index(' ') + 1 :]}s")
         return value
 
 
-def _check_text(text: str, where: str) -> None:
+def check_text(text: str, where: str) -> None:
     if not text:
         # as batch-embed: an empty text has nothing to embed; embedding only the prefix would give every empty text
         # one shared vector
@@ -79,7 +79,7 @@ def _check_text(text: str, where: str) -> None:
         ) from None
 
 
-def _kind(value) -> str:
+def json_kind(value) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int):
