@@ -468,6 +468,8 @@ def _report(s: dict) -> None:
         f"dropped {s['dropped_empty']} empty, {s['dropped_passage']} equal to the passage, "
         f"{s['dropped_duplicate']} duplicates; {s['cut_passages']} passages cut to fit"
     )
+    if s["blank_passages"]:
+        line += f"; {s['blank_passages']} blank passages left out"
     if s["resumed_chunks"]:
         line += f"; resumed with {s['resumed_chunks']} of {s['chunks']} chunks done"
     if "filter" in s:
