@@ -311,3 +311,27 @@ def test_queries_are_cleaned_and_deduplicated():
     kept, counts = synth._deduplicate(["The passage"], [["Q one", " q  ONE ", "", "the PASSAGE", "two"]])
     assert kept == [["Q one", "two"]]
     assert counts == {"generated": 5, "empty": 1, "same_as_passage": 1, "duplicate": 1}
+
+
+def test_the_embedded_default_is_its_gguf_as_transformers_reads_it(embedded_default, embedded_gguf):
+    """The LlamaForCausalLM built from bidir_core's import (decoder weights, Q/K rows un-permuted, the LM head tied
+    to the embeddings) gives the logits of transformers' own GGUF loader, the oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bidir_train.query_generator import load_causal_lm
+
+    model, tokenizer, identity = load_causal_lm(embedded_default, device="cpu", dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and identity.startswith(
+        "smollm2-135m sha256:"
+    )
+    oracle = AutoModelForCausalLM.from_pretrained(
+        embedded_gguf.parent, gguf_file=embedded_gguf.name, dtype=torch.float32
+    ).eval()
+    ids = tokenizer(
+        ["The Eiffel Tower is a wrought-iron lattice tower in Paris."], return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, oracle(ids).logits  # (1, T, vocab)
+    # Measured 0.0: the same dequantized fp32 weights through the same kernels; the margin is for other CPUs' kernels.
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
