@@ -236,7 +236,7 @@ def test_a_chat_template_wraps_the_prompt(tmp_path):
     assert [len(q) for q in queries] == [1, 1]  # greedy: one query per passage
 
 
-def test_a_passage_longer_than_the_context_is_cut_and_counted(tmp_path, capsys):
+def test_a_passage_longer_than_the_context_is_cut_and_counted(tmp_path):
     folder = write_hf_llama(tmp_path / "short", max_position_embeddings=64)
     settings = GenerationSettings(max_new_tokens=8)
     g = QueryGenerator.load(str(folder), prompt=PROMPT, settings=settings)
@@ -245,9 +245,9 @@ def test_a_passage_longer_than_the_context_is_cut_and_counted(tmp_path, capsys):
     assert cut and len(ids) <= 64 - 8
     assert g.tokenizer.decode(ids).startswith("<s>Write a question about: " + long[:20])
     corpus = _txt(tmp_path / "p.txt", ["a short one", long])
-    summary = synthesize(SynthConfig(str(corpus), str(tmp_path / "out.jsonl")), generator=g)
+    with pytest.warns(UserWarning, match="1 of 2 passages were longer than the generator's context"):
+        summary = synthesize(SynthConfig(str(corpus), str(tmp_path / "out.jsonl")), generator=g)
     assert summary["cut_passages"] == 1
-    assert "1 of 2 passages were longer than the generator's context" in capsys.readouterr().err
 
     # A prompt that leaves no room for any passage is refused before anything runs.
     with pytest.raises(BidirError) as excinfo:
@@ -287,6 +287,22 @@ def test_bad_input_is_one_line(lm_folder, tmp_path):
             synthesize(cfg)
         _one_line(excinfo, *needles)
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.parts").exists()
+
+    # --overwrite deletes nothing when the model cannot load, nor a parts folder holding a file it did not write.
+    kept = _txt(tmp_path / "kept.jsonl", ["an earlier output"])
+    with pytest.raises(BidirError) as excinfo:
+        synthesize(SynthConfig(str(good), str(kept), str(remote), overwrite=True))
+    _one_line(excinfo, "auto_map")
+    (tmp_path / "kept.jsonl.parts").mkdir()
+    (tmp_path / "kept.jsonl.parts" / "manifest.json").write_text("{}")
+    (tmp_path / "kept.jsonl.parts" / "notes.txt").write_text("mine")
+    with pytest.raises(BidirError) as excinfo:
+        synthesize(SynthConfig(str(good), str(kept), str(lm_folder), overwrite=True))
+    _one_line(excinfo, "kept.jsonl.parts", "notes.txt", "not deleted")
+    assert (
+        kept.read_text() == "an earlier output\n"
+        and (tmp_path / "kept.jsonl.parts" / "manifest.json").is_file()
+    )
 
     with pytest.raises(BidirError) as excinfo:
         GenerationSettings(queries_per_passage=3)

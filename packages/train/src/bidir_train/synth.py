@@ -23,6 +23,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,15 +133,14 @@ def synthesize(
     cfg: SynthConfig, generator: QueryGenerator | None = None, encoder=None, reranker=None
 ) -> dict:
     """Generate queries for every passage of cfg.corpus into cfg.output (see the module docstring); a summary
-    dict. generator / encoder / reranker: already loaded ones (the filter's are used only when cfg names them)."""
+    dict. generator: one already loaded (its prompt and settings are used; cfg.model, cfg.prompt, cfg.generation and
+    cfg.dtype are not); encoder / reranker: the filter's, already loaded (used only when cfg names a filter)."""
     start = time.perf_counter()
     output = Path(cfg.output).expanduser()
     parts = output.with_name(output.name + ".parts")
     template = resolve_prompt(cfg.prompt)  # a bad prompt costs nothing
     passages, blank = read_passages(cfg.corpus, cfg.id_field, cfg.text_field)
-    if cfg.overwrite:
-        remove_outputs(output)
-    elif output.exists():
+    if output.exists() and not cfg.overwrite:
         raise BidirError(f"{output}: already exists (pass --overwrite / overwrite=True to replace it)")
     check_writable(output)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,6 +149,8 @@ def synthesize(
         generator = QueryGenerator.load(
             cfg.model, prompt=template, settings=cfg.generation, device=device, dtype=cfg.dtype
         )
+    if cfg.overwrite:  # only now: a model or filter that cannot load leaves the previous output as it was
+        remove_outputs(output)
     fingerprint = _fingerprint(cfg, generator, passages)
     _open_parts(parts, fingerprint, len(passages), cfg.chunk_size)
 
@@ -187,10 +189,10 @@ def synthesize(
         "pairs": len(pairs),
     }
     if counts["cut_passages"]:
-        print(
-            f"bidir-synth: {counts['cut_passages']} of {len(passages)} passages were longer than the generator's "
-            f"context leaves room for ({generator.passage_budget} tokens) and were cut to fit",
-            file=sys.stderr,
+        warnings.warn(
+            f"{counts['cut_passages']} of {len(passages)} passages were longer than the generator's context leaves "
+            f"room for ({generator.passage_budget} tokens) and were cut to fit",
+            stacklevel=2,
         )
     if cfg.filter_model is not None and pairs:
         del generator  # the generator's memory goes before the embedder's comes
