@@ -255,7 +255,7 @@ def test_a_passage_longer_than_the_context_is_cut_and_counted(tmp_path):
     _one_line(excinfo, "the prompt alone takes", "context of 64 tokens")
 
 
-def test_bad_input_is_one_line(lm_folder, tmp_path):
+def test_bad_input_is_one_line(lm_folder, tiny_checkpoint, tmp_path):
     good = _txt(tmp_path / "p.txt", ["one passage"])
     cases = []
     blank = _txt(tmp_path / "blank.txt", ["", "   "])
@@ -281,6 +281,10 @@ def test_bad_input_is_one_line(lm_folder, tmp_path):
     (unknown / "config.json").write_text(json.dumps(config | {"model_type": "my_llama"}))
     cases.append(
         (SynthConfig(str(good), str(tmp_path / "o.jsonl"), str(unknown)), ("config.json", "my_llama"))
+    )
+    # a bidir embedder checkpoint (LlamaModel weights, no LM head of its untied model) is no generator
+    cases.append(
+        (SynthConfig(str(good), str(tmp_path / "o.jsonl"), str(tiny_checkpoint)), ("lm_head.weight",))
     )
     for cfg, needles in cases:
         with pytest.raises(BidirError) as excinfo:

@@ -97,7 +97,7 @@ def check_template(template: str, where: str) -> None:
 
 def load_causal_lm(name: str, *, device: str, dtype: torch.dtype):
     """(model in eval mode on device, tokenizer, identity): the embedded default or a .gguf file built as a
-    LlamaForCausalLM, or a Hugging Face causal LM folder. identity names the model and its weights' sha256."""
+    LlamaForCausalLM, or a Hugging Face causal LM folder. identity: the sha256 of its config and weights."""
     from bidir_core.artifacts import checkpoint_fingerprint
     from bidir_core.embedded import EMBEDDED_DEFAULT
 
@@ -105,7 +105,8 @@ def load_causal_lm(name: str, *, device: str, dtype: torch.dtype):
         model, tokenizer, path = _from_source(name, dtype)
     else:
         model, tokenizer, path = _from_folder(Path(name).expanduser(), dtype)
-    identity = f"{name} {checkpoint_fingerprint(path)}"
+    # The weights, not the name: the same folder under another spelling (./m, m, an absolute path) is the same model.
+    identity = checkpoint_fingerprint(path)
     return model.to(device).eval(), tokenizer, identity
 
 
@@ -150,14 +151,22 @@ def _from_folder(folder: Path, dtype: torch.dtype):
             f"{config_file}: model_type {raw.get('model_type')!r} is not one transformers knows without remote code"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             folder,
             trust_remote_code=False,
             dtype=dtype,
             use_safetensors=True,  # never unpickle weights
+            output_loading_info=True,
         )
     except Exception as e:  # a non-causal-LM config, missing or bad weights: many exception types
         raise BidirError(f"{folder}: cannot load it as a causal LM ({one_line(e)})") from None
+    if info["missing_keys"]:
+        # transformers would start them at random (an untied LM head a bidir embedder checkpoint does not keep)
+        missing = sorted(info["missing_keys"])
+        raise BidirError(
+            f"{folder}: not a complete causal LM: no weights for {', '.join(missing[:3])}"
+            + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        )
     return model, load_tokenizer(folder), folder
 
 

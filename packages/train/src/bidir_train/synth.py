@@ -152,7 +152,7 @@ def synthesize(
     if cfg.overwrite:  # only now: a model or filter that cannot load leaves the previous output as it was
         remove_outputs(output)
     fingerprint = _fingerprint(cfg, generator, passages)
-    _open_parts(parts, fingerprint, len(passages), cfg.chunk_size)
+    _open_parts(parts, fingerprint)
 
     chunks = range(0, len(passages), cfg.chunk_size)
     done = {i for i in range(len(chunks)) if (parts / _chunk_name(i)).is_file()}
@@ -259,9 +259,10 @@ def _chunk_name(i: int) -> str:
     return f"chunk-{i:05d}.json"
 
 
-def _open_parts(parts: Path, fingerprint: dict, passages: int, chunk_size: int) -> None:
+def _open_parts(parts: Path, fingerprint: dict) -> None:
     """Make the parts folder with its manifest, or check an existing one's: other inputs or settings are refused,
-    naming what differs. Temporary files a killed write left are removed."""
+    naming what differs. Temporary files a killed write left are removed (so one run at a time writes a parts
+    folder: a second, concurrent one could remove the first's file being written)."""
     manifest = parts / MANIFEST
     if parts.exists() and not manifest.is_file():
         raise BidirError(
