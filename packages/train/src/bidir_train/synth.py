@@ -236,7 +236,7 @@ def _example(passage: tuple[str | None, str], query: str) -> TrainingExample:
 
 
 def _fingerprint(cfg: SynthConfig, generator: QueryGenerator, passages) -> dict:
-    """What decides the chunks' contents: the passages (ids and texts), the generator (its name and weights'
+    """What decides the chunks' contents: the passages (ids and texts), the generator (its config and weights'
     sha256), the prompt, the generation settings and how the work is cut into chunks and batches, the device and
     dtype (numerics). The filter is applied after the chunks, so it is not part of it."""
     digest = hashlib.sha256()
