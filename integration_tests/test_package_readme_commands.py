@@ -83,6 +83,14 @@ ACCOUNTED = {
         "bidir-mine runs/default/final --train train.tsv --corpus ../shared/data/cranfield --output mined.jsonl": (
             "test_train_mntp_default_mine"
         ),
+        "bidir-synth smollm2-135m --corpus ./my-corpus --output runs/synth/train.jsonl": "test_train_synth",
+        "bidir-mine smollm2-135m --train runs/synth/train.jsonl --corpus ./my-corpus "
+        "--output runs/synth/mined.jsonl": "test_train_synth",
+        "torchrun --nproc-per-node 1 -m bidir_train --config default data.train=runs/synth/mined.jsonl "
+        "eval.dev=null logging.output_dir=runs/my-corpus": "test_train_synth",
+        "bidir-eval runs/my-corpus/final --retrieval ./my-corpus --split test": "test_train_synth",
+        "bidir-synth /models/Qwen2.5-7B-Instruct --corpus ./my-corpus --output runs/synth/train.jsonl "
+        "--device cuda --dtype bf16 --batch-size 64 --chunk-size 1024": "test_train_synth (on the CPU, fp32)",
     },
     "packages/export/README.md": {
         "pip install torch==2.13.0 ./packages/core ./packages/export": "test_wheels.py",
@@ -362,6 +370,36 @@ def test_train_lora(work):
         assert (cwd / "runs" / run_dir / "adapter" / "adapter_model.safetensors").is_file()
     config = json.loads((cwd / "runs" / "lora-qv" / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_train_synth(work):
+    """The flow for a user's corpus: bidir-synth -> bidir-mine -> bidir-train -> bidir-eval, on ./my-corpus (the
+    Cranfield stand-in). The tiny Llama with an LM head stands in for the embedded default and the GPU generator
+    (which runs on the CPU here); ./ckpt mines; queries are cut to 4 new tokens."""
+    readme = "packages/train/README.md"
+    cwd = _folder(work, "train-synth")
+    (cwd / "my-corpus").symlink_to(work.parent / "shared" / "data" / "cranfield")
+    llama = work.parent / "llama"
+    short = ["--max-new-tokens", "4", "--no-progress"]
+    run(*miniature(command(readme, "bidir-synth smollm2-135m"), {SMOLLM2: llama}), *short, cwd=cwd)
+    rows = [json.loads(r) for r in (cwd / "runs" / "synth" / "train.jsonl").read_text().splitlines()]
+    assert rows and all(r["pos_ids"] and r["pos_doc"] for r in rows)
+    run(
+        *miniature(command(readme, "bidir-mine smollm2-135m --train runs/synth"), {SMOLLM2: "./ckpt"}),
+        cwd=cwd,
+    )
+    run(*command(readme, "torchrun --nproc-per-node 1 -m bidir_train --config default data.train=runs/synth"),
+        f"model.path={llama}", "schedule.max_steps=2", "schedule.global_batch_size=4", "schedule.micro_batch_size=2",
+        cwd=cwd)  # fmt: skip
+    assert "ndcg@10" in run(*command(readme, "bidir-eval runs/my-corpus/final"), cwd=cwd)
+    options = {"--device": "cpu", "--dtype": "fp32", "--batch-size": "4", "--chunk-size": "4"}
+    words = miniature(
+        command(readme, "bidir-synth /models/"), {"/models/Qwen2.5-7B-Instruct": llama}, options
+    )
+    assert "rows -> runs/synth/train.jsonl" in run(
+        *words, *short, "--overwrite", cwd=cwd
+    )  # replaces step 1's
+    assert not (cwd / "runs" / "synth" / "train.jsonl.parts").exists()
 
 
 # -- packages/export/README.md --------------------------------------------------------------------------------

@@ -150,9 +150,9 @@ def mine_negatives(
     where.update({text: len(texts) + i for i, text in enumerate(extra)})
     # The corpus, then the positives that are not in it (their embeddings give the positive scores).
     docs = encoder.encode_documents(texts + extra, **kw)  # (N + E, D)
-    _check_finite(docs, "passage", (texts + extra))
+    check_finite_embeddings(docs, "passage", (texts + extra))
     queries = encoder.encode_queries([ex.query for ex in examples], **kw)  # (Q, D)
-    _check_finite(queries, "query", [ex.query for ex in examples])
+    check_finite_embeddings(queries, "query", [ex.query for ex in examples])
     docs, queries = torch.from_numpy(docs).to(device), torch.from_numpy(queries).to(device)
 
     scores, indices = [], []  # per query block: (q, k) fp32 cosine, (q, k) int64 corpus index, best first
@@ -228,7 +228,7 @@ def rescore_rows(reranker, rows: Sequence[TrainingExample], *, batch_size: int =
     return out
 
 
-def _check_finite(embeddings, what: str, texts: Sequence[str]) -> None:
+def check_finite_embeddings(embeddings, what: str, texts: Sequence[str]) -> None:
     """nan/inf embeddings (a NaN model, fp16 overflow) would rank candidates arbitrarily: stop, naming the first."""
     bad = ~np.isfinite(embeddings).all(axis=1)
     if bad.any():
@@ -275,7 +275,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     )
     if reranker is not None:
         rows = rescore_rows(reranker, rows, batch_size=cfg.batch_size, progress=cfg.progress)
-    write_jsonl_atomic(output, map(_as_row, rows))  # a complete-looking file is a complete one
+    write_jsonl_atomic(output, map(training_row, rows))  # a complete-looking file is a complete one
     if counts["short_rows"]:
         warnings.warn(
             f"{counts['short_rows']} of {len(rows)} rows have fewer than {cfg.num_negatives} negatives "
@@ -294,7 +294,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     }
 
 
-def _as_row(ex: TrainingExample) -> dict:
+def training_row(ex: TrainingExample) -> dict:
     """A NeMo-style JSONL row, which bidir_core.datasets.read_training_examples reads back."""
     row = {"query": ex.query, "pos_doc": list(ex.positives), "neg_doc": list(ex.negatives)}
     if ex.positive_ids:
