@@ -49,6 +49,7 @@ ACCOUNTED = {
         "bidir-eval ./my-embedder --sts ../shared/data/stsb/sts-dev.tsv --dim 256": "test_core_eval",
         "bidir-eval bm25 --retrieval ../shared/data/cranfield --rerank ./my-reranker --rerank-top-k 20 "
         "--json runs/reranked.json": "test_core_eval",
+        "bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --hybrid weighted": "test_core_eval",
     },
     "packages/train/README.md": {
         "pip install torch==2.13.0 ./packages/core ./packages/train": "test_wheels.py",
@@ -260,8 +261,12 @@ def test_core_eval(work):
     cwd = _folder(work, "core-eval")
     run(*miniature(command("packages/core/README.md", "bidir-eval smollm2-135m"), {SMOLLM2: "./my-embedder"}),
         "--no-progress", cwd=cwd)  # fmt: skip
-    run(*command("packages/core/README.md", "bidir-eval ./my-embedder --retrieval"), cwd=cwd)
+    run(*command("packages/core/README.md", "bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --split"),
+        cwd=cwd)  # fmt: skip
     assert "ndcg@10" in json.loads((cwd / "runs" / "cranfield.json").read_text())["metrics"]
+    output = run(*command("packages/core/README.md", "bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --hybrid"),
+                 cwd=cwd)  # fmt: skip
+    assert "hybrid: the dense run and BM25's fused by weighted" in output
     output = run(*command("packages/core/README.md", "bidir-eval ./my-embedder --sts"), cwd=cwd)
     assert "spearman" in output
     # a tiny reranker (a fresh head on a tiny decoder) stands in for ./my-reranker
