@@ -17,6 +17,9 @@ a GPU is present, else fp32 on CPU (bf16 on CPUs without bf16 units is slow, and
 
 Every backend takes `dim` (Matryoshka truncation, re-normalized when the model normalizes) at construction, so
 embed() always returns (B, dim or hidden_size).
+
+A reranker's export (manifest kind "reranker") loads as a scorer instead: OnnxRuntimeScorer or TensorRTScorer,
+score(prepare(rows)) -> (B,) float32 logits; it has no `dim`.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from pathlib import Path
 from bidir_core.artifacts import EngineManifest, OnnxManifest, find_manifest
 from bidir_core.errors import BidirError
 from bidir_core.folders import interrupted_publish_hint
+from bidir_core.reranker_config import RERANKER
 from bidir_serve.backends.base import Backend, Padded, export_fingerprint, model_fingerprint
-from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend
+from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeScorer
 from bidir_serve.backends.pytorch import PRECISIONS, TorchBackend
 from bidir_serve.backends.spec import BACKENDS, BackendSpec
-from bidir_serve.backends.tensorrt import TensorRTBackend
+from bidir_serve.backends.tensorrt import TensorRTBackend, TensorRTScorer
 
 __all__ = [
     "BACKENDS",
@@ -40,8 +44,10 @@ __all__ = [
     "BackendSpec",
     "ModelKind",
     "OnnxRuntimeBackend",
+    "OnnxRuntimeScorer",
     "Padded",
     "TensorRTBackend",
+    "TensorRTScorer",
     "TorchBackend",
     "auto_backend",
     "export_fingerprint",
@@ -90,7 +96,7 @@ def load_backend(
     providers: list[str] | None = None,
 ) -> Backend:
     """The backend `spec` describes (a checkpoint, an ONNX export folder or an engine folder), its output cut to `dim`
-    columns when given. A model in place of a spec is the spec of that model and the settings given with it:
+    columns when given; a scorer (OnnxRuntimeScorer, TensorRTScorer) for a reranker's export folder. A model in place of a spec is the spec of that model and the settings given with it:
     load_backend("./ckpt", "torch", device="cpu") is load_backend(BackendSpec("./ckpt", "torch", device="cpu"))."""
     if not isinstance(spec, BackendSpec):
         spec = BackendSpec(spec, backend, device, precision, compile)
@@ -113,5 +119,19 @@ def load_backend(
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         elif device == "cpu" and providers is None:
             providers = ["CPUExecutionProvider"]
+        if _is_reranker_export(model, dim):
+            return OnnxRuntimeScorer(model, providers=providers)
         return OnnxRuntimeBackend(model, providers=providers, dim=dim)
+    if _is_reranker_export(model, dim):
+        return TensorRTScorer(model)
     return TensorRTBackend(model, dim=dim)
+
+
+def _is_reranker_export(model: str | Path, dim: int | None) -> bool:
+    """Whether the export folder at model holds a reranker (its manifest's kind): then a scorer runs it, and a
+    dim is refused, as a reranker has no embedding to cut."""
+    if find_manifest(model).kind != RERANKER:
+        return False
+    if dim is not None:
+        raise BidirError(f"{model}: is a reranker export (one score per pair); dim applies to an embedder")
+    return True
