@@ -36,8 +36,8 @@ Scores are compared across pairs (a ranking), so the size that matters is the sc
 score's own size: every pair, near 0 or not, gets the same absolute allowance, and the 1x1 batch or a single pair is
 judged on the same scale as the rest (a per-batch scale would again divide by one scalar). The maximum rather than a
 norm keeps one wrong pair from being averaged away. The rest of the rule is unchanged (FACTOR, the unit roundoff,
-MAX_ERROR): a missing temperature is off by |1 - 1/t| (0.5 at t = 2), another pooling or an ignored padding mask by
-0.3..2 on the tiny reranker, far past MAX_ERROR (tests/test_scorer_verification.py).
+MAX_ERROR): a missing temperature t is off by |1 - t| (0.5 at t = 0.5), last pooling for avg, an ignored padding
+mask or a missing layer by 0.5..1.8 on the tiny reranker, far past MAX_ERROR (tests/test_scorer_verification.py).
 """
 
 from __future__ import annotations
@@ -172,22 +172,29 @@ def verification_batches(
 
 
 def pair_batches(cross_encoder: CrossEncoder, largest: tuple[int, int]) -> list[Batch]:
-    """A reranker's fixed batches from VERIFICATION_PAIRS, formatted and cut as CrossEncoder.predict does, cut
-    further to largest's sequence length: 1x1 (the first token of a pair: the graph's smallest shape), one pair
-    alone, three pairs of different lengths right-padded and the same left-padded, and `largest` (batch, seq): its
-    first row one pair whose passage is long enough to be cut to exactly seq tokens, then the pairs in turn."""
+    """A reranker's fixed batches from VERIFICATION_PAIRS, formatted and cut as CrossEncoder.predict does (the
+    checkpoint's template, the passage's end cut), at most largest's sequence length: 1x1 (the first token of a
+    pair: the graph's smallest shape), one pair alone, three pairs right-padded and the same left-padded (the
+    longest, the middle and the shortest pair, cut to at most S, S/2 and S/4 tokens so their lengths differ), and
+    `largest` (B, S): one pair whose passage is long enough to be cut to exactly S tokens, then the pairs in turn."""
     max_b, max_s = largest
-    # The pair tokenization with max_length = max_s (the checkpoint's own template and cut rules); a shallow copy,
-    # so the model is shared.
-    short = copy.copy(cross_encoder)
-    short.config = dataclasses.replace(cross_encoder.config, max_length=max_s)
-    pairs = list(VERIFICATION_PAIRS)
-    rows = short.tokenize_pairs(pairs)[0]
+
+    def rows_at(pairs, max_length: int) -> list[list[int]]:
+        # the pair tokenization with another max_length; a shallow copy, so the model is shared
+        short = copy.copy(cross_encoder)
+        short.config = dataclasses.replace(cross_encoder.config, max_length=max_length)
+        return short.tokenize_pairs(pairs)[0]
+
+    pairs = sorted(VERIFICATION_PAIRS, key=lambda pair: len(rows_at([pair], max_s)[0]))  # shortest first
+    rows = rows_at(VERIFICATION_PAIRS, max_s)
+    three = [
+        rows_at([pairs[-1]], max_s)[0],
+        rows_at([pairs[len(pairs) // 2]], max(1, max_s // 2))[0],
+        rows_at([pairs[0]], max(1, max_s // 4))[0],
+    ]
     query, passage = pairs[-1][0], " ".join(p for _, p in pairs)
-    while len(long := short.tokenize_pairs([(query, passage)])[0][0]) < max_s and len(passage) < 1 << 22:
+    while len(long := rows_at([(query, passage)], max_s)[0]) < max_s and len(passage) < 1 << 22:
         passage += " " + passage
-    by_length = sorted(rows, key=len)
-    three = [by_length[-1], by_length[len(rows) // 2], by_length[0]]
     plans = [
         ([rows[0][:1]], "right"),
         ([rows[0]], "right"),
