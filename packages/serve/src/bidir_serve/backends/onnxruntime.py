@@ -25,9 +25,10 @@ def _open(folder: Path, kind: str, providers: list[str] | None):
 
     manifest: OnnxManifest = read_manifest(folder, "onnx")
     if manifest.kind != kind:
+        role = "scorer" if kind == RERANKER else "embedding backend"
         raise BidirError(
-            f"{folder}: is a {manifest.kind} export; the onnxruntime "
-            f"{'scorer' if kind == RERANKER else 'embedding backend'} runs a {kind}'s (load_backend picks by kind)"
+            f"{folder}: the export's model is kind {manifest.kind}; the onnxruntime {role} runs kind {kind} "
+            "(load_backend picks by kind)"
         )
     available = ort.get_available_providers()
     if providers is None:

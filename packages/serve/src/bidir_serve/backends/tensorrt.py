@@ -57,7 +57,7 @@ class Engine:
         self.manifest: EngineManifest = read_manifest(folder, "tensorrt")
         if self.manifest.kind != kind:
             raise BidirError(
-                f"{folder}: is a {self.manifest.kind} engine; this tensorrt backend runs a {kind}'s "
+                f"{folder}: the engine's model is kind {self.manifest.kind}; this tensorrt backend runs kind {kind} "
                 "(load_backend picks by kind)"
             )
         here = "{}.{}".format(*torch.cuda.get_device_capability())
