@@ -29,6 +29,7 @@ from bidir_export.verification import (
     Batch,
     Reference,
     compare,
+    low_precision_copy,
     pair_batches,
     reference_outputs,
     score_error,
@@ -84,8 +85,10 @@ def _without_last_layer(reranker: CrossEncoder) -> ScoringGraph:
 def test_intact_graph_passes_in_fp32_and_fp16(reranker):
     fp32 = _verify(reranker, ScoringGraph(reranker))
     assert fp32.passed and fp32.error <= fp32.bound and fp32.min_cosine is None
-    half = copy.deepcopy(reranker).to(torch.float16)
-    fp16 = _verify(reranker, ScoringGraph(half), "fp16")
+    half = low_precision_copy(ScoringGraph(reranker), "fp16")
+    assert half.cross_encoder.score.weight.dtype == torch.float32  # the head stays fp32, as in CrossEncoder
+    assert torch.equal(half.cross_encoder.score.weight, reranker.score.weight)
+    fp16 = _verify(reranker, half, "fp16")
     assert fp16.passed and fp16.error == pytest.approx(fp16.reference_error)  # the very same computation
 
 

@@ -17,7 +17,6 @@ manifest, verified on real pairs (verification.pair_batches) with the scores' er
 from __future__ import annotations
 
 import collections
-import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -48,9 +47,9 @@ from bidir_export.profiles import check_verify_shape
 from bidir_export.verification import (
     FACTOR,
     MAX_ERROR,
-    TORCH_DTYPES,
     Batch,
     compare,
+    low_precision_copy,
     pair_batches,
     reference_outputs,
     verification_batches,
@@ -106,7 +105,7 @@ def export_onnx(
             f"{settings.attention} attention{', with dimensions' if with_dims else ''})"
         )
         # a low-precision copy lives for the export only; verification makes its own
-        graph = reference if dtype == "fp32" else copy.deepcopy(reference).to(TORCH_DTYPES[dtype])
+        graph = reference if dtype == "fp32" else low_precision_copy(reference, dtype)
         output = SCORES if isinstance(reference, ScoringGraph) else "embeddings"
         _export_graph(graph.eval(), tmp / MODEL_FILE, opset, {ATTENTION_KEY: settings.attention}, output)
         del graph

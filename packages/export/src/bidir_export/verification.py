@@ -54,6 +54,7 @@ from torch import nn
 from bidir_core.artifacts import OnnxManifest, Verification
 from bidir_core.batching import pad_batch
 from bidir_core.cross_encoder import CrossEncoder
+from bidir_core.scoring_graph import ScoringGraph
 
 # Measured (export/README.md): onnxruntime graphs sit at 0.4..2.0x PyTorch's own distance from float64 in the same
 # precision (fp32 0.4..0.9, fp16 0.7..2.0). 4 (two bits) leaves room for other kernels and accumulation orders
@@ -231,19 +232,30 @@ def reference_outputs(
     if dtype == "fp32":
         same = run(graph)
     else:
-        # A copy in dtype without a full fp32 copy first: each floating parameter and buffer is cast as it is
-        # copied (deepcopy takes the memo's object for each id it meets).
-        dt = TORCH_DTYPES[dtype]
-        memo = {id(p): nn.Parameter(p.detach().to(dt), requires_grad=False) for p in graph.parameters()}
-        memo |= {id(b): b.detach().to(dt) for b in graph.buffers() if b.is_floating_point()}
-        low = copy.deepcopy(graph, memo).to(dt)
+        low = low_precision_copy(graph, dtype)
         same = run(low)
-        del low, memo
+        del low
     try:
         truth = run(graph.double())
     finally:
         graph.float()
     return Reference(float64=truth, same_dtype=same)
+
+
+def low_precision_copy(graph: nn.Module, dtype: str) -> nn.Module:
+    """graph (fp32) as it runs in dtype: what is exported in that precision, and PyTorch's own run in it. A
+    reranker's head stays fp32, as CrossEncoder keeps it in any dtype.
+
+    No full fp32 copy is made first: each floating parameter and buffer is cast as it is copied (deepcopy takes the
+    memo's object for each id it meets)."""
+    dt = TORCH_DTYPES[dtype]
+    memo = {id(p): nn.Parameter(p.detach().to(dt), requires_grad=False) for p in graph.parameters()}
+    memo |= {id(b): b.detach().to(dt) for b in graph.buffers() if b.is_floating_point()}
+    low = copy.deepcopy(graph, memo).to(dt)
+    if isinstance(graph, ScoringGraph):  # (1, H): the fp32 weight itself, not its rounded copy
+        head = graph.cross_encoder.score.weight.detach().float().clone()
+        low.cross_encoder.score.weight = nn.Parameter(head, requires_grad=False)
+    return low
 
 
 def row_errors(got: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
