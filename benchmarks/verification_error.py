@@ -12,10 +12,17 @@ right and left, and the largest shape) measure, against the same weights run by 
 error = max over rows of ||x - x64|| / ||x64||. Models: the tiny test model, the embedded default untrained, any
 checkpoint folders given with --checkpoint NAME=PATH (e.g. the demo's trained model), and --llama-1b: a
 Llama-3.2-1B-shaped random model (benchmarks/harness.py's SHAPES and random_llama) at
-4 x 512. The 1B rows need about 16 GB of memory and several minutes per dtype on 2 cores.
+4 x 512 (--llama-1b-shape). The 1B rows need about 16 GB of memory and several minutes per dtype on 2 cores.
+
+--reranker measures rerankers instead, on real (query, passage) pairs in each checkpoint's template
+(bidir_export.verification.pair_batches) with the scores' error, max |s - s64| / max |s64|: the tiny reranker, the
+--checkpoint reranker folders, and with --llama-1b a Llama-3.2-1B-shaped random reranker (the same random decoder
+and a fresh head, normal(0, 0.02), avg pooling, NeMo's template). Each checkpoint is measured as what it is (an
+embedder or a reranker), so --checkpoint takes either kind in both modes.
 
     python benchmarks/verification_error.py [--checkpoint trained=runs/demo/train/final] [--llama-1b]
         [--dtypes fp32,fp16,bf16] [--shape 4x128] [--json PATH]
+    python benchmarks/verification_error.py --reranker --checkpoint reranker=runs/rr/final [--llama-1b]
 """
 
 from __future__ import annotations
@@ -31,49 +38,56 @@ import onnxruntime
 import torch
 from harness import SHAPES, random_llama
 
-from bidir_core.checkpoint import EncoderConfig, write_checkpoint
-from bidir_core.embedding_graph import EmbeddingGraph
-from bidir_core.encoder import BiEncoder
-from bidir_core.testing import tiny_encoder
-from bidir_export.onnx_export import NotVerifiable, export_onnx, onnxruntime_session, run_verification
-from bidir_export.verification import (
-    FACTOR,
-    UNIT_ROUNDOFF,
-    reference_outputs,
-    row_errors,
-    verification_batches,
+from bidir_core.checkpoint import EncoderConfig, write_checkpoint, write_reranker
+from bidir_core.cross_encoder import new_score_head
+from bidir_core.reranker_config import RerankerConfig
+from bidir_core.sources import open_source
+from bidir_core.testing import tiny_cross_encoder, tiny_encoder
+from bidir_export.onnx_export import (
+    NotVerifiable,
+    export_onnx,
+    fixed_batches,
+    load_graph,
+    onnxruntime_session,
+    run_verification,
 )
+from bidir_export.verification import FACTOR, UNIT_ROUNDOFF, output_error, reference_outputs
 
 
-def llama_1b_checkpoint(folder: Path, tokenizer_source: Path) -> Path:
+def llama_1b_checkpoint(folder: Path, tokenizer_source: Path, reranker: bool = False) -> Path:
     """Random weights shaped like Llama-3.2-1B (normal(0, 0.02), norms at 1, as random_checkpoint.py), saved with
-    the embedded default's tokenizer (token ids are drawn below the tokenizer's vocabulary anyway)."""
+    the embedded default's tokenizer (token ids are drawn below the tokenizer's vocabulary anyway); with reranker,
+    a reranker checkpoint: the same decoder and a fresh head (CrossEncoder's new_score_head, seed 0)."""
     from transformers import LlamaConfig
 
     from bidir_core.tokenization import load_tokenizer
 
     config = LlamaConfig(**SHAPES["llama-3.2-1b"])
     config.is_causal = False
+    config.initializer_range = 0.02  # the head's std, as the decoder's weights
     model = random_llama(config, seed=0)
-    write_checkpoint(folder, model, load_tokenizer(tokenizer_source), EncoderConfig(max_length=512))
+    tokenizer = load_tokenizer(tokenizer_source)
+    if reranker:
+        head = new_score_head(config, seed=0).weight.detach()
+        return write_reranker(folder, model, head, tokenizer, RerankerConfig(max_length=512))
+    write_checkpoint(folder, model, tokenizer, EncoderConfig(max_length=512))
     return folder
 
 
 def measure(name: str, source, dtype: str, shape: tuple[int, int], work: Path) -> dict:
+    """One row of the table: an embedder's or a reranker's export (as the checkpoint is) in dtype vs PyTorch."""
     out = work / f"{name}-{dtype}"
     manifest = export_onnx(source, out, dtype=dtype, verify=False, overwrite=True)
-    encoder = BiEncoder.from_pretrained(source).eval()
-    reference = EmbeddingGraph(encoder, manifest.with_dims)
-    row = {"model": name, "dtype": dtype, "shape": f"{shape[0]}x{shape[1]}"}
+    reference = load_graph(open_source(source), with_dims=manifest.with_dims)
+    row = {"model": name, "kind": manifest.kind, "dtype": dtype, "shape": f"{shape[0]}x{shape[1]}"}
     try:
         result = run_verification(out / manifest.model_file, manifest, reference, shape)
     except NotVerifiable:
         row.update(export_error=None, note="onnxruntime CPU has no kernel")
         # PyTorch's own error still tells what the rule would allow
-        batches = verification_batches(encoder.model.config.vocab_size, shape)
-        ref = reference_outputs(reference, batches, dtype)
+        ref = reference_outputs(reference, fixed_batches(reference, manifest, shape), dtype)
         same, truth = torch.cat(ref.same_dtype), torch.cat(ref.float64)
-        row["torch_error"] = float(row_errors(same, truth).max()) if torch.isfinite(same).all() else None
+        row["torch_error"] = output_error(same, truth) if torch.isfinite(same).all() else None
         return row
     row.update(
         torch_error=result.reference_error,
@@ -85,10 +99,10 @@ def measure(name: str, source, dtype: str, shape: tuple[int, int], work: Path) -
     if dtype == "fp32":  # the old rule's figure: |onnxruntime - PyTorch fp32|
         session, _ = onnxruntime_session(out / manifest.model_file)
         worst = 0.0
-        for b in verification_batches(encoder.model.config.vocab_size, shape):
+        for b in fixed_batches(reference, manifest, shape):
             with torch.no_grad():
                 want = reference(**b.feeds())
-            got = session.run(["embeddings"], {k: np.asarray(v) for k, v in b.feeds().items()})[0]
+            got = session.run([manifest.output], {k: np.asarray(v) for k, v in b.feeds().items()})[0]
             worst = max(worst, float((torch.from_numpy(got) - want).abs().max()))
         row["old_rule_max_abs_vs_fp32"] = worst
     return row
@@ -107,17 +121,25 @@ def main() -> None:
         "--llama-1b", action="store_true", help="also a Llama-3.2-1B-shaped random model at 4x512"
     )
     ap.add_argument("--no-default", action="store_true", help="skip the tiny model and the embedded default")
+    ap.add_argument(
+        "--reranker", action="store_true", help="rerankers: the tiny reranker, and --llama-1b as a reranker"
+    )
+    ap.add_argument("--llama-1b-shape", default="4x512", help="largest verification shape of the 1B model")
     ap.add_argument("--dtypes", default="fp32,fp16,bf16")
     ap.add_argument("--shape", default="4x128", help="largest verification shape for the small models")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     dtypes = args.dtypes.split(",")
     shape = tuple(int(x) for x in args.shape.split("x"))
+    shape_1b = tuple(int(x) for x in args.llama_1b_shape.split("x"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         models: list[tuple[str, object, tuple[int, int]]] = []
-        if not args.no_default:
+        if not args.no_default and args.reranker:
+            tiny = tiny_cross_encoder(RerankerConfig(temperature=0.5)).save_pretrained(work / "tiny-rr")
+            models.append(("tiny reranker", tiny, (3, 40)))
+        elif not args.no_default:
             tiny = work / "tiny-ckpt"
             enc = tiny_encoder()
             write_checkpoint(tiny, enc.model, enc.tokenizer, enc.config)
@@ -128,13 +150,9 @@ def main() -> None:
         if args.llama_1b:
             from bidir_core.sources import resolve_source
 
-            models.append(
-                (
-                    "llama-3.2-1b-shaped random",
-                    llama_1b_checkpoint(work / "1b", resolve_source("smollm2-135m")),
-                    (4, 512),
-                )
-            )
+            what = "reranker" if args.reranker else "model"
+            folder = llama_1b_checkpoint(work / "1b", resolve_source("smollm2-135m"), reranker=args.reranker)
+            models.append((f"llama-3.2-1b-shaped random {what}", folder, shape_1b))
         for name, source, model_shape in models:
             for dtype in dtypes:
                 row = measure(name.replace(" ", "_"), source, dtype, model_shape, work)
@@ -142,6 +160,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(f"\nrule: error <= {FACTOR:g} x max(PyTorch error in dtype, unit roundoff {UNIT_ROUNDOFF})")
+    print("error: embeddings max row ||x - x64|| / ||x64||; scores max |s - s64| / max |s64| over every pair")
     print(
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {platform.processor() or platform.machine()}\n"
     )

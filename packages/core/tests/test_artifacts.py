@@ -18,6 +18,7 @@ from bidir_core.artifacts import (
     read_manifest,
     write_manifest,
 )
+from bidir_core.reranker_config import RerankerConfig
 from bidir_core.testing import tiny_encoder
 
 
@@ -58,6 +59,55 @@ def test_engine_manifest_round_trips(tmp_path):
     write_manifest(tmp_path, manifest)
     assert read_manifest(tmp_path) == manifest
     assert manifest.profiles[0].fits(64, 512) and not manifest.profiles[0].fits(65, 2)
+
+
+def _reranker_manifest(**kw):
+    fields = dict(
+        encoder=None,
+        reranker=RerankerConfig(
+            template="q: {query}\np: {passage}\nrelevant:", pooling="last", attention="causal"
+        ),
+        kind="reranker",
+        inputs=("input_ids", "attention_mask"),
+        output="scores",
+    )
+    return _onnx_manifest(**{**fields, **kw})
+
+
+def test_reranker_manifests_round_trip_and_old_ones_read_as_embedders(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    (tmp_path / "model.engine").write_bytes(b"")
+    manifest = _reranker_manifest()
+    write_manifest(tmp_path, manifest)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    assert raw["kind"] == "onnx" and raw["model_kind"] == "reranker" and raw["encoder"] is None
+    assert raw["reranker"]["template"] == "q: {query}\np: {passage}\nrelevant:"
+    read = read_manifest(tmp_path, "onnx")
+    assert read == manifest and read.settings == manifest.reranker and read.settings.attention == "causal"
+    engine = EngineManifest(manifest, "fp16", (Profile((1, 1), (2, 8), (4, 16)),), "10.9.0", "H100", "9.0")
+    write_manifest(tmp_path, engine)
+    assert read_manifest(tmp_path, "tensorrt") == engine and engine.kind == "reranker"
+    # an embedder's manifest is written as before kinds existed, and such a manifest reads as an embedder
+    write_manifest(tmp_path, _onnx_manifest())
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    assert "model_kind" not in raw and "reranker" not in raw
+    embedder = read_manifest(tmp_path)
+    assert embedder.kind == "embedder" and embedder.settings == embedder.encoder and embedder.reranker is None
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"kind": "classifier"}, "kind must be one of embedder, reranker"),
+        ({"encoder": EncoderConfig()}, "a reranker manifest has reranker settings and no encoder settings"),
+        ({"reranker": None}, "a reranker manifest has reranker settings"),
+        ({"output": "embeddings"}, "a reranker graph takes input_ids, attention_mask and outputs scores"),
+        ({"inputs": ("input_ids", "attention_mask", "dimensions")}, "outputs scores"),
+    ],
+)
+def test_bad_reranker_manifests(fields, message):
+    with pytest.raises(BidirError, match=message):
+        _reranker_manifest(**fields)
 
 
 def test_bad_manifests(tmp_path):

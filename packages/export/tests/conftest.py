@@ -9,7 +9,8 @@ from export_testing import SMALL_VERIFY
 
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.pytest_plugin import *  # noqa: F403 (the cache, hardware skips, embedded default: see there)
-from bidir_core.testing import tiny_encoder
+from bidir_core.reranker_config import RerankerConfig
+from bidir_core.testing import tiny_cross_encoder, tiny_encoder
 from bidir_export import export_onnx
 
 
@@ -43,5 +44,29 @@ def exported(make_tiny_checkpoint, tmp_path_factory):
             export_onnx(ckpt, out, dtype=dtype, with_dims=with_dims, verify_shape=SMALL_VERIFY)
             made[key] = out, ckpt
         return made[key]
+
+    return make
+
+
+# A temperature other than 1, so that a graph without it is wrong; a short max_length, so long pairs are cut.
+RERANKER_CONFIG = RerankerConfig(temperature=0.5, max_length=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker(tmp_path_factory) -> Path:
+    """A saved tiny reranker checkpoint (avg pooling, NeMo's template, temperature 0.5, max_length 64)."""
+    return tiny_cross_encoder(RERANKER_CONFIG).save_pretrained(tmp_path_factory.mktemp("rr") / "c")
+
+
+@pytest.fixture(scope="session")
+def reranker_export(tiny_reranker, tmp_path_factory):
+    """reranker_export(dtype) -> the tiny reranker's ONNX export folder, each dtype exported once."""
+    made = {}
+
+    def make(dtype: str = "fp32") -> Path:
+        if dtype not in made:
+            made[dtype] = tmp_path_factory.mktemp("rr-onnx") / dtype
+            export_onnx(tiny_reranker, made[dtype], dtype=dtype, verify_shape=SMALL_VERIFY)
+        return made[dtype]
 
     return make

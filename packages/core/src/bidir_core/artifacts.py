@@ -6,6 +6,10 @@ embeddings_artifact.py.)
 
     <onnx export>/     model.onnx [+ model.onnx.data], tokenizer files, manifest.json (OnnxManifest)
     <engine>/          model.engine, tokenizer files, manifest.json (EngineManifest: the ONNX manifest + TensorRT)
+
+Either holds an embedder (kind "embedder": EmbeddingGraph, `embeddings` (B, H) out, its EncoderConfig) or a reranker
+(kind "reranker": ScoringGraph, `scores` (B,) out, its RerankerConfig, whose template every consumer applies). On disk
+the model's kind is "model_kind" (the top-level "kind" says onnx or tensorrt); a manifest without it is an embedder.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from bidir_core.checkpoint import EncoderConfig
 from bidir_core.errors import BidirError
 from bidir_core.folders import TOKENIZER_FILES, interrupted_publish_hint
 from bidir_core.jsonfile import parse_fields, read_versioned_json, write_json_atomic
-from bidir_core.sources import resolve_source
+from bidir_core.reranker_config import RERANKER, RerankerConfig
+from bidir_core.sources import EMBEDDER, MODEL_KINDS, resolve_source
 
 ARTIFACT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -36,9 +41,9 @@ class Verification:
     passed: bool
     """Whether the rule held: error <= bound, every output finite."""
     max_abs_diff: float | None
-    """Largest |artifact - reference| over all embedding entries and shapes."""
+    """Largest |artifact - reference| over all embedding entries (or scores) and shapes."""
     min_cosine: float | None
-    """Smallest per-row cosine similarity between artifact and reference embeddings."""
+    """Smallest per-row cosine similarity between artifact and reference embeddings (None for scores)."""
     tolerance: str
     """The rule that was applied, in words."""
     shapes: tuple[tuple[int, int], ...] = ()
@@ -46,7 +51,8 @@ class Verification:
     runtime: str = ""
     """What ran the artifact, e.g. "onnxruntime 1.22.0 CPUExecutionProvider"."""
     error: float | None = None
-    """The artifact's largest per-row relative distance to float64 PyTorch, ||x - x64|| / ||x64||."""
+    """The artifact's distance to float64 PyTorch: embeddings, the largest per-row ||x - x64|| / ||x64||; scores,
+    max |s - s64| / max |s64| over every verified pair (bidir_export.verification)."""
     reference_error: float | None = None
     """The same for PyTorch computing in the artifact's precision: the scale the bound is set from."""
     bound: float | None = None
@@ -57,10 +63,10 @@ class Verification:
 class OnnxManifest:
     """manifest.json of an ONNX export."""
 
-    encoder: EncoderConfig
-    """Pooling, normalization, prefixes, Matryoshka dims and max length of the exported model."""
+    encoder: EncoderConfig | None
+    """An embedder's pooling, normalization, prefixes, Matryoshka dims and max length; None for a reranker."""
     hidden_size: int
-    """Width of the `embeddings` output (before any per-row `dimensions` truncation)."""
+    """Width of the `embeddings` output (before any per-row `dimensions` truncation); a reranker's hidden width."""
     dtype: str
     """Compute dtype baked into the graph: fp32, bf16 or fp16. Inputs are int64, `embeddings` is float32."""
     opset: int
@@ -74,15 +80,31 @@ class OnnxManifest:
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     """Graph inputs, in order; "dimensions" (int64, shape (B,)) is the optional per-row Matryoshka input."""
     output: str = "embeddings"
-    """The graph output: (B, hidden_size) float32."""
+    """The graph output: `embeddings` (B, hidden_size) float32, or a reranker's `scores` (B,) float32."""
     node_count: int = 0
     """Nodes in the graph (after export); a fused attention keeps this small."""
     op_histogram: dict[str, int] = dataclasses.field(default_factory=dict)
     """Node count per op type."""
     verification: Verification | None = None
     """onnxruntime vs PyTorch at export time; None until verified."""
+    kind: str = EMBEDDER
+    """What the graph is: "embedder" or "reranker" (bidir_core.sources.MODEL_KINDS)."""
+    reranker: RerankerConfig | None = None
+    """A reranker's template, pooling, temperature, max length and attention; None for an embedder."""
 
     def __post_init__(self):
+        if self.kind not in MODEL_KINDS:
+            raise BidirError(f"kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
+        want, other = ("reranker", "encoder") if self.kind == RERANKER else ("encoder", "reranker")
+        if getattr(self, want) is None or getattr(self, other) is not None:
+            raise BidirError(f"a {self.kind} manifest has {want} settings and no {other} settings")
+        if self.kind == RERANKER and (
+            self.inputs != ("input_ids", "attention_mask") or self.output != "scores"
+        ):
+            raise BidirError(
+                f"a reranker graph takes input_ids, attention_mask and outputs scores, got {list(self.inputs)} -> "
+                f"{self.output!r}"
+            )
         if self.dtype not in DTYPES:
             raise BidirError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.inputs[:2] != ("input_ids", "attention_mask") or not set(self.inputs[2:]) <= {"dimensions"}:
@@ -93,6 +115,11 @@ class OnnxManifest:
     @property
     def with_dims(self) -> bool:
         return "dimensions" in self.inputs
+
+    @property
+    def settings(self) -> EncoderConfig | RerankerConfig:
+        """The model's settings, whichever kind: both have attention and max_length."""
+        return self.reranker if self.kind == RERANKER else self.encoder
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,11 @@ class EngineManifest:
     verification: Verification | None = None
     """The engine vs PyTorch at build time."""
 
+    @property
+    def kind(self) -> str:
+        """The model's kind, the ONNX graph's it was built from: "embedder" or "reranker"."""
+        return self.onnx.kind
+
 
 def checkpoint_fingerprint(folder: str | Path) -> str:
     """sha256 over a checkpoint's config, bidir.json and weight files (names and bytes): equal fingerprints mean
@@ -152,6 +184,13 @@ def _to_json(manifest) -> dict:
 def _encode(value):
     if isinstance(value, EncoderConfig):
         return {k: v for k, v in value.to_json().items() if k != "format_version"}
+    if isinstance(value, OnnxManifest):
+        # "kind" at the top of manifest.json is the artifact's (onnx / tensorrt): the model's is "model_kind"
+        raw = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        raw["model_kind"] = raw.pop("kind")
+        if value.kind == EMBEDDER:  # as before kinds existed: older readers still read it
+            del raw["model_kind"], raw["reranker"]
+        return raw
     if dataclasses.is_dataclass(value):
         return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
@@ -171,10 +210,15 @@ def _verification(raw) -> Verification | None:
 
 
 def _onnx(raw: dict) -> OnnxManifest:
+    raw = dict(raw)
+    kind = raw.pop("model_kind", EMBEDDER)  # manifests written before rerankers are embedders
+    encoder, reranker = raw.get("encoder"), raw.get("reranker")
     return OnnxManifest(
         **{
             **raw,
-            "encoder": EncoderConfig(**raw["encoder"]),
+            "kind": kind,
+            "encoder": EncoderConfig(**encoder) if encoder is not None else None,
+            "reranker": RerankerConfig(**reranker) if reranker is not None else None,
             "inputs": tuple(raw.get("inputs", ("input_ids", "attention_mask"))),
             "verification": _verification(raw.get("verification")),
         }
@@ -239,7 +283,7 @@ def artifact_files(manifest: OnnxManifest | EngineManifest) -> frozenset[str]:
 
 def export_source(manifest: OnnxManifest, where: str | Path | None = None) -> Path:
     """The checkpoint an ONNX export (or the engine built from it) was made from, resolved; a BidirError (prefixed
-    by where) when its fingerprint has changed since the export, as the export no longer computes its embeddings."""
+    by where) when its fingerprint has changed since the export, as the export no longer computes its outputs."""
     source = resolve_source(manifest.source)
     fingerprint = checkpoint_fingerprint(source)
     if fingerprint != manifest.source_fingerprint:

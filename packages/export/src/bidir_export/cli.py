@@ -12,6 +12,7 @@ from bidir_core.errors import BidirError
 ONNX_EXAMPLE = """examples:
   export-onnx smollm2-135m runs/onnx                      # fp32, opset 23, verified against PyTorch
   export-onnx runs/ckpt runs/onnx-bf16 --dtype bf16 --with-dims
+  export-onnx runs/reranker runs/rr-onnx --dtype fp16       # a reranker: `scores` out, verified on real pairs
   export-onnx --verify-only runs/onnx                     # re-check an existing export
 """
 
@@ -42,7 +43,8 @@ def onnx_main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(
         prog="export-onnx",
-        description="Export a bidir checkpoint (model, pooling, normalization) to ONNX and verify it against PyTorch.",
+        description="Export a bidir checkpoint (an embedder: model, pooling, normalization; a reranker: model, "
+        "pooling, head, temperature) to ONNX and verify it against PyTorch.",
         epilog=ONNX_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -52,7 +54,9 @@ def onnx_main(argv: Sequence[str] | None = None) -> int:
         "--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute dtype of the graph"
     )
     ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    ap.add_argument("--with-dims", action="store_true", help="add a per-row Matryoshka `dimensions` input")
+    ap.add_argument(
+        "--with-dims", action="store_true", help="embedders: add a per-row Matryoshka `dimensions` input"
+    )
     ap.add_argument(
         "--verify-shape",
         type=_shape,
@@ -96,7 +100,7 @@ def trt_main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="export-trt",
         description="Build a TensorRT engine (dynamic batch and sequence) from an ONNX export or a checkpoint, "
-        "and verify it against PyTorch.",
+        "an embedder's or a reranker's, and verify it against PyTorch.",
         epilog=TRT_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -115,7 +119,9 @@ def trt_main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--workspace", type=float, default=None, metavar="GB", help="builder workspace limit")
     ap.add_argument("--timing-cache", default=None, metavar="PATH", help="read and update this timing cache")
-    ap.add_argument("--with-dims", action="store_true", help="checkpoint source: add the `dimensions` input")
+    ap.add_argument(
+        "--with-dims", action="store_true", help="an embedder checkpoint source: add the `dimensions` input"
+    )
     ap.add_argument(
         "--opset",
         type=int,

@@ -8,12 +8,15 @@ one ONNX `Attention` node and each RMSNorm one `RMSNormalization` node, which on
 TensorRT recognizes; at opsets 18..22 attention is spelled out as MatMul / Softmax. The attention mode
 (bidirectional or causal: the mask is part of the graph) is recorded in the manifest (encoder.attention) and in the
 graph's own metadata (`bidir.attention`), which check_interface compares.
+
+A reranker checkpoint (open_source(...).kind == "reranker") exports its ScoringGraph instead: the same inputs,
+`scores` (B,) float32 out with pooling, head and temperature inside, its RerankerConfig (template included) in the
+manifest, verified on real pairs (verification.pair_batches) with the scores' error measure.
 """
 
 from __future__ import annotations
 
 import collections
-import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -31,18 +34,23 @@ from bidir_core.artifacts import (
     read_manifest,
     write_manifest,
 )
+from bidir_core.checkpoint import EncoderConfig
+from bidir_core.cross_encoder import CrossEncoder
 from bidir_core.embedding_graph import EmbeddingGraph
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError, one_line
+from bidir_core.reranker_config import RERANKER, RerankerConfig
+from bidir_core.scoring_graph import SCORES, ScoringGraph
 from bidir_core.sources import ModelSource, open_source
 from bidir_export.output_folder import staged_folder
 from bidir_export.profiles import check_verify_shape
 from bidir_export.verification import (
     FACTOR,
     MAX_ERROR,
-    TORCH_DTYPES,
     Batch,
     compare,
+    low_precision_copy,
+    pair_batches,
     reference_outputs,
     verification_batches,
     verified_dims,
@@ -57,6 +65,7 @@ MODEL_FILE = "model.onnx"
 ATTENTION_KEY = "bidir.attention"  # the ONNX model's metadata_props entry naming the attention mode
 
 Progress = Callable[[str], None]
+Graph = EmbeddingGraph | ScoringGraph
 
 
 class NotVerifiable(BidirError):
@@ -75,7 +84,8 @@ def export_onnx(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> OnnxManifest:
-    """Export checkpoint (anything BiEncoder.from_pretrained loads, an opened source too) to out_dir and verify it.
+    """Export checkpoint (anything BiEncoder.from_pretrained loads, or a reranker CrossEncoder.from_pretrained loads;
+    an opened source too) to out_dir and verify it.
 
     Raises BidirError for bad input or when onnxruntime disagrees with PyTorch beyond tolerance (then nothing is
     written to out_dir). When the graph cannot run here (bf16 on onnxruntime CPU) the export is written with
@@ -84,42 +94,45 @@ def export_onnx(
     say = progress or (lambda _msg: None)
     _check_options(dtype, opset, verify_shape)
     source = open_source(checkpoint)
+    check_with_dims(source, with_dims)
     # The output folder is checked (and a temporary one made next to it) before the weights are read.
     with staged_folder(out_dir, "onnx", overwrite=overwrite) as tmp:
-        encoder = BiEncoder.from_pretrained(source).eval()  # fp32: also the PyTorch reference
-        verify_shape = (verify_shape[0], min(verify_shape[1], encoder.config.max_length))
+        reference = load_graph(source, with_dims=with_dims)  # fp32: also the PyTorch reference
+        settings = graph_settings(reference)
+        verify_shape = (verify_shape[0], min(verify_shape[1], settings.max_length))
         say(
-            f"exporting {source.name} ({dtype}, opset {opset}, {encoder.config.attention} attention"
-            f"{', with dimensions' if with_dims else ''})"
+            f"exporting {source.name} ({'reranker, ' if source.kind == RERANKER else ''}{dtype}, opset {opset}, "
+            f"{settings.attention} attention{', with dimensions' if with_dims else ''})"
         )
-        exported = encoder if dtype == "fp32" else copy.deepcopy(encoder).to(TORCH_DTYPES[dtype])
-        graph = EmbeddingGraph(exported, with_dims).eval()
-        _export_graph(graph, tmp / MODEL_FILE, opset, {ATTENTION_KEY: encoder.config.attention})
-        input_names = graph.input_names
-        del graph, exported  # a low-precision copy is not needed past the export; verification makes its own
+        # a low-precision copy lives for the export only; verification makes its own
+        graph = reference if dtype == "fp32" else low_precision_copy(reference, dtype)
+        output = SCORES if isinstance(reference, ScoringGraph) else "embeddings"
+        _export_graph(graph.eval(), tmp / MODEL_FILE, opset, {ATTENTION_KEY: settings.attention}, output)
+        del graph
         histogram = _check_onnx(tmp / MODEL_FILE)
         manifest = OnnxManifest(
-            encoder=encoder.config,
-            hidden_size=encoder.hidden_size,
+            encoder=settings if isinstance(settings, EncoderConfig) else None,
+            hidden_size=reference.hidden_size if output == SCORES else reference.encoder.hidden_size,
             dtype=dtype,
             opset=opset,
             source=_source_name(source),
             source_fingerprint=checkpoint_fingerprint(source.path),
             model_file=MODEL_FILE,
-            inputs=input_names,
+            inputs=reference.input_names,
+            output=output,
             node_count=sum(histogram.values()),
             op_histogram=histogram,
+            kind=source.kind,
+            reranker=settings if isinstance(settings, RerankerConfig) else None,
         )
         check_interface(tmp / MODEL_FILE, manifest)
-        encoder.tokenizer.save_pretrained(tmp)
+        _tokenizer(reference).save_pretrained(tmp)
         if verify:
             say(
                 f"verifying with onnxruntime against PyTorch (largest shape {verify_shape[0]}x{verify_shape[1]})"
             )
             try:
-                result = run_verification(
-                    tmp / MODEL_FILE, manifest, EmbeddingGraph(encoder, with_dims), verify_shape
-                )
+                result = run_verification(tmp / MODEL_FILE, manifest, reference, verify_shape)
             except NotVerifiable as e:
                 say(f"not verified: {e}")
             else:
@@ -132,6 +145,40 @@ def export_onnx(
         + (f"; {describe(manifest.verification)}" if manifest.verification else "")
     )
     return manifest
+
+
+def check_with_dims(source: ModelSource, with_dims: bool) -> None:
+    """with_dims is an embedder's option: a reranker's graph outputs one score per pair, with no width to cut."""
+    if with_dims and source.kind == RERANKER:
+        raise BidirError(
+            f"{source.name}: is a reranker (one score per pair); --with-dims (a per-row Matryoshka `dimensions` "
+            "input) applies to an embedder"
+        )
+
+
+def load_graph(
+    source: ModelSource,
+    settings: EncoderConfig | RerankerConfig | None = None,
+    *,
+    with_dims: bool = False,
+    device: str | None = None,
+) -> Graph:
+    """The fp32 PyTorch graph an export of source is (and is verified against): a reranker's ScoringGraph, else the
+    EmbeddingGraph; settings (a manifest's) in place of the source's own."""
+    if source.kind == RERANKER:
+        return ScoringGraph(
+            CrossEncoder.from_pretrained(source, config=settings, device=device).eval()
+        ).eval()
+    encoder = BiEncoder.from_pretrained(source, config=settings, device=device).eval()
+    return EmbeddingGraph(encoder, with_dims).eval()
+
+
+def graph_settings(graph: Graph) -> EncoderConfig | RerankerConfig:
+    return graph.cross_encoder.config if isinstance(graph, ScoringGraph) else graph.encoder.config
+
+
+def _tokenizer(graph: Graph):
+    return graph.cross_encoder.tokenizer if isinstance(graph, ScoringGraph) else graph.encoder.tokenizer
 
 
 def verify_export(
@@ -148,13 +195,13 @@ def verify_export(
     manifest = read_manifest(folder, "onnx")
     _check_options(manifest.dtype, manifest.opset, verify_shape)
     check_interface(folder / manifest.model_file, manifest)
-    source = export_source(manifest, where=folder / MANIFEST)
-    encoder = BiEncoder.from_pretrained(source, config=manifest.encoder).eval()
-    verify_shape = (verify_shape[0], min(verify_shape[1], manifest.encoder.max_length))
+    source = open_source(export_source(manifest, where=folder / MANIFEST))
+    if source.kind != manifest.kind:  # the fingerprint matched, so only a hand-edited manifest gets here
+        raise BidirError(f"{folder / MANIFEST}: says {manifest.kind}, its source is a {source.kind}")
+    reference = load_graph(source, manifest.settings, with_dims=manifest.with_dims)
+    verify_shape = (verify_shape[0], min(verify_shape[1], manifest.settings.max_length))
     say(f"verifying {folder} with onnxruntime against PyTorch")
-    result = run_verification(
-        folder / manifest.model_file, manifest, EmbeddingGraph(encoder, manifest.with_dims), verify_shape
-    )
+    result = run_verification(folder / manifest.model_file, manifest, reference, verify_shape)
     manifest = replace(manifest, verification=result)
     write_manifest(folder, manifest)
     if not result.passed:
@@ -176,10 +223,11 @@ def describe(result: Verification) -> str:
         )
     if result.error is None:
         return f"verification {verdict}: the artifact's output is not finite (NaN or inf) {where}"
+    cosine = f", min cosine {result.min_cosine:.6f}" if result.min_cosine is not None else ""  # None: scores
     line = (
         f"verification {verdict}: error {result.error:.2e} vs float64 PyTorch, bound {result.bound:.2e} "
         f"({FACTOR:g} x PyTorch's own {result.reference_error:.2e}, at most {MAX_ERROR:g}); max |diff| "
-        f"{result.max_abs_diff:.2e}, min cosine {result.min_cosine:.6f} {where}"
+        f"{result.max_abs_diff:.2e}{cosine} {where}"
     )
     if not result.passed and result.reference_error * FACTOR > MAX_ERROR:
         line += "; PyTorch itself is this far off in this precision: use a wider dtype for this model"
@@ -204,10 +252,11 @@ def _source_name(source: ModelSource) -> str:
     return source.name if source.format == "embedded" else str(source.path.absolute())
 
 
-def _export_graph(graph: EmbeddingGraph, path: Path, opset: int, metadata: dict[str, str]) -> None:
+def _export_graph(
+    graph: Graph, path: Path, opset: int, metadata: dict[str, str], output: str = "embeddings"
+) -> None:
     """torch.onnx dynamo export with named dynamic batch / sequence axes, optimized, saved to path with metadata
-    in the model's metadata_props."""
-    H = graph.encoder.hidden_size
+    in the model's metadata_props; the graph's one output is named output."""
     # An example with padding and batch, seq > 1: torch.export specializes a dimension whose example size is 1.
     ids = torch.full((2, 8), 3, dtype=torch.long)
     mask = torch.ones(2, 8, dtype=torch.long)
@@ -217,7 +266,8 @@ def _export_graph(graph: EmbeddingGraph, path: Path, opset: int, metadata: dict[
         "input_ids": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "sequence"},
     }
-    if graph.with_dims:
+    if getattr(graph, "with_dims", False):  # an EmbeddingGraph with the dimensions input
+        H = graph.encoder.hidden_size
         args += (torch.tensor([H, max(1, H // 2)], dtype=torch.long),)
         dynamic["dimensions"] = {0: "batch"}
     weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
@@ -230,7 +280,7 @@ def _export_graph(graph: EmbeddingGraph, path: Path, opset: int, metadata: dict[
                 graph,
                 args,
                 input_names=list(graph.input_names),
-                output_names=["embeddings"],
+                output_names=[output],
                 opset_version=opset,
                 dynamo=True,
                 dynamic_shapes=dynamic,
@@ -262,8 +312,9 @@ _INT64, _FLOAT = 7, 1  # onnx.TensorProto.INT64 / FLOAT
 
 
 def check_interface(path: Path, manifest: OnnxManifest) -> None:
-    """The graph's inputs and output are the ones the manifest promises (names, order, types, ranks, width), and
-    so is its attention mode where the graph records one (exports before the causal mode did not)."""
+    """The graph's inputs and output are the ones the manifest promises (names, order, types, ranks, width; a
+    reranker's scores (batch,)), and so is its attention mode where the graph records one (exports before the
+    causal mode did not)."""
     import onnx
 
     if not path.is_file():
@@ -279,10 +330,10 @@ def check_interface(path: Path, manifest: OnnxManifest) -> None:
         return t.elem_type, tuple(d.dim_param or d.dim_value for d in t.shape.dim)
 
     graph_attention = {p.key: p.value for p in model.metadata_props}.get(ATTENTION_KEY)
-    if graph_attention is not None and graph_attention != manifest.encoder.attention:
+    if graph_attention is not None and graph_attention != manifest.settings.attention:
         raise BidirError(
             f"{path}: the graph's attention is {graph_attention} ({ATTENTION_KEY}), the manifest's "
-            f"{manifest.encoder.attention}"
+            f"{manifest.settings.attention}"
         )
     inputs = [i.name for i in graph.input]
     if tuple(inputs) != manifest.inputs:
@@ -298,6 +349,13 @@ def check_interface(path: Path, manifest: OnnxManifest) -> None:
     if outputs != [manifest.output]:
         raise BidirError(f"{path}: graph outputs {outputs} do not match the manifest's [{manifest.output!r}]")
     elem, shape = describe_value(graph.output[0])
+    if manifest.kind == RERANKER:
+        if elem != _FLOAT or len(shape) != 1:
+            raise BidirError(
+                f"{path}: output {manifest.output} is type {elem} with shape {list(shape)}, a reranker's is "
+                "float32 (batch,)"
+            )
+        return
     if elem != _FLOAT or len(shape) != 2 or shape[1] not in (manifest.hidden_size, "", 0):
         raise BidirError(
             f"{path}: output {manifest.output} is type {elem} with shape {list(shape)}, the manifest says "
@@ -331,13 +389,12 @@ def onnxruntime_session(path: Path):
 
 
 def run_verification(
-    path: Path, manifest: OnnxManifest, reference: EmbeddingGraph, largest: tuple[int, int]
+    path: Path, manifest: OnnxManifest, reference: Graph, largest: tuple[int, int]
 ) -> Verification:
     """onnxruntime on the graph at path vs PyTorch (reference: the fp32 graph, run in float64 and in the export's
-    dtype) on the fixed batches."""
+    dtype) on the fixed batches (a reranker's: real pairs)."""
     session, runtime = onnxruntime_session(path)
-    dims = verified_dims(manifest) if manifest.with_dims else None
-    batches = verification_batches(reference.encoder.model.config.vocab_size, largest, dims)
+    batches = fixed_batches(reference, manifest, largest)
     expected = reference_outputs(reference, batches, manifest.dtype)
 
     def run_onnx(batch: Batch) -> torch.Tensor:
@@ -345,3 +402,14 @@ def run_verification(
         return torch.from_numpy(session.run([manifest.output], feeds)[0])
 
     return compare(batches, expected, run_onnx, manifest.dtype, runtime)
+
+
+def fixed_batches(
+    reference: Graph, manifest: OnnxManifest, largest: tuple[int, int], seed: int = 0
+) -> list[Batch]:
+    """The verification batches up to largest for this graph: real pairs for a reranker (pair_batches), seeded
+    random tokens for an embedder (verification_batches, with each row's dimension when the graph takes them)."""
+    if isinstance(reference, ScoringGraph):
+        return pair_batches(reference.cross_encoder, largest)
+    dims = verified_dims(manifest) if manifest.with_dims else None
+    return verification_batches(reference.encoder.model.config.vocab_size, largest, dims, seed=seed)

@@ -14,12 +14,16 @@ Written against the TensorRT 10 and 11 Python APIs (name-based I/O, execute_asyn
 Needs an importable `tensorrt` and a CUDA GPU; without them build_engine raises one line saying how to get them. The
 engine runs on torch CUDA tensors (set_tensor_address / execute_async_v3 on a torch stream), so nothing beyond
 torch and tensorrt is needed.
+
+A reranker (an ONNX export or checkpoint of kind "reranker") builds the same way: its engine outputs `scores` (B,),
+its manifest carries the reranker's settings (template included), and it is verified on real pairs per profile
+with the scores' error measure (bidir_export.verification).
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,21 +40,22 @@ from bidir_core.artifacts import (
     write_manifest,
 )
 from bidir_core.checkpoint import EncoderConfig
-from bidir_core.embedding_graph import EmbeddingGraph
-from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.folders import TOKENIZER_FILES
+from bidir_core.reranker_config import RERANKER
 from bidir_core.sources import open_source
-from bidir_export.onnx_export import DEFAULT_OPSET, Progress, describe, export_onnx
+from bidir_export.onnx_export import (
+    DEFAULT_OPSET,
+    Progress,
+    check_with_dims,
+    describe,
+    export_onnx,
+    fixed_batches,
+    load_graph,
+)
 from bidir_export.output_folder import check_target, staged_folder
 from bidir_export.profiles import check_profiles
-from bidir_export.verification import (
-    Batch,
-    compare,
-    reference_outputs,
-    verification_batches,
-    verified_dims,
-)
+from bidir_export.verification import Batch, compare, reference_outputs
 
 ENGINE_FILE = "model.engine"
 TENSORRT_HELP = (
@@ -118,9 +123,9 @@ def build_engine(
         raise BidirError(f"workspace must be a positive number of GB, got {workspace_gb!r}")
     onnx_manifest = find_manifest(source, "onnx")  # None: a checkpoint, opened here once
     checkpoint = None if onnx_manifest else open_source(source)
-    # a checkpoint's max_length is its bidir.json's (a source without one has the default): what export_onnx uses
-    max_length = (onnx_manifest.encoder if onnx_manifest else checkpoint.stored or EncoderConfig()).max_length
-    check_profiles(profiles, max_length)
+    if checkpoint is not None:
+        check_with_dims(checkpoint, with_dims)
+    check_profiles(profiles, _max_length(onnx_manifest, checkpoint))
     check_target(Path(out_dir).expanduser().absolute(), overwrite, "tensorrt")
     if missing := tensorrt_missing_message():
         raise BidirError(missing)
@@ -141,7 +146,7 @@ def build_engine(
         plan = precision_plan(major, onnx_manifest.dtype, precision)
         say(
             f"building a {precision} TensorRT {trt.__version__} engine ({plan}, "
-            f"{onnx_manifest.encoder.attention} attention), {len(profiles)} profile(s)"
+            f"{onnx_manifest.settings.attention} attention, {onnx_manifest.kind}), {len(profiles)} profile(s)"
         )
         engine_bytes = _build(
             trt,
@@ -177,6 +182,16 @@ def build_engine(
         write_manifest(tmp, manifest)
     say(f"wrote {out_dir}" + (f"; {describe(manifest.verification)}" if manifest.verification else ""))
     return manifest
+
+
+def _max_length(onnx_manifest: OnnxManifest | None, checkpoint) -> int:
+    """The longest sequence the model takes: the ONNX export's, or what export_onnx will take from the checkpoint
+    (its bidir.json's; a source without one has the defaults)."""
+    if onnx_manifest is not None:
+        return onnx_manifest.settings.max_length
+    if checkpoint.kind == RERANKER:
+        return checkpoint.reranker_config().max_length
+    return (checkpoint.stored or EncoderConfig()).max_length
 
 
 def _copy_tokenizer(onnx_dir: Path, target: Path) -> None:
@@ -254,16 +269,18 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 
 
 class EngineRunner:
-    """Runs a deserialized engine on torch CUDA tensors: (input feeds) -> embeddings (B, H)."""
+    """Runs a deserialized engine on torch CUDA tensors: (input feeds) -> its output, embeddings (B, H) or a
+    reranker's scores (B,)."""
 
-    def __init__(self, trt, engine_bytes: bytes):
+    def __init__(self, trt, engine_bytes: bytes, output: str = "embeddings"):
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise BidirError("TensorRT could not deserialize the engine (built for another TensorRT or GPU?)")
         self.context = self.engine.create_execution_context()
-        self.out_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype("embeddings"))
+        self.output = output
+        self.out_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(output))
         self.stream = torch.cuda.Stream()
 
     def __call__(self, feeds: dict[str, torch.Tensor], profile: int = 0) -> torch.Tensor:
@@ -274,8 +291,8 @@ class EngineRunner:
             for name, tensor in inputs.items():
                 ctx.set_input_shape(name, tuple(tensor.shape))
                 ctx.set_tensor_address(name, tensor.data_ptr())
-            out = torch.empty(tuple(ctx.get_tensor_shape("embeddings")), dtype=self.out_dtype, device="cuda")
-            ctx.set_tensor_address("embeddings", out.data_ptr())
+            out = torch.empty(tuple(ctx.get_tensor_shape(self.output)), dtype=self.out_dtype, device="cuda")
+            ctx.set_tensor_address(self.output, out.data_ptr())
             if not ctx.execute_async_v3(stream.cuda_stream):
                 raise BidirError("TensorRT execute_async_v3 failed")
         stream.synchronize()
@@ -286,19 +303,12 @@ def verify_engine(trt, engine_bytes: bytes, manifest: EngineManifest) -> Verific
     """The engine vs PyTorch on CUDA (float64 and the engine's precision; verification.py's rule): per profile,
     the fixed batches that fit it plus its min and max shapes."""
     onnx_manifest = manifest.onnx
-    source = export_source(onnx_manifest)
-    encoder = BiEncoder.from_pretrained(source, config=onnx_manifest.encoder, device="cuda").eval()
-    reference = EmbeddingGraph(encoder, onnx_manifest.with_dims)
-    runner = EngineRunner(trt, engine_bytes)
-    dims = verified_dims(onnx_manifest) if onnx_manifest.with_dims else None
-    # The fixed batches of every profile that fit it plus its min and max shapes, each run on its own profile.
-    batches, profile_of = [], []
-    for index, profile in enumerate(manifest.profiles):
-        mine = verification_batches(encoder.model.config.vocab_size, profile.max, dims, seed=index)
-        mine += verification_batches(encoder.model.config.vocab_size, profile.min, dims, seed=index)[-1:]
-        mine = [b for b in mine if profile.fits(*b.shape)]
-        batches += mine
-        profile_of += [index] * len(mine)
+    source = open_source(export_source(onnx_manifest))
+    reference = load_graph(source, onnx_manifest.settings, with_dims=onnx_manifest.with_dims, device="cuda")
+    runner = EngineRunner(trt, engine_bytes, onnx_manifest.output)
+    batches, profile_of = profile_batches(
+        manifest.profiles, lambda largest, seed: fixed_batches(reference, onnx_manifest, largest, seed)
+    )
     # the same rule as the ONNX export: float64 PyTorch is the truth, PyTorch in the engine's precision the scale
     expected = reference_outputs(reference, batches, manifest.precision, device="cuda")
     index_of = {id(b): i for b, i in zip(batches, profile_of, strict=True)}
@@ -308,3 +318,17 @@ def verify_engine(trt, engine_bytes: bytes, manifest: EngineManifest) -> Verific
 
     runtime = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name()}"
     return compare(batches, expected, run_engine, manifest.precision, runtime)
+
+
+def profile_batches(
+    profiles: Sequence[Profile], make: Callable[[tuple[int, int], int], list[Batch]]
+) -> tuple[list[Batch], list[int]]:
+    """(batches, the profile index each runs on): for every profile, the fixed batches up to its max shape that fit
+    it, plus a batch of its min shape. make(largest, seed) builds the fixed batches (onnx_export.fixed_batches)."""
+    batches, profile_of = [], []
+    for index, profile in enumerate(profiles):
+        mine = make(profile.max, index) + make(profile.min, index)[-1:]
+        mine = [b for b in mine if profile.fits(*b.shape)]
+        batches += mine
+        profile_of += [index] * len(mine)
+    return batches, profile_of

@@ -19,6 +19,9 @@ a GPU is present, else fp32 on CPU (bf16 on CPUs without bf16 units is slow, and
 
 Every backend takes `dim` (Matryoshka truncation, re-normalized when the model normalizes) at construction, so
 embed() always returns (B, dim or hidden_size).
+
+A reranker's export (manifest kind "reranker") loads as a scorer instead: OnnxRuntimeScorer or TensorRTScorer,
+score(prepare(rows)) -> (B,) float32 logits; it has no `dim`.
 """
 
 from __future__ import annotations
@@ -39,11 +42,11 @@ from bidir_serve.backends.base import (
     export_fingerprint,
     model_fingerprint,
 )
-from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend
+from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeScorer
 from bidir_serve.backends.pytorch import PRECISIONS, TorchBackend
 from bidir_serve.backends.pytorch_scorer import TorchScorer
 from bidir_serve.backends.spec import BACKENDS, BackendSpec
-from bidir_serve.backends.tensorrt import TensorRTBackend
+from bidir_serve.backends.tensorrt import TensorRTBackend, TensorRTScorer
 
 __all__ = [
     "BACKENDS",
@@ -52,9 +55,11 @@ __all__ = [
     "BackendSpec",
     "ModelKind",
     "OnnxRuntimeBackend",
+    "OnnxRuntimeScorer",
     "Padded",
     "Scorer",
     "TensorRTBackend",
+    "TensorRTScorer",
     "TorchBackend",
     "TorchScorer",
     "auto_backend",
@@ -105,7 +110,8 @@ def load_backend(
     providers: list[str] | None = None,
 ) -> Backend | Scorer:
     """The backend `spec` describes (a checkpoint, an ONNX export folder or an engine folder), its output cut to `dim`
-    columns when given; a Scorer when the model is a reranker (then `dim` must be None). A model in place of a spec
+    columns when given; a Scorer when the model is a reranker (a checkpoint, or an export or engine folder whose
+    manifest says so; then `dim` must be None). A model in place of a spec
     is the spec of that model and the settings given with it: load_backend("./ckpt", "torch", device="cpu") is
     load_backend(BackendSpec("./ckpt", "torch", device="cpu"))."""
     if not isinstance(spec, BackendSpec):
@@ -113,7 +119,8 @@ def load_backend(
     elif (backend, device, precision, compile) != ("auto", None, None, False):
         raise TypeError("load_backend: a BackendSpec holds backend, device, precision and compile; not both")
     model, device = spec.model, spec.device
-    kind = model_kind(model).kind
+    found = model_kind(model)
+    kind = found.kind
     name = auto_backend(kind) if spec.backend == "auto" else spec.backend
     if _NEEDS[name] != kind:
         if not Path(model).expanduser().exists():  # not "a checkpoint" either: nothing is there
@@ -122,13 +129,15 @@ def load_backend(
                 + interrupted_publish_hint(model)
             )
         raise BidirError(f"{model}: the {name} backend needs {_WHAT[_NEEDS[name]]}, this is {_WHAT[kind]}")
+    # The model's kind: a checkpoint's from its source, an export's or engine's from its manifest.
+    source = open_source(model) if kind == "checkpoint" else None
+    reranker = (source.kind if source is not None else found.manifest.kind) == RERANKER
+    if reranker and dim is not None:
+        raise BidirError(
+            f"{model}: a reranker gives one score per pair, it has no embedding dim to cut (dim={dim})"
+        )
     if name == "torch":
-        source = open_source(model)
-        if source.kind == RERANKER:
-            if dim is not None:
-                raise BidirError(
-                    f"{model}: a reranker has no embedding dim; dim={dim} applies to embedders only"
-                )
+        if reranker:
             return TorchScorer(source, device=device, precision=spec.precision, compile=spec.compile)
         return TorchBackend(model, device=device, precision=spec.precision, compile=spec.compile, dim=dim)
     if name == "onnxruntime":
@@ -136,5 +145,7 @@ def load_backend(
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         elif device == "cpu" and providers is None:
             providers = ["CPUExecutionProvider"]
+        if reranker:
+            return OnnxRuntimeScorer(model, providers=providers)
         return OnnxRuntimeBackend(model, providers=providers, dim=dim)
-    return TensorRTBackend(model, dim=dim)
+    return TensorRTScorer(model) if reranker else TensorRTBackend(model, dim=dim)

@@ -1,4 +1,5 @@
-"""The tensorrt backend: runs an engine folder written by export-trt (bidir_core.artifacts.EngineManifest).
+"""The tensorrt backends: run an engine folder written by export-trt (bidir_core.artifacts.EngineManifest): an
+embedder's (TensorRTBackend, `embeddings`) or a reranker's (TensorRTScorer, `scores`); both through Engine.
 
 TensorRT *running* lives here only (building is bidir-export's). Written against the TensorRT 10/11 Python runtime
 API: tensors are bound by name with set_input_shape / set_tensor_address on torch CUDA buffers, and execute_async_v3
@@ -18,6 +19,8 @@ import torch
 from bidir_core.artifacts import EngineManifest, Profile, read_manifest
 from bidir_core.errors import BidirError
 from bidir_core.matryoshka import check_dim, truncate_array
+from bidir_core.reranker_config import RERANKER, RerankerConfig
+from bidir_core.sources import EMBEDDER
 from bidir_core.tokenization import load_tokenizer
 from bidir_serve.backends.base import Padded, export_fingerprint, pad_rows
 
@@ -38,10 +41,11 @@ def plan(profiles: tuple[Profile, ...], batch: int, seq: int) -> tuple[int, int]
     return best, profiles[best].max[0]
 
 
-class TensorRTBackend:
-    name = "tensorrt"
+class Engine:
+    """An engine folder loaded on this GPU: the manifest (of the given model kind), the execution context, and run()
+    over its profiles. What the two backends share."""
 
-    def __init__(self, folder: str | Path, dim: int | None = None):
+    def __init__(self, folder: Path, kind: str):
         try:
             import tensorrt as trt
         except ImportError:
@@ -50,8 +54,12 @@ class TensorRTBackend:
             ) from None
         if not torch.cuda.is_available():
             raise BidirError("the tensorrt backend needs a CUDA GPU")
-        folder = Path(folder)
         self.manifest: EngineManifest = read_manifest(folder, "tensorrt")
+        if self.manifest.kind != kind:
+            raise BidirError(
+                f"{folder}: the engine's model is kind {self.manifest.kind}; this tensorrt backend runs kind {kind} "
+                "(load_backend picks by kind)"
+            )
         here = "{}.{}".format(*torch.cuda.get_device_capability())
         if here != self.manifest.compute_capability:
             raise BidirError(
@@ -69,28 +77,18 @@ class TensorRTBackend:
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         self._active_profile = -1
-        onnx = self.manifest.onnx
-        self.config = onnx.encoder
-        self.tokenizer = load_tokenizer(folder)
-        self.width = onnx.hidden_size
-        self.dim = check_dim(dim, self.width)
-        self.fingerprint = export_fingerprint(folder)
-        self.source_fingerprint = onnx.source_fingerprint
-        self.precision = self.manifest.precision
         self.description = f"tensorrt {trt.__version__} {self.manifest.precision}"
         self.max_seq = max(p.max[1] for p in self.manifest.profiles)
-        if self.config.max_length > self.max_seq:
+        max_length = self.manifest.onnx.settings.max_length
+        if max_length > self.max_seq:
             raise BidirError(
-                f"{folder}: texts may have up to max_length={self.config.max_length} tokens but the engine's "
+                f"{folder}: texts may have up to max_length={max_length} tokens but the engine's "
                 f"profiles stop at {self.max_seq}: rebuild it with a longer profile"
             )
 
-    def prepare(self, rows: Sequence[Sequence[int]]) -> Padded:
-        """The rows right-padded (B, T) and pinned, so _run's copies to the GPU are asynchronous."""
-        return pad_rows(rows, self.tokenizer.pad_token_id, pin=True)
-
-    @torch.inference_mode()
-    def embed(self, inputs: Padded) -> np.ndarray:
+    def run(self, inputs: Padded, dim: int | None = None) -> torch.Tensor:
+        """Padded rows -> the engine's output for them on the GPU, (B, hidden_size) or (B,) float32; dim feeds the
+        `dimensions` input of an engine that has it. Split into runs by plan(), padded up to a profile's minimum."""
         input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
         B, T = input_ids.shape
         profile, rows = plan(self.manifest.profiles, B, T)
@@ -99,13 +97,14 @@ class TensorRTBackend:
             input_ids = torch.nn.functional.pad(input_ids, (0, min_seq - T))
             attention_mask = torch.nn.functional.pad(attention_mask, (0, min_seq - T))
         out = [
-            self._run(profile, input_ids[i : i + rows], attention_mask[i : i + rows], min_batch)
+            self._run(profile, input_ids[i : i + rows], attention_mask[i : i + rows], min_batch, dim)
             for i in range(0, B, rows)
         ]
-        emb = torch.cat(out).cpu().numpy()  # (B, hidden_size)
-        return truncate_array(emb, self.dim, self.config.normalize)
+        return torch.cat(out)
 
-    def _run(self, profile: int, ids: torch.Tensor, mask: torch.Tensor, min_batch: int) -> torch.Tensor:
+    def _run(
+        self, profile: int, ids: torch.Tensor, mask: torch.Tensor, min_batch: int, dim: int | None
+    ) -> torch.Tensor:
         b = ids.shape[0]
         if b < min_batch:  # repeat the last row to the profile's minimum batch; the extra outputs are dropped
             extra = min_batch - b
@@ -122,8 +121,10 @@ class TensorRTBackend:
                 "attention_mask": mask.to("cuda", non_blocking=True).contiguous(),
             }
             if onnx.with_dims:
-                tensors["dimensions"] = torch.full((ids.shape[0],), self.dim, dtype=torch.long, device="cuda")
-            out = torch.empty((ids.shape[0], onnx.hidden_size), dtype=torch.float32, device="cuda")
+                tensors["dimensions"] = torch.full((ids.shape[0],), dim, dtype=torch.long, device="cuda")
+            # (B, H) embeddings, or a reranker's (B,) scores
+            width = () if onnx.kind == RERANKER else (onnx.hidden_size,)
+            out = torch.empty((ids.shape[0], *width), dtype=torch.float32, device="cuda")
             for name, tensor in tensors.items():
                 self.context.set_input_shape(name, tuple(tensor.shape))
                 self.context.set_tensor_address(name, tensor.data_ptr())
@@ -132,3 +133,65 @@ class TensorRTBackend:
                 raise RuntimeError("TensorRT execute_async_v3 failed")
         self.stream.synchronize()
         return out[:b]
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+    kind = EMBEDDER
+
+    def __init__(self, folder: str | Path, dim: int | None = None):
+        folder = Path(folder)
+        self._engine = Engine(folder, EMBEDDER)
+        self.manifest = self._engine.manifest
+        onnx = self.manifest.onnx
+        self.config = onnx.encoder
+        self.tokenizer = load_tokenizer(folder)
+        self.width = onnx.hidden_size
+        self.dim = check_dim(dim, self.width)
+        self.fingerprint = export_fingerprint(folder)
+        self.source_fingerprint = onnx.source_fingerprint
+        self.precision = self.manifest.precision
+        self.description = self._engine.description
+        self.max_seq = self._engine.max_seq
+
+    def prepare(self, rows: Sequence[Sequence[int]]) -> Padded:
+        """The rows right-padded (B, T) and pinned, so the engine's copies to the GPU are asynchronous."""
+        return pad_rows(rows, self.tokenizer.pad_token_id, pin=True)
+
+    @torch.inference_mode()
+    def embed(self, inputs: Padded) -> np.ndarray:
+        emb = self._engine.run(inputs, self.dim).cpu().numpy()  # (B, hidden_size)
+        return truncate_array(emb, self.dim, self.config.normalize)
+
+
+class TensorRTScorer:
+    """A reranker's engine (manifest kind "reranker"): token rows of formatted pairs -> relevance logits (B,)
+    float32, temperature applied, no sigmoid. The rows come from the pair tokenization with self.config."""
+
+    name = "tensorrt"
+    kind = RERANKER
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        self._engine = Engine(folder, RERANKER)
+        self.manifest = self._engine.manifest
+        onnx = self.manifest.onnx
+        self.config: RerankerConfig = onnx.reranker
+        self.tokenizer = load_tokenizer(folder)
+        self.fingerprint = export_fingerprint(folder)
+        self.source_fingerprint = onnx.source_fingerprint
+        self.precision = self.manifest.precision
+        self.description = self._engine.description + " reranker"
+        self.max_seq = self._engine.max_seq
+
+    @property
+    def dim(self) -> int:
+        raise BidirError("a reranker scores pairs: it has no embedding dimension")
+
+    def prepare(self, rows: Sequence[Sequence[int]]) -> Padded:
+        """The rows right-padded (B, T) and pinned, so the engine's copies to the GPU are asynchronous."""
+        return pad_rows(rows, self.tokenizer.pad_token_id, pin=True)
+
+    @torch.inference_mode()
+    def score(self, inputs: Padded) -> np.ndarray:
+        return self._engine.run(inputs).cpu().numpy()  # (B,) float32
