@@ -55,7 +55,9 @@ def test_load_backend_returns_a_scorer_for_a_reranker(reranker_checkpoint, tiny_
     assert scorer.fingerprint.startswith("sha256:") and scorer.fingerprint != embedder.fingerprint
     with pytest.raises(BidirError, match="^torch cpu fp32 reranker: a reranker has no embedding dim;[^\n]*$"):
         _ = scorer.dim
-    with pytest.raises(BidirError, match="dim=16 applies to embedders only$") as e:
+    with pytest.raises(
+        BidirError, match="a reranker gives one score per pair, it has no embedding dim to cut \\(dim=16\\)$"
+    ) as e:
         load_backend(reranker_checkpoint, "torch", dim=16, device="cpu")
     assert str(e.value).startswith(str(reranker_checkpoint))
 

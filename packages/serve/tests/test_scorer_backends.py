@@ -78,7 +78,9 @@ def test_onnxruntime_scorer_scores_as_predict(reranker_onnx, cross_encoder):
 
 
 def test_a_scorer_has_no_dim_and_kinds_do_not_mix(reranker_onnx, onnx_export):
-    with pytest.raises(BidirError, match="is a reranker export .*dim applies to an embedder"):
+    with pytest.raises(
+        BidirError, match="a reranker gives one score per pair, it has no embedding dim to cut"
+    ):
         load_backend(reranker_onnx, "onnxruntime", dim=16)
     scorer = load_backend(reranker_onnx, device="cpu")
     with pytest.raises(BidirError, match="has no embedding dimension"):
