@@ -104,6 +104,20 @@ ACCOUNTED = {
         ),
         "export-trt runs/ckpt runs/engine --precision bf16 --min 1x1 --opt 32x128 --max 64x512 "
         "--profile 1x1,1x2048,4x4096 --workspace 8 --timing-cache runs/trt.cache": "test_export, test_export_trt",
+        "export-onnx runs/reranker runs/rr-onnx": "test_export_reranker",
+        "export-onnx runs/reranker runs/rr-onnx-fp16 --dtype fp16 --verify-shape 8x256": "test_export_reranker",
+        "export-onnx --verify-only runs/rr-onnx": "test_export_reranker",
+        "export-trt runs/reranker runs/rr-engine --precision fp16 --min 1x1 --opt 32x256 --max 64x512": (
+            "test_export_reranker (up to TensorRT)"
+        ),
+        # the reranker verification table's measurements (minutes of float64 over real checkpoints; the script's
+        # reranker mode is what test_export_reranker's exports run through)
+        "python benchmarks/verification_error.py --reranker --no-default --dtypes fp32,fp16 --checkpoint SmolLM2-135M "
+        "reranker trained by the README's reranker recipe=runs/reranker/final": "not run: a measurement",
+        "python benchmarks/verification_error.py --reranker --no-default --llama-1b --llama-1b-shape 4x128 "
+        "--dtypes fp32": "not run: a measurement",
+        "python benchmarks/verification_error.py --reranker --no-default --llama-1b --llama-1b-shape 4x128 "
+        "--dtypes fp16": "not run: a measurement",
     },
     "packages/serve/README.md": {
         "pip install torch==2.13.0 ./packages/core ./packages/serve": "test_wheels.py",
@@ -415,7 +429,7 @@ EXPORT = "packages/export/README.md"
 def test_export(work):
     cwd = _folder(work, "export")
     run(*miniature(command(EXPORT, "export-onnx smollm2-135m"), {SMOLLM2: "runs/ckpt"}), cwd=cwd)
-    assert "verification passed" in run(*command(EXPORT, "export-onnx --verify-only"), cwd=cwd)
+    assert "verification passed" in run(*command(EXPORT, "export-onnx --verify-only runs/onnx"), cwd=cwd)
     run(*command(EXPORT, "export-onnx runs/ckpt runs/onnx-bf16"), cwd=cwd)
     if TENSORRT_HERE:
         return  # test_export_trt builds the engines
@@ -423,6 +437,33 @@ def test_export(work):
         # every option and profile is checked against the export / checkpoint before TensorRT is needed
         assert TENSORRT_MISSING.search(fails(*command(EXPORT, start), cwd=cwd))
     assert not (cwd / "runs" / "engine").exists()
+
+
+def test_export_reranker(work, tmp_path):
+    """The export README's reranker commands on a tiny reranker (a fresh head on a tiny decoder whose positions
+    reach the README's 8x256 verify shape); the reranker exports run by onnxruntime score as the checkpoint does."""
+    from bidir_serve.backends import load_backend
+
+    cwd = _folder(work, "export-reranker")
+    decoder = write_hf_llama(tmp_path / "decoder", max_position_embeddings=512)
+    CrossEncoder.from_pretrained(decoder, new_head=True, seed=0).save_pretrained(cwd / "runs" / "reranker")
+    fp32 = "export-onnx runs/reranker runs/rr-onnx"  # the whole command: the fp16 one starts with it
+    assert fp32 in commands(EXPORT)
+    run(*fp32.split(), cwd=cwd)
+    run(*command(EXPORT, "export-onnx runs/reranker runs/rr-onnx-fp16"), cwd=cwd)
+    assert "verification passed" in run(*command(EXPORT, "export-onnx --verify-only runs/rr-onnx"), cwd=cwd)
+    manifest = json.loads((cwd / "runs" / "rr-onnx" / "manifest.json").read_text())
+    assert (manifest["model_kind"], manifest["output"]) == ("reranker", "scores")
+    scorer = load_backend(cwd / "runs" / "rr-onnx", device="cpu")
+    ce = CrossEncoder.from_pretrained(cwd / "runs" / "reranker")
+    ids, _ = ce.tokenize_pairs(
+        [("sort a list", "Return a new sorted list."), ("open a file", "Open a file.")]
+    )
+    assert scorer.score(scorer.prepare(ids)) == pytest.approx(
+        ce.predict([("sort a list", "Return a new sorted list."), ("open a file", "Open a file.")]), abs=1e-4
+    )
+    if not TENSORRT_HERE:  # every option and profile is checked before TensorRT is needed
+        assert TENSORRT_MISSING.search(fails(*command(EXPORT, "export-trt runs/reranker"), cwd=cwd))
 
 
 @pytest.mark.tensorrt
