@@ -83,7 +83,9 @@ def test_a_scorer_has_no_dim_and_kinds_do_not_mix(reranker_onnx, onnx_export):
     ):
         load_backend(reranker_onnx, "onnxruntime", dim=16)
     scorer = load_backend(reranker_onnx, device="cpu")
-    with pytest.raises(BidirError, match="has no embedding dimension"):
+    with pytest.raises(
+        BidirError, match=r"reranker: a reranker has no embedding dim; it scores \(query, passage\) pairs$"
+    ):
         _ = scorer.dim
     with pytest.raises(
         BidirError, match="model is kind reranker; the onnxruntime embedding backend runs kind embedder"

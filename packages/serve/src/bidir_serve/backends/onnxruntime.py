@@ -16,7 +16,7 @@ from bidir_core.matryoshka import check_dim, truncate_array
 from bidir_core.reranker_config import RERANKER, RerankerConfig
 from bidir_core.sources import EMBEDDER
 from bidir_core.tokenization import load_tokenizer
-from bidir_serve.backends.base import Padded, export_fingerprint, pad_rows
+from bidir_serve.backends.base import Padded, export_fingerprint, no_dim, pad_rows
 
 
 def _open(folder: Path, kind: str, providers: list[str] | None):
@@ -97,7 +97,7 @@ class OnnxRuntimeScorer:
 
     @property
     def dim(self) -> int:
-        raise BidirError("a reranker scores pairs: it has no embedding dimension")
+        raise no_dim(self.description)
 
     def prepare(self, rows: Sequence[Sequence[int]]) -> Padded:
         """The rows right-padded (B, T) on the host (onnxruntime copies them to a GPU itself)."""

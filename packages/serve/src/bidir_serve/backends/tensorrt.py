@@ -22,7 +22,7 @@ from bidir_core.matryoshka import check_dim, truncate_array
 from bidir_core.reranker_config import RERANKER, RerankerConfig
 from bidir_core.sources import EMBEDDER
 from bidir_core.tokenization import load_tokenizer
-from bidir_serve.backends.base import Padded, export_fingerprint, pad_rows
+from bidir_serve.backends.base import Padded, export_fingerprint, no_dim, pad_rows
 
 
 def plan(profiles: tuple[Profile, ...], batch: int, seq: int) -> tuple[int, int]:
@@ -186,7 +186,7 @@ class TensorRTScorer:
 
     @property
     def dim(self) -> int:
-        raise BidirError("a reranker scores pairs: it has no embedding dimension")
+        raise no_dim(self.description)
 
     def prepare(self, rows: Sequence[Sequence[int]]) -> Padded:
         """The rows right-padded (B, T) and pinned, so the engine's copies to the GPU are asynchronous."""
