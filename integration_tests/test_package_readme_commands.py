@@ -112,8 +112,8 @@ ACCOUNTED = {
         ),
         # the reranker verification table's measurements (minutes of float64 over real checkpoints; the script's
         # reranker mode is what test_export_reranker's exports run through)
-        "python benchmarks/verification_error.py --reranker --no-default --dtypes fp32,fp16 --checkpoint SmolLM2-135M "
-        "reranker trained by the README's reranker recipe=runs/reranker/final": "not run: a measurement",
+        "python benchmarks/verification_error.py --reranker --no-default --dtypes fp32,fp16 --checkpoint "
+        "SmolLM2-135M reranker=runs/reranker/final": "not run: a measurement",
         "python benchmarks/verification_error.py --reranker --no-default --llama-1b --llama-1b-shape 4x128 "
         "--dtypes fp32": "not run: a measurement",
         "python benchmarks/verification_error.py --reranker --no-default --llama-1b --llama-1b-shape 4x128 "
