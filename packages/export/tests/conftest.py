@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from export_testing import SMALL_VERIFY
+from export_testing import RERANKER_CONFIG, SMALL_VERIFY
 
 from bidir_core.checkpoint import EncoderConfig
 from bidir_core.pytest_plugin import *  # noqa: F403 (the cache, hardware skips, embedded default: see there)
-from bidir_core.reranker_config import RerankerConfig
 from bidir_core.testing import tiny_cross_encoder, tiny_encoder
 from bidir_export import export_onnx
 
@@ -49,9 +48,6 @@ def exported(make_tiny_checkpoint, tmp_path_factory):
 
 
 # A temperature other than 1, so that a graph without it is wrong; a short max_length, so long pairs are cut.
-RERANKER_CONFIG = RerankerConfig(temperature=0.5, max_length=64)
-
-
 @pytest.fixture(scope="session")
 def tiny_reranker(tmp_path_factory) -> Path:
     """A saved tiny reranker checkpoint (avg pooling, NeMo's template, temperature 0.5, max_length 64)."""

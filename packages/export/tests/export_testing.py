@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bidir_core.reranker_config import RerankerConfig
+
 SMALL_VERIFY = (3, 40)  # keeps the export's own verification quick on the tiny model
+RERANKER_CONFIG = RerankerConfig(temperature=0.5, max_length=64)
+"""The tiny reranker's settings (conftest's tiny_reranker); here, not in conftest, which a test importing it would
+get another package's of when several packages' tests run in one pytest."""
 
 
 def leftovers(folder: Path) -> list[str]:

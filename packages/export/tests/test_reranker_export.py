@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import RERANKER_CONFIG
-from export_testing import SMALL_VERIFY
+from export_testing import RERANKER_CONFIG, SMALL_VERIFY
 
 from bidir_core.artifacts import read_manifest
 from bidir_core.batching import pad_batch

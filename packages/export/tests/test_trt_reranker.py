@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import RERANKER_CONFIG
+from export_testing import RERANKER_CONFIG
 
 from bidir_core import BidirError
 from bidir_core.artifacts import Profile, read_manifest
