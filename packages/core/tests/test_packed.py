@@ -225,6 +225,17 @@ def test_packed_batches_keep_to_the_token_budget():
         assert len(b) <= 3 and (sum(lengths[i] for i in b) <= 20 or len(b) == 1)
 
 
+def test_auto_kernel_on_cpu_depends_on_autograd():
+    # segments: no padding to the longest text, and no autograd cost per call when nothing is recorded
+    packed = pack(_rows([3, 9]))
+    assert PackedAttention(packed).kernel == "gathered"
+    with torch.inference_mode():
+        assert PackedAttention(packed).kernel == "segments"
+    with torch.no_grad():
+        assert packed_attention.default_kernel("cpu") == "segments"
+    assert packed_attention.default_kernel("cpu", grad=False) == "segments"
+
+
 def test_cuda_only_kernels_are_refused_on_cpu():
     for kernel in ("jagged", "varlen"):
         with pytest.raises(BidirError, match="CUDA only"):

@@ -15,8 +15,9 @@ Kernels (q, k, v are (1, heads, N, D), N the packed tokens; the output has q's s
 - "varlen":   flash-attn's flash_attn_varlen_func (CUDA, fp16 / bf16, when the flash-attn package is installed).
 
 Which one "auto" picks per device was chosen by measurement (the core README, "Packed batches", has the figures
-and their commands): "gathered" on CPU, where "segments" pays autograd's per-call cost once per layer and text and
-"jagged" has no kernel. On CUDA, "varlen" when flash-attn is importable, else "jagged" (one variable-length kernel
+and their commands). On CPU it depends on whether autograd records: "gathered" when training, where "segments" pays
+autograd's per-call cost once per layer and text; "segments" for inference, where that cost is gone and gathered's
+B x L_max^2 padding is not ("jagged" has no CPU kernel). On CUDA, "varlen" when flash-attn is importable, else "jagged" (one variable-length kernel
 launch per layer, no padding at all); benchmarks/gpu_suite.sh has the rows that would confirm it.
 """
 
@@ -34,11 +35,12 @@ from bidir_core.packed import PackedBatch
 KERNELS = ("auto", "gathered", "segments", "dense", "flex", "jagged", "varlen")
 
 
-def default_kernel(device: torch.device | str) -> str:
-    """The kernel "auto" means on this device (see the module docstring for the measurements behind it)."""
+def default_kernel(device: torch.device | str, grad: bool | None = None) -> str:
+    """The kernel "auto" means on this device, for a forward that records gradients or not (default: whether
+    autograd records now); the module docstring says why."""
     if torch.device(device).type == "cuda":
         return "varlen" if importlib.util.find_spec("flash_attn") is not None else "jagged"
-    return "gathered"
+    return "gathered" if (torch.is_grad_enabled() if grad is None else grad) else "segments"
 
 
 class PackedAttention:
