@@ -12,7 +12,8 @@ Default set (``nox``), each session in its own fresh virtualenv with non-editabl
 Jobs (run explicitly, e.g. ``nox -s demo``):
 
 - ``demo``         the main job end to end on the embedded default: train, export, batch-embed, evaluate
-- ``bench``        benchmarks/bench_encode.py
+- ``bench``        benchmarks/bench_encode.py: encode throughput on short, long and mixed-length corpora, bidir vs
+                   sentence-transformers, transformers and onnxruntime, against the GEMM ceiling
 - ``bench-server`` benchmarks/bench_server.py; without arguments its reranker smoke run (``--rerank --tiny --quick``:
                    a tiny random reranker, concurrency 1 and 8, one round), which checks that it runs
 - ``quality``      benchmarks/quality.py: fine-tune the embedded default on real data (MNTP, contrastive, mined
@@ -128,7 +129,8 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    _install(session, "./packages/core[test]")
+    # core[test]: sentence-transformers; export: the onnxruntime rows (export-onnx of the default, onnxruntime)
+    _install(session, "./packages/core[test]", "./packages/export")
     _install_default_model(session)
     session.run("python", "benchmarks/bench_encode.py", *session.posargs)
 

@@ -43,7 +43,7 @@ echo "== training step"
 
 if "$py" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
   echo "== packed vs padded inference (mixed corpus)"
-  "$py" benchmarks/bench_encode.py --corpus mixed --limit 5000 --dtypes bf16 --kernels flex --json "$out/encode.jsonl" || status=1
+  "$py" benchmarks/bench_encode.py --corpora mixed --limit 5000 --dtypes bf16 --kernels flex --json "$out/encode.jsonl" || status=1
 fi
 
 if "$py" -c 'import tensorrt' 2>/dev/null && "$py" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
@@ -90,10 +90,10 @@ for g in gpu:
 if not gpu:
     rows.append(("train step 1B seq 512", "skipped (no CUDA)"))
 for r in lines("encode.jsonl"):
-    for dtype, res in r["results"].items():
-        tps = res["tokens_per_s"]
-        rows.append((f"inference mixed corpus {dtype}", ", ".join(f"{k} {v:,.0f}" for k, v in tps.items())
-                     + f" real tok/s; packed/padded {res['ratios']['packed_vs_padded']:.2f}x"))
+    for corpus, c in r["corpora"].items():
+        for dtype, paths in c["paths"].items():
+            rows.append((f"inference {corpus} corpus {dtype}", ", ".join(f"{k} {v['tokens_per_s']:,.0f}" for k, v in paths.items())
+                         + f" real tok/s; packed/padded {paths['bidir packed']['vs_padded']:.2f}x"))
 if not lines("encode.jsonl"):
     rows.append(("inference mixed corpus packed vs padded", "skipped (no CUDA)"))
 trt = [r for r in lines("backends.jsonl")]

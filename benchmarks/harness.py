@@ -2,12 +2,14 @@
 then interleaved runs and their medians), the environment record every JSON line carries, and the model shapes.
 
 - ``data_file(prog, *parts)``: a file under the shared data folder (``BIDIR_DATA``, else ``../shared/data`` beside
-  the repository), or exit with one line saying what is missing; ``mixed_corpus(prog, n)``: Cranfield abstracts and
-  STS-B sentences, shuffled (the mixed-length inference corpus).
+  the repository), or exit with one line saying what is missing; ``cranfield_docs(prog)`` (~250 tokens each) and
+  ``stsb_sentences(prog, split)`` (~15 tokens each); ``mixed_corpus(prog, n)``: the two, shuffled (the
+  mixed-length inference corpus).
 - ``agreement(got, want)`` and ``check(what, figures, ok, fail)``: how far a path is from the baseline on the
   warm-up batch, printed as ``WHAT: FIGURES: OK`` (or ``MISMATCH``, then exit: a fast wrong answer is no result).
 - ``timed`` / ``interleaved`` / ``medians``: the runs of one round go back to back, round after round, so drift on
-  a noisy machine hits every path alike; CUDA is synchronized around each run.
+  a noisy machine hits every path alike; CUDA is synchronized around each run. ``gemm_flops(dtype, k, n)``: the
+  FLOP/s torch.matmul reaches at a model's projection shapes, the ceiling a throughput is set against.
 - ``environment()``, ``busy_cores()``, ``warn_if_busy()`` and ``append_jsonl(path, record)``: one record format.
 - ``SHAPES``: the Llama-3.2-1B and SmolLM2-135M configurations for random-weight runs; ``random_llama(config)``.
 
@@ -51,21 +53,31 @@ def data_file(prog: str, *parts: str) -> Path:
     return path
 
 
-def mixed_corpus(prog: str, limit: int, seed: int = 0) -> list[str]:
-    """Cranfield abstracts (title + text, ~250 tokens) and STS-B train sentences (~15 tokens), about 28 % long
-    documents (1,400 of 5,000), in a seeded shuffle: lengths vary row to row, as in a real corpus."""
-    corpus = data_file(prog, "cranfield", "corpus.jsonl")
-    sts = data_file(prog, "stsb", "sts-train.tsv")
+def cranfield_docs(prog: str) -> list[str]:
+    """The Cranfield abstracts, title + text (~250 tokens each, 1,400 of them), in file order."""
     docs = []
-    for line in corpus.read_text(encoding="utf-8").splitlines():
+    for line in data_file(prog, "cranfield", "corpus.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         text = f"{row.get('title', '')} {row.get('text', '')}".strip()
         if text:
             docs.append(text)
+    return docs
+
+
+def stsb_sentences(prog: str, split: str = "train") -> list[str]:
+    """Both sentence columns of an STS-B split (~15 tokens each), row by row."""
+    tsv = data_file(prog, "stsb", f"sts-{split}.tsv")
     sentences = []
-    for line in sts.read_text(encoding="utf-8").splitlines()[1:]:
+    for line in tsv.read_text(encoding="utf-8").splitlines()[1:]:
         cols = line.split("\t")
         sentences += [s for s in cols[1:3] if s.strip()]
+    return sentences
+
+
+def mixed_corpus(prog: str, limit: int, seed: int = 0) -> list[str]:
+    """Cranfield abstracts (title + text, ~250 tokens) and STS-B train sentences (~15 tokens), about 28 % long
+    documents (1,400 of 5,000), in a seeded shuffle: lengths vary row to row, as in a real corpus."""
+    docs, sentences = cranfield_docs(prog), stsb_sentences(prog)
     n_docs = min(len(docs), round(limit * 0.28))
     texts = docs[:n_docs] + sentences[: limit - n_docs]
     random.Random(seed).shuffle(texts)
@@ -134,6 +146,32 @@ def interleaved(
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gemm_flops(
+    dtype: torch.dtype,
+    k: int,
+    n: int,
+    m: int = 4096,
+    device="cpu",
+    threads: int | None = None,
+    repeats: int = 3,
+) -> float:
+    """Measured FLOP/s of torch.matmul (m, k) @ (k, n) at dtype on device (2 m k n FLOPs a run), the median of
+    `repeats` runs after a warm-up; with `threads`, on that many CPU threads. At a model's projection shapes (m
+    token rows, k = hidden, n = intermediate) it is the ceiling the model's matmuls can reach on this machine."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(m, k, generator=g, device=device).to(dtype)
+        b = torch.randn(k, n, generator=g, device=device).to(dtype)
+        torch.matmul(a, b)  # warm-up: the kernel choice and first-touch of the output
+        seconds = [timed(torch.matmul, a, b, device=device)[0] for _ in range(repeats)]
+    finally:
+        torch.set_num_threads(before)
+    return 2 * m * k * n / statistics.median(seconds)
 
 
 # --- the environment record --------------------------------------------------------------------------------------
