@@ -185,7 +185,7 @@ def load_paths(name: str, ckpt: Path, tokenizer, args, device: str, onnx_file: P
         "bidir packed": bidir(packed=True),
     }
     for kernel in args.kernels:
-        if kernel not in (default_kernel(device), "auto"):
+        if kernel not in (default_kernel(device, grad=False), "auto"):
             paths[f"bidir packed {kernel}"] = bidir(packed=True, kernel=kernel)
     if onnx_file is not None and name == "fp32":
         from onnxruntime import GraphOptimizationLevel as Level
