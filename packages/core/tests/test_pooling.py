@@ -212,6 +212,28 @@ def test_length_sorted_batches_properties(seed):
         assert all(len(b) == batch_size for b in batches[:-1])
 
 
+def test_length_sorted_batches_max_padding_hand_example():
+    # Longest first: 8, 7, 6, 2, 2. [8, 7, 6] pads 3 of 24 (12.5 %); adding a 2 would pad 9 of 32 (28 %) > 25 %.
+    lengths = [2, 8, 6, 2, 7]
+    assert length_sorted_batches(lengths, batch_size=10, max_padding=0.25) == [[1, 4, 2], [0, 3]]
+    assert length_sorted_batches(lengths, batch_size=10) == [[1, 4, 2, 0, 3]]
+    # Packed batches have no padding to bound.
+    assert length_sorted_batches(lengths, batch_size=10, padded=False, max_padding=0.0) == [[1, 4, 2, 0, 3]]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_sorted_batches_max_padding_bounds_every_batch(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 60))]
+    max_padding = rng.choice([0.0, 0.1, 0.25, 0.5])
+    max_tokens = rng.choice([None, 2048])
+    batches = length_sorted_batches(lengths, 32, max_tokens, max_padding=max_padding)
+    _check_batches(lengths, batches, 32, max_tokens)
+    for b in batches:
+        padded = len(b) * max(lengths[i] for i in b)
+        assert sum(lengths[i] for i in b) >= (1 - max_padding) * padded
+
+
 def test_pad_batch_right_and_left_layouts():
     sequences = [[5, 6, 7], [8], []]
     ids, mask = pad_batch(sequences, pad_id=0, padding_side="right")

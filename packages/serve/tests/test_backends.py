@@ -27,6 +27,8 @@ from bidir_core.packed import PackedBatch, pack_padded
 from bidir_core.tokenization import tokenize
 from bidir_serve import BatchEmbedConfig, embed_corpus
 from bidir_serve.backends import Padded, load_backend, model_kind
+from bidir_serve.backends.base import CPU_MAX_PADDING
+from bidir_serve.backends.onnxruntime import OnnxRuntimeBackend
 from bidir_serve.batch_embed import main
 
 ATOL = 1e-4
@@ -122,6 +124,39 @@ def test_onnxruntime_backend_matches_encode(onnx_export, encoder, texts, with_di
     got = _embed_all(backend, texts)
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_padded_backend_on_cpu_gets_batches_of_like_lengths(
+    onnx_export, tiny_checkpoint, texts, tmp_path, monkeypatch
+):
+    """A backend that pads bounds its batches' padding on CPU (CPU_MAX_PADDING), and batch-embed and the server both
+    cut their batches by it; a packing backend has nothing to bound."""
+    folder = onnx_export(False)
+    backend = load_backend(folder, "onnxruntime", device="cpu")
+    assert backend.max_padding == CPU_MAX_PADDING
+    assert load_backend(tiny_checkpoint, "torch", device="cpu").max_padding is None  # packs on CPU
+    batches = []
+    prepare = OnnxRuntimeBackend.prepare
+
+    def spy(self, rows):
+        batches.append([len(r) for r in rows])
+        return prepare(self, rows)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "prepare", spy)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts * 3)))
+    with pytest.warns(UserWarning, match="truncated"):
+        assert embed_corpus(
+            BatchEmbedConfig(str(folder), str(inp), str(tmp_path / "out"), device="cpu")
+        ).complete
+    with serving(folder, device="cpu") as r:
+        # one request whose rows, as one batch, would be 47 % padding
+        rows = [[1] + [7] * n for n in (2, 40, 3, 38, 5, 36)]
+        status, _ = call(r.url, "POST", "/v1/embeddings", {"input": rows})
+        assert status == 200
+    assert [41, 39, 37, 6] in batches and any(len(b) > 4 for b in batches)
+    for b in batches:
+        assert sum(b) >= (1 - CPU_MAX_PADDING) * len(b) * max(b), b
 
 
 def test_auto_rule(tiny_checkpoint, onnx_export):

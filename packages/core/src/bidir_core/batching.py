@@ -23,11 +23,18 @@ PACKED_TOKENS = 4096
 
 
 def length_sorted_batches(
-    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, padded: bool = True
+    lengths: Sequence[int],
+    batch_size: int,
+    max_tokens: int | None = None,
+    padded: bool = True,
+    max_padding: float | None = None,
 ) -> list[list[int]]:
     """Indices of the rows grouped longest-first into batches of at most batch_size rows and, when max_tokens is
     given, at most max_tokens tokens: padded tokens (rows x longest row), or with padded=False the real tokens
-    of a packed batch (the sum of the lengths). A single longer row still gets its own batch."""
+    of a packed batch (the sum of the lengths). A single longer row still gets its own batch. With max_padding
+    (padded batches), a row that would make more than that fraction of its batch's padded tokens padding starts a
+    new batch: where compute is linear in padded tokens (a CPU), a batch of rows of unlike lengths costs more than
+    the same rows in a few batches of like lengths."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep input order
@@ -40,7 +47,10 @@ def length_sorted_batches(
             tokens = (len(current) + 1) * (lengths[current[0]] if current else lengths[i])
         else:
             tokens = total + lengths[i]
-        if current and (len(current) == batch_size or (max_tokens is not None and tokens > max_tokens)):
+        wasteful = padded and max_padding is not None and total + lengths[i] < (1 - max_padding) * tokens
+        if current and (
+            len(current) == batch_size or (max_tokens is not None and tokens > max_tokens) or wasteful
+        ):
             batches.append(current)
             current, total = [], 0
         current.append(i)

@@ -47,6 +47,9 @@ class Backend(Protocol):
     """Width of embed()'s output."""
     width: int
     """The model's full embedding width (dim is it, or the Matryoshka width asked for)."""
+    max_padding: float | None
+    """The most of a batch's padded tokens that may be padding (bidir_core.batching's max_padding), which the
+    callers cut their batches by: padded_max_padding() for a backend that pads, None for one that packs."""
     fingerprint: str
     """sha256 of the model's weights and settings (changes when the model does)."""
     source_fingerprint: str
@@ -78,6 +81,8 @@ class Scorer(Protocol):
     """What runs, for logs, e.g. "torch cpu fp32 reranker"."""
     config: RerankerConfig
     """The template, pooling, temperature and max_length the model was trained and exported with."""
+    max_padding: float | None
+    """As Backend's."""
     tokenizer: object
     fingerprint: str
     source_fingerprint: str
@@ -109,6 +114,19 @@ class Padded:
 
     input_ids: torch.Tensor  # (B, T) int64, T the longest row (at least 1)
     attention_mask: torch.Tensor  # (B, T) int64: 1 on real tokens, 0 on padding
+
+
+CPU_MAX_PADDING = 0.25
+"""A padded batch on CPU is at most this much padding. A CPU's cost is linear in padded tokens and a small batch
+loses little (the embedded default on onnxruntime CPU: a server of 1-text requests, each its own unpadded batch, ran
+faster than batch-embed's 128-row batches), so rows of unlike lengths are better run apart; the server's batches mix
+concurrent requests in arrival order, which is where this matters (benchmarks/README.md, Embedding server)."""
+
+
+def padded_max_padding(device: str) -> float | None:
+    """max_padding for a backend that pads on `device` ("cpu", "cuda"): bounded on CPU; on a GPU, where a bigger
+    batch is worth some padding, not bounded (not measured there yet)."""
+    return CPU_MAX_PADDING if device == "cpu" else None
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, pin: bool = False) -> Padded:

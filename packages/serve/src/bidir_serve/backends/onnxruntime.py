@@ -16,7 +16,7 @@ from bidir_core.matryoshka import check_dim, truncate_array
 from bidir_core.reranker_config import RERANKER, RerankerConfig
 from bidir_core.sources import EMBEDDER
 from bidir_core.tokenization import load_tokenizer
-from bidir_serve.backends.base import Padded, export_fingerprint, no_dim, pad_rows
+from bidir_serve.backends.base import Padded, export_fingerprint, no_dim, pad_rows, padded_max_padding
 
 
 def _open(folder: Path, kind: str, providers: list[str] | None):
@@ -46,6 +46,11 @@ def _open(folder: Path, kind: str, providers: list[str] | None):
     return manifest, session
 
 
+def _max_padding(session) -> float | None:
+    """Padded batches: bounded padding when the session runs on the CPU provider."""
+    return padded_max_padding("cpu" if session.get_providers()[0] == "CPUExecutionProvider" else "cuda")
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
     kind = EMBEDDER
@@ -53,6 +58,7 @@ class OnnxRuntimeBackend:
     def __init__(self, folder: str | Path, providers: list[str] | None = None, dim: int | None = None):
         folder = Path(folder)
         self.manifest, self.session = _open(folder, EMBEDDER, providers)
+        self.max_padding = _max_padding(self.session)
         self.config = self.manifest.encoder
         self.tokenizer = load_tokenizer(folder)
         self.width = self.manifest.hidden_size
@@ -88,6 +94,7 @@ class OnnxRuntimeScorer:
     def __init__(self, folder: str | Path, providers: list[str] | None = None):
         folder = Path(folder)
         self.manifest, self.session = _open(folder, RERANKER, providers)
+        self.max_padding = _max_padding(self.session)
         self.config: RerankerConfig = self.manifest.reranker
         self.tokenizer = load_tokenizer(folder)
         self.fingerprint = export_fingerprint(folder)

@@ -20,7 +20,7 @@ from bidir_core.errors import BidirError
 from bidir_core.matryoshka import check_dim
 from bidir_core.packed import PackedBatch, pack
 from bidir_core.sources import open_source
-from bidir_serve.backends.base import Padded, model_fingerprint, pad_rows
+from bidir_serve.backends.base import Padded, model_fingerprint, pad_rows, padded_max_padding
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,6 +72,7 @@ class TorchBackend:
         # dynamic=True: one graph for every (batch, seq) instead of a recompile per new shape.
         self._forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
         self.packed = (PACKED_DEFAULT[self.device.type] and not compile) if packed is None else packed
+        self.max_padding = None if self.packed else padded_max_padding(self.device.type)
 
     def prepare(self, rows: Sequence[Sequence[int]]) -> PackedBatch | Padded:
         """The rows packed (N real tokens, no padding) or right-padded (B, T), on the host; pinned on CUDA."""

@@ -19,7 +19,7 @@ from bidir_core.encoder import PACKED_DEFAULT
 from bidir_core.packed import PackedBatch
 from bidir_core.reranker_config import RERANKER
 from bidir_core.sources import ModelSource, open_source
-from bidir_serve.backends.base import Padded, model_fingerprint, no_dim
+from bidir_serve.backends.base import Padded, model_fingerprint, no_dim, padded_max_padding
 from bidir_serve.backends.pytorch import PRECISIONS, device_and_precision, torch_inputs
 
 
@@ -49,6 +49,7 @@ class TorchScorer:
         # dynamic=True: one graph for every (batch, seq) instead of a recompile per new shape.
         self._forward = torch.compile(self.reranker, dynamic=True) if compile else self.reranker
         self.packed = (PACKED_DEFAULT[self.device.type] and not compile) if packed is None else packed
+        self.max_padding = None if self.packed else padded_max_padding(self.device.type)
 
     @property
     def dim(self) -> int:

@@ -22,7 +22,7 @@ from bidir_core.matryoshka import check_dim, truncate_array
 from bidir_core.reranker_config import RERANKER, RerankerConfig
 from bidir_core.sources import EMBEDDER
 from bidir_core.tokenization import load_tokenizer
-from bidir_serve.backends.base import Padded, export_fingerprint, no_dim, pad_rows
+from bidir_serve.backends.base import Padded, export_fingerprint, no_dim, pad_rows, padded_max_padding
 
 
 def plan(profiles: tuple[Profile, ...], batch: int, seq: int) -> tuple[int, int]:
@@ -138,6 +138,7 @@ class Engine:
 class TensorRTBackend:
     name = "tensorrt"
     kind = EMBEDDER
+    max_padding = padded_max_padding("cuda")
 
     def __init__(self, folder: str | Path, dim: int | None = None):
         folder = Path(folder)
@@ -170,6 +171,7 @@ class TensorRTScorer:
 
     name = "tensorrt"
     kind = RERANKER
+    max_padding = padded_max_padding("cuda")
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)

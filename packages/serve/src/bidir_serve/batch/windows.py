@@ -82,6 +82,8 @@ class BatchingConfig:
     """Upper bound on rows per batch."""
     window: int
     """Rows sorted together by length (bounded so memory does not grow with the corpus)."""
+    max_padding: float | None = None
+    """The backend's bound on a batch's padding (Backend.max_padding)."""
 
 
 def shard_windows(
@@ -112,7 +114,9 @@ def batch_window(token_ids: list[list[int]], cfg: BatchingConfig, prepare: Prepa
     """A window's rows sorted by length, grouped into batches (each row in exactly one) and prepared."""
     lengths = [len(t) for t in token_ids]
     batches = []
-    for batch in length_sorted_batches(lengths, cfg.max_batch_size, cfg.max_batch_tokens):
+    for batch in length_sorted_batches(
+        lengths, cfg.max_batch_size, cfg.max_batch_tokens, max_padding=cfg.max_padding
+    ):
         inputs = prepare([token_ids[i] for i in batch])
         batches.append(Batch(batch, inputs, sum(lengths[i] for i in batch)))
     return batches
@@ -167,6 +171,7 @@ def batching_config(cfg: BatchEmbedConfig, backend: Backend) -> BatchingConfig:
         max_batch_tokens=cfg.max_batch_tokens,
         max_batch_size=cfg.max_batch_size,
         window=cfg.window,
+        max_padding=backend.max_padding,
     )
 
 

@@ -210,7 +210,10 @@ class Batcher:
         width = () if backend_kind(backend) == RERANKER else (backend.dim,)  # a score per row, or a vector
         for job in jobs:
             job.out, job.left = np.empty((len(job.ids), *width), np.float32), len(job.ids)
-        for batch in length_sorted_batches(lengths, self.cfg.max_batch_size, self.cfg.max_batch_tokens):
+        cfg = self.cfg
+        for batch in length_sorted_batches(
+            lengths, cfg.max_batch_size, cfg.max_batch_tokens, max_padding=backend.max_padding
+        ):
             live = [r for r in batch if not (rows[r][0].cancelled or rows[r][0].done)]
             dropped = sum(1 for r in batch if rows[r][0].cancelled and not rows[r][0].done)
             if dropped:
