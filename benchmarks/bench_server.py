@@ -238,8 +238,8 @@ def offline_scoring(
     args, model: str, requests: list[tuple[str, list[str]]]
 ) -> tuple[float, list[float], list]:
     """(pairs/s, seconds per run, each request's logits) of the server's backend scoring every pair in this process:
-    tokenize_pairs, then length-sorted batches of the server's token budget (bidir_core.batching), prepare, score.
-    The model is loaded before timing; the median over --repeats runs."""
+    tokenize_pairs, then length-sorted batches of the server's token budget and the backend's max_padding
+    (bidir_core.batching), prepare, score. The model is loaded before timing; the median over --repeats runs."""
     cfg = ServerConfig(
         model, device=args.device, precision=args.precision, max_batch_tokens=args.max_batch_tokens
     )
@@ -249,7 +249,10 @@ def offline_scoring(
     def run() -> np.ndarray:
         ids, _ = tokenize_pairs(backend.tokenizer, backend.config, pairs)
         out = np.empty(len(ids), np.float32)
-        for batch in length_sorted_batches([len(r) for r in ids], cfg.max_batch_size, cfg.max_batch_tokens):
+        lengths = [len(r) for r in ids]
+        for batch in length_sorted_batches(
+            lengths, cfg.max_batch_size, cfg.max_batch_tokens, max_padding=backend.max_padding
+        ):
             out[batch] = backend.score(backend.prepare([ids[i] for i in batch]))
         return out
 
