@@ -17,8 +17,9 @@ Kernels (q, k, v are (1, heads, N, D), N the packed tokens; the output has q's s
 Which one "auto" picks per device was chosen by measurement (the core README, "Packed batches", has the figures
 and their commands). On CPU it depends on whether autograd records: "gathered" when training, where "segments" pays
 autograd's per-call cost once per layer and text; "segments" for inference, where that cost is gone and gathered's
-B x L_max^2 padding is not ("jagged" has no CPU kernel). On CUDA, "varlen" when flash-attn is importable, else "jagged" (one variable-length kernel
-launch per layer, no padding at all); benchmarks/gpu_suite.sh has the rows that would confirm it.
+B x L_max^2 padding is not ("jagged" has no CPU kernel). On CUDA, "varlen" when flash-attn is importable, else
+"jagged" (one variable-length kernel launch per layer, no padding at all); benchmarks/gpu_suite.sh has the rows
+that would confirm it.
 """
 
 from __future__ import annotations
