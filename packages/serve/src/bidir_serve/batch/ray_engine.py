@@ -131,6 +131,7 @@ class BackendInfo:
     width: int
     fingerprint: str
     source_fingerprint: str
+    max_padding: float | None
 
 
 def _describe(cfg: BatchEmbedConfig, load: Callable) -> BackendInfo:
@@ -145,6 +146,7 @@ def _describe(cfg: BatchEmbedConfig, load: Callable) -> BackendInfo:
         "width",
         "fingerprint",
         "source_fingerprint",
+        "max_padding",
     )
     return BackendInfo(**{f: getattr(b, f) for f in fields})
 
