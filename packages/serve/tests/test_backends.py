@@ -134,7 +134,10 @@ def test_padded_backend_on_cpu_gets_batches_of_like_lengths(
     folder = onnx_export(False)
     backend = load_backend(folder, "onnxruntime", device="cpu")
     assert backend.max_padding == CPU_MAX_PADDING
-    assert load_backend(tiny_checkpoint, "torch", device="cpu").max_padding is None  # packs on CPU
+    torch_backend = load_backend(tiny_checkpoint, "torch", device="cpu")
+    assert torch_backend.max_padding is None  # packs on CPU
+    torch_backend.packed = False
+    assert torch_backend.max_padding == CPU_MAX_PADDING
     batches = []
     prepare = OnnxRuntimeBackend.prepare
 

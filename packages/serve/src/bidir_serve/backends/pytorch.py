@@ -72,7 +72,11 @@ class TorchBackend:
         # dynamic=True: one graph for every (batch, seq) instead of a recompile per new shape.
         self._forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
         self.packed = (PACKED_DEFAULT[self.device.type] and not compile) if packed is None else packed
-        self.max_padding = None if self.packed else padded_max_padding(self.device.type)
+
+    @property
+    def max_padding(self) -> float | None:
+        """None while the rows are packed; the padded form's bound otherwise (packed can be switched after load)."""
+        return None if self.packed else padded_max_padding(self.device.type)
 
     def prepare(self, rows: Sequence[Sequence[int]]) -> PackedBatch | Padded:
         """The rows packed (N real tokens, no padding) or right-padded (B, T), on the host; pinned on CUDA."""

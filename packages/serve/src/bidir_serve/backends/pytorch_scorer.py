@@ -49,11 +49,15 @@ class TorchScorer:
         # dynamic=True: one graph for every (batch, seq) instead of a recompile per new shape.
         self._forward = torch.compile(self.reranker, dynamic=True) if compile else self.reranker
         self.packed = (PACKED_DEFAULT[self.device.type] and not compile) if packed is None else packed
-        self.max_padding = None if self.packed else padded_max_padding(self.device.type)
 
     @property
     def dim(self) -> int:
         raise no_dim(self.description)
+
+    @property
+    def max_padding(self) -> float | None:
+        """None while the rows are packed; the padded form's bound otherwise (packed can be switched after load)."""
+        return None if self.packed else padded_max_padding(self.device.type)
 
     def prepare(self, rows: Sequence[Sequence[int]]) -> PackedBatch | Padded:
         """The pair rows packed (N real tokens, no padding) or right-padded (B, T), on the host; pinned on CUDA."""
