@@ -353,3 +353,32 @@ def test_the_embedded_default_is_its_gguf_as_transformers_reads_it(embedded_defa
         ours, theirs = model(ids).logits, oracle(ids).logits  # (1, T, vocab)
     # Measured 0.0: the same dequantized fp32 weights through the same kernels; the margin is for other CPUs' kernels.
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_the_embedded_default_generates_from_its_cache(embedded_default):
+    """bidir's checkpoint config switches the KV cache off (an encoder needs none); a generator built from it
+    switches it back on, so each new token is one position of forward (not the whole prefix again), and the greedy
+    queries equal the uncached recomputation, the oracle."""
+    import torch
+
+    generator = QueryGenerator.load(
+        embedded_default, prompt=PROMPT, settings=GenerationSettings(max_new_tokens=5, batch_size=2)
+    )
+    passages = ["The Eiffel Tower is a wrought-iron lattice tower in Paris.", "Photosynthesis makes sugar."]
+    widths: list[int] = []
+    hook = generator.model.model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        cached, _ = generator.generate(passages)
+    finally:
+        hook.remove()
+    assert len(widths) > 1 and widths[0] > 1 and set(widths[1:]) == {1}, widths
+    model = generator.model
+    model.config.use_cache = model.generation_config.use_cache = False
+    try:
+        uncached, _ = generator.generate(passages)
+    finally:
+        model.config.use_cache = model.generation_config.use_cache = True
+    assert cached == uncached and all(q[0] for q in cached), (cached, uncached)
+    assert torch.is_grad_enabled()  # generate's no_grad did not leak

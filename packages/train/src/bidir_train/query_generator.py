@@ -107,6 +107,11 @@ def load_causal_lm(name: str, *, device: str, dtype: torch.dtype):
         model, tokenizer, path = _from_folder(Path(name).expanduser(), dtype)
     # The weights, not the name: the same folder under another spelling (./m, m, an absolute path) is the same model.
     identity = checkpoint_fingerprint(path)
+    # Generation reuses each step's keys and values. bidir's checkpoint configs switch the cache off (an encoder
+    # has no use for it), the model's generation config inherits that, and generate takes a setting left at its
+    # default from there: without this every new token recomputes the whole prefix (15x slower on 4 prompts of
+    # 300 tokens and 24 new tokens).
+    model.config.use_cache = model.generation_config.use_cache = True
     return model.to(device).eval(), tokenizer, identity
 
 
