@@ -84,7 +84,11 @@ ACCOUNTED = {
         "bidir-mine runs/default/final --train train.tsv --corpus ../shared/data/cranfield --output mined.jsonl": (
             "test_train_mntp_default_mine"
         ),
-        "bidir-synth smollm2-135m --corpus ./my-corpus --output runs/synth/train.jsonl": "test_train_synth",
+        "torchrun --nproc-per-node 1 -m bidir_train --config default logging.output_dir=runs/general": (
+            "test_train_synth"
+        ),
+        "bidir-synth smollm2-135m --corpus ./my-corpus --output runs/synth/train.jsonl --filter-model "
+        "runs/general/final --filter-top-k 10 --filter-max-length 256": "test_train_synth",
         "torchrun --nproc-per-node 1 -m bidir_train --config default data.train=runs/synth/train.jsonl "
         "model.passage_max_length=256 model.query_max_length=64 schedule.max_steps=null eval.dev=null "
         "logging.output_dir=runs/my-corpus-miner": "test_train_synth",
@@ -396,8 +400,8 @@ def test_train_lora(work):
 
 
 def test_train_synth(work):
-    """The flow for a user's corpus: bidir-synth -> bidir-train (the miner) -> bidir-mine -> bidir-train ->
-    bidir-eval, on ./my-corpus (the Cranfield stand-in). The tiny Llama with an LM head stands in for the embedded
+    """The flow for a user's corpus: bidir-train (the filter) -> bidir-synth -> bidir-train (the miner) ->
+    bidir-mine -> bidir-train -> bidir-eval, on ./my-corpus (the Cranfield stand-in). The tiny Llama with an LM head stands in for the embedded
     default (generator and base model) and the GPU generator (which runs on the CPU here); queries are cut to 4 new
     tokens, training to 2 steps."""
     readme = "packages/train/README.md"
@@ -405,12 +409,18 @@ def test_train_synth(work):
     (cwd / "my-corpus").symlink_to(work.parent / "shared" / "data" / "cranfield")
     llama = work.parent / "llama"
     short = ["--max-new-tokens", "4", "--no-progress"]
-    run(*miniature(command(readme, "bidir-synth smollm2-135m"), {SMOLLM2: llama}), *short, cwd=cwd)
-    rows = [json.loads(r) for r in (cwd / "runs" / "synth" / "train.jsonl").read_text().splitlines()]
-    assert rows and all(r["pos_ids"] and r["pos_doc"] for r in rows)
     tiny = [f"model.path={llama}", "schedule.max_steps=2", "schedule.global_batch_size=4",
             "schedule.micro_batch_size=2"]  # fmt: skip
-    train = "torchrun --nproc-per-node 1 -m bidir_train --config default data.train=runs/synth"
+    train = "torchrun --nproc-per-node 1 -m bidir_train --config default"
+    run(*command(readme, f"{train} logging.output_dir=runs/general"), *tiny, "eval.dev=null", cwd=cwd)
+    # A random filter finds a passage in its top 10 of 1,398 by chance only: top 700 keeps about half.
+    words = miniature(
+        command(readme, "bidir-synth smollm2-135m"), {SMOLLM2: llama}, {"--filter-top-k": "700"}
+    )
+    assert "round-trip filter kept" in run(*words, *short, cwd=cwd)
+    rows = [json.loads(r) for r in (cwd / "runs" / "synth" / "train.jsonl").read_text().splitlines()]
+    assert rows and all(r["pos_ids"] and r["pos_doc"] for r in rows)
+    train += " data.train=runs/synth"
     run(*command(readme, f"{train}/train.jsonl"), *tiny, cwd=cwd)
     assert "rows without a negative left out" in run(
         *command(readme, "bidir-mine runs/my-corpus-miner/"), cwd=cwd

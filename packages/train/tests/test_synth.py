@@ -404,3 +404,10 @@ def test_the_embedded_default_generates_from_its_cache(embedded_default):
         model.config.use_cache = model.generation_config.use_cache = True
     assert cached == uncached and all(q[0] for q in cached), (cached, uncached)
     assert torch.is_grad_enabled()  # generate's no_grad did not leak
+
+
+def test_filter_settings_are_checked(tmp_path):
+    for field, value in (("filter_top_k", 0), ("filter_max_length", 0), ("filter_max_length", True)):
+        with pytest.raises(BidirError, match=f"{field} must be a positive integer"):
+            SynthConfig("c.txt", str(tmp_path / "o.jsonl"), **{field: value})
+    assert SynthConfig("c.txt", str(tmp_path / "o.jsonl"), filter_max_length=256).filter_max_length == 256

@@ -81,6 +81,8 @@ class SynthConfig:
     filter_model: str | None = None
     """An embedder (BiEncoder.from_pretrained): keep a pair only if its passage ranks in the top filter_top_k."""
     filter_top_k: int = 1
+    filter_max_length: int | None = None
+    """Tokens per text for the filter embedder (None: its own max_length)."""
     filter_reranker: str | None = None
     """A reranker (CrossEncoder.from_pretrained, with its head): also keep only pairs it ranks in the top
     filter_top_k of the embedder's top filter_candidates."""
@@ -88,8 +90,16 @@ class SynthConfig:
     filter_batch_size: int = 32
 
     def __post_init__(self):
-        for name in ("chunk_size", "filter_top_k", "filter_candidates", "filter_batch_size"):
+        for name in (
+            "chunk_size",
+            "filter_top_k",
+            "filter_candidates",
+            "filter_batch_size",
+            "filter_max_length",
+        ):
             value = getattr(self, name)
+            if name == "filter_max_length" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BidirError(f"{name} must be a positive integer, got {value!r}")
         if self.dtype not in DTYPES:
@@ -361,7 +371,9 @@ def _filter(cfg: SynthConfig, pairs, passages, device: str, encoder, reranker) -
     if encoder is None:
         from bidir_core.encoder import BiEncoder
 
-        encoder = BiEncoder.from_pretrained(cfg.filter_model, device=device).eval()
+        encoder = BiEncoder.from_pretrained(
+            cfg.filter_model, max_length=cfg.filter_max_length, device=device
+        ).eval()
     if reranker is None and cfg.filter_reranker is not None:
         from bidir_core.cross_encoder import CrossEncoder
 
@@ -438,6 +450,9 @@ def parse_args(argv: list[str] | None = None) -> SynthConfig:
     )
     p.add_argument("--filter-top-k", type=int, default=d.filter_top_k, help=f"default {d.filter_top_k}")
     p.add_argument(
+        "--filter-max-length", type=int, help="tokens per text for the embedder (default: its own)"
+    )
+    p.add_argument(
         "--filter-reranker", metavar="RERANKER", help="also keep only pairs the reranker ranks top-k"
     )
     p.add_argument(
@@ -470,6 +485,7 @@ def parse_args(argv: list[str] | None = None) -> SynthConfig:
         progress=not a.no_progress,
         filter_model=a.filter_model,
         filter_top_k=a.filter_top_k,
+        filter_max_length=a.filter_max_length,
         filter_reranker=a.filter_reranker,
         filter_candidates=a.filter_candidates,
     )
