@@ -30,6 +30,7 @@ untrained model, BM25, the hybrid (weighted, equal weights) of the best dense ro
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import subprocess
@@ -37,7 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from harness import data_dir
 from quality import DTYPES, minilm
 from quality_data import limit_retrieval
@@ -82,11 +82,19 @@ class Pipeline:
         print(f"[{name}] {' '.join(map(str, cmd))}", flush=True)
         start = time.perf_counter()
         subprocess.run([str(c) for c in cmd], check=True)
+        self._record(name, start)
+
+    def _record(self, name: str, start: float) -> None:
+        """A stage's wall time since `start`, into out/timings.json."""
         self.timings[name] = round(time.perf_counter() - start, 1)
         (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
 
+    def _encoder(self, model) -> BiEncoder:
+        """A trained row's model as it is scored (and filters): its own settings, --max-length tokens, bf16."""
+        return BiEncoder.from_pretrained(str(model), max_length=self.args.max_length, dtype=DTYPES["bf16"])
+
     def data(self) -> tuple[Path, Path]:
-        """(general rows, general + synthetic rows)."""
+        """(bidir-synth's rows, the general rows)."""
         a, out = self.args, self.out
         synth, general = out / "synth_raw.jsonl", out / "general.jsonl"
         if not synth.is_file():
@@ -132,9 +140,7 @@ class Pipeline:
             rows = [row for _, row in read_jsonl(synth)]
             corpus = list(dict.fromkeys(text for row in rows for text in row["pos_doc"]))
             index = {text: i for i, text in enumerate(corpus)}
-            encoder = BiEncoder.from_pretrained(
-                str(model), max_length=self.args.max_length, dtype=DTYPES["bf16"]
-            )
+            encoder = self._encoder(model)
             start = time.perf_counter()
             keep, counts = round_trip_filter(
                 encoder,
@@ -143,8 +149,7 @@ class Pipeline:
                 corpus,
                 top_k=self.args.filter_top_k,
             )
-            self.timings["filter"] = round(time.perf_counter() - start, 1)
-            (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
+            self._record("filter", start)
             print(f"[filter] top {self.args.filter_top_k}: {counts}", flush=True)
             kept = [row for row, k in zip(rows, keep, strict=True) if k]
             write_jsonl_atomic(mix, [*kept, *(row for _, row in read_jsonl(general))])
@@ -191,6 +196,7 @@ class Pipeline:
             self._timed(name, cmd)
         return mined
 
+    @functools.cached_property
     def sets(self) -> dict:
         a = self.args
         return {
@@ -200,50 +206,47 @@ class Pipeline:
 
     def evaluate(self, label: str, model) -> None:
         """STS-B dev and both retrieval sets for one system, into out/results.json."""
-        a, results = self.args, self._read("results.json")
-        if label in results:
+        if label in self._read("results.json"):
             return
         start = time.perf_counter()
-        sts = read_sts(data_dir() / "stsb" / "sts-dev.tsv")[: a.sts_limit]
+        sts = read_sts(data_dir() / "stsb" / "sts-dev.tsv")[: self.args.sts_limit]
         if model == BM25:
             from bm25 import bm25_sts
 
             search, sts_score = bm25_run, bm25_sts(sts)["spearman"]
         else:
-            encoder = (
-                minilm()
-                if model == MINILM
-                else BiEncoder.from_pretrained(str(model), max_length=a.max_length, dtype=DTYPES["bf16"])
-            )
+            encoder = minilm() if model == MINILM else self._encoder(model)
             sts_score = evaluate_sts(encoder, sts, batch_size=32)["spearman"]
 
             def search(data):
                 return embedder_run(encoder, data, batch_size=32)
 
-        row = {"sts_spearman": sts_score}
-        for name, data in self.sets().items():
-            metrics = retrieval_metrics(search(data), data.qrels)
-            row.update({f"{name}_{m}": metrics[m] for m in METRICS})
-        row["eval_s"] = round(time.perf_counter() - start, 1)
-        print(f"[eval] {label}: {row}", flush=True)
-        (self.out / "results.json").write_text(json.dumps({**results, label: row}, indent=2) + "\n")
+        self._score(label, search, sts_score, start)
 
     def hybrid(self, best: str, model: Path) -> None:
         """A dense row fused with BM25 (STS-B has no run to fuse: None)."""
         label = f"hybrid: {best} + BM25 (weighted, equal weights)"
-        results = self._read("results.json")
-        if label in results:
+        if label in self._read("results.json"):
             return
         start = time.perf_counter()
-        encoder = BiEncoder.from_pretrained(model, max_length=self.args.max_length, dtype=DTYPES["bf16"])
-        row = {"sts_spearman": None}
-        for name, data in self.sets().items():
-            fused = fuse([embedder_run(encoder, data, batch_size=32), bm25_run(data)], "weighted")
-            metrics = retrieval_metrics(fused, data.qrels)
+        encoder = self._encoder(model)
+
+        def search(data):
+            return fuse([embedder_run(encoder, data, batch_size=32), bm25_run(data)], "weighted")
+
+        self._score(label, search, None, start)
+
+    def _score(self, label: str, search, sts_score: float | None, start: float) -> None:
+        """The row of one system: its STS-B score, the metrics of search(dataset) on both retrieval sets and the
+        seconds since `start`, into out/results.json."""
+        row = {"sts_spearman": sts_score}
+        for name, data in self.sets.items():
+            metrics = retrieval_metrics(search(data), data.qrels)
             row.update({f"{name}_{m}": metrics[m] for m in METRICS})
         row["eval_s"] = round(time.perf_counter() - start, 1)
         print(f"[eval] {label}: {row}", flush=True)
-        (self.out / "results.json").write_text(json.dumps({**results, label: row}, indent=2) + "\n")
+        results = {**self._read("results.json"), label: row}
+        (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     def run(self) -> dict:
         """Each row is scored as soon as it is trained, the most telling first."""
@@ -335,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at evaluation (default 256)")
     p.add_argument("--no-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 row")
     args = p.parse_args(argv)
-    torch.manual_seed(0)
     pipeline = Pipeline(args)
     text = table(pipeline.run(), pipeline.timings)
     print(text)

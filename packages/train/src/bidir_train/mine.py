@@ -276,9 +276,10 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         progress=cfg.progress,
         device=device,
     )
-    empty = sum(not ex.negatives for ex in rows)
+    dropped = 0
     if cfg.drop_empty_rows:
-        rows = [ex for ex in rows if ex.negatives]
+        kept = [ex for ex in rows if ex.negatives]
+        rows, dropped = kept, len(rows) - len(kept)
         if not rows:
             raise BidirError(
                 f"{cfg.train}: no row got a negative, so --drop-empty-rows leaves nothing to write"
@@ -286,7 +287,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     if reranker is not None:  # after the drop: a left-out row costs no reranker forward
         rows = rescore_rows(reranker, rows, batch_size=cfg.batch_size, progress=cfg.progress)
     write_jsonl_atomic(output, map(training_row, rows))  # a complete-looking file is a complete one
-    if counts["short_rows"] and not (cfg.drop_empty_rows and counts["short_rows"] == empty):
+    if counts["short_rows"] > dropped:  # the dropped rows are short rows; warn of those written
         warnings.warn(
             f"{counts['short_rows']} of {len(rows)} rows have fewer than {cfg.num_negatives} negatives "
             f"({counts['empty_rows']} got no mined negative): raise top_k, or the margin, or give a larger corpus",
@@ -300,7 +301,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         "dropped_positive": counts["dropped_positive"],
         "dropped_margin": counts["dropped_margin"],
         "short_rows": counts["short_rows"],
-        "dropped_rows": empty if cfg.drop_empty_rows else 0,
+        "dropped_rows": dropped,
         "seconds": time.perf_counter() - start,
     }
 

@@ -90,16 +90,10 @@ class SynthConfig:
     filter_batch_size: int = 32
 
     def __post_init__(self):
-        for name in (
-            "chunk_size",
-            "filter_top_k",
-            "filter_candidates",
-            "filter_batch_size",
-            "filter_max_length",
-        ):
+        # filter_max_length None: the embedder's own.
+        optional = ("filter_max_length",) if self.filter_max_length is not None else ()
+        for name in ("chunk_size", "filter_top_k", "filter_candidates", "filter_batch_size", *optional):
             value = getattr(self, name)
-            if name == "filter_max_length" and value is None:
-                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BidirError(f"{name} must be a positive integer, got {value!r}")
         if self.dtype not in DTYPES:
