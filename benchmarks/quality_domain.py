@@ -12,11 +12,13 @@ one the train README gives a user for their own corpus (generate -> mine -> trai
                        --filter-model, top --filter-top-k), and the general rows; mix_all.jsonl: every pair
   synth-64/, synth-256/
                        the default recipe on mix.jsonl for one epoch, passages cut at 64 / 256 tokens
-  mined.jsonl          bidir-mine synth-256 --train mix.jsonl (positive-aware; --rescore RERANKER with --reranker)
+  mined.jsonl          bidir-mine synth-256 --train mix.jsonl (positive-aware)
   mined-256/           synth-256's run on the mined rows, one hard negative per query and step
   mined_all.jsonl, mined-256-all/
                        the same from mix_all.jsonl: no round-trip filter
-  distill-256/         (--reranker) the same plus loss.distill=kl on the reranker's scores
+  mined_rescored.jsonl, distill-256/
+                       (--reranker) the same mining with --rescore RERANKER (the reranker's logits as teacher
+                       scores), and mined-256's run on it plus loss.distill=kl
 
 Every checkpoint is scored with its own settings (bidir.json: pooling, prefixes) on passages up to --max-length
 tokens in bf16: STS-B dev Spearman, and nDCG@10 / recall@100 on Cranfield and the stdlib dev split, beside the
@@ -184,15 +186,16 @@ class Pipeline:
             )
         return run / "final"
 
-    def mine(self, model: Path, rows: Path, name: str) -> Path:
-        """bidir-mine's negatives for `rows` into out/NAME.jsonl, one per row; a row left with none (every
-        candidate past the margin) cannot train a hard negative and is left out (--drop-empty-rows)."""
+    def mine(self, model: Path, rows: Path, name: str, rescore: str | None = None) -> Path:
+        """bidir-mine's negatives for `rows` into out/NAME.jsonl, one per row, and with `rescore` (a reranker) its
+        teacher scores; a row left with none (every candidate past the margin) cannot train a hard negative and is
+        left out (--drop-empty-rows)."""
         mined = self.out / f"{name}.jsonl"
         if not mined.is_file():
             cmd = [sys.executable, "-m", "bidir_train.mine", model, "--train", rows, "--output", mined]
             cmd += ["--num-negatives", "1", "--max-length", "256", "--drop-empty-rows", "--no-progress"]
-            if self.args.reranker:
-                cmd += ["--rescore", self.args.reranker]
+            if rescore:
+                cmd += ["--rescore", rescore]
             self._timed(name, cmd)
         return mined
 
@@ -263,7 +266,8 @@ class Pipeline:
         mined_all = self.mine(miner, self.out / "mix_all.jsonl", "mined_all")
         self.evaluate(MINED_ALL, self.train("mined-256-all", mined_all, 256, "data.num_negatives=1"))
         if a.reranker:
-            distill = self.train("distill-256", mined, 256, "data.num_negatives=1", "loss.distill=kl")
+            rescored = self.mine(miner, mix, "mined_rescored", rescore=a.reranker)
+            distill = self.train("distill-256", rescored, 256, "data.num_negatives=1", "loss.distill=kl")
             self.evaluate(DISTILL, distill)
         results = self._read("results.json")
         dense = [label for label in RUN_OF if label in results]
@@ -295,7 +299,7 @@ def table(results: dict, timings: dict) -> str:
         MINED: (*mined, "mined"),
         MINED_ALL: (*mined, "mined_all"),
     }
-    stages[DISTILL] = stages[MINED]
+    stages[DISTILL] = (*mined, "mined_rescored")
     lines = [
         "| system | STS-B dev x100 | Cranfield nDCG@10 | Cranfield recall@100 | stdlib dev nDCG@10 | "
         "stdlib dev recall@100 | training wall time |",

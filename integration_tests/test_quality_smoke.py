@@ -114,12 +114,13 @@ def test_only_ablations_changes_one_thing_per_row(tmp_path):
 def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
     """benchmarks/README.md's `nox -s quality -- domain` (quality_domain.py) in smoke mode: a tiny random causal LM
     generates from 12 Cranfield documents, the round-trip filter keeps what the general row's model finds, mining
-    and every training row run from the base model, and each row is scored and tabled; a second run trains
-    nothing."""
-    from bidir_core.testing import write_hf_llama
+    and every training row run from the base model (the distillation row on a tiny random reranker's scores), and
+    each row is scored and tabled; a second run trains nothing."""
+    from bidir_core.testing import tiny_cross_encoder, write_hf_llama
 
-    model, generator = tmp_path / "tiny", write_hf_llama(tmp_path / "llama")
+    model, generator, reranker = tmp_path / "tiny", write_hf_llama(tmp_path / "llama"), tmp_path / "reranker"
     tiny_encoder().save_pretrained(model)
+    tiny_cross_encoder().save_pretrained(reranker)
     out = tmp_path / "domain"
     words = command("benchmarks/README.md", "nox -s quality -- domain")
     cmd = [
@@ -130,6 +131,7 @@ def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
     cmd += ["--out", str(out), "--model", str(model), "--generator", str(generator), "--docs", "12"]
     cmd += ["--general-rows", "12", "--filter-top-k", "6", "--max-steps", "2", "--sts-limit", "20"]
     cmd += ["--cranfield-queries", "3", "--stdlib-limit", "5", "--max-length", "32", "--no-minilm"]
+    cmd += ["--reranker", str(reranker)]
     cmd += ["--train-override", *SHORT]
     env = {**os.environ, "BIDIR_DATA": str(DATA), "OMP_NUM_THREADS": "1"}
 
@@ -151,7 +153,7 @@ def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
     def recipe(name):
         return json.loads((out / name / "recipe.json").read_text())
 
-    runs = ("general", "synth-64", "synth-256", "mined-256", "mined-256-all")
+    runs = ("general", "synth-64", "synth-256", "mined-256", "mined-256-all", "distill-256")
     assert all(recipe(r)["model"]["path"] == str(model) for r in runs)
     assert recipe("general")["data"]["train"] == str(out / "general.jsonl")
     assert recipe("synth-64")["model"]["passage_max_length"] == 64
@@ -161,8 +163,16 @@ def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert recipe("mined-256-all")["data"]["train"] == str(out / "mined_all.jsonl")
     assert {row["query"] for row in rows("mined_all.jsonl")} <= {row["query"] for row in raw + general}
-    assert len(results) == 8 and sum(label.startswith("hybrid: ") for label in results) == 1
+    rescored = rows("mined_rescored.jsonl")  # the same mining, and the reranker's scores for distill-256
+    assert [{k: r[k] for k in ("query", "neg_doc")} for r in rescored] == [
+        {k: r[k] for k in ("query", "neg_doc")} for r in rows("mined.jsonl")
+    ]
+    assert all(len(r["neg_scores"]) == len(r["neg_doc"]) and "pos_score" in r for r in rescored)
+    assert recipe("distill-256")["loss"]["distill"] == "kl"
+    assert recipe("distill-256")["data"]["train"] == str(out / "mined_rescored.jsonl")
+    assert len(results) == 9 and sum(label.startswith("hybrid: ") for label in results) == 1
     assert all(set(r) >= {"cranfield_ndcg@10", "stdlib_recall@100"} for r in results.values())
     table = (out / "table.md").read_text()
     assert "(synth + general + filter + synth-256 + mined + mined-256)" in table
+    assert "(synth + general + filter + synth-256 + mined_rescored + distill-256)" in table
     assert "bidir_train" not in run().stdout
