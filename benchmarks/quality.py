@@ -57,7 +57,6 @@ from bidir_core.datasets import load_retrieval, read_sts
 from bidir_core.embedded import EMBEDDED_DEFAULT, embedded_checkpoint
 from bidir_core.encoder import BiEncoder
 from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
-from bidir_core.jsonfile import write_jsonl_atomic
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -146,25 +145,13 @@ class Pipeline:
             top_k=self.args.mine_top_k,
             num_negatives=self.args.mine_negatives,
             margin=self.args.margin,
+            # a row whose every top-k candidate scored above the margin has no hard negative to train: left out
+            drop_empty_rows=True,
             progress=False,
         )
         summary = {}
         self._timed("mine", lambda: summary.update(mine(cfg)))
         print(f"[mine] {summary}", flush=True)
-
-    def keep_rows_with_negatives(self) -> Path:
-        """The mined rows that have at least one hard negative (the trainer samples data.num_negatives per row): a
-        row whose every top-k candidate scored above the margin is left out of the mined run, and counted."""
-        kept = self.out / "data" / "train_mined_kept.jsonl"
-        if not kept.is_file():
-            lines = self.mined.read_text(encoding="utf-8").splitlines()
-            keep = [row for row in map(json.loads, lines) if row["neg_doc"]]
-            write_jsonl_atomic(kept, keep)
-            print(
-                f"[mine] {len(lines) - len(keep)} of {len(lines)} rows have no negative past the margin: left out",
-                flush=True,
-            )
-        return kept
 
     def best(self) -> Path:
         """The best recipe, every stage (BEST_STAGES), each from the one before; returns --out/best/final. No MNTP
@@ -299,7 +286,7 @@ class Pipeline:
             extra=a.train_override,
         )
         self.mine(contrastive)
-        mined = (f"data.train={self.keep_rows_with_negatives()}", f"data.num_negatives={a.train_negatives}")
+        mined = (f"data.train={self.mined}", f"data.num_negatives={a.train_negatives}")
         with_mined = self.train(
             "contrastive_mined", "quality_contrastive.yaml", *mined, self.base, extra=a.train_override
         )

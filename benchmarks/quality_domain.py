@@ -3,9 +3,10 @@ distillation, against BM25, hybrid retrieval and all-MiniLM-L6-v2.
 
 Only Cranfield's 1,400 documents make training data; its 225 judged queries stay evaluation-only. The flow is the
 one the train README gives a user for their own corpus (generate -> mine -> train -> evaluate), each stage under
---out and skipped when its output is there, so an interrupted run continues where it stopped:
+--out and skipped when its output is there, so an interrupted run continues where it stopped (a training stage from
+its last checkpoint, saved every 25 steps):
 
-  synth_raw.jsonl      bidir-synth GENERATOR --corpus cranfield (greedy, bf16): one question per document
+  synth_raw.jsonl      bidir-synth GENERATOR --corpus cranfield (greedy, --dtype): one question per document
   general.jsonl        --general-rows stdlib-docstrings train pairs, a seeded sample (the default recipe's data)
   general/             the default recipe (train/recipes/default.yaml) on general.jsonl for one epoch
   mix.jsonl            the synthetic pairs that pass the round-trip filter with general/ (bidir-synth's
@@ -14,17 +15,21 @@ one the train README gives a user for their own corpus (generate -> mine -> trai
                        the default recipe on mix.jsonl for one epoch, passages cut at 64 / 256 tokens
   mined.jsonl          bidir-mine synth-256 --train mix.jsonl (positive-aware)
   mined-256/           synth-256's run on the mined rows, one hard negative per query and step
+  mined3.jsonl, mined-256-2ep/
+                       the same mining with 3 negatives per query, and the same run for two epochs: each epoch
+                       draws a query's one negative of the step afresh from its 3
   mined_all.jsonl, mined-256-all/
                        the same from mix_all.jsonl: no round-trip filter
   mined_rescored.jsonl, distill-256/
-                       (--reranker) the same mining with --rescore RERANKER (the reranker's logits as teacher
-                       scores), and mined-256's run on it plus loss.distill=kl
+                       (--reranker) mined.jsonl with the reranker's logits as teacher scores (what bidir-mine
+                       --rescore adds), and mined-256's run on it plus loss.distill=kl
 
 Every checkpoint is scored with its own settings (bidir.json: pooling, prefixes) on passages up to --max-length
-tokens in bf16: STS-B dev Spearman, and nDCG@10 / recall@100 on Cranfield and the stdlib dev split, beside the
+tokens in --dtype: STS-B dev Spearman, and nDCG@10 / recall@100 on Cranfield and the stdlib dev split, beside the
 untrained model, BM25, the hybrid (weighted, equal weights) of the best dense row, and all-MiniLM-L6-v2.
 
-    python benchmarks/quality_domain.py                 # about 2 hours on 2 CPU cores
+    python benchmarks/quality_domain.py                 # 2 to 3 hours on 2 CPU cores with AMX
+    python benchmarks/quality_domain.py --dtype fp32    # on a CPU without bf16 instructions (no AMX, no AVX512-BF16)
     python benchmarks/quality_domain.py --out runs/domain-smoke --docs 40 --general-rows 32 --max-steps 2 \\
         --cranfield-queries 5 --stdlib-limit 10 --sts-limit 20 --no-minilm     # the plumbing, not the numbers
 """
@@ -35,17 +40,20 @@ import argparse
 import functools
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
 from harness import data_dir
 from quality import DTYPES, minilm
 from quality_data import limit_retrieval
 
 from bidir_core.bm25 import bm25_run
-from bidir_core.datasets import load_retrieval, read_sts, stdlib_train
+from bidir_core.cross_encoder import CrossEncoder
+from bidir_core.datasets import load_retrieval, read_sts, read_training_examples, stdlib_train
 from bidir_core.datasets.lines import read_jsonl
 from bidir_core.embedded import EMBEDDED_DEFAULT
 from bidir_core.encoder import BiEncoder
@@ -57,6 +65,7 @@ from bidir_core.runs import embedder_run
 
 RECIPE = Path(__file__).resolve().parents[1] / "packages" / "train" / "recipes" / "default.yaml"
 METRICS = ("ndcg@10", "recall@100")
+CHECKPOINT_EVERY = 25  # steps: a killed stage loses at most this many
 UNTRAINED, BM25, MINILM = "SmolLM2-135M untrained", "BM25 (reference)", "all-MiniLM-L6-v2 (reference)"
 GENERAL = "default recipe: stdlib pairs only, passages 64"
 SYNTH_64, SYNTH_256 = (
@@ -65,6 +74,7 @@ SYNTH_64, SYNTH_256 = (
 )
 MINED, DISTILL = "+ mined negatives (1 per query), passages 256", "+ reranker distillation (kl), passages 256"
 MINED_ALL = "+ mined negatives, no round-trip filter, passages 256"
+MINED_2EP = "+ mined negatives (1 of 3 per query, drawn each epoch), 2 epochs, passages 256"
 
 
 class Pipeline:
@@ -92,8 +102,9 @@ class Pipeline:
         (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
 
     def _encoder(self, model) -> BiEncoder:
-        """A trained row's model as it is scored (and filters): its own settings, --max-length tokens, bf16."""
-        return BiEncoder.from_pretrained(str(model), max_length=self.args.max_length, dtype=DTYPES["bf16"])
+        """A trained row's model as it is scored (and filters): its own settings, --max-length tokens, --dtype."""
+        a = self.args
+        return BiEncoder.from_pretrained(str(model), max_length=a.max_length, dtype=DTYPES[a.dtype])
 
     def data(self) -> tuple[Path, Path]:
         """(bidir-synth's rows, the general rows)."""
@@ -115,7 +126,7 @@ class Pipeline:
                 "--output",
                 synth,
             ]
-            self._timed("synth", [*cmd, "--dtype", "bf16", "--batch-size", "16", "--no-progress"])
+            self._timed("synth", [*cmd, "--dtype", a.dtype, "--batch-size", "16", "--no-progress"])
         if not general.is_file():  # a seeded sample: the split is in module order
             rows = stdlib_train()
             random.Random(0).shuffle(rows)
@@ -175,29 +186,46 @@ class Pipeline:
                 f"model.path={a.model}",
                 f"model.passage_max_length={length}",
                 "model.query_max_length=64",
+                f"model.precision={a.dtype}",
             ]
             cmd += [
                 f"schedule.max_steps={a.max_steps or 'null'}",
                 "schedule.epochs=1",
                 "schedule.warmup_steps=10",
+                # a killed stage resumes from its latest checkpoint when the benchmark is run again
+                f"checkpoint.every_steps={CHECKPOINT_EVERY}",
             ]
             self._timed(
                 name, [*cmd, "eval.dev=null", "logging.progress=false", *overrides, *a.train_override]
             )
+            # final/ is written: the stage's resume points (1.6 GB each for the 135M model) are spent
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
         return run / "final"
 
-    def mine(self, model: Path, rows: Path, name: str, rescore: str | None = None) -> Path:
-        """bidir-mine's negatives for `rows` into out/NAME.jsonl, one per row, and with `rescore` (a reranker) its
-        teacher scores; a row left with none (every candidate past the margin) cannot train a hard negative and is
-        left out (--drop-empty-rows)."""
+    def mine(self, model: Path, rows: Path, name: str, negatives: int = 1) -> Path:
+        """bidir-mine's negatives for `rows` into out/NAME.jsonl, `negatives` per row; a row left with none (every
+        candidate past the margin) cannot train a hard negative and is left out (--drop-empty-rows)."""
         mined = self.out / f"{name}.jsonl"
         if not mined.is_file():
             cmd = [sys.executable, "-m", "bidir_train.mine", model, "--train", rows, "--output", mined]
-            cmd += ["--num-negatives", "1", "--max-length", "256", "--drop-empty-rows", "--no-progress"]
-            if rescore:
-                cmd += ["--rescore", rescore]
+            cmd += ["--num-negatives", negatives, "--max-length", 256, "--drop-empty-rows", "--no-progress"]
             self._timed(name, cmd)
         return mined
+
+    def rescore(self, mined: Path, reranker: str) -> Path:
+        """The mined rows with the reranker's logits as teacher scores, into out/mined_rescored.jsonl: what
+        `bidir-mine --rescore` writes, without mining the same negatives again."""
+        rescored = self.out / "mined_rescored.jsonl"
+        if not rescored.is_file():
+            from bidir_train.mine import rescore_rows, training_row
+
+            start = time.perf_counter()
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # as bidir-mine places it
+            model = CrossEncoder.from_pretrained(reranker, device=device).eval()
+            rows = rescore_rows(model, list(read_training_examples(mined)))
+            write_jsonl_atomic(rescored, map(training_row, rows))
+            self._record("rescore", start)
+        return rescored
 
     @functools.cached_property
     def sets(self) -> dict:
@@ -263,10 +291,14 @@ class Pipeline:
         miner = self.out / "synth-256" / "final"
         mined = self.mine(miner, mix, "mined")
         self.evaluate(MINED, self.train("mined-256", mined, 256, "data.num_negatives=1"))
+        mined3 = self.mine(miner, mix, "mined3", negatives=3)
+        self.evaluate(
+            MINED_2EP, self.train("mined-256-2ep", mined3, 256, "data.num_negatives=1", "schedule.epochs=2")
+        )
         mined_all = self.mine(miner, self.out / "mix_all.jsonl", "mined_all")
         self.evaluate(MINED_ALL, self.train("mined-256-all", mined_all, 256, "data.num_negatives=1"))
         if a.reranker:
-            rescored = self.mine(miner, mix, "mined_rescored", rescore=a.reranker)
+            rescored = self.rescore(mined, a.reranker)
             distill = self.train("distill-256", rescored, 256, "data.num_negatives=1", "loss.distill=kl")
             self.evaluate(DISTILL, distill)
         results = self._read("results.json")
@@ -285,6 +317,7 @@ RUN_OF = {
     SYNTH_256: "synth-256",
     MINED: "mined-256",
     MINED_ALL: "mined-256-all",
+    MINED_2EP: "mined-256-2ep",
     DISTILL: "distill-256",
 }
 
@@ -298,8 +331,9 @@ def table(results: dict, timings: dict) -> str:
         SYNTH_256: filtered,
         MINED: (*mined, "mined"),
         MINED_ALL: (*mined, "mined_all"),
+        MINED_2EP: (*mined, "mined3"),
     }
-    stages[DISTILL] = (*mined, "mined_rescored")
+    stages[DISTILL] = (*mined, "mined", "rescore")
     lines = [
         "| system | STS-B dev x100 | Cranfield nDCG@10 | Cranfield recall@100 | stdlib dev nDCG@10 | "
         "stdlib dev recall@100 | training wall time |",
@@ -340,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cranfield-queries", type=int, help="first N Cranfield queries (default: all 225)")
     p.add_argument("--stdlib-limit", type=int, help="first N stdlib dev queries (default: all 361)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at evaluation (default 256)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="bf16",
+        help="generation, training and evaluation dtype (default bf16; fp32 is faster on a CPU without "
+        "bf16 instructions, AMX or AVX512-BF16)",
+    )
     p.add_argument("--no-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 row")
     args = p.parse_args(argv)
     pipeline = Pipeline(args)

@@ -153,7 +153,7 @@ def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
     def recipe(name):
         return json.loads((out / name / "recipe.json").read_text())
 
-    runs = ("general", "synth-64", "synth-256", "mined-256", "mined-256-all", "distill-256")
+    runs = ("general", "synth-64", "synth-256", "mined-256", "mined-256-all", "mined-256-2ep", "distill-256")
     assert all(recipe(r)["model"]["path"] == str(model) for r in runs)
     assert recipe("general")["data"]["train"] == str(out / "general.jsonl")
     assert recipe("synth-64")["model"]["passage_max_length"] == 64
@@ -163,16 +163,21 @@ def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert recipe("mined-256-all")["data"]["train"] == str(out / "mined_all.jsonl")
     assert {row["query"] for row in rows("mined_all.jsonl")} <= {row["query"] for row in raw + general}
-    rescored = rows("mined_rescored.jsonl")  # the same mining, and the reranker's scores for distill-256
+    assert recipe("mined-256-2ep")["data"]["train"] == str(out / "mined3.jsonl")
+    assert recipe("mined-256-2ep")["schedule"]["epochs"] == 2
+    assert recipe("mined-256-2ep")["data"]["num_negatives"] == 1
+    assert all(1 <= len(r["neg_doc"]) <= 3 for r in rows("mined3.jsonl"))
+    assert max(len(r["neg_doc"]) for r in rows("mined3.jsonl")) > 1
+    rescored = rows("mined_rescored.jsonl")  # mined.jsonl, and the reranker's scores for distill-256
     assert [{k: r[k] for k in ("query", "neg_doc")} for r in rescored] == [
         {k: r[k] for k in ("query", "neg_doc")} for r in rows("mined.jsonl")
     ]
     assert all(len(r["neg_scores"]) == len(r["neg_doc"]) and "pos_score" in r for r in rescored)
     assert recipe("distill-256")["loss"]["distill"] == "kl"
     assert recipe("distill-256")["data"]["train"] == str(out / "mined_rescored.jsonl")
-    assert len(results) == 9 and sum(label.startswith("hybrid: ") for label in results) == 1
+    assert len(results) == 10 and sum(label.startswith("hybrid: ") for label in results) == 1
     assert all(set(r) >= {"cranfield_ndcg@10", "stdlib_recall@100"} for r in results.values())
     table = (out / "table.md").read_text()
     assert "(synth + general + filter + synth-256 + mined + mined-256)" in table
-    assert "(synth + general + filter + synth-256 + mined_rescored + distill-256)" in table
+    assert "(synth + general + filter + synth-256 + mined + rescore + distill-256)" in table
     assert "bidir_train" not in run().stdout

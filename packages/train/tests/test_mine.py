@@ -277,13 +277,18 @@ def test_drop_empty_rows_leaves_out_exactly_the_rows_without_a_negative(tmp_path
     kw = dict(corpus=str(corpus), keep_existing=False, margin=1.0, progress=False)
     full, dropped = tmp_path / "full.jsonl", tmp_path / "dropped.jsonl"
     mine(MineConfig("unused", str(train_jsonl), str(full), **kw), encoder=encoder)
-    summary = mine(
-        MineConfig("unused", str(train_jsonl), str(dropped), drop_empty_rows=True, **kw), encoder=encoder
-    )
+    with pytest.warns(UserWarning, match="rows have fewer than") as caught:
+        summary = mine(
+            MineConfig("unused", str(train_jsonl), str(dropped), drop_empty_rows=True, **kw), encoder=encoder
+        )
     every = [(ex.query, ex.negatives) for ex in read_training_examples(full)]
     kept = [(ex.query, ex.negatives) for ex in read_training_examples(dropped)]
     assert not every[0][1] and kept == [row for row in every if row[1]]
     assert summary["dropped_rows"] == len(every) - len(kept) >= 1
+    # one passage, so every written row is short of num_negatives; the warning counts those rows, not the dropped
+    short = sum(len(negatives) < MineConfig.num_negatives for _, negatives in kept)
+    assert str(caught[0].message).startswith(f"{short} of {len(kept)} rows have fewer than")
+    assert "(0 got no mined negative)" in str(caught[0].message)
 
     alone = tmp_path / "alone.jsonl"
     alone.write_text(json.dumps({"query": first.query, "pos_doc": list(first.positives)}) + "\n")

@@ -287,10 +287,12 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     if reranker is not None:  # after the drop: a left-out row costs no reranker forward
         rows = rescore_rows(reranker, rows, batch_size=cfg.batch_size, progress=cfg.progress)
     write_jsonl_atomic(output, map(training_row, rows))  # a complete-looking file is a complete one
-    if counts["short_rows"] > dropped:  # the dropped rows are short rows; warn of those written
+    # The dropped rows were short ones that also got no mined negative: count only the rows written.
+    short, empty = counts["short_rows"] - dropped, counts["empty_rows"] - dropped
+    if short:
         warnings.warn(
-            f"{counts['short_rows']} of {len(rows)} rows have fewer than {cfg.num_negatives} negatives "
-            f"({counts['empty_rows']} got no mined negative): raise top_k, or the margin, or give a larger corpus",
+            f"{short} of {len(rows)} rows have fewer than {cfg.num_negatives} negatives ({empty} got no mined "
+            "negative): raise top_k, or the margin, or give a larger corpus",
             stacklevel=2,
         )
     return {
