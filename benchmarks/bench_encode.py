@@ -93,6 +93,7 @@ from transformers import AutoTokenizer
 
 from bidir_core.batching import length_sorted_batches, pad_batch
 from bidir_core.checkpoint import EncoderConfig, read_encoder_config
+from bidir_core.devices import default_device
 from bidir_core.encoder import PACKED_TOKENS, BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.packed_attention import KERNELS, default_kernel
@@ -321,7 +322,7 @@ def main() -> None:
         ckpt = resolve_source(args.model)
     except BidirError as e:
         sys.exit(f"{PROG}: {e}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     cuda = torch.cuda.get_device_name(0) if device == "cuda" else None
     print(f"measuring on CUDA: {cuda}" if cuda else f"no CUDA: measuring on CPU: {cpu_name()}")
     threads = torch.get_num_threads()

@@ -24,6 +24,7 @@ import transformers
 from harness import SHAPES, agreement, append_jsonl, environment, interleaved, medians
 from transformers import LlamaConfig, LlamaModel
 
+from bidir_core.devices import default_device
 from bidir_core.encoder import BiEncoder
 from bidir_core.model import LlamaBidirectionalModel
 
@@ -90,7 +91,7 @@ def main() -> None:
                 f"{name:14s} {args.batch}x{args.seq} bf16: skipped (no CUDA; this benchmark measures GPUs only)"
             )
         return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(default_device())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{gpu}, bf16, sdpa, batch {args.batch} x seq {args.seq} (half the rows padded to half length)")
     print(f"{'shape':14s} {'transformers tok/s':>19s} {'bidir tok/s':>12s} {'ratio':>6s} {'min cos':>8s}")

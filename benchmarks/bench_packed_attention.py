@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from harness import append_jsonl, check, environment, interleaved, medians
 
 from bidir_core import packed_attention
+from bidir_core.devices import default_device
 from bidir_core.packed import pack
 from bidir_core.packed_attention import PackedAttention
 
@@ -38,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     lengths = [int(n) for n in args.lengths.split(",")] * args.repeat
     packed = pack([[1] * n for n in lengths]).to(device)
     g = torch.Generator().manual_seed(0)

@@ -37,6 +37,7 @@ from harness import append_jsonl, check, cpu_name, data_file, environment, inter
 from bidir_core.bm25 import bm25_run
 from bidir_core.cross_encoder import CrossEncoder
 from bidir_core.datasets import load_retrieval
+from bidir_core.devices import default_device
 from bidir_core.encoder import PACKED_TOKENS
 from bidir_core.errors import BidirError
 from bidir_core.metrics import ranked
@@ -79,7 +80,7 @@ def main() -> None:
     from sentence_transformers import CrossEncoder as StCrossEncoder
 
     pairs = load_pairs(args.queries, args.top_k)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     cuda = torch.cuda.get_device_name(0) if device == "cuda" else None
     print(f"measuring on CUDA: {cuda}" if cuda else f"no CUDA: measuring on CPU: {cpu_name()}")
     print(

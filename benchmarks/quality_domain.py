@@ -13,11 +13,12 @@ its last checkpoint, saved every 25 steps):
                        --filter-model, top --filter-top-k), and the general rows; mix_all.jsonl: every pair
   synth-64/, synth-256/
                        the default recipe on mix.jsonl for one epoch, passages cut at 64 / 256 tokens
-  mined.jsonl          bidir-mine synth-256 --train mix.jsonl (positive-aware)
-  mined-256/           synth-256's run on the mined rows, one hard negative per query and step
-  mined3.jsonl, mined-256-2ep/
-                       the same mining with 3 negatives per query, and the same run for two epochs: each epoch
-                       draws a query's one negative of the step afresh from its 3
+  mined3.jsonl         bidir-mine synth-256 --train mix.jsonl (positive-aware), 3 negatives per query
+  mined.jsonl          mined3.jsonl with each row's first negative only: what mining 1 negative writes (the miner
+                       only stops sooner), without embedding the same corpus twice
+  mined-256/           synth-256's run on mined.jsonl, one hard negative per query and step
+  mined-256-2ep/       the same run on mined3.jsonl for two epochs: each epoch draws a query's one negative of the
+                       step afresh from its 3
   mined_all.jsonl, mined-256-all/
                        the same from mix_all.jsonl: no round-trip filter
   mined_rescored.jsonl, distill-256/
@@ -46,7 +47,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from harness import data_dir
 from quality import DTYPES, minilm
 from quality_data import limit_retrieval
@@ -55,6 +55,7 @@ from bidir_core.bm25 import bm25_run
 from bidir_core.cross_encoder import CrossEncoder
 from bidir_core.datasets import load_retrieval, read_sts, read_training_examples, stdlib_train
 from bidir_core.datasets.lines import read_jsonl
+from bidir_core.devices import default_device
 from bidir_core.embedded import EMBEDDED_DEFAULT
 from bidir_core.encoder import BiEncoder
 from bidir_core.evaluation import evaluate_sts
@@ -212,6 +213,20 @@ class Pipeline:
             self._timed(name, cmd)
         return mined
 
+    def first_negatives(self, mined: Path, name: str, negatives: int = 1) -> Path:
+        """out/NAME.jsonl: the rows of `mined` cut to their first `negatives` negatives (and their ids). bidir-mine
+        takes negatives best first and stops at --num-negatives, so this is what mining fewer writes; only rows
+        without negatives of their own (mix.jsonl's) keep that promise."""
+        out = self.out / f"{name}.jsonl"
+        if not out.is_file():
+            rows = [row for _, row in read_jsonl(mined)]
+            for row in rows:
+                for key in ("neg_doc", "neg_ids"):
+                    if key in row:
+                        row[key] = row[key][:negatives]
+            write_jsonl_atomic(out, rows)
+        return out
+
     def rescore(self, mined: Path, reranker: str) -> Path:
         """The mined rows with the reranker's logits as teacher scores, into out/mined_rescored.jsonl: what
         `bidir-mine --rescore` writes, without mining the same negatives again."""
@@ -220,7 +235,7 @@ class Pipeline:
             from bidir_train.mine import rescore_rows, training_row
 
             start = time.perf_counter()
-            device = "cuda" if torch.cuda.is_available() else "cpu"  # as bidir-mine places it
+            device = default_device()  # as bidir-mine places it
             model = CrossEncoder.from_pretrained(reranker, device=device).eval()
             rows = rescore_rows(model, list(read_training_examples(mined)))
             write_jsonl_atomic(rescored, map(training_row, rows))
@@ -289,9 +304,9 @@ class Pipeline:
         self.evaluate(BM25, BM25)
         self.evaluate(SYNTH_64, self.train("synth-64", mix, 64))
         miner = self.out / "synth-256" / "final"
-        mined = self.mine(miner, mix, "mined")
-        self.evaluate(MINED, self.train("mined-256", mined, 256, "data.num_negatives=1"))
         mined3 = self.mine(miner, mix, "mined3", negatives=3)
+        mined = self.first_negatives(mined3, "mined")
+        self.evaluate(MINED, self.train("mined-256", mined, 256, "data.num_negatives=1"))
         self.evaluate(
             MINED_2EP, self.train("mined-256-2ep", mined3, 256, "data.num_negatives=1", "schedule.epochs=2")
         )
@@ -329,11 +344,11 @@ def table(results: dict, timings: dict) -> str:
     stages = {
         SYNTH_64: filtered,
         SYNTH_256: filtered,
-        MINED: (*mined, "mined"),
+        MINED: (*mined, "mined3"),  # mined.jsonl is mined3.jsonl cut to one negative
         MINED_ALL: (*mined, "mined_all"),
         MINED_2EP: (*mined, "mined3"),
+        DISTILL: (*mined, "mined3", "rescore"),
     }
-    stages[DISTILL] = (*mined, "mined", "rescore")
     lines = [
         "| system | STS-B dev x100 | Cranfield nDCG@10 | Cranfield recall@100 | stdlib dev nDCG@10 | "
         "stdlib dev recall@100 | training wall time |",

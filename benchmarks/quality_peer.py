@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from bidir_core.devices import default_device
+
 TEXT_ONLY = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
 
 
@@ -38,9 +40,7 @@ def st_model(checkpoint: Path, max_length: int):
         module_output_name="token_embeddings",
     )
     pooling = models.Pooling(transformer.get_embedding_dimension(), "mean")
-    return SentenceTransformer(
-        modules=[transformer, pooling], device="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    return SentenceTransformer(modules=[transformer, pooling], device=default_device())
 
 
 def pairs_dataset(rows_path: Path):

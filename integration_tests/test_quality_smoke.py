@@ -168,6 +168,8 @@ def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
     assert recipe("mined-256-2ep")["data"]["num_negatives"] == 1
     assert all(1 <= len(r["neg_doc"]) <= 3 for r in rows("mined3.jsonl"))
     assert max(len(r["neg_doc"]) for r in rows("mined3.jsonl")) > 1
+    cut = [{**r, "neg_doc": r["neg_doc"][:1], "neg_ids": r["neg_ids"][:1]} for r in rows("mined3.jsonl")]
+    assert rows("mined.jsonl") == cut  # one negative: mined3's first (test_mine: what mining one writes)
     rescored = rows("mined_rescored.jsonl")  # mined.jsonl, and the reranker's scores for distill-256
     assert [{k: r[k] for k in ("query", "neg_doc")} for r in rescored] == [
         {k: r[k] for k in ("query", "neg_doc")} for r in rows("mined.jsonl")
@@ -178,6 +180,6 @@ def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
     assert len(results) == 10 and sum(label.startswith("hybrid: ") for label in results) == 1
     assert all(set(r) >= {"cranfield_ndcg@10", "stdlib_recall@100"} for r in results.values())
     table = (out / "table.md").read_text()
-    assert "(synth + general + filter + synth-256 + mined + mined-256)" in table
-    assert "(synth + general + filter + synth-256 + mined + rescore + distill-256)" in table
+    assert "(synth + general + filter + synth-256 + mined3 + mined-256)" in table
+    assert "(synth + general + filter + synth-256 + mined3 + rescore + distill-256)" in table
     assert "bidir_train" not in run().stdout

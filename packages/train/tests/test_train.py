@@ -215,3 +215,24 @@ def test_the_source_pooling_is_kept_unless_the_recipe_sets_one(train_jsonl, tmp_
     assert json.loads((tmp_path / "set" / "final" / "bidir.json").read_text())["pooling"] == "avg"
     # Unset in the recipe (None) until the trainer reads the source.
     assert load_recipe("tiny").model.pooling is None
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_is_what_the_cpu_computes_natively(
+    tiny_checkpoint, train_jsonl, tmp_path, monkeypatch, native
+):
+    """model.precision=auto trains in bf16 on a CPU with AMX (or AVX512-BF16), in fp32 on one without, and
+    recipe.json records which; a resume on a CPU that resolves it otherwise is refused as another recipe."""
+    import json
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    out = tmp_path / "run"
+    args = recipe_args(tiny_checkpoint, train_jsonl, out, "schedule.max_steps=2", "eval.dev=null")
+    args += ["model.precision=auto", "checkpoint.every_steps=1", "schedule.stop_at_step=1"]
+    train_recipe(args)
+    expected = "bf16" if native else "fp32"
+    assert json.loads((out / "recipe.json").read_text())["model"]["precision"] == expected
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not native)
+    with pytest.raises(BidirError, match="differs in model.precision"):
+        train_recipe(args[:-1])

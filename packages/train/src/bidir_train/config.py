@@ -42,8 +42,10 @@ class ModelConfig:
     """Queries are cut to this many tokens (counted and reported)."""
     passage_max_length: int = 256
     """Passages are cut to this many tokens (counted and reported); also the saved checkpoint's max_length."""
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """Compute dtype: bf16 (FSDP mixed precision on GPU, autocast on CPU; fp32 master weights) or fp32."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute dtype: bf16 (FSDP mixed precision on GPU, autocast on CPU; fp32 master weights), fp32, or auto: bf16
+    where the device computes it in hardware (a GPU from Ampere on, a CPU with AMX or AVX512-BF16), fp32 elsewhere
+    (bidir_core.devices). The trainer writes the one it chose into recipe.json."""
 
     def __post_init__(self):
         _at_least(self, "model", 1, "query_max_length", "passage_max_length")

@@ -36,6 +36,7 @@ from bidir_core.cli import run_cli
 from bidir_core.datasets import TrainingExample, read_training_examples
 from bidir_core.datasets.lines import read_lines
 from bidir_core.datasets.retrieval import read_corpus
+from bidir_core.devices import default_device
 from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_jsonl_atomic
 from bidir_core.outputs import check_writable
@@ -145,7 +146,7 @@ def mine_negatives(
 
     encoder: anything with encode_queries / encode_documents(texts, batch_size=, normalize=, show_progress_bar=).
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     kw = dict(batch_size=batch_size, normalize=True, show_progress_bar=progress)  # normalized: dot = cosine
     texts = [text for _, text in corpus]
     where = {text: i for i, text in enumerate(texts)}  # text -> row of docs
@@ -254,7 +255,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     if not examples:
         raise BidirError(f"{cfg.train}: no training rows")
     corpus = load_corpus(cfg.corpus) if cfg.corpus is not None else pool_corpus(examples)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.device or default_device()
     if encoder is None:
         from bidir_core.encoder import BiEncoder  # imported late: transformers takes a while
 

@@ -28,13 +28,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from bidir_core.cli import run_cli
 from bidir_core.datasets import TrainingExample
 from bidir_core.datasets.lines import id_field, read_jsonl, read_lines, text_field
 from bidir_core.datasets.retrieval import read_corpus
+from bidir_core.devices import default_device
 from bidir_core.errors import BidirError
 from bidir_core.file_writes import fsync_dir
 from bidir_core.folders import unknown_files
@@ -147,7 +147,7 @@ def synthesize(
     if output.exists() and not cfg.overwrite:
         raise BidirError(f"{output}: already exists (pass --overwrite / overwrite=True to replace it)")
     check_writable(output)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.device or default_device()
     _check_filter_models(cfg)  # their files are read now, their weights after the generation
     if generator is None:
         generator = QueryGenerator.load(

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from bidir_core.checkpoint import EncoderConfig, write_checkpoint
 from bidir_core.cross_encoder import CrossEncoder
+from bidir_core.devices import resolve_precision
 from bidir_core.encoder import BiEncoder
 from bidir_core.model import LlamaBidirectionalModel, load_model_weights
 from bidir_core.reranker_config import RERANKER
@@ -63,7 +64,10 @@ def load_encoder(cfg: TrainConfig, device: torch.device) -> BiEncoder:
         if rank == 0:
             state_dict = lora.initial_state_dict(config, state_dict, cfg.lora, cfg.schedule.seed)
     dropout = cfg.lora is not None and cfg.lora.dropout > 0
-    parallelize(model, cfg.parallel, device=device, bf16=cfg.model.precision == "bf16", dropout=dropout)
+    bf16 = (
+        resolve_precision(cfg.model.precision, device) == "bf16"
+    )  # the trainer resolved "auto"; a direct call may not
+    parallelize(model, cfg.parallel, device=device, bf16=bf16, dropout=dropout)
     model.to_empty(device=device)  # also recomputes the (non-persistent) RoPE frequencies
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state_dict, options=options)
@@ -79,7 +83,7 @@ def load_encoder(cfg: TrainConfig, device: torch.device) -> BiEncoder:
         # the source's attention mode: a causal checkpoint (its bidir.json) trains causally
         attention="causal" if model.causal else "bidirectional",
     )
-    cpu_bf16 = cfg.model.precision == "bf16" and device.type == "cpu"
+    cpu_bf16 = bf16 and device.type == "cpu"
     encoder = BiEncoder(model, tokenizer, encoder_config, autocast_dtype=torch.bfloat16 if cpu_bf16 else None)
     return encoder.train()
 
@@ -124,12 +128,14 @@ def load_reranker(cfg: TrainConfig, device: torch.device) -> CrossEncoder:
                 config, _part(state_dict, "model."), cfg.lora, cfg.schedule.seed
             )
             state_dict = {f"model.{k}": v for k, v in decoder.items()} | {"score.weight": head}
-    cpu_bf16 = cfg.model.precision == "bf16" and device.type == "cpu"
+    bf16 = (
+        resolve_precision(cfg.model.precision, device) == "bf16"
+    )  # the trainer resolved "auto"; a direct call may not
+    cpu_bf16 = bf16 and device.type == "cpu"
     reranker = CrossEncoder(
         model, tokenizer, settings, score, autocast_dtype=torch.bfloat16 if cpu_bf16 else None, source=source
     )
     dropout = cfg.lora is not None and cfg.lora.dropout > 0
-    bf16 = cfg.model.precision == "bf16"
     parallelize(model, cfg.parallel, device=device, bf16=bf16, dropout=dropout, root=reranker)
     reranker.to_empty(device=device)  # also recomputes the decoder's (non-persistent) RoPE frequencies
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from bidir_core.checkpoint import EMBEDDER
+from bidir_core.devices import default_device
 from bidir_core.encoder import PACKED_DEFAULT, BiEncoder
 from bidir_core.errors import BidirError
 from bidir_core.matryoshka import check_dim
@@ -27,7 +28,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 def device_and_precision(device: str | None, precision: str | None) -> tuple[torch.device, str]:
     """The torch backends' defaults: cuda when available, bf16 on CUDA and fp32 on CPU."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or default_device())
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
     if precision not in PRECISIONS:
         raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
