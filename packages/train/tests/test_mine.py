@@ -288,6 +288,7 @@ def test_drop_empty_rows_leaves_out_exactly_the_rows_without_a_negative(tmp_path
     # one passage, so every written row is short of num_negatives; the warning counts those rows, not the dropped
     short = sum(len(negatives) < MineConfig.num_negatives for _, negatives in kept)
     assert str(caught[0].message).startswith(f"{short} of {len(kept)} rows have fewer than")
+    assert summary["short_rows"] == short  # the summary line counts the same rows
     assert "(0 got no mined negative)" in str(caught[0].message)
 
     alone = tmp_path / "alone.jsonl"

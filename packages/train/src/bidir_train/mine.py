@@ -303,7 +303,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         "negatives_per_row": counts["negatives"] / len(rows),
         "dropped_positive": counts["dropped_positive"],
         "dropped_margin": counts["dropped_margin"],
-        "short_rows": counts["short_rows"],
+        "short_rows": short,  # of the rows written
         "dropped_rows": dropped,
         "seconds": time.perf_counter() - start,
     }
