@@ -29,8 +29,8 @@ Every checkpoint is scored with its own settings (bidir.json: pooling, prefixes)
 tokens in --dtype: STS-B dev Spearman, and nDCG@10 / recall@100 on Cranfield and the stdlib dev split, beside the
 untrained model, BM25, the hybrid (weighted, equal weights) of the best dense row, and all-MiniLM-L6-v2.
 
-    python benchmarks/quality_domain.py                 # 2 to 3 hours on 2 CPU cores with AMX
-    python benchmarks/quality_domain.py --dtype fp32    # on a CPU without bf16 instructions (no AMX, no AVX512-BF16)
+    python benchmarks/quality_domain.py                 # 2 to 3 hours on 2 CPU cores with AMX (bf16)
+    python benchmarks/quality_domain.py --dtype fp32    # fp32 where --dtype auto would pick bf16
     python benchmarks/quality_domain.py --out runs/domain-smoke --docs 40 --general-rows 32 --max-steps 2 \\
         --cranfield-queries 5 --stdlib-limit 10 --sts-limit 20 --no-minilm     # the plumbing, not the numbers
 """
@@ -55,7 +55,7 @@ from bidir_core.bm25 import bm25_run
 from bidir_core.cross_encoder import CrossEncoder
 from bidir_core.datasets import load_retrieval, read_sts, read_training_examples, stdlib_train
 from bidir_core.datasets.lines import read_jsonl
-from bidir_core.devices import default_device
+from bidir_core.devices import default_device, resolve_precision
 from bidir_core.embedded import EMBEDDED_DEFAULT
 from bidir_core.encoder import BiEncoder
 from bidir_core.evaluation import evaluate_sts
@@ -391,13 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at evaluation (default 256)")
     p.add_argument(
         "--dtype",
-        choices=DTYPES,
-        default="bf16",
-        help="generation, training and evaluation dtype (default bf16; fp32 is faster on a CPU without "
-        "bf16 instructions, AMX or AVX512-BF16)",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="generation, training and evaluation dtype (default auto: bf16 where the device computes it in "
+        "hardware, a GPU or a CPU with AMX or AVX512-BF16; fp32 elsewhere)",
     )
     p.add_argument("--no-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 row")
     args = p.parse_args(argv)
+    # one dtype for every stage, whatever the device, printed in the log
+    args.dtype = resolve_precision(args.dtype, default_device())
+    print(f"dtype: {args.dtype}", flush=True)
     pipeline = Pipeline(args)
     text = table(pipeline.run(), pipeline.timings)
     print(text)
