@@ -214,14 +214,15 @@ class Pipeline:
         return mined
 
     def first_negatives(self, mined: Path, name: str, negatives: int = 1) -> Path:
-        """out/NAME.jsonl: the rows of `mined` cut to their first `negatives` negatives (and their ids). bidir-mine
-        takes negatives best first and stops at --num-negatives, so this is what mining fewer writes; only rows
-        without negatives of their own (mix.jsonl's) keep that promise."""
+        """out/NAME.jsonl: the rows of `mined` cut to their first `negatives` negatives (their ids and scores with
+        them). bidir-mine takes negatives best first and stops at --num-negatives, so this is what mining fewer
+        writes for rows like mix.jsonl's: no negatives of their own (bidir-mine keeps those whole), and an id on
+        every passage or on none (test_mine's test_fewer_negatives_are_the_first_of_more)."""
         out = self.out / f"{name}.jsonl"
         if not out.is_file():
             rows = [row for _, row in read_jsonl(mined)]
             for row in rows:
-                for key in ("neg_doc", "neg_ids"):
+                for key in ("neg_doc", "neg_ids", "neg_scores"):
                     if key in row:
                         row[key] = row[key][:negatives]
             write_jsonl_atomic(out, rows)

@@ -301,20 +301,25 @@ def test_drop_empty_rows_leaves_out_exactly_the_rows_without_a_negative(tmp_path
 
 @pytest.mark.filterwarnings("ignore:.*rows have fewer than")
 def test_fewer_negatives_are_the_first_of_more(tmp_path):
-    """num_negatives only stops the walk down the ranked candidates sooner: mining 1 writes the rows of mining 3
-    cut to their first negative, dropped rows included (quality_domain derives its 1-negative rows this way)."""
+    """num_negatives only stops the walk down the ranked candidates sooner: for rows without negatives of their
+    own, mining 1 writes the rows of mining 3 cut to their first negative and its id, and drops the same rows
+    (quality_domain derives its 1-negative rows this way), for rows keyed by id and for rows of text alone."""
     from bidir_core.testing import tiny_encoder
 
     encoder = tiny_encoder()
-    rows = [{k: r[k] for k in ("query", "pos_doc")} for r in _pair_rows()]  # no ids: the corpus is their text
-    train = _write_jsonl(tmp_path / "train.jsonl", rows)
-    mined = {}
-    for n in (1, 3):
-        out = tmp_path / f"mined{n}.jsonl"
-        kw = dict(num_negatives=n, margin=0.95, drop_empty_rows=True, progress=False)
-        mine(MineConfig("unused", str(train), str(out), **kw), encoder=encoder)
-        mined[n] = list(read_training_examples(out))
-    assert any(len(ex.negatives) > 1 for ex in mined[3]) and len(mined[3]) < len(
-        rows
-    )  # the case is not trivial
-    assert [(ex.query, ex.negatives) for ex in mined[1]] == [(ex.query, ex.negatives[:1]) for ex in mined[3]]
+    for keyed in (True, False):
+        fields = ("query", "pos_doc", "pos_ids") if keyed else ("query", "pos_doc")
+        rows = [{k: r[k] for k in fields} for r in _pair_rows()]
+        train = _write_jsonl(tmp_path / f"train-{keyed}.jsonl", rows)
+        mined = {}
+        for n in (1, 3):
+            out = tmp_path / f"mined{n}-{keyed}.jsonl"
+            kw = dict(num_negatives=n, margin=0.95, drop_empty_rows=True, progress=False)
+            mine(MineConfig("unused", str(train), str(out), **kw), encoder=encoder)
+            mined[n] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert max(len(r["neg_doc"]) for r in mined[3]) > 1 and len(mined[3]) < len(
+            rows
+        )  # not a trivial case
+        assert all(("neg_ids" in r) is keyed for r in mined[3])
+        cut = [{**r, **{k: r[k][:1] for k in ("neg_doc", "neg_ids") if k in r}} for r in mined[3]]
+        assert mined[1] == cut

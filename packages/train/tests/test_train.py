@@ -222,17 +222,25 @@ def test_precision_auto_is_what_the_cpu_computes_natively(
     tiny_checkpoint, train_jsonl, tmp_path, monkeypatch, native
 ):
     """model.precision=auto trains in bf16 on a CPU with AMX (or AVX512-BF16), in fp32 on one without, and
-    recipe.json records which; a resume on a CPU that resolves it otherwise is refused as another recipe."""
+    recipe.json records which. A resume keeps the recorded one on a CPU that would pick the other (the run
+    continues exactly as it started); a fresh start there picks its own."""
     import json
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU's answer, on a GPU machine too
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     out = tmp_path / "run"
     args = recipe_args(tiny_checkpoint, train_jsonl, out, "schedule.max_steps=2", "eval.dev=null")
-    args += ["model.precision=auto", "checkpoint.every_steps=1", "schedule.stop_at_step=1"]
-    train_recipe(args)
-    expected = "bf16" if native else "fp32"
-    assert json.loads((out / "recipe.json").read_text())["model"]["precision"] == expected
+    args += ["model.precision=auto", "checkpoint.every_steps=1"]
+    train_recipe([*args, "schedule.stop_at_step=1"])
+    started, other = ("bf16", "fp32") if native else ("fp32", "bf16")
+
+    def precision():
+        return json.loads((out / "recipe.json").read_text())["model"]["precision"]
+
+    assert precision() == started
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not native)
-    with pytest.raises(BidirError, match="differs in model.precision"):
-        train_recipe(args[:-1])
+    train_recipe(args)  # resumed at step 1, as it started
+    assert precision() == started and len(loss_curve(out)) == 2
+    train_recipe([*args, "checkpoint.resume=false"])
+    assert precision() == other

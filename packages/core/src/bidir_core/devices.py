@@ -1,11 +1,12 @@
-"""Where a job runs and which precision suits it there: the one home of both choices, so every CLI and benchmark
-picks the same device by default and `auto` means the same thing in every recipe.
+"""Where a job runs and which precision suits it there: the one home of the default device, so every CLI and
+benchmark picks the same one, and of what `auto` means for training (recipes' model.precision) and the benchmarks
+(--dtype auto). Serving keeps its own default (bidir_serve's torch backend: bf16 on a GPU, fp32 on a CPU).
 
 - default_device(): "cuda" where torch sees a GPU, else "cpu".
 - native_bf16(device): whether the device computes bf16 in hardware. A CUDA GPU from Ampere on does; a CPU does
   with AMX or AVX512-BF16. Elsewhere torch emulates it: on a Xeon with AVX512 but neither, a forward of SmolLM2-135M
   takes 2.8x as long in bf16 as in fp32 and a training step 2.9x (the train README), so there fp32 is both faster
-  and exact.
+  and more precise.
 - resolve_precision("auto", device): "bf16" where native_bf16, "fp32" elsewhere; "bf16" and "fp32" as given.
 """
 

@@ -1,22 +1,26 @@
 """The run folder (logging.output_dir): checked before the model loads, written only once training starts.
 
-`check_run_folder(cfg)` runs first: the folder must be writable, and a folder that holds an earlier run may be
-resumed only with the same recipe, up to the keys in RESUMABLE (how a run is shown, saved and sharded, not what it
-computes), and from the same model and data (inputs.json, bidir_train.run_inputs). `RunFolder.open()` is the first
-write (before the first metrics row or checkpoint): it removes stale temporary folders of ours, writes recipe.json
-and inputs.json on a fresh start (a resume keeps the ones the run started with), and cuts metrics.jsonl back to the
-resumed step. So a run that stops on bad input before its first step leaves nothing.
+`check_run_folder(cfg, device)` runs first: the folder must be writable, and a folder that holds an earlier run may
+be resumed only with the same recipe (model.precision=auto is decided there: with_precision), up to the keys in
+RESUMABLE (how a run is shown, saved and sharded, not what it computes), and from the same model and data
+(inputs.json, bidir_train.run_inputs). `RunFolder.open()` is the first write (before the first metrics row or
+checkpoint): it removes stale temporary folders of ours, writes recipe.json and inputs.json on a fresh start (a
+resume keeps the ones the run started with), and cuts metrics.jsonl back to the resumed step. So a run that stops on
+bad input before its first step leaves nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
 
+import torch
 import torch.distributed as dist
 
 from bidir_core.checkpoint import check_replaceable
+from bidir_core.devices import resolve_precision
 from bidir_core.errors import BidirError
 from bidir_core.folders import remove_stale_temps
 from bidir_core.jsonfile import read_json_object, write_json_atomic, write_jsonl_atomic
@@ -50,10 +54,11 @@ RESUMABLE = (
 )
 
 
-def check_run_folder(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+def check_run_folder(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, dict]:
     """Before any work: output_dir can be written, and an earlier run in it has the same recipe and inputs (or
     checkpoint.resume=false was given). Returns the recipe with the source's pooling filled in (when unset) and
-    the identity of its inputs (bidir_train.run_inputs). Writes nothing (a probe file is created and removed)."""
+    model.precision=auto decided (with_precision), and the identity of its inputs (bidir_train.run_inputs). Writes
+    nothing (a probe file is created and removed)."""
     check_writable(cfg.output_dir / RECIPE)  # the first file a run writes there
     final = cfg.output_dir / FINAL
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):
@@ -63,13 +68,31 @@ def check_run_folder(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     if cfg.lora is not None:
         check_adapter_replaceable(cfg.output_dir / ADAPTER)
     # The model source is read from here on: after the folder checks, which need no model.
-    cfg = with_source_pooling(cfg)
+    cfg = with_precision(with_source_pooling(cfg), device)
     if cfg.checkpoint.resume:
         _check_same_recipe(cfg)
     inputs = input_identity(cfg)
     if cfg.checkpoint.resume:
         check_same_inputs(cfg.output_dir / INPUTS, cfg, inputs)
     return cfg, inputs
+
+
+def with_precision(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """cfg with model.precision=auto made bf16 or fp32, so that recipe.json says what ran. A run being resumed keeps
+    the one its recipe.json records (a run started with bf16 on a CPU with AMX resumes in bf16 on one without, so
+    resuming stays exact); a fresh run gets the one that suits `device` (bidir_core.devices.resolve_precision)."""
+    if cfg.model.precision != "auto":
+        return cfg
+    precision = resolve_precision("auto", device)
+    path = cfg.output_dir / RECIPE
+    if cfg.checkpoint.resume and path.is_file():
+        try:
+            recorded = read_json_object(path).get("model", {}).get("precision")
+        except (BidirError, AttributeError):
+            recorded = None  # _check_same_recipe says what is wrong with the file
+        if recorded in ("bf16", "fp32"):
+            precision = recorded
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, precision=precision))
 
 
 def _check_same_recipe(cfg: TrainConfig) -> None:

@@ -1,6 +1,5 @@
 """What a run starts from, read from the source before the run folder is checked: the model's own pooling (for a
-recipe that leaves model.pooling unset), the device's precision (for model.precision=auto) and the identity of the
-model's files and of the training data.
+recipe that leaves model.pooling unset) and the identity of the model's files and of the training data.
 
 The identity goes to output_dir/inputs.json on a fresh start; a resume whose model.path or data.train holds other
 contents under the same name is refused (recipe.json pins the names only). That matters most with LoRA: a
@@ -25,11 +24,8 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-import torch
-
 from bidir_core.checkpoint import EncoderConfig, read_encoder_config
 from bidir_core.datasets.sources import BUILTIN
-from bidir_core.devices import resolve_precision
 from bidir_core.errors import BidirError, one_line
 from bidir_core.jsonfile import read_json_object
 from bidir_core.sources import resolve_source
@@ -55,14 +51,6 @@ def with_source_pooling(cfg: TrainConfig) -> TrainConfig:
     stored = read_encoder_config(source) if source.is_dir() else None  # a .gguf file or a plain folder: none
     pooling = (stored or EncoderConfig()).pooling
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pooling=pooling))
-
-
-def with_precision(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """cfg with model.precision=auto made bf16 or fp32 for `device` (bidir_core.devices.resolve_precision), so
-    that recipe.json says what ran; a resume on a device that resolves it otherwise is refused as a changed
-    recipe."""
-    precision = resolve_precision(cfg.model.precision, device)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, precision=precision))
 
 
 def input_identity(cfg: TrainConfig) -> dict:

@@ -35,7 +35,6 @@ from bidir_train.objective import Objective, rank_micro_batches
 from bidir_train.optim import clip_grad_norm, make_optimizer, make_scheduler
 from bidir_train.reranker import Reranker
 from bidir_train.run_folder import FINAL, RunFolder, check_run_folder
-from bidir_train.run_inputs import with_precision
 from bidir_train.validation import Validator
 from bidir_train.weights import load_model, save_final, trained_module
 
@@ -64,9 +63,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     torch.manual_seed(sched.seed + rank)
     accum = _accumulation_steps(sched, world)
     # Before any work: an unwritable folder or a changed recipe found after the model loaded costs minutes. The
-    # recipe from here on has the source's pooling and this device's precision filled in (rank 0 read it).
-    cfg = with_precision(cfg, device)
-    cfg, inputs = from_rank0(agreed(check_run_folder, cfg, run=rank == 0))
+    # recipe from here on has the source's pooling and its precision filled in (rank 0 read them).
+    cfg, inputs = from_rank0(agreed(check_run_folder, cfg, device, run=rank == 0))
 
     # The data and the dev set are read before the model: bad input stops the run before the slow part.
     objective_class = OBJECTIVES[cfg.objective]
