@@ -54,6 +54,7 @@ from quality_data import limit_retrieval, write_rows_with_installed, write_train
 from quality_peer import train_peer
 
 from bidir_core.datasets import load_retrieval, read_sts
+from bidir_core.devices import default_device, resolve_precision
 from bidir_core.embedded import EMBEDDED_DEFAULT, embedded_checkpoint
 from bidir_core.encoder import BiEncoder
 from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
@@ -429,9 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rows-per-source", type=int, help="first N training rows of each source (default: all)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at evaluation (default 256)")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="evaluation dtype of the bidir models")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="evaluation dtype of the bidir models (default auto: bf16 where the device computes it in hardware, "
+        "fp32 elsewhere; the recipes' model.precision picks the training dtype the same way)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
+    args.dtype = resolve_precision(args.dtype, default_device())
     for name in ("train_override", "mntp_override", "cosent_override"):
         setattr(args, name, tuple(getattr(args, name)))
 
