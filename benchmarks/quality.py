@@ -61,6 +61,25 @@ from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_dtype_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--dtype {auto,bf16,fp32} for `what`; args.dtype comes back resolved to bf16 or fp32 for the default device
+    (bidir_core.devices), so every stage of a run uses the same one."""
+
+    def precision(name: str) -> str:  # argparse names the type in its error: "invalid precision value"
+        return resolve_precision(name, default_device())
+
+    p.add_argument(
+        "--dtype",
+        type=precision,
+        default="auto",
+        metavar="{auto,bf16,fp32}",
+        help=f"{what} (default auto: bf16 where the device computes it in hardware, a GPU or a CPU with AMX or "
+        "AVX512-BF16; fp32 elsewhere)",
+    )
+
+
 BM25, MINILM = "BM25 (reference)", "all-MiniLM-L6-v2 (reference)"
 BEST = "best: contrastive (1 epoch) + CoSENT on STS-B train"
 PEER = "sentence-transformers 6 peer (MNRL, same rows / batch / budget)"
@@ -430,16 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rows-per-source", type=int, help="first N training rows of each source (default: all)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at evaluation (default 256)")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", *DTYPES),
-        default="auto",
-        help="evaluation dtype of the bidir models (default auto: bf16 where the device computes it in hardware, "
-        "fp32 elsewhere; the recipes' model.precision picks the training dtype the same way)",
+    add_dtype_argument(
+        p, "evaluation dtype of the bidir models; the recipes' model.precision picks the training one"
     )
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
-    args.dtype = resolve_precision(args.dtype, default_device())
     for name in ("train_override", "mntp_override", "cosent_override"):
         setattr(args, name, tuple(getattr(args, name)))
 

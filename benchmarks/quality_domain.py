@@ -48,14 +48,14 @@ import time
 from pathlib import Path
 
 from harness import data_dir
-from quality import DTYPES, minilm
+from quality import DTYPES, add_dtype_argument, minilm
 from quality_data import limit_retrieval
 
 from bidir_core.bm25 import bm25_run
 from bidir_core.cross_encoder import CrossEncoder
 from bidir_core.datasets import load_retrieval, read_sts, read_training_examples, stdlib_train
 from bidir_core.datasets.lines import read_jsonl
-from bidir_core.devices import default_device, resolve_precision
+from bidir_core.devices import default_device
 from bidir_core.embedded import EMBEDDED_DEFAULT
 from bidir_core.encoder import BiEncoder
 from bidir_core.evaluation import evaluate_sts
@@ -390,17 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cranfield-queries", type=int, help="first N Cranfield queries (default: all 225)")
     p.add_argument("--stdlib-limit", type=int, help="first N stdlib dev queries (default: all 361)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at evaluation (default 256)")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", *DTYPES),
-        default="auto",
-        help="generation, training and evaluation dtype (default auto: bf16 where the device computes it in "
-        "hardware, a GPU or a CPU with AMX or AVX512-BF16; fp32 elsewhere)",
-    )
+    add_dtype_argument(p, "generation, training and evaluation dtype")
     p.add_argument("--no-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 row")
     args = p.parse_args(argv)
-    # one dtype for every stage, whatever the device, printed in the log
-    args.dtype = resolve_precision(args.dtype, default_device())
     print(f"dtype: {args.dtype}", flush=True)
     pipeline = Pipeline(args)
     text = table(pipeline.run(), pipeline.timings)

@@ -45,6 +45,12 @@ def trained_module(model: BiEncoder | CrossEncoder) -> nn.Module:
     return model if isinstance(model, CrossEncoder) else model.model
 
 
+def _computes_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the model computes in bf16: the trainer has decided model.precision=auto by now (check_run_folder);
+    a direct caller may not have, so it is resolved here the same way."""
+    return resolve_precision(cfg.model.precision, device) == "bf16"
+
+
 def load_encoder(cfg: TrainConfig, device: torch.device) -> BiEncoder:
     """The encoder to train: a meta-device model, sharded; rank 0 reads the weights and broadcasts them into every
     rank's shards. bf16 on CPU is autocast in its forward (on GPU, FSDP's MixedPrecisionPolicy casts)."""
@@ -64,9 +70,7 @@ def load_encoder(cfg: TrainConfig, device: torch.device) -> BiEncoder:
         if rank == 0:
             state_dict = lora.initial_state_dict(config, state_dict, cfg.lora, cfg.schedule.seed)
     dropout = cfg.lora is not None and cfg.lora.dropout > 0
-    bf16 = (
-        resolve_precision(cfg.model.precision, device) == "bf16"
-    )  # the trainer resolved "auto"; a direct call may not
+    bf16 = _computes_bf16(cfg, device)
     parallelize(model, cfg.parallel, device=device, bf16=bf16, dropout=dropout)
     model.to_empty(device=device)  # also recomputes the (non-persistent) RoPE frequencies
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
@@ -128,9 +132,7 @@ def load_reranker(cfg: TrainConfig, device: torch.device) -> CrossEncoder:
                 config, _part(state_dict, "model."), cfg.lora, cfg.schedule.seed
             )
             state_dict = {f"model.{k}": v for k, v in decoder.items()} | {"score.weight": head}
-    bf16 = (
-        resolve_precision(cfg.model.precision, device) == "bf16"
-    )  # the trainer resolved "auto"; a direct call may not
+    bf16 = _computes_bf16(cfg, device)
     cpu_bf16 = bf16 and device.type == "cpu"
     reranker = CrossEncoder(
         model, tokenizer, settings, score, autocast_dtype=torch.bfloat16 if cpu_bf16 else None, source=source
