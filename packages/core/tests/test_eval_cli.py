@@ -18,7 +18,7 @@ from bidir_core.embeddings_artifact import EmbeddingsManifest, Shard, write_embe
 from bidir_core.encoder import BiEncoder
 from bidir_core.eval_cli import main
 from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
-from bidir_core.fusion import fuse
+from bidir_core.fusion import fuse, fuse_reranked
 from bidir_core.metrics import retrieval_metrics
 from bidir_core.runs import embedder_run, rerank_run
 
@@ -293,6 +293,28 @@ def test_rerank_report_beside_the_first_stage(first_stage, tiny_checkpoint, rera
 
 
 @pytest.mark.parametrize("fusion", ["rrf", "weighted"])
+def test_rerank_fusion_report_beside_the_reranked_run(fusion, reranker, beir, tmp_path, capsys):
+    from bidir_core.cross_encoder import CrossEncoder
+
+    out = tmp_path / "f.json"
+    argv = ["bm25", "--retrieval", str(beir), "--rerank", str(reranker), "--rerank-top-k", "3"]
+    assert main([*argv, "--rerank-fusion", fusion, "--json", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    data = load_retrieval(beir)
+    run = bm25_run(data)
+    reranked = rerank_run(CrossEncoder.from_pretrained(reranker), data, run, 3)
+    fused = fuse_reranked(reranked, run, fusion)
+    assert report["reranked"]["metrics"] == pytest.approx(retrieval_metrics(reranked, data.qrels), abs=1e-6)
+    assert report["reranked"]["fused"] == {
+        "fusion": fusion,
+        "metrics": pytest.approx(retrieval_metrics(fused, data.qrels), abs=1e-6),
+    }
+    printed = capsys.readouterr().out
+    assert f"fused: the reranked run and the first stage's scores of its documents, by {fusion}" in printed
+    assert "first  reranked     fused" in printed
+
+
+@pytest.mark.parametrize("fusion", ["rrf", "weighted"])
 def test_hybrid_report_beside_dense_and_bm25(fusion, tiny_checkpoint, reranker, beir, tmp_path, capsys):
     from bidir_core.cross_encoder import CrossEncoder
 
@@ -352,6 +374,7 @@ def test_rerank_refusals(tiny_checkpoint, reranker, beir, tmp_path, capsys):
             "is an embedder, not a reranker",
         ),
         (["bm25", "--retrieval", str(beir), "--rerank-top-k", "5"], "--rerank-top-k is for a reranker"),
+        (["bm25", "--retrieval", str(beir), "--rerank-fusion", "rrf"], "--rerank-fusion fuses a reranker's"),
         (["bm25", "--sts", str(sts)], "bm25 is a retrieval first stage"),
         (["bm25", "--retrieval", str(beir), "--dim", "16"], "bm25 ranks by words"),
     ]

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bidir_core.errors import BidirError
-from bidir_core.fusion import RRF_K, fuse
+from bidir_core.fusion import RRF_K, fuse, fuse_reranked
 
 DENSE = {"q": {"a": 0.9, "b": 0.7, "c": 0.1}}
 LEXICAL = {"q": {"c": 12.0, "a": 4.0, "d": 2.0}}
@@ -67,3 +67,27 @@ def test_refusals(args, kwargs, message):
     with pytest.raises(BidirError) as e:
         fuse(list(args), **kwargs)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fuse_reranked_interpolates_over_the_reranked_documents_only():
+    first = {"q": {"a": 9.0, "b": 5.0, "c": 1.0, "d": 0.5}, "empty": {"x": 1.0}}
+    reranked = {"q": {"a": -2.0, "b": 3.0, "c": 0.0}, "empty": {}}  # the reranker saw the first stage's top 3
+    fused = fuse_reranked(reranked, first)
+    # weighted, equal weights: min-max of each over a, b, c (d never enters: the reranker did not score it)
+    rr = {"a": 0.0, "b": 1.0, "c": 2.0 / 5.0}
+    lex = {"a": 1.0, "b": 0.5, "c": 0.0}
+    assert fused["q"] == pytest.approx({d: rr[d] + lex[d] for d in "abc"})
+    assert list(fused["q"]) == ["b", "a", "c"] and fused["empty"] == {}
+    by_rank = fuse_reranked(reranked, first, "rrf")["q"]
+    assert by_rank == pytest.approx(
+        {
+            "a": 1 / (RRF_K + 3) + 1 / (RRF_K + 1),
+            "b": 1 / (RRF_K + 1) + 1 / (RRF_K + 2),
+            "c": 1 / (RRF_K + 2) + 1 / (RRF_K + 3),
+        }
+    )
+
+
+def test_fuse_reranked_refuses_a_document_the_first_stage_lacks():
+    with pytest.raises(BidirError, match="query 'q' holds document 'z', which its first stage does not"):
+        fuse_reranked({"q": {"z": 1.0}}, {"q": {"a": 1.0}})

@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   bidir-eval bm25 --retrieval ../shared/data/cranfield
   bidir-eval bm25 --retrieval ../shared/data/cranfield --rerank ./my-reranker --rerank-top-k 50
   bidir-eval ./my-embedder --retrieval stdlib-docstrings --rerank ./my-reranker
+  bidir-eval bm25 --retrieval stdlib-docstrings --rerank ./my-reranker --rerank-fusion weighted   (+ BM25's scores)
   bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --hybrid weighted   (dense + BM25, fused)"""
 
 
@@ -70,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"documents per query the reranker scores (default: {RERANK_TOP_K}); the ones below are dropped",
     )
     p.add_argument(
+        "--rerank-fusion",
+        choices=FUSIONS,
+        help="with --rerank: also fuse the reranker's scores with the first stage's over the same documents "
+        "(weighted: min-max scaled, equal weights; rrf: reciprocal-rank fusion), printed beside the reranked run",
+    )
+    p.add_argument(
         "--hybrid",
         choices=FUSIONS,
         help="with --retrieval and an embedder: also run BM25 and fuse the two runs (weighted: min-max scaled scores "
@@ -98,6 +105,10 @@ def evaluate(args: argparse.Namespace) -> None:
         raise BidirError("--rerank-top-k is for a reranker: give --rerank RERANKER too")
     if args.rerank_top_k is not None and args.rerank_top_k < 1:
         raise BidirError(f"--rerank-top-k must be positive, got {args.rerank_top_k}")
+    if args.rerank_fusion is not None and args.rerank is None:
+        raise BidirError(
+            "--rerank-fusion fuses a reranker's scores with the first stage's: give --rerank RERANKER"
+        )
     if args.json:
         check_writable(Path(args.json))  # before the evaluation, not after it
     report = evaluate_model(
@@ -111,6 +122,7 @@ def evaluate(args: argparse.Namespace) -> None:
         allow_mismatched_embeddings=args.allow_mismatched_embeddings,
         rerank=args.rerank,
         rerank_top_k=RERANK_TOP_K if args.rerank_top_k is None else args.rerank_top_k,
+        rerank_fusion=args.rerank_fusion,
         hybrid=args.hybrid,
         progress=not args.no_progress,
     )
@@ -129,7 +141,8 @@ def format_report(report: dict) -> str:
     lines = [f"{report['model']} on {report['dataset']} ({report['task']}: {counts}{dim})"]
     timing = report["timing"]
     reranked, hybrid = report.get("reranked"), report.get("hybrid")
-    # One column per run: the first stage, then BM25 and the fused run (hybrid), then the reranked run.
+    # One column per run: the first stage, then BM25 and the fused run (hybrid), then the reranked run (and it fused
+    # with the first stage).
     columns = [("first" if hybrid is None else "dense", report["metrics"])]
     if hybrid is not None:
         lines.append(f"  hybrid: the dense run and BM25's fused by {hybrid['fusion']}")
@@ -140,6 +153,11 @@ def format_report(report: dict) -> str:
             f"({reranked['counts']['pairs']} pairs)"
         )
         columns.append(("reranked", reranked["metrics"]))
+        if (fused := reranked.get("fused")) is not None:
+            lines.append(
+                f"  fused: the reranked run and the first stage's scores of its documents, by {fused['fusion']}"
+            )
+            columns.append(("fused", fused["metrics"]))
     if len(columns) == 1:
         lines += [f"  {name:<11} {_value(value)}" for name, value in report["metrics"].items()]
     else:

@@ -27,7 +27,7 @@ from bidir_core.datasets import (
 from bidir_core.embeddings_artifact import Embeddings, read_embeddings
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
-from bidir_core.fusion import FUSIONS, fuse
+from bidir_core.fusion import FUSIONS, fuse, fuse_reranked
 from bidir_core.metrics import RETRIEVAL_METRICS, TOP_K, pearson, retrieval_metrics, spearman
 from bidir_core.runs import RERANK_TOP_K, embedder_run, evaluating, finite, progress_option, rerank_run
 from bidir_core.search import exact_search
@@ -137,6 +137,7 @@ def evaluate_model(
     allow_mismatched_embeddings: bool = False,
     rerank: str | None = None,
     rerank_top_k: int = RERANK_TOP_K,
+    rerank_fusion: str | None = None,
     hybrid: str | None = None,
     progress: bool = False,
 ) -> dict:
@@ -149,7 +150,9 @@ def evaluate_model(
 
     rerank: a reranker checkpoint that reorders each query's top rerank_top_k documents of the first stage's run;
     the report then also holds "reranked": {"model", "top_k", "metrics", "counts", "timing"}, and "metrics" stays
-    the first stage's.
+    the first stage's. rerank_fusion: a fusion rule (fusion.FUSIONS) that also fuses the reranker's scores with the
+    first stage's over the same documents (fusion.fuse_reranked); "reranked" then holds "fused": {"fusion",
+    "metrics"}.
 
     hybrid: a fusion rule (fusion.FUSIONS) that fuses an embedder's run with BM25's; the report then also holds
     "hybrid": {"fusion", "bm25": BM25's metrics, "metrics": the fused run's, "timing"}, and a reranker reorders the
@@ -162,6 +165,12 @@ def evaluate_model(
         raise BidirError("a reranker reorders a retrieval run: give a retrieval dataset, not an STS file")
     if isinstance(rerank_top_k, bool) or not isinstance(rerank_top_k, int) or rerank_top_k < 1:
         raise BidirError(f"the rerank top k must be a positive integer, got {rerank_top_k!r}")
+    if rerank_fusion is not None and rerank_fusion not in FUSIONS:
+        raise BidirError(f"rerank fusion must be one of {', '.join(FUSIONS)}, got {rerank_fusion!r}")
+    if rerank_fusion is not None and rerank is None:
+        raise BidirError(
+            "rerank fusion fuses a reranker's scores with the first stage's: give a reranker too"
+        )
     if hybrid is not None and hybrid not in FUSIONS:
         raise BidirError(f"hybrid fusion must be one of {', '.join(FUSIONS)}, got {hybrid!r}")
     if hybrid is not None and retrieval is None:
@@ -269,5 +278,11 @@ def evaluate_model(
                 "eval_s": round(reranked_at - done, 3),
             },
         }
+        if rerank_fusion is not None:
+            fused = fuse_reranked(reranked, run, rerank_fusion)
+            report["reranked"]["fused"] = {
+                "fusion": rerank_fusion,
+                "metrics": retrieval_metrics(fused, data.qrels),
+            }
         report["timing"]["total_s"] = round(reranked_at - start, 3)
     return report

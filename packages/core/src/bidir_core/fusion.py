@@ -11,6 +11,9 @@ combination, Vespa's and Weaviate's likewise):
 A run holds each query's top documents only (bidir_core.metrics.TOP_K), so a document beyond one run's depth counts
 as absent from it; the fused run keeps the `top_k` best. Which rule does better is measured in the README (Hybrid
 retrieval).
+
+The same rules fuse a reranker's scores with the first stage's over the documents it reranked (fuse_reranked):
+score interpolation, which keeps the first stage's evidence where the reranker is unsure.
 """
 
 from __future__ import annotations
@@ -67,3 +70,19 @@ def _normalized(scores: dict[str, float]) -> dict[str, float]:
     if high == low:
         return dict.fromkeys(scores, 1.0)
     return {doc_id: (s - low) / (high - low) for doc_id, s in scores.items()}
+
+
+def fuse_reranked(reranked: Run, first_stage: Run, fusion: str = "weighted") -> Run:
+    """A reranked run fused, with equal weights, with the first stage's scores of the same documents: each query's
+    documents are the ones the reranker scored (its top k of first_stage), so no document enters or leaves."""
+    top_k = max((len(scores) for scores in reranked.values()), default=1) or 1
+    first = {}
+    for query_id, scores in reranked.items():
+        stage = first_stage.get(query_id, {})
+        if missing := [doc_id for doc_id in scores if doc_id not in stage]:
+            raise BidirError(
+                f"fusion: the reranked run of query {query_id!r} holds document {missing[0]!r}, which its first "
+                "stage does not"
+            )
+        first[query_id] = {doc_id: stage[doc_id] for doc_id in scores}
+    return fuse([reranked, first], fusion, top_k=top_k)
