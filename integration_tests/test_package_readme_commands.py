@@ -48,7 +48,7 @@ ACCOUNTED = {
         ),
         "bidir-eval ./my-embedder --sts ../shared/data/stsb/sts-dev.tsv --dim 256": "test_core_eval",
         "bidir-eval bm25 --retrieval ../shared/data/cranfield --rerank ./my-reranker --rerank-top-k 20 "
-        "--json runs/reranked.json": "test_core_eval",
+        "--rerank-fusion weighted --json runs/reranked.json": "test_core_eval",
         "bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --hybrid weighted": "test_core_eval",
     },
     "packages/train/README.md": {
@@ -301,6 +301,7 @@ def test_core_eval(work):
         report["model"] == "bm25"
         and report["reranked"]["top_k"] == 20
         and "ndcg@10" in report["reranked"]["metrics"]
+        and report["reranked"]["fused"]["fusion"] == "weighted"
     )
 
 
