@@ -61,6 +61,17 @@ from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BM25, MINILM = "BM25 (reference)", "all-MiniLM-L6-v2 (reference)"
+BEST = "best: contrastive (1 epoch) + CoSENT on STS-B train"
+PEER = "sentence-transformers 6 peer (MNRL, same rows / batch / budget)"
+BEST_STAGES = ("best/stages/contrastive", "best")
+BEST_2 = "best without its CoSENT stage (contrastive, 1 epoch)"
+# The ablations (--only ablations): short runs that each change one thing, so a sweep fits in an hour on 2 cores.
+ABLATION_STEPS = ("schedule.max_steps=40", "schedule.warmup_steps=4", "checkpoint.every_steps=0")
+ABLATION_LRS = ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3")
+ABLATION_TEMPERATURES = ("0.02", "0.1")  # at lr 5e-4, beside its 0.05 row
+ABLATION_COSENT_LRS = ("2e-5", "1e-4")
+ABLATION_INSTALLED_ROWS = 3000
 
 
 def add_dtype_argument(p: argparse.ArgumentParser, what: str) -> None:
@@ -78,19 +89,6 @@ def add_dtype_argument(p: argparse.ArgumentParser, what: str) -> None:
         help=f"{what} (default auto: bf16 where the device computes it in hardware, a GPU or a CPU with AMX or "
         "AVX512-BF16; fp32 elsewhere)",
     )
-
-
-BM25, MINILM = "BM25 (reference)", "all-MiniLM-L6-v2 (reference)"
-BEST = "best: contrastive (1 epoch) + CoSENT on STS-B train"
-PEER = "sentence-transformers 6 peer (MNRL, same rows / batch / budget)"
-BEST_STAGES = ("best/stages/contrastive", "best")
-BEST_2 = "best without its CoSENT stage (contrastive, 1 epoch)"
-# The ablations (--only ablations): short runs that each change one thing, so a sweep fits in an hour on 2 cores.
-ABLATION_STEPS = ("schedule.max_steps=40", "schedule.warmup_steps=4", "checkpoint.every_steps=0")
-ABLATION_LRS = ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3")
-ABLATION_TEMPERATURES = ("0.02", "0.1")  # at lr 5e-4, beside its 0.05 row
-ABLATION_COSENT_LRS = ("2e-5", "1e-4")
-ABLATION_INSTALLED_ROWS = 3000
 
 
 class SentenceTransformerEncoder:
