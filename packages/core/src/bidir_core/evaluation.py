@@ -27,7 +27,7 @@ from bidir_core.datasets import (
 from bidir_core.embeddings_artifact import Embeddings, read_embeddings
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
-from bidir_core.fusion import FUSIONS, fuse, fuse_reranked
+from bidir_core.fusion import check_fusion, fuse, fuse_reranked
 from bidir_core.metrics import RETRIEVAL_METRICS, TOP_K, pearson, retrieval_metrics, spearman
 from bidir_core.runs import RERANK_TOP_K, embedder_run, evaluating, finite, progress_option, rerank_run
 from bidir_core.search import exact_search
@@ -165,14 +165,14 @@ def evaluate_model(
         raise BidirError("a reranker reorders a retrieval run: give a retrieval dataset, not an STS file")
     if isinstance(rerank_top_k, bool) or not isinstance(rerank_top_k, int) or rerank_top_k < 1:
         raise BidirError(f"the rerank top k must be a positive integer, got {rerank_top_k!r}")
-    if rerank_fusion is not None and rerank_fusion not in FUSIONS:
-        raise BidirError(f"rerank fusion must be one of {', '.join(FUSIONS)}, got {rerank_fusion!r}")
+    if rerank_fusion is not None:
+        check_fusion(rerank_fusion, "rerank fusion")
     if rerank_fusion is not None and rerank is None:
         raise BidirError(
             "rerank fusion fuses a reranker's scores with the first stage's: give a reranker too"
         )
-    if hybrid is not None and hybrid not in FUSIONS:
-        raise BidirError(f"hybrid fusion must be one of {', '.join(FUSIONS)}, got {hybrid!r}")
+    if hybrid is not None:
+        check_fusion(hybrid, "hybrid fusion")
     if hybrid is not None and retrieval is None:
         raise BidirError("hybrid fuses retrieval runs: give a retrieval dataset, not an STS file")
     bm25 = model == BM25

@@ -29,13 +29,18 @@ FUSIONS = ("weighted", "rrf")
 RRF_K = 60
 
 
+def check_fusion(fusion: str, what: str = "fusion") -> None:
+    """Refuse a fusion rule outside FUSIONS in one line naming `what` asked for it."""
+    if fusion not in FUSIONS:
+        raise BidirError(f"{what} must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+
+
 def fuse(
     runs: list[Run], fusion: str = "rrf", *, weights: list[float] | None = None, top_k: int = TOP_K
 ) -> Run:
     """One run from several ({query id: {doc id: score}} each) by `fusion` (FUSIONS); `weights` (one per run,
     default equal) scale each run's part in either rule. Queries are the union of the runs' queries."""
-    if fusion not in FUSIONS:
-        raise BidirError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    check_fusion(fusion)
     if not runs:
         raise BidirError("fusion needs at least one run")
     weights = [1.0] * len(runs) if weights is None else weights
