@@ -7,6 +7,7 @@ one the train README gives a user for their own corpus (generate -> mine -> trai
 its last checkpoint, saved every 25 steps):
 
   synth_raw.jsonl      bidir-synth GENERATOR --corpus cranfield (greedy, --dtype): one question per document
+  synth_kw_raw.jsonl   the same with --prompt keywords: a second, keyword-style query per document
   general.jsonl        --general-rows stdlib-docstrings train pairs, a seeded sample (the default recipe's data)
   general/             the default recipe (train/recipes/default.yaml) on general.jsonl for one epoch
   mix.jsonl            the synthetic pairs that pass the round-trip filter with general/ (bidir-synth's
@@ -19,6 +20,9 @@ its last checkpoint, saved every 25 steps):
   mined-256/           synth-256's run on mined.jsonl, one hard negative per query and step
   mined-256-2ep/       the same run on mined3.jsonl for two epochs: each epoch draws a query's one negative of the
                        step afresh from its 3
+  mix_kw.jsonl, mined_kw3.jsonl, mined_kw.jsonl, mined-256-kw/, mined-256-2ep-kw/
+                       the keyword queries that pass the same filter added to mix.jsonl, mined by synth-256 as
+                       above, and mined-256's and mined-256-2ep's runs on them
   mined_all.jsonl, mined-256-all/
                        the same from mix_all.jsonl: no round-trip filter
   mined_rescored.jsonl, distill-256/
@@ -76,6 +80,10 @@ SYNTH_64, SYNTH_256 = (
 MINED, DISTILL = "+ mined negatives (1 per query), passages 256", "+ reranker distillation (kl), passages 256"
 MINED_ALL = "+ mined negatives, no round-trip filter, passages 256"
 MINED_2EP = "+ mined negatives (1 of 3 per query, drawn each epoch), 2 epochs, passages 256"
+MINED_KW = "+ mined negatives (1 per query), + keyword queries, passages 256"
+MINED_2EP_KW = (
+    "+ mined negatives (1 of 3 per query, drawn each epoch), 2 epochs, + keyword queries, passages 256"
+)
 
 
 class Pipeline:
@@ -107,10 +115,10 @@ class Pipeline:
         a = self.args
         return BiEncoder.from_pretrained(str(model), max_length=a.max_length, dtype=DTYPES[a.dtype])
 
-    def data(self) -> tuple[Path, Path]:
-        """(bidir-synth's rows, the general rows)."""
+    def generate(self, name: str, prompt: str) -> Path:
+        """out/NAME_raw.jsonl: bidir-synth's greedy query for each Cranfield document with a packaged prompt."""
         a, out = self.args, self.out
-        synth, general = out / "synth_raw.jsonl", out / "general.jsonl"
+        synth = out / f"{name}_raw.jsonl"
         if not synth.is_file():
             corpus = data_dir() / "cranfield" / "corpus.jsonl"
             if a.docs:  # the first N documents (smoke runs)
@@ -127,7 +135,13 @@ class Pipeline:
                 "--output",
                 synth,
             ]
-            self._timed("synth", [*cmd, "--dtype", a.dtype, "--batch-size", "16", "--no-progress"])
+            cmd += ["--prompt", prompt, "--dtype", a.dtype, "--batch-size", "16", "--no-progress"]
+            self._timed(name, cmd)
+        return synth
+
+    def data(self) -> tuple[Path, Path]:
+        """(bidir-synth's questions, the general rows)."""
+        synth, general = self.generate("synth", "question"), self.out / "general.jsonl"
         if not general.is_file():  # a seeded sample: the split is in module order
             rows = stdlib_train()
             random.Random(0).shuffle(rows)
@@ -135,7 +149,7 @@ class Pipeline:
                 general,
                 (
                     {"query": e.query, "pos_doc": list(e.positives), "pos_ids": list(e.positive_ids)}
-                    for e in rows[: a.general_rows]
+                    for e in rows[: self.args.general_rows]
                 ),
             )
         return synth, general
@@ -149,25 +163,38 @@ class Pipeline:
             rows = [row for path in (synth, general) for _, row in read_jsonl(path)]
             write_jsonl_atomic(self.out / "mix_all.jsonl", rows)
         if not mix.is_file():
-            from bidir_train.round_trip import round_trip_filter
-
-            rows = [row for _, row in read_jsonl(synth)]
-            corpus = list(dict.fromkeys(text for row in rows for text in row["pos_doc"]))
-            index = {text: i for i, text in enumerate(corpus)}
-            encoder = self._encoder(model)
-            start = time.perf_counter()
-            keep, counts = round_trip_filter(
-                encoder,
-                [row["query"] for row in rows],
-                [index[row["pos_doc"][0]] for row in rows],
-                corpus,
-                top_k=self.args.filter_top_k,
-            )
-            self._record("filter", start)
-            print(f"[filter] top {self.args.filter_top_k}: {counts}", flush=True)
-            kept = [row for row, k in zip(rows, keep, strict=True) if k]
+            kept = self._round_trip(synth, model, "filter")
             write_jsonl_atomic(mix, [*kept, *(row for _, row in read_jsonl(general))])
         return mix
+
+    def filter_keywords(self, keywords: Path, mix: Path, model: Path) -> Path:
+        """out/mix_kw.jsonl: the keyword queries that pass the same round-trip filter, then mix.jsonl's rows."""
+        mix_kw = self.out / "mix_kw.jsonl"
+        if not mix_kw.is_file():
+            kept = self._round_trip(keywords, model, "filter_kw")
+            write_jsonl_atomic(mix_kw, [*kept, *(row for _, row in read_jsonl(mix))])
+        return mix_kw
+
+    def _round_trip(self, synth: Path, model: Path, stage: str) -> list[dict]:
+        """The rows of `synth` whose document `model` ranks in its query's top --filter-top-k of every document
+        the file holds (the corpus it was generated from, less the passages with no query)."""
+        from bidir_train.round_trip import round_trip_filter
+
+        rows = [row for _, row in read_jsonl(synth)]
+        corpus = list(dict.fromkeys(text for row in rows for text in row["pos_doc"]))
+        index = {text: i for i, text in enumerate(corpus)}
+        encoder = self._encoder(model)
+        start = time.perf_counter()
+        keep, counts = round_trip_filter(
+            encoder,
+            [row["query"] for row in rows],
+            [index[row["pos_doc"][0]] for row in rows],
+            corpus,
+            top_k=self.args.filter_top_k,
+        )
+        self._record(stage, start)
+        print(f"[{stage}] top {self.args.filter_top_k}: {counts}", flush=True)
+        return [row for row, k in zip(rows, keep, strict=True) if k]
 
     def train(self, name: str, rows: Path, length: int, *overrides: str) -> Path:
         """The default recipe from --model on `rows` for one epoch (or --max-steps), passages cut at `length`
@@ -305,12 +332,19 @@ class Pipeline:
         self.evaluate(BM25, BM25)
         self.evaluate(SYNTH_64, self.train("synth-64", mix, 64))
         miner = self.out / "synth-256" / "final"
+        # the keyword queries first: the rows that add the most data to the best recipe
+        mix_kw = self.filter_keywords(
+            self.generate("synth_kw", "keywords"), mix, self.out / "general" / "final"
+        )
+        mined_kw3 = self.mine(miner, mix_kw, "mined_kw3", negatives=3)
+        mined_kw = self.first_negatives(mined_kw3, "mined_kw")
+        self.evaluate(MINED_KW, self.train("mined-256-kw", mined_kw, 256, "data.num_negatives=1"))
         mined3 = self.mine(miner, mix, "mined3", negatives=3)
         mined = self.first_negatives(mined3, "mined")
         self.evaluate(MINED, self.train("mined-256", mined, 256, "data.num_negatives=1"))
-        self.evaluate(
-            MINED_2EP, self.train("mined-256-2ep", mined3, 256, "data.num_negatives=1", "schedule.epochs=2")
-        )
+        two_epochs = ("data.num_negatives=1", "schedule.epochs=2")
+        self.evaluate(MINED_2EP, self.train("mined-256-2ep", mined3, 256, *two_epochs))
+        self.evaluate(MINED_2EP_KW, self.train("mined-256-2ep-kw", mined_kw3, 256, *two_epochs))
         mined_all = self.mine(miner, self.out / "mix_all.jsonl", "mined_all")
         self.evaluate(MINED_ALL, self.train("mined-256-all", mined_all, 256, "data.num_negatives=1"))
         if a.reranker:
@@ -334,6 +368,8 @@ RUN_OF = {
     MINED: "mined-256",
     MINED_ALL: "mined-256-all",
     MINED_2EP: "mined-256-2ep",
+    MINED_KW: "mined-256-kw",
+    MINED_2EP_KW: "mined-256-2ep-kw",
     DISTILL: "distill-256",
 }
 
@@ -348,6 +384,8 @@ def table(results: dict, timings: dict) -> str:
         MINED: (*mined, "mined3"),  # mined.jsonl is mined3.jsonl cut to one negative
         MINED_ALL: (*mined, "mined_all"),
         MINED_2EP: (*mined, "mined3"),
+        MINED_KW: (*mined, "synth_kw", "filter_kw", "mined_kw3"),
+        MINED_2EP_KW: (*mined, "synth_kw", "filter_kw", "mined_kw3"),
         DISTILL: (*mined, "mined3", "rescore"),
     }
     lines = [
