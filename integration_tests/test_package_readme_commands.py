@@ -81,6 +81,7 @@ ACCOUNTED = {
         "torchrun --nproc-per-node 1 -m bidir_train --config default lora.rank=16 optim.lr=5e-4 "
         "lora.target_modules=[q_proj,v_proj] logging.output_dir=runs/lora-qv": "test_train_lora",
         "bidir-mine smollm2-135m --train pairs.jsonl --output mined.jsonl": "test_train_mntp_default_mine",
+        "bidir-rescore runs/reranker/final --train mined.jsonl --output scored.jsonl": "test_train_mntp_default_mine",
         "bidir-mine runs/default/final --train train.tsv --corpus ../shared/data/cranfield --output mined.jsonl": (
             "test_train_mntp_default_mine"
         ),
@@ -358,7 +359,13 @@ def test_train_mntp_default_mine(work):
     run(*command(readme, "torchrun --nproc-per-node 1 -m bidir_train --config default model.path=runs/mntp"),
         *short, "eval.dev=null", cwd=cwd)  # fmt: skip
     run(*command(readme, "bidir-mine runs/default/final"), cwd=cwd)
-    assert all(json.loads(r)["neg_doc"] for r in (cwd / "mined.jsonl").read_text().splitlines())
+    mined = [json.loads(r) for r in (cwd / "mined.jsonl").read_text().splitlines()]
+    assert all(row["neg_doc"] for row in mined)
+    tiny_cross_encoder().save_pretrained(cwd / "runs" / "reranker" / "final")
+    run(*command(readme, "bidir-rescore runs/reranker/final"), cwd=cwd)
+    scored = [json.loads(r) for r in (cwd / "scored.jsonl").read_text().splitlines()]
+    assert [{k: row[k] for k in mined[0]} for row in scored] == mined  # the mined rows, as they were
+    assert all(len(row["neg_scores"]) == len(row["neg_doc"]) and row["pos_score"] for row in scored)
     single = _folder(work, "train-single")
     words = miniature(command(readme, "python -m bidir_train"), settings={"schedule.max_steps": "2"})
     run(*words, tiny, *short[1:], "eval.dev=null", cwd=single)
