@@ -26,8 +26,8 @@ its last checkpoint, saved every 25 steps):
   mined_all.jsonl, mined-256-all/
                        the same from mix_all.jsonl: no round-trip filter
   mined_rescored.jsonl, distill-256/
-                       (--reranker) mined.jsonl with the reranker's logits as teacher scores (what bidir-mine
-                       --rescore adds), and mined-256's run on it plus loss.distill=kl
+                       (--reranker) mined.jsonl with the reranker's logits as teacher scores (bidir-rescore),
+                       and mined-256's run on it plus loss.distill=kl
 
 Every checkpoint is scored with its own settings (bidir.json: pooling, prefixes) on passages up to --max-length
 tokens in --dtype: STS-B dev Spearman, and nDCG@10 / recall@100 on Cranfield and the stdlib dev split, beside the
@@ -56,10 +56,8 @@ from quality import DTYPES, add_dtype_argument, minilm
 from quality_data import limit_retrieval
 
 from bidir_core.bm25 import bm25_run
-from bidir_core.cross_encoder import CrossEncoder
-from bidir_core.datasets import load_retrieval, read_sts, read_training_examples, stdlib_train
+from bidir_core.datasets import load_retrieval, read_sts, stdlib_train
 from bidir_core.datasets.lines import read_jsonl
-from bidir_core.devices import default_device
 from bidir_core.embedded import EMBEDDED_DEFAULT
 from bidir_core.encoder import BiEncoder
 from bidir_core.evaluation import evaluate_sts
@@ -256,18 +254,12 @@ class Pipeline:
         return out
 
     def rescore(self, mined: Path, reranker: str) -> Path:
-        """The mined rows with the reranker's logits as teacher scores, into out/mined_rescored.jsonl: what
-        `bidir-mine --rescore` writes, without mining the same negatives again."""
+        """The mined rows with the reranker's logits as teacher scores, into out/mined_rescored.jsonl
+        (bidir-rescore: the same rows, not mined again)."""
         rescored = self.out / "mined_rescored.jsonl"
         if not rescored.is_file():
-            from bidir_train.mine import rescore_rows, training_row
-
-            start = time.perf_counter()
-            device = default_device()  # as bidir-mine places it
-            model = CrossEncoder.from_pretrained(reranker, device=device).eval()
-            rows = rescore_rows(model, list(read_training_examples(mined)))
-            write_jsonl_atomic(rescored, map(training_row, rows))
-            self._record("rescore", start)
+            cmd = [sys.executable, "-m", "bidir_train.rescore", reranker, "--train", mined]
+            self._timed("rescore", [*cmd, "--output", rescored, "--no-progress"])
         return rescored
 
     @functools.cached_property
@@ -330,7 +322,6 @@ class Pipeline:
         mix = self.filter(synth, general, self.out / "general" / "final")
         self.evaluate(SYNTH_256, self.train("synth-256", mix, 256))
         self.evaluate(BM25, BM25)
-        self.evaluate(SYNTH_64, self.train("synth-64", mix, 64))
         miner = self.out / "synth-256" / "final"
         # the keyword queries first: the rows that add the most data to the best recipe
         mix_kw = self.filter_keywords(
@@ -345,6 +336,7 @@ class Pipeline:
         two_epochs = ("data.num_negatives=1", "schedule.epochs=2")
         self.evaluate(MINED_2EP, self.train("mined-256-2ep", mined3, 256, *two_epochs))
         self.evaluate(MINED_2EP_KW, self.train("mined-256-2ep-kw", mined_kw3, 256, *two_epochs))
+        self.evaluate(SYNTH_64, self.train("synth-64", mix, 64))
         mined_all = self.mine(miner, self.out / "mix_all.jsonl", "mined_all")
         self.evaluate(MINED_ALL, self.train("mined-256-all", mined_all, 256, "data.num_negatives=1"))
         if a.reranker:
