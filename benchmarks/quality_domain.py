@@ -33,7 +33,7 @@ Every checkpoint is scored with its own settings (bidir.json: pooling, prefixes)
 tokens in --dtype: STS-B dev Spearman, and nDCG@10 / recall@100 on Cranfield and the stdlib dev split, beside the
 untrained model, BM25, the hybrid (weighted, equal weights) of the best dense row, and all-MiniLM-L6-v2.
 
-    python benchmarks/quality_domain.py                 # 2 to 3 hours on 2 CPU cores with AMX (bf16)
+    python benchmarks/quality_domain.py                 # about 7 hours on 2 CPU cores with AMX (bf16)
     python benchmarks/quality_domain.py --dtype fp32    # fp32 where --dtype auto would pick bf16
     python benchmarks/quality_domain.py --out runs/domain-smoke --docs 40 --general-rows 32 --max-steps 2 \\
         --cranfield-queries 5 --stdlib-limit 10 --sts-limit 20 --no-minilm     # the plumbing, not the numbers
