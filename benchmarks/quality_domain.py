@@ -20,9 +20,9 @@ its last checkpoint, saved every 25 steps):
   mined-256/           synth-256's run on mined.jsonl, one hard negative per query and step
   mined-256-2ep/       the same run on mined3.jsonl for two epochs: each epoch draws a query's one negative of the
                        step afresh from its 3
-  mix_kw.jsonl, mined_kw3.jsonl, mined_kw.jsonl, mined-256-kw/, mined-256-2ep-kw/
+  mix_kw.jsonl, mined_kw3.jsonl, mined_kw.jsonl, mined-256-kw/
                        the keyword queries that pass the same filter added to mix.jsonl, mined by synth-256 as
-                       above, and mined-256's and mined-256-2ep's runs on them
+                       above, and mined-256's run on them
   mined_all.jsonl, mined-256-all/
                        the same from mix_all.jsonl: no round-trip filter
   mined_rescored.jsonl, distill-256/
@@ -33,7 +33,7 @@ Every checkpoint is scored with its own settings (bidir.json: pooling, prefixes)
 tokens in --dtype: STS-B dev Spearman, and nDCG@10 / recall@100 on Cranfield and the stdlib dev split, beside the
 untrained model, BM25, the hybrid (weighted, equal weights) of the best dense row, and all-MiniLM-L6-v2.
 
-    python benchmarks/quality_domain.py                 # about 7 hours on 2 CPU cores with AMX (bf16)
+    python benchmarks/quality_domain.py                 # about 5 hours on 2 CPU cores with AMX (bf16)
     python benchmarks/quality_domain.py --dtype fp32    # fp32 where --dtype auto would pick bf16
     python benchmarks/quality_domain.py --out runs/domain-smoke --docs 40 --general-rows 32 --max-steps 2 \\
         --cranfield-queries 5 --stdlib-limit 10 --sts-limit 20 --no-minilm     # the plumbing, not the numbers
@@ -79,9 +79,6 @@ MINED, DISTILL = "+ mined negatives (1 per query), passages 256", "+ reranker di
 MINED_ALL = "+ mined negatives, no round-trip filter, passages 256"
 MINED_2EP = "+ mined negatives (1 of 3 per query, drawn each epoch), 2 epochs, passages 256"
 MINED_KW = "+ mined negatives (1 per query), + keyword queries, passages 256"
-MINED_2EP_KW = (
-    "+ mined negatives (1 of 3 per query, drawn each epoch), 2 epochs, + keyword queries, passages 256"
-)
 
 
 class Pipeline:
@@ -333,9 +330,9 @@ class Pipeline:
         mined3 = self.mine(miner, mix, "mined3", negatives=3)
         mined = self.first_negatives(mined3, "mined")
         self.evaluate(MINED, self.train("mined-256", mined, 256, "data.num_negatives=1"))
-        two_epochs = ("data.num_negatives=1", "schedule.epochs=2")
-        self.evaluate(MINED_2EP, self.train("mined-256-2ep", mined3, 256, *two_epochs))
-        self.evaluate(MINED_2EP_KW, self.train("mined-256-2ep-kw", mined_kw3, 256, *two_epochs))
+        self.evaluate(
+            MINED_2EP, self.train("mined-256-2ep", mined3, 256, "data.num_negatives=1", "schedule.epochs=2")
+        )
         self.evaluate(SYNTH_64, self.train("synth-64", mix, 64))
         mined_all = self.mine(miner, self.out / "mix_all.jsonl", "mined_all")
         self.evaluate(MINED_ALL, self.train("mined-256-all", mined_all, 256, "data.num_negatives=1"))
@@ -361,7 +358,6 @@ RUN_OF = {
     MINED_ALL: "mined-256-all",
     MINED_2EP: "mined-256-2ep",
     MINED_KW: "mined-256-kw",
-    MINED_2EP_KW: "mined-256-2ep-kw",
     DISTILL: "distill-256",
 }
 
@@ -377,7 +373,6 @@ def table(results: dict, timings: dict) -> str:
         MINED_ALL: (*mined, "mined_all"),
         MINED_2EP: (*mined, "mined3"),
         MINED_KW: (*mined, "synth_kw", "filter_kw", "mined_kw3"),
-        MINED_2EP_KW: (*mined, "synth_kw", "filter_kw", "mined_kw3"),
         DISTILL: (*mined, "mined3", "rescore"),
     }
     lines = [

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # package -> its console scripts, each run with --help in the fresh environment
 PACKAGES = {
     "core": ["bidir-convert", "bidir-eval"],
-    "train": ["bidir-train", "bidir-mine", "bidir-synth"],
+    "train": ["bidir-train", "bidir-mine", "bidir-rescore", "bidir-synth"],
     "export": ["export-onnx", "export-trt"],
     "serve": ["batch-embed"],
 }
