@@ -25,3 +25,12 @@ def check_writable(path: str | Path) -> None:
             pass
     except OSError as e:
         raise BidirError(f"{path}: cannot be written ({one_line(e)})") from None
+
+
+def check_new_output(path: str | Path, *, overwrite: bool) -> None:
+    """check_writable, and refuse a path that already exists unless overwrite: an output file a command would
+    replace is the user's until they say otherwise."""
+    path = Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise BidirError(f"{path}: already exists (pass --overwrite / overwrite=True to replace it)")
+    check_writable(path)

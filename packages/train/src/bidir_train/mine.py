@@ -39,7 +39,7 @@ from bidir_core.datasets.retrieval import read_corpus
 from bidir_core.devices import default_device
 from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_jsonl_atomic
-from bidir_core.outputs import check_writable
+from bidir_core.outputs import check_new_output
 from bidir_core.search import exact_search
 
 Corpus = Sequence[tuple[str | None, str]]  # (document id or None, passage text) per passage
@@ -248,9 +248,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     one (cfg.model, cfg.max_length and cfg.device's model placement are then not used)."""
     start = time.perf_counter()
     output = Path(cfg.output)
-    if output.exists() and not cfg.overwrite:
-        raise BidirError(f"{output}: already exists (pass --overwrite / overwrite=True to replace it)")
-    check_writable(output)  # before the embedding, not after it
+    check_new_output(output, overwrite=cfg.overwrite)  # before the embedding, not after it
     examples = list(read_training_examples(cfg.train))
     if not examples:
         raise BidirError(f"{cfg.train}: no training rows")

@@ -21,7 +21,7 @@ from bidir_core.datasets import read_training_examples
 from bidir_core.devices import default_device
 from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_jsonl_atomic
-from bidir_core.outputs import check_writable
+from bidir_core.outputs import check_new_output
 from bidir_train.mine import rescore_rows, training_row
 
 
@@ -53,11 +53,9 @@ def rescore(cfg: RescoreConfig) -> dict:
     """Score every row of cfg.train with cfg.reranker into cfg.output; return a summary dict."""
     start = time.perf_counter()
     output = Path(cfg.output)
-    if output.exists() and not cfg.overwrite:
-        raise BidirError(f"{output}: already exists (pass --overwrite / overwrite=True to replace it)")
     if output.resolve() == Path(cfg.train).resolve():
         raise BidirError(f"{output}: is the input --train; write the scored rows to another file")
-    check_writable(output)  # before the reranker runs, not after it
+    check_new_output(output, overwrite=cfg.overwrite)  # before the reranker runs, not after it
     rows = list(read_training_examples(cfg.train))
     if not rows:
         raise BidirError(f"{cfg.train}: no training rows")

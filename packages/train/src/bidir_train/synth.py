@@ -39,7 +39,7 @@ from bidir_core.errors import BidirError
 from bidir_core.file_writes import fsync_dir
 from bidir_core.folders import unknown_files
 from bidir_core.jsonfile import read_json_object, read_versioned_json, write_json_atomic, write_jsonl_atomic
-from bidir_core.outputs import check_writable
+from bidir_core.outputs import check_new_output
 from bidir_train.mine import training_row
 from bidir_train.query_generator import DTYPES, GenerationSettings, QueryGenerator, normalize, resolve_prompt
 
@@ -144,9 +144,7 @@ def synthesize(
     parts = output.with_name(output.name + ".parts")
     template = resolve_prompt(cfg.prompt)  # a bad prompt costs nothing
     passages, blank = read_passages(cfg.corpus, cfg.id_field, cfg.text_field)
-    if output.exists() and not cfg.overwrite:
-        raise BidirError(f"{output}: already exists (pass --overwrite / overwrite=True to replace it)")
-    check_writable(output)
+    check_new_output(output, overwrite=cfg.overwrite)
     device = cfg.device or default_device()
     _check_filter_models(cfg)  # their files are read now, their weights after the generation
     if generator is None:
