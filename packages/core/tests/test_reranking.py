@@ -98,3 +98,15 @@ def test_bad_runs_and_scores_are_one_line(cross_encoder, monkeypatch):
     monkeypatch.setattr(cross_encoder, "predict", nan_for_d2)
     with pytest.raises(BidirError, match="non-finite .* the first for query 'q1' and document 'd2'"):
         rerank_run(cross_encoder, data, {"q0": {"d1": 1.0}, "q1": {"d0": 1.0, "d2": 0.5}}, top_k=5)
+
+
+def test_blank_documents_are_left_out_with_a_warning(cross_encoder):
+    """A corpus may hold documents with no text (Cranfield has two); an embedder ranks them, a reranker cannot read
+    them: they leave the reranked run (a miss) and the other pairs are scored as before."""
+    data = _dataset()
+    data.corpus["d3"] = "  "
+    run = {"q0": {"d3": 9.0, "d1": 2.0, "d2": 1.0}, "q1": {"d0": 1.0}}
+    with pytest.warns(UserWarning, match=r"toy: 1 blank documents in the runs' top 5 \(e\.g\. 'd3'\)"):
+        got = rerank_run(cross_encoder, data, run, top_k=5)
+    assert set(got["q0"]) == {"d1", "d2"} and set(got["q1"]) == {"d0"}
+    assert got == rerank_run(cross_encoder, data, {"q0": {"d1": 2.0, "d2": 1.0}, "q1": {"d0": 1.0}}, top_k=5)

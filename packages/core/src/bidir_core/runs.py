@@ -8,6 +8,7 @@ BM25 in bm25.py. A reranker (a cross-encoder) rescores each query's top document
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import torch
@@ -137,10 +138,12 @@ def rerank_run(
 ) -> Run:
     """The run reordered by a cross-encoder: each query's top_k documents of run (in metrics' ranking order)
     scored as (query, document) pairs by cross_encoder.predict, raw logits as scores. Documents below top_k are
-    dropped, and a relevant document the run missed stays missed. All queries' pairs go to one predict call, so
-    its length-sorted batches mix queries."""
+    dropped, and a relevant document the run missed stays missed. A blank document (no title, no text: a reranker
+    has nothing to read) is left out of the reranked run, as a miss, with one warning. All queries' pairs go to one
+    predict call, so its length-sorted batches mix queries."""
     _positive("top_k", top_k)
     keys: list[tuple[str, str]] = []
+    blank: list[str] = []
     for query_id, scores in run.items():
         if query_id not in dataset.queries:
             raise BidirError(f"{dataset.name}: the run ranks query {query_id!r}, which has no text there")
@@ -149,7 +152,16 @@ def rerank_run(
                 raise BidirError(
                     f"{dataset.name}: the run of query {query_id!r} holds document {doc_id!r}, not in the corpus"
                 )
-            keys.append((query_id, doc_id))
+            if dataset.corpus[doc_id].strip():
+                keys.append((query_id, doc_id))
+            else:
+                blank.append(doc_id)
+    if blank:
+        warnings.warn(
+            f"{dataset.name}: {len(blank)} blank documents in the runs' top {top_k} (e.g. {blank[0]!r}) were not "
+            "reranked and are left out of the reranked run",
+            stacklevel=2,
+        )
     reranked: Run = {query_id: {} for query_id in run}
     if not keys:
         return reranked
