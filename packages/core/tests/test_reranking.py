@@ -105,7 +105,7 @@ def test_blank_documents_are_left_out_with_a_warning(cross_encoder):
     them: they leave the reranked run (a miss) and the other pairs are scored as before."""
     data = _dataset()
     data.corpus["d3"] = "  "
-    run = {"q0": {"d3": 9.0, "d1": 2.0, "d2": 1.0}, "q1": {"d0": 1.0}}
+    run = {"q0": {"d3": 9.0, "d1": 2.0, "d2": 1.0}, "q1": {"d0": 1.0, "d3": 0.5}}  # d3 counted once
     with pytest.warns(UserWarning, match=r"toy: 1 blank documents in the runs' top 5 \(e\.g\. 'd3'\)"):
         got = rerank_run(cross_encoder, data, run, top_k=5)
     assert set(got["q0"]) == {"d1", "d2"} and set(got["q1"]) == {"d0"}

@@ -143,7 +143,7 @@ def rerank_run(
     predict call, so its length-sorted batches mix queries."""
     _positive("top_k", top_k)
     keys: list[tuple[str, str]] = []
-    blank: list[str] = []
+    blank: dict[str, None] = {}  # distinct blank document ids, first seen first (one may top many queries)
     for query_id, scores in run.items():
         if query_id not in dataset.queries:
             raise BidirError(f"{dataset.name}: the run ranks query {query_id!r}, which has no text there")
@@ -155,11 +155,11 @@ def rerank_run(
             if dataset.corpus[doc_id].strip():
                 keys.append((query_id, doc_id))
             else:
-                blank.append(doc_id)
+                blank[doc_id] = None
     if blank:
         warnings.warn(
-            f"{dataset.name}: {len(blank)} blank documents in the runs' top {top_k} (e.g. {blank[0]!r}) were not "
-            "reranked and are left out of the reranked run",
+            f"{dataset.name}: {len(blank)} blank documents in the runs' top {top_k} (e.g. {next(iter(blank))!r}) "
+            "were not reranked and are left out of the reranked run",
             stacklevel=2,
         )
     reranked: Run = {query_id: {} for query_id in run}
