@@ -18,6 +18,9 @@ its last checkpoint, saved every 25 steps):
   mined.jsonl          mined3.jsonl with each row's first negative only: what mining 1 negative writes (the miner
                        only stops sooner), without embedding the same corpus twice
   mined-256/           synth-256's run on mined.jsonl, one hard negative per query and step
+  mined_skip10.jsonl, mined-256-skip10/
+                       the same with bidir-mine --skip-top 10: the negative is the best candidate below the 10 best
+                       (a Cranfield question's top ranks hold many unjudged relevant abstracts)
   mined-256-2ep/       the same run on mined3.jsonl for two epochs: each epoch draws a query's one negative of the
                        step afresh from its 3
   mix_kw.jsonl, mined_kw3.jsonl, mined_kw.jsonl, mined-256-kw/
@@ -79,6 +82,7 @@ MINED, DISTILL = "+ mined negatives (1 per query), passages 256", "+ reranker di
 MINED_ALL = "+ mined negatives, no round-trip filter, passages 256"
 MINED_2EP = "+ mined negatives (1 of 3 per query, drawn each epoch), 2 epochs, passages 256"
 MINED_KW = "+ mined negatives (1 per query), + keyword queries, passages 256"
+MINED_SKIP = "+ mined negatives (1 per query, the 10 best candidates skipped), passages 256"
 
 
 class Pipeline:
@@ -225,13 +229,15 @@ class Pipeline:
             shutil.rmtree(run / "checkpoints", ignore_errors=True)
         return run / "final"
 
-    def mine(self, model: Path, rows: Path, name: str, negatives: int = 1) -> Path:
-        """bidir-mine's negatives for `rows` into out/NAME.jsonl, `negatives` per row; a row left with none (every
-        candidate past the margin) cannot train a hard negative and is left out (--drop-empty-rows)."""
+    def mine(self, model: Path, rows: Path, name: str, negatives: int = 1, skip_top: int = 0) -> Path:
+        """bidir-mine's negatives for `rows` into out/NAME.jsonl, `negatives` per row below the `skip_top` best
+        candidates; a row left with none (every candidate past the margin) cannot train a hard negative and is
+        left out (--drop-empty-rows)."""
         mined = self.out / f"{name}.jsonl"
         if not mined.is_file():
             cmd = [sys.executable, "-m", "bidir_train.mine", model, "--train", rows, "--output", mined]
             cmd += ["--num-negatives", negatives, "--max-length", 256, "--drop-empty-rows", "--no-progress"]
+            cmd += ["--skip-top", skip_top]
             self._timed(name, cmd)
         return mined
 
@@ -330,6 +336,8 @@ class Pipeline:
         mined3 = self.mine(miner, mix, "mined3", negatives=3)
         mined = self.first_negatives(mined3, "mined")
         self.evaluate(MINED, self.train("mined-256", mined, 256, "data.num_negatives=1"))
+        skipped = self.mine(miner, mix, "mined_skip10", skip_top=10)
+        self.evaluate(MINED_SKIP, self.train("mined-256-skip10", skipped, 256, "data.num_negatives=1"))
         self.evaluate(
             MINED_2EP, self.train("mined-256-2ep", mined3, 256, "data.num_negatives=1", "schedule.epochs=2")
         )
@@ -358,6 +366,7 @@ RUN_OF = {
     MINED_ALL: "mined-256-all",
     MINED_2EP: "mined-256-2ep",
     MINED_KW: "mined-256-kw",
+    MINED_SKIP: "mined-256-skip10",
     DISTILL: "distill-256",
 }
 
@@ -373,6 +382,7 @@ def table(results: dict, timings: dict) -> str:
         MINED_ALL: (*mined, "mined_all"),
         MINED_2EP: (*mined, "mined3"),
         MINED_KW: (*mined, "synth_kw", "filter_kw", "mined_kw3"),
+        MINED_SKIP: (*mined, "mined_skip10"),
         DISTILL: (*mined, "mined3", "rescore"),
     }
     lines = [

@@ -154,7 +154,7 @@ def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
         return json.loads((out / name / "recipe.json").read_text())
 
     runs = ("general", "synth-64", "synth-256", "mined-256", "mined-256-all", "mined-256-2ep", "distill-256")
-    runs += ("mined-256-kw",)
+    runs += ("mined-256-kw", "mined-256-skip10")
     assert all(recipe(r)["model"]["path"] == str(model) for r in runs)
     assert recipe("general")["data"]["train"] == str(out / "general.jsonl")
     assert recipe("synth-64")["model"]["passage_max_length"] == 64
@@ -175,6 +175,8 @@ def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
     assert mix_kw[len(mix_kw) - len(mix) :] == mix  # the keyword queries that pass the filter, then mix.jsonl
     assert all(row in keywords for row in mix_kw[: len(mix_kw) - len(mix)])
     assert recipe("mined-256-kw")["data"]["train"] == str(out / "mined_kw.jsonl")
+    assert recipe("mined-256-skip10")["data"]["train"] == str(out / "mined_skip10.jsonl")
+    assert all(len(r["neg_doc"]) == 1 for r in rows("mined_skip10.jsonl"))
     assert {row["query"] for row in rows("mined_kw3.jsonl")} <= {row["query"] for row in mix_kw}
     rescored = rows("mined_rescored.jsonl")  # mined.jsonl, and the reranker's scores for distill-256
     assert [{k: r[k] for k in ("query", "neg_doc")} for r in rescored] == [
@@ -183,10 +185,11 @@ def test_domain_generates_filters_mines_and_trains_every_row(tmp_path):
     assert all(len(r["neg_scores"]) == len(r["neg_doc"]) and "pos_score" in r for r in rescored)
     assert recipe("distill-256")["loss"]["distill"] == "kl"
     assert recipe("distill-256")["data"]["train"] == str(out / "mined_rescored.jsonl")
-    assert len(results) == 11 and sum(label.startswith("hybrid: ") for label in results) == 1
+    assert len(results) == 12 and sum(label.startswith("hybrid: ") for label in results) == 1
     assert all(set(r) >= {"cranfield_ndcg@10", "stdlib_recall@100"} for r in results.values())
     table = (out / "table.md").read_text()
     assert "(synth + general + filter + synth-256 + mined3 + mined-256)" in table
     assert "(synth + general + filter + synth-256 + mined3 + rescore + distill-256)" in table
     assert "(synth + general + filter + synth-256 + synth_kw + filter_kw + mined_kw3 + mined-256-kw)" in table
+    assert "(synth + general + filter + synth-256 + mined_skip10 + mined-256-skip10)" in table
     assert "bidir_train" not in run().stdout

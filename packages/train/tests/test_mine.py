@@ -51,6 +51,33 @@ def test_margin_drops_candidates_too_close_to_the_positive():
     assert _margin_case(1.0) == ("near", "far")
 
 
+def test_skip_top_leaves_out_the_best_candidates_that_are_not_positives():
+    # Ranked: pos 0.8 (a positive: no rank), near 0.77, far 0.75, low 0.1, lowest 0.05.
+    vectors = {"q": _unit(1.0, 1), "pos": _unit(0.8, 1), "near": _unit(0.77, 2), "far": _unit(0.75, 3)}
+    vectors |= {"low": _unit(0.1, 4), "lowest": _unit(0.05, 5)}
+    example = TrainingExample(query="q", positives=("pos",))
+    corpus = [(None, t) for t in ("lowest", "pos", "near", "far", "low")]
+
+    def negatives(skip_top, margin):
+        rows, counts = mine_negatives(
+            FakeEncoder(vectors),
+            [example],
+            corpus,
+            top_k=5,
+            num_negatives=2,
+            margin=margin,
+            skip_top=skip_top,
+        )
+        assert counts["dropped_positive"] == 1 and counts["skipped_top"] == skip_top
+        return rows[0].negatives
+
+    assert negatives(0, 1.0) == ("near", "far")
+    assert negatives(1, 1.0) == ("far", "low")
+    assert negatives(2, 1.0) == ("low", "lowest")
+    # The skipped ranks count before the margin: near is skipped, not dropped by it, and far still passes it.
+    assert negatives(1, 0.95) == ("far", "low")
+
+
 def test_positives_by_text_and_id_and_the_query_are_never_negatives():
     vectors = {"q": _unit(1.0, 1), "p": _unit(0.5, 1), " p\t": _unit(0.99, 2), "same id": _unit(0.98, 3)}
     vectors |= {"q ": _unit(0.97, 4), "other": _unit(0.3, 5)}
@@ -148,6 +175,13 @@ def test_bad_input(tmp_path, train_jsonl):
             MineConfig("m", "t", "o", margin=margin)
     with pytest.raises(BidirError, match="top_k must be a positive integer"):
         MineConfig("m", "t", "o", top_k=0)
+    for skip in (-1, True, 1.5):
+        with pytest.raises(BidirError, match="skip_top must be a non-negative integer"):
+            MineConfig("m", "t", "o", skip_top=skip)
+    with pytest.raises(
+        BidirError, match=r"top_k \(30\) must be at least skip_top \+ num_negatives \(27 \+ 4\)"
+    ):
+        MineConfig("m", "t", "o", skip_top=27)
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(BidirError, match="no passages"):
         mine(
@@ -173,6 +207,8 @@ def test_cli(tmp_path, tiny_checkpoint, train_jsonl, capsys):
     assert "bidir-mine: error: " in capsys.readouterr().err
     assert main([*args, "--margin", "2", "--overwrite"]) == 2
     assert "margin must be in (0, 1]" in capsys.readouterr().err
+    assert main([*args, "--skip-top", "3", "--overwrite", "--no-progress"]) == 0
+    assert ", 72 skipped as the top ranks, " in capsys.readouterr().out  # 3 for each of the 24 rows
 
 
 def test_rows_sharing_a_query_share_positives():

@@ -7,6 +7,11 @@ TopK-PercPos rule (arXiv 2407.15831) drops every candidate with score > margin x
 where the positive score is the cosine of the query and its least similar positive. Candidates that are a positive
 (same document id or same text), the query itself or a duplicate are dropped too; the best survivors become neg_doc.
 
+With skip_top = N, the N best candidates that are not a positive are left out before the margin applies (the paper's
+"top-k shifted by N"). Why: on a corpus where a query has several relevant passages (a topic's abstracts, a product's
+reviews), the unlabeled positives sit at the top ranks whatever their score relative to the labeled one, so a margin
+on the score does not catch them; skipping ranks does.
+
 The corpus is a BEIR corpus.jsonl (or its folder), a .txt file (one passage per line), or by default every distinct
 positive and negative of the training rows. The output is the training rows, in order, as NeMo-style JSONL.
 
@@ -64,6 +69,8 @@ class MineConfig:
     """Negatives per row in the output (NeMo's Llama recipes train on 4 hard negatives)."""
     margin: float = 0.95
     """Drop candidates scoring above margin x positive score; 1.0 drops only those above the positive."""
+    skip_top: int = 0
+    """Leave out the skip_top best candidates that are not a positive (0: none)."""
     batch_size: int = 32
     """Texts per forward pass."""
     max_length: int | None = None
@@ -88,8 +95,13 @@ class MineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BidirError(f"{name} must be a positive integer, got {value!r}")
-        if self.top_k < self.num_negatives:
-            raise BidirError(f"top_k ({self.top_k}) must be at least num_negatives ({self.num_negatives})")
+        if isinstance(self.skip_top, bool) or not isinstance(self.skip_top, int) or self.skip_top < 0:
+            raise BidirError(f"skip_top must be a non-negative integer, got {self.skip_top!r}")
+        if self.top_k < self.skip_top + self.num_negatives:
+            raise BidirError(
+                f"top_k ({self.top_k}) must be at least skip_top + num_negatives "
+                f"({self.skip_top} + {self.num_negatives})"
+            )
         if not 0 < self.margin <= 1:
             raise BidirError(f"margin must be in (0, 1], got {self.margin!r}")
 
@@ -136,13 +148,14 @@ def mine_negatives(
     top_k: int = 30,
     num_negatives: int = 4,
     margin: float = 0.95,
+    skip_top: int = 0,
     batch_size: int = 32,
     keep_existing: bool = True,
     progress: bool = False,
     device: str | None = None,
 ) -> tuple[list[TrainingExample], Counter]:
-    """The rows with mined negatives (see the module docstring), and counts: dropped_positive, dropped_margin,
-    short_rows (fewer than num_negatives negatives), empty_rows (needed negatives, none mined), negatives.
+    """The rows with mined negatives (see the module docstring), and counts: dropped_positive, skipped_top,
+    dropped_margin, short_rows (fewer than num_negatives negatives), empty_rows (needed negatives, none mined), negatives.
 
     encoder: anything with encode_queries / encode_documents(texts, batch_size=, normalize=, show_progress_bar=).
     """
@@ -183,11 +196,15 @@ def mine_negatives(
         pos_texts = positives_of[_norm(ex.query)]
         seen = {*pos_texts, _norm(ex.query), *map(_norm, negatives)}  # the query and duplicates are dropped
         seen_ids = {*ex.positive_ids, *neg_ids} - {None}
-        mined = 0
+        mined = ranked = 0  # ranked: candidates so far that are not a positive
         for score, c in zip(scores[q], indices[q], strict=True):
             doc_id, text = corpus[c]
             if _norm(text) in pos_texts or doc_id in ex.positive_ids:
                 counts["dropped_positive"] += 1
+                continue
+            ranked += 1
+            if ranked <= skip_top:
+                counts["skipped_top"] += 1
             elif score > threshold:
                 counts["dropped_margin"] += 1
             elif len(negatives) < num_negatives and _norm(text) not in seen and doc_id not in seen_ids:
@@ -270,6 +287,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         top_k=cfg.top_k,
         num_negatives=cfg.num_negatives,
         margin=cfg.margin,
+        skip_top=cfg.skip_top,
         batch_size=cfg.batch_size,
         keep_existing=cfg.keep_existing,
         progress=cfg.progress,
@@ -291,7 +309,8 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     if short:
         warnings.warn(
             f"{short} of {len(rows)} rows have fewer than {cfg.num_negatives} negatives ({empty} got no mined "
-            "negative): raise top_k, or the margin, or give a larger corpus",
+            "negative): raise top_k, or the margin, or give a larger corpus"
+            + (", or lower skip_top" if cfg.skip_top else ""),
             stacklevel=2,
         )
     return {
@@ -300,6 +319,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         "corpus": len(corpus),
         "negatives_per_row": counts["negatives"] / len(rows),
         "dropped_positive": counts["dropped_positive"],
+        "skipped_top": counts["skipped_top"],
         "dropped_margin": counts["dropped_margin"],
         "short_rows": short,  # of the rows written
         "dropped_rows": dropped,
@@ -324,6 +344,7 @@ EXAMPLES = """examples:
   bidir-mine smollm2-135m --train pairs.jsonl --output mined.jsonl
   bidir-mine ./my-embedder --train train.tsv --corpus ./beir-folder --output mined.jsonl --num-negatives 7
   bidir-mine ./my-embedder --train train.jsonl --corpus passages.txt --output mined.jsonl --margin 0.9 --overwrite
+  bidir-mine ./my-embedder --train questions.jsonl --output mined.jsonl --skip-top 10   (many relevant passages a query)
   bidir-mine ./my-embedder --train train.jsonl --output scored.jsonl --rescore runs/reranker/final"""
 
 
@@ -347,6 +368,12 @@ def parse_args(argv: list[str] | None = None) -> MineConfig:
         "--num-negatives", type=int, default=d.num_negatives, help=f"per row (default {d.num_negatives})"
     )
     p.add_argument("--margin", type=float, default=d.margin, help=f"in (0, 1] (default {d.margin})")
+    p.add_argument(
+        "--skip-top",
+        type=int,
+        default=d.skip_top,
+        help=f"leave out the N best candidates that are not a positive (default {d.skip_top})",
+    )
     p.add_argument(
         "--batch-size", type=int, default=d.batch_size, help=f"texts per forward (default {d.batch_size})"
     )
@@ -383,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
 def _report(s: dict) -> None:
     print(
         f"bidir-mine: {s['rows']} rows -> {s['output']}: {s['negatives_per_row']:.2f} negatives per row, "
-        f"{s['dropped_positive']} candidates dropped as positives, {s['dropped_margin']} by the margin, "
+        f"{s['dropped_positive']} candidates dropped as positives, {s['skipped_top']} skipped as the top ranks, "
+        f"{s['dropped_margin']} by the margin, "
         f"{s['short_rows']} short rows, {s['dropped_rows']} rows without a negative left out, {s['seconds']:.1f} s"
     )
 
