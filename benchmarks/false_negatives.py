@@ -23,14 +23,8 @@ from harness import data_dir
 from bidir_core.datasets import load_retrieval, read_training_examples
 
 RANKS = ((1, 5), (6, 10), (11, 20), (21, 30), (31, 60))
-RATIOS = (
-    1.0,
-    0.95,
-    0.9,
-    0.85,
-    0.8,
-    float("-inf"),
-)  # buckets of score / positive score: above each, best first
+# Buckets of score / positive score, best first: a candidate falls in the first whose bound it is above.
+RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, float("-inf"))
 
 
 class Topics:
@@ -72,21 +66,24 @@ def count_ranks(topics: Topics, model: str, rows_path: str, max_length: int) -> 
     import torch
 
     from bidir_core.encoder import BiEncoder
+    from bidir_core.search import exact_search
+    from bidir_train.mine import pool_corpus
 
     rows = list(read_training_examples(rows_path))
-    texts = list(dict.fromkeys(p for ex in rows for p in (*ex.positives, *ex.negatives)))  # bidir-mine's pool
+    texts = [text for _, text in pool_corpus(rows)]  # bidir-mine's default corpus
     index = {text: i for i, text in enumerate(texts)}
     asked = [ex for ex in rows if topics.judged(ex.positives[0])]
     encoder = BiEncoder.from_pretrained(model, max_length=max_length).eval()
     kw = dict(batch_size=32, normalize=True, show_progress_bar=False)
     docs = torch.from_numpy(encoder.encode_documents(texts, **kw))  # (N, D)
     queries = torch.from_numpy(encoder.encode_queries([ex.query for ex in asked], **kw))  # (Q, D)
+    top_scores, top = exact_search(queries, docs, RANKS[-1][1] + 1)  # (Q, 61): 60 ranks besides the positive
     by_rank, by_ratio = defaultdict(list), defaultdict(list)
     for q, ex in enumerate(asked):
-        scores = docs @ queries[q]  # (N,)
         pos = index[ex.positives[0]]
+        pos_score = float(docs[pos] @ queries[q])
         rank = 0
-        for c in torch.argsort(scores, descending=True)[: RANKS[-1][1] + 1].tolist():
+        for score, c in zip(top_scores[q].tolist(), top[q].tolist(), strict=True):
             if c == pos:
                 continue
             rank += 1  # as bidir-mine counts: candidates that are not the positive
@@ -95,8 +92,7 @@ def count_ranks(topics: Topics, model: str, rows_path: str, max_length: int) -> 
             pair = (ex.positives[0], texts[c])
             by_rank[next(r for r in RANKS if r[0] <= rank <= r[1])].append(pair)
             if rank <= 30:  # bidir-mine's default top_k
-                ratio = float(scores[c] / scores[pos])
-                by_ratio[next(b for b in RATIOS if ratio > b)].append(pair)
+                by_ratio[next(b for b in RATIOS if score / pos_score > b)].append(pair)
     print(f"{model} on {rows_path}: {len(asked)} questions whose abstract is judged relevant to some query")
     for lo, hi in RANKS:
         print(f"  ranks {lo:2d}-{hi:2d}: {topics.share(by_rank[(lo, hi)])}")

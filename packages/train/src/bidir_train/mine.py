@@ -155,7 +155,8 @@ def mine_negatives(
     device: str | None = None,
 ) -> tuple[list[TrainingExample], Counter]:
     """The rows with mined negatives (see the module docstring), and counts: dropped_positive, skipped_top,
-    dropped_margin, short_rows (fewer than num_negatives negatives), empty_rows (needed negatives, none mined), negatives.
+    dropped_margin, short_rows (fewer than num_negatives negatives), empty_rows (needed negatives, none mined),
+    negatives.
 
     encoder: anything with encode_queries / encode_documents(texts, batch_size=, normalize=, show_progress_bar=).
     """
