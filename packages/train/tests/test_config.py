@@ -30,6 +30,8 @@ def test_recipe_by_name_and_defaults():
     assert cfg.model.path == "smollm2-135m"
     assert cfg.data.train == "stdlib-docstrings"
     assert cfg.output_dir == Path("runs/default")
+    # a quoted ~ is the home folder, for the run folder's checks and for everything written there
+    assert load_recipe("default", ["logging.output_dir=~/runs/x"]).output_dir == Path.home() / "runs/x"
 
 
 def test_nemo_recipes_hyperparameters():

@@ -211,6 +211,20 @@ def test_cli(tmp_path, tiny_checkpoint, train_jsonl, capsys):
     assert ", 72 skipped as the top ranks, " in capsys.readouterr().out  # 3 for each of the 24 rows
 
 
+def test_a_home_relative_output_is_written_where_it_was_checked(
+    tmp_path, tiny_checkpoint, train_jsonl, monkeypatch
+):
+    """--output ~/mined.jsonl (quoted, or from Python) lands in the home folder, not in a folder named "~"."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    args = [str(tiny_checkpoint), "--train", str(train_jsonl), "--output", "~/mined.jsonl", "--no-progress"]
+    assert main(args) == 0
+    assert (home / "mined.jsonl").is_file() and list(cwd.iterdir()) == []
+    assert main(args) == 2  # and the check that refuses an existing output looks at the same file
+
+
 def test_rows_sharing_a_query_share_positives():
     """An SNLI premise with two entailments is two rows: neither row's positive may be mined for the other."""
     vectors = {"q": _unit(1.0, 1), "p1": _unit(0.9, 1), "p2": _unit(0.8, 2), "n": _unit(0.3, 3)}

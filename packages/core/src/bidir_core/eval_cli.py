@@ -109,8 +109,9 @@ def evaluate(args: argparse.Namespace) -> None:
         raise BidirError(
             "--rerank-fusion fuses a reranker's scores with the first stage's: give --rerank RERANKER"
         )
-    if args.json:
-        check_writable(Path(args.json))  # before the evaluation, not after it
+    json_path = Path(args.json).expanduser() if args.json else None  # the file checked is the file written
+    if json_path is not None:
+        check_writable(json_path)  # before the evaluation, not after it
     report = evaluate_model(
         args.model,
         retrieval=args.retrieval,
@@ -126,12 +127,12 @@ def evaluate(args: argparse.Namespace) -> None:
         hybrid=args.hybrid,
         progress=not args.no_progress,
     )
-    if args.json:
+    if json_path is not None:
         try:  # nan / inf are not JSON (json.dumps would write a bare NaN)
             json.dumps(report, allow_nan=False)
         except ValueError:
             raise BidirError(f"{args.json}: the report holds a non-finite number; not written") from None
-        write_json_atomic(Path(args.json), report)  # OUT is never half-written
+        write_json_atomic(json_path, report)  # OUT is never half-written
     print(format_report(report))
 
 

@@ -354,7 +354,7 @@ class TrainConfig:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.logging.output_dir or Path("runs") / self.name)
+        return Path(self.logging.output_dir or Path("runs") / self.name).expanduser()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

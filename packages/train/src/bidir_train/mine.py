@@ -265,7 +265,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
     """Mine negatives for every row of cfg.train into cfg.output; return a summary dict. encoder: an already loaded
     one (cfg.model, cfg.max_length and cfg.device's model placement are then not used)."""
     start = time.perf_counter()
-    output = Path(cfg.output)
+    output = Path(cfg.output).expanduser()  # the file checked is the file written
     check_new_output(output, overwrite=cfg.overwrite)  # before the embedding, not after it
     examples = list(read_training_examples(cfg.train))
     if not examples:

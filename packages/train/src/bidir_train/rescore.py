@@ -52,8 +52,8 @@ class RescoreConfig:
 def rescore(cfg: RescoreConfig) -> dict:
     """Score every row of cfg.train with cfg.reranker into cfg.output; return a summary dict."""
     start = time.perf_counter()
-    output = Path(cfg.output)
-    if output.resolve() == Path(cfg.train).resolve():
+    output = Path(cfg.output).expanduser()  # the file checked is the file written
+    if output.resolve() == Path(cfg.train).expanduser().resolve():
         raise BidirError(f"{output}: is the input --train; write the scored rows to another file")
     check_new_output(output, overwrite=cfg.overwrite)  # before the reranker runs, not after it
     rows = list(read_training_examples(cfg.train))
