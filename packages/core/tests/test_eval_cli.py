@@ -16,6 +16,7 @@ from bidir_core.bm25 import bm25_run
 from bidir_core.datasets import load_retrieval, read_sts
 from bidir_core.embeddings_artifact import EmbeddingsManifest, Shard, write_embeddings_manifest, write_shard
 from bidir_core.encoder import BiEncoder
+from bidir_core.errors import BidirError
 from bidir_core.eval_cli import main
 from bidir_core.evaluation import evaluate_retrieval, evaluate_sts
 from bidir_core.fusion import fuse, fuse_reranked
@@ -252,6 +253,7 @@ def test_bm25_first_stage(beir, tmp_path, capsys):
     report = json.loads(out.read_text())
     data = load_retrieval(beir)
     assert report["model"] == "bm25" and report["dim"] is None and "reranked" not in report
+    assert report["device"] is None and report["precision"] is None  # no model ran
     assert report["metrics"] == pytest.approx(retrieval_metrics(bm25_run(data), data.qrels))
     assert report["metrics"]["recall@100"] == 1.0  # 4 documents: every one is in the run
     printed = capsys.readouterr().out
@@ -300,6 +302,39 @@ def test_rerank_report_beside_the_first_stage(first_stage, tiny_checkpoint, rera
     assert set(report["reranked"]["timing"]) == {"model_s", "eval_s"}
     want = report["metrics"]["ndcg@10"], report["reranked"]["metrics"]["ndcg@10"]
     assert f"ndcg@10     {want[0]:>9.4f} {want[1]:>9.4f}" in capsys.readouterr().out
+
+
+def test_precision_loads_the_embedder_and_the_reranker_in_its_dtype(
+    tiny_checkpoint, reranker, beir, tmp_path, monkeypatch
+):
+    import torch
+
+    from bidir_core.cross_encoder import CrossEncoder
+    from bidir_core.evaluation import evaluate_model
+
+    loads = []
+    for cls in (BiEncoder, CrossEncoder):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, source, *args, _original=original, **kwargs):
+            loads.append((klass.__name__, kwargs.get("dtype"), kwargs.get("device")))
+            return _original(klass, source, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    out = tmp_path / "r.json"
+    argv = [str(tiny_checkpoint), "--retrieval", str(beir), "--rerank", str(reranker), "--rerank-top-k", "2"]
+    assert main([*argv, "--device", "cpu", "--precision", "bf16", "--json", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["precision"] == "bf16"
+    assert loads == [("BiEncoder", torch.bfloat16, "cpu"), ("CrossEncoder", torch.bfloat16, "cpu")]
+    monkeypatch.undo()
+    data = load_retrieval(beir)
+    run = embedder_run(BiEncoder.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16), data)
+    assert report["metrics"] == pytest.approx(retrieval_metrics(run, data.qrels))
+    reranked = rerank_run(CrossEncoder.from_pretrained(reranker, dtype=torch.bfloat16), data, run, 2)
+    assert report["reranked"]["metrics"] == pytest.approx(retrieval_metrics(reranked, data.qrels), abs=1e-6)
+    with pytest.raises(BidirError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
+        evaluate_model(str(tiny_checkpoint), retrieval=str(beir), precision="fp16")
 
 
 @pytest.mark.parametrize("fusion", ["rrf", "weighted"])

@@ -182,6 +182,8 @@ def test_bad_input(tmp_path, train_jsonl):
         BidirError, match=r"top_k \(30\) must be at least skip_top \+ num_negatives \(27 \+ 4\)"
     ):
         MineConfig("m", "t", "o", skip_top=27)
+    with pytest.raises(BidirError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
+        MineConfig("m", "t", "o", precision="fp16")
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(BidirError, match="no passages"):
         mine(
@@ -209,6 +211,8 @@ def test_cli(tmp_path, tiny_checkpoint, train_jsonl, capsys):
     assert "margin must be in (0, 1]" in capsys.readouterr().err
     assert main([*args, "--skip-top", "3", "--overwrite", "--no-progress"]) == 0
     assert ", 72 skipped as the top ranks, " in capsys.readouterr().out  # 3 for each of the 24 rows
+    assert main([*args, "--precision", "bf16", "--device", "cpu", "--overwrite", "--no-progress"]) == 0
+    assert "24 rows" in capsys.readouterr().out
 
 
 def test_a_home_relative_output_is_written_where_it_was_checked(

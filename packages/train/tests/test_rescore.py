@@ -65,6 +65,15 @@ def test_scores_are_the_rerankers_logits_and_the_rows_are_unchanged(tmp_path, re
         expected = model.predict([(ex.query, d) for d in (*ex.positives, *ex.negatives)]).tolist()
         assert (*ex.positive_scores, *ex.negative_scores) == pytest.approx(expected, abs=1e-5)
     assert after[3].positive_scores != (9.0,)  # the stale teacher's scores are replaced
+    # --precision bf16: the reranker's bf16 logits (the head stays fp32)
+    import torch
+
+    args = [str(reranker), "--train", str(train), "--output", str(out), "--overwrite", "--no-progress"]
+    assert main([*args, "--precision", "bf16", "--device", "cpu"]) == 0
+    model = CrossEncoder.from_pretrained(reranker, dtype=torch.bfloat16)
+    for ex in read_training_examples(out):
+        expected = model.predict([(ex.query, d) for d in (*ex.positives, *ex.negatives)]).tolist()
+        assert (*ex.positive_scores, *ex.negative_scores) == pytest.approx(expected, abs=1e-5)
 
 
 def test_one_warning_counts_the_rows_without_negatives(tmp_path, reranker):
@@ -94,6 +103,8 @@ def test_refusals_come_before_any_scoring_and_write_nothing(tmp_path, reranker, 
     assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()
     with pytest.raises(BidirError, match="batch_size must be a positive integer"):
         RescoreConfig(str(reranker), str(train), str(tmp_path / "c.jsonl"), batch_size=0)
+    with pytest.raises(BidirError, match="precision must be one of"):
+        RescoreConfig(str(reranker), str(train), str(tmp_path / "c.jsonl"), precision="fp16")
 
 
 def test_a_bad_row_is_named_and_nothing_is_written(tmp_path, reranker, capsys):

@@ -8,6 +8,8 @@ benchmark picks the same one, and of what `auto` means for training (recipes' mo
   takes 2.8x as long in bf16 as in fp32 and a training step 2.9x (the train README), so there fp32 is both faster
   and more precise.
 - resolve_precision("auto", device): "bf16" where native_bf16, "fp32" elsewhere; "bf16" and "fp32" as given.
+- precision_dtype(precision, device): that precision as the torch dtype the weights are loaded in (bidir-eval,
+  bidir-mine and bidir-rescore --precision).
 """
 
 from __future__ import annotations
@@ -41,3 +43,8 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
+
+
+def precision_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """resolve_precision(precision, device) as a torch dtype: torch.bfloat16 or torch.float32."""
+    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from bidir_core.cli import run_cli
+from bidir_core.devices import PRECISIONS
 from bidir_core.errors import BidirError
 from bidir_core.fusion import FUSIONS
 from bidir_core.jsonfile import write_json_atomic
@@ -24,7 +25,8 @@ EXAMPLES = """examples:
   bidir-eval bm25 --retrieval ../shared/data/cranfield --rerank ./my-reranker --rerank-top-k 50
   bidir-eval ./my-embedder --retrieval stdlib-docstrings --rerank ./my-reranker
   bidir-eval bm25 --retrieval stdlib-docstrings --rerank ./my-reranker --rerank-fusion weighted   (+ BM25's scores)
-  bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --hybrid weighted   (dense + BM25, fused)"""
+  bidir-eval ./my-embedder --retrieval ../shared/data/cranfield --hybrid weighted   (dense + BM25, fused)
+  bidir-eval ./my-embedder --retrieval ./beir-folder --rerank ./my-reranker --device cuda --precision bf16"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +85,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "summed with equal weights; rrf: reciprocal-rank fusion); printed beside each alone, and what --rerank "
         "reorders",
     )
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), help="where the models run (default: cuda when available)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="the models' weights: fp32 (default), bf16, or auto (bf16 where the device computes it in hardware)",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -125,6 +136,8 @@ def evaluate(args: argparse.Namespace) -> None:
         rerank_top_k=RERANK_TOP_K if args.rerank_top_k is None else args.rerank_top_k,
         rerank_fusion=args.rerank_fusion,
         hybrid=args.hybrid,
+        device=args.device,
+        precision=args.precision,
         progress=not args.no_progress,
     )
     if json_path is not None:

@@ -24,6 +24,7 @@ from bidir_core.datasets import (
     load_retrieval,
     read_sts,
 )
+from bidir_core.devices import default_device, precision_dtype, resolve_precision
 from bidir_core.embeddings_artifact import Embeddings, read_embeddings
 from bidir_core.encoder import BiEncoder
 from bidir_core.errors import BidirError
@@ -139,6 +140,8 @@ def evaluate_model(
     rerank_top_k: int = RERANK_TOP_K,
     rerank_fusion: str | None = None,
     hybrid: str | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
     progress: bool = False,
 ) -> dict:
     """Evaluate a first stage on one task: an embedder (anything BiEncoder.from_pretrained accepts) or "bm25", on a
@@ -156,7 +159,13 @@ def evaluate_model(
 
     hybrid: a fusion rule (fusion.FUSIONS) that fuses an embedder's run with BM25's; the report then also holds
     "hybrid": {"fusion", "bm25": BM25's metrics, "metrics": the fused run's, "timing"}, and a reranker reorders the
-    fused run."""
+    fused run.
+
+    device: where the embedder and the reranker run (default: cuda when available); precision: the dtype their
+    weights are loaded in, fp32 (the default: the metrics of record), bf16, or auto (bf16 where the device computes it
+    in hardware, bidir_core.devices). The report holds both ("device", "precision")."""
+    device = device or default_device()
+    dtype = precision_dtype(precision, device)  # a bad precision is refused before any data is read
     if (retrieval is None) == (sts is None):
         raise BidirError("give exactly one task: a retrieval dataset or an STS file")
     if corpus_embeddings is not None and retrieval is None:
@@ -212,12 +221,16 @@ def evaluate_model(
     rerank_source = open_source(rerank) if rerank is not None else None
     if rerank_source is not None and rerank_source.kind != "reranker":
         raise BidirError(f"{rerank} is an {rerank_source.kind}, not a reranker: --rerank takes a reranker")
-    encoder = None if bm25 else BiEncoder.from_pretrained(source)
+    encoder = None if bm25 else BiEncoder.from_pretrained(source, device=device, dtype=dtype)
     if written is not None:
         check_embeddings_match(written, source, encoder.config.passage_prefix, allow_mismatched_embeddings)
     loaded_model = time.perf_counter()
     # The reranker too is loaded before any evaluation: a reranker that fails to load wastes no first stage.
-    cross_encoder = CrossEncoder.from_pretrained(rerank_source) if rerank_source is not None else None
+    cross_encoder = (
+        CrossEncoder.from_pretrained(rerank_source, device=device, dtype=dtype)
+        if rerank_source is not None
+        else None
+    )
     loaded_reranker = time.perf_counter()
     if retrieval is not None:
         top_k = max(TOP_K, rerank_top_k) if rerank is not None else TOP_K
@@ -242,6 +255,11 @@ def evaluate_model(
         "model": str(model),
         "dataset": data.name if retrieval is not None else str(sts),
         "dim": None if bm25 else dim or encoder.hidden_size,
+        # where a model ran and in which dtype (None for BM25 alone)
+        "device": None if encoder is None and cross_encoder is None else str(device),
+        "precision": None
+        if encoder is None and cross_encoder is None
+        else resolve_precision(precision, device),
         "metrics": metrics,
         "counts": counts,
         "timing": {

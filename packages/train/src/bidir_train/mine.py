@@ -41,7 +41,7 @@ from bidir_core.cli import run_cli
 from bidir_core.datasets import TrainingExample, read_training_examples
 from bidir_core.datasets.lines import read_lines
 from bidir_core.datasets.retrieval import read_corpus
-from bidir_core.devices import default_device
+from bidir_core.devices import PRECISIONS, default_device, precision_dtype
 from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_jsonl_atomic
 from bidir_core.outputs import check_new_output
@@ -79,6 +79,9 @@ class MineConfig:
     """Keep a row's own neg_doc first; mined negatives fill up to num_negatives after them."""
     device: str | None = None
     """cpu or cuda (None: cuda when available)."""
+    precision: str = "fp32"
+    """The weights of the embedder (and of the rescore reranker): fp32, bf16, or auto (bf16 where the device computes
+    it in hardware; bidir_core.devices)."""
     overwrite: bool = False
     """Replace an existing output file instead of refusing."""
     progress: bool = True
@@ -104,6 +107,8 @@ class MineConfig:
             )
         if not 0 < self.margin <= 1:
             raise BidirError(f"margin must be in (0, 1], got {self.margin!r}")
+        if self.precision not in PRECISIONS:
+            raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def _norm(text: str) -> str:
@@ -272,15 +277,17 @@ def mine(cfg: MineConfig, encoder=None) -> dict:
         raise BidirError(f"{cfg.train}: no training rows")
     corpus = load_corpus(cfg.corpus) if cfg.corpus is not None else pool_corpus(examples)
     device = cfg.device or default_device()
+    dtype = precision_dtype(cfg.precision, device)
     if encoder is None:
         from bidir_core.encoder import BiEncoder  # imported late: transformers takes a while
 
-        encoder = BiEncoder.from_pretrained(cfg.model, max_length=cfg.max_length, device=device).eval()
+        encoder = BiEncoder.from_pretrained(cfg.model, max_length=cfg.max_length, device=device, dtype=dtype)
+        encoder = encoder.eval()
     reranker = None
     if cfg.rescore is not None:  # loaded before the embedding: a bad reranker costs nothing
         from bidir_core.cross_encoder import CrossEncoder
 
-        reranker = CrossEncoder.from_pretrained(cfg.rescore, device=device).eval()
+        reranker = CrossEncoder.from_pretrained(cfg.rescore, device=device, dtype=dtype).eval()
     rows, counts = mine_negatives(
         encoder,
         examples,
@@ -391,6 +398,12 @@ def parse_args(argv: list[str] | None = None) -> MineConfig:
         help="leave out the rows that got no negative (training with data.num_negatives >= 1 refuses them)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="the models' weights: fp32 (default), bf16, or auto (bf16 where the device computes it in hardware)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(

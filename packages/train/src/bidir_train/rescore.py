@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bidir_core.cli import run_cli
 from bidir_core.datasets import read_training_examples
-from bidir_core.devices import default_device
+from bidir_core.devices import PRECISIONS, default_device, precision_dtype
 from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_jsonl_atomic
 from bidir_core.outputs import check_new_output
@@ -39,6 +39,8 @@ class RescoreConfig:
     """Pairs per forward pass (CrossEncoder.predict's batch_size)."""
     device: str | None = None
     """cpu or cuda (None: cuda when available)."""
+    precision: str = "fp32"
+    """The reranker's weights: fp32, bf16, or auto (bf16 where the device computes it in hardware)."""
     overwrite: bool = False
     """Replace an existing output file instead of refusing."""
     progress: bool = True
@@ -47,6 +49,8 @@ class RescoreConfig:
     def __post_init__(self):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise BidirError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.precision not in PRECISIONS:
+            raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def rescore(cfg: RescoreConfig) -> dict:
@@ -61,7 +65,10 @@ def rescore(cfg: RescoreConfig) -> dict:
         raise BidirError(f"{cfg.train}: no training rows")
     from bidir_core.cross_encoder import CrossEncoder  # imported late: transformers takes a while
 
-    reranker = CrossEncoder.from_pretrained(cfg.reranker, device=cfg.device or default_device()).eval()
+    device = cfg.device or default_device()
+    reranker = CrossEncoder.from_pretrained(
+        cfg.reranker, device=device, dtype=precision_dtype(cfg.precision, device)
+    ).eval()
     scored = rescore_rows(reranker, rows, batch_size=cfg.batch_size, progress=cfg.progress)
     write_jsonl_atomic(output, map(training_row, scored))  # a complete-looking file is a complete one
     bare = sum(not ex.negatives for ex in rows)
@@ -87,7 +94,8 @@ def rescore(cfg: RescoreConfig) -> dict:
 
 EXAMPLES = """examples:
   bidir-rescore runs/reranker/final --train mined.jsonl --output scored.jsonl
-  bidir-rescore runs/reranker/final --train mined.jsonl --output scored.jsonl --device cuda --batch-size 256"""
+  bidir-rescore runs/reranker/final --train mined.jsonl --output scored.jsonl --device cuda --precision bf16 \
+      --batch-size 256"""
 
 
 def parse_args(argv: list[str] | None = None) -> RescoreConfig:
@@ -106,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> RescoreConfig:
         "--batch-size", type=int, default=d.batch_size, help=f"pairs per forward (default {d.batch_size})"
     )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="the reranker's weights: fp32 (default), bf16, or auto (bf16 where the device computes it in hardware)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
