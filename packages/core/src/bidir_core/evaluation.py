@@ -250,16 +250,14 @@ def evaluate_model(
     else:
         metrics = evaluate_sts(encoder, pairs, batch_size=batch_size, dim=dim, progress=progress)
     done = time.perf_counter()
+    ran_model = encoder is not None or cross_encoder is not None  # BM25 alone runs none
     report = {
         "task": "retrieval" if retrieval is not None else "sts",
         "model": str(model),
         "dataset": data.name if retrieval is not None else str(sts),
         "dim": None if bm25 else dim or encoder.hidden_size,
-        # where a model ran and in which dtype (None for BM25 alone)
-        "device": None if encoder is None and cross_encoder is None else str(device),
-        "precision": None
-        if encoder is None and cross_encoder is None
-        else resolve_precision(precision, device),
+        "device": str(device) if ran_model else None,  # where a model ran, and in which dtype
+        "precision": resolve_precision(precision, device) if ran_model else None,
         "metrics": metrics,
         "counts": counts,
         "timing": {

@@ -268,7 +268,7 @@ def check_finite_embeddings(embeddings, what: str, texts: Sequence[str]) -> None
 
 def mine(cfg: MineConfig, encoder=None) -> dict:
     """Mine negatives for every row of cfg.train into cfg.output; return a summary dict. encoder: an already loaded
-    one (cfg.model, cfg.max_length and cfg.device's model placement are then not used)."""
+    one (cfg.model, cfg.max_length, and cfg.device and cfg.precision for the embedder, are then not used)."""
     start = time.perf_counter()
     output = Path(cfg.output).expanduser()  # the file checked is the file written
     check_new_output(output, overwrite=cfg.overwrite)  # before the embedding, not after it
