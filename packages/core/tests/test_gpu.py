@@ -51,3 +51,27 @@ def test_cuda_encode_batch_invariance_bf16():
     for i, text in enumerate(TEXTS[:3]):
         alone = encoder.encode([text])[0]
         assert float(alone @ together[i]) > 0.999
+
+
+def test_bidir_eval_runs_on_the_gpu_by_default(tmp_path):
+    import json
+
+    from bidir_core.eval_cli import main
+
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    docs = ["sort a list in place", "open a file for reading", "parse json text", "start a new thread"]
+    rows = [json.dumps({"_id": f"d{i}", "title": "", "text": t}) for i, t in enumerate(docs)]
+    (folder / "corpus.jsonl").write_text("\n".join(rows) + "\n")
+    rows = [json.dumps({"_id": f"q{i}", "text": t}) for i, t in enumerate(["how to sort", "read a file"])]
+    (folder / "queries.jsonl").write_text("\n".join(rows) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\n")
+    checkpoint = tiny_encoder().save_pretrained(tmp_path / "tiny")
+    reports = {}
+    for device in ([], ["--device", "cpu"]):
+        out = tmp_path / f"r{len(device)}.json"
+        argv = [str(checkpoint), "--retrieval", str(folder), "--json", str(out), "--no-progress", *device]
+        assert main(argv) == 0
+        reports[device[-1] if device else "default"] = json.loads(out.read_text())
+    assert reports["default"]["device"] == "cuda" and reports["cpu"]["device"] == "cpu"
+    assert reports["default"]["metrics"] == pytest.approx(reports["cpu"]["metrics"], abs=1e-6)
