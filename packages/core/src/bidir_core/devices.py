@@ -36,10 +36,15 @@ def native_bf16(device: torch.device | str) -> bool:
     return False  # mps, xpu, ...: not measured here; fp32 is the precision that is right everywhere
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """ "bf16" or "fp32": `precision` itself, or for "auto" the one that suits `device` (native_bf16)."""
+def check_precision(precision: str) -> None:
+    """A BidirError unless precision is one of PRECISIONS (configs check it before any device is known)."""
     if precision not in PRECISIONS:
         raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """ "bf16" or "fp32": `precision` itself, or for "auto" the one that suits `device` (native_bf16)."""
+    check_precision(precision)
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision

@@ -41,7 +41,7 @@ from bidir_core.cli import run_cli
 from bidir_core.datasets import TrainingExample, read_training_examples
 from bidir_core.datasets.lines import read_lines
 from bidir_core.datasets.retrieval import read_corpus
-from bidir_core.devices import PRECISIONS, default_device, precision_dtype
+from bidir_core.devices import PRECISIONS, check_precision, default_device, precision_dtype
 from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_jsonl_atomic
 from bidir_core.outputs import check_new_output
@@ -107,8 +107,7 @@ class MineConfig:
             )
         if not 0 < self.margin <= 1:
             raise BidirError(f"margin must be in (0, 1], got {self.margin!r}")
-        if self.precision not in PRECISIONS:
-            raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
 
 
 def _norm(text: str) -> str:

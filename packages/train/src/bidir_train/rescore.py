@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bidir_core.cli import run_cli
 from bidir_core.datasets import read_training_examples
-from bidir_core.devices import PRECISIONS, default_device, precision_dtype
+from bidir_core.devices import PRECISIONS, check_precision, default_device, precision_dtype
 from bidir_core.errors import BidirError
 from bidir_core.jsonfile import write_jsonl_atomic
 from bidir_core.outputs import check_new_output
@@ -49,8 +49,7 @@ class RescoreConfig:
     def __post_init__(self):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise BidirError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.precision not in PRECISIONS:
-            raise BidirError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
 
 
 def rescore(cfg: RescoreConfig) -> dict:
