@@ -65,11 +65,8 @@ def test_retrieval_report_and_json(tiny_checkpoint, beir, tmp_path, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # no temporary file left behind
 
 
-def test_a_home_relative_json_is_written_where_it_was_checked(tiny_checkpoint, beir, tmp_path, monkeypatch):
-    home, cwd = tmp_path / "home", tmp_path / "cwd"
-    home.mkdir(), cwd.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(cwd)
+def test_a_home_relative_json_is_written_where_it_was_checked(tiny_checkpoint, beir, home_elsewhere):
+    home, cwd = home_elsewhere
     args = [str(tiny_checkpoint), "--retrieval", str(beir), "--json", "~/r.json", "--no-progress"]
     assert main(args) == 0
     assert json.loads((home / "r.json").read_text())["task"] == "retrieval" and list(cwd.iterdir()) == []

@@ -215,14 +215,9 @@ def test_cli(tmp_path, tiny_checkpoint, train_jsonl, capsys):
     assert "24 rows" in capsys.readouterr().out
 
 
-def test_a_home_relative_output_is_written_where_it_was_checked(
-    tmp_path, tiny_checkpoint, train_jsonl, monkeypatch
-):
+def test_a_home_relative_output_is_written_where_it_was_checked(tiny_checkpoint, train_jsonl, home_elsewhere):
     """--output ~/mined.jsonl (quoted, or from Python) lands in the home folder, not in a folder named "~"."""
-    home, cwd = tmp_path / "home", tmp_path / "cwd"
-    home.mkdir(), cwd.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(cwd)
+    home, cwd = home_elsewhere
     args = [str(tiny_checkpoint), "--train", str(train_jsonl), "--output", "~/mined.jsonl", "--no-progress"]
     assert main(args) == 0
     assert (home / "mined.jsonl").is_file() and list(cwd.iterdir()) == []

